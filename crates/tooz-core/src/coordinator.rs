@@ -1,0 +1,1291 @@
+//! The [`Coordinator`]: what applications hold.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio::sync::{broadcast, watch};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::capabilities::{Capabilities, MemberInfo};
+use crate::characteristic::Characteristic;
+use crate::driver::{Driver, DriverEvent, DriverInfo, Liveness};
+use crate::error::{Result, ToozError};
+use crate::events::{EventStream, GroupEvent, WatchId};
+use crate::ids::{GroupId, LockName, MemberId};
+use crate::lock::{FencingToken, Lock, LockInner};
+use crate::partitioner::{Partitioner, PartitionerState};
+
+type Callback = Arc<dyn Fn(&GroupEvent) + Send + Sync + 'static>;
+
+/// Which kind of watch a callback is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WatchKind {
+    Join,
+    Leave,
+    Elected,
+}
+
+struct Hook {
+    id: u64,
+    group: GroupId,
+    kind: WatchKind,
+    cb: Callback,
+}
+
+#[derive(Default)]
+struct Watchers {
+    next_id: u64,
+    hooks: Vec<Hook>,
+    /// Member sets cached by `run_watchers`, per group with join/leave hooks.
+    cache: HashMap<GroupId, BTreeSet<MemberId>>,
+    /// Groups this coordinator leads, with the grant's token.
+    leading: HashMap<GroupId, FencingToken>,
+    partitioners: Vec<Weak<PartitionerState>>,
+}
+
+struct RunState {
+    started: bool,
+    stop: CancellationToken,
+    joined: BTreeMap<GroupId, Capabilities>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+/// Tuning of the coordinator's own machinery.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct CoordinatorConfig {
+    /// Polling interval of event streams for drivers that cannot push.
+    pub poll_interval: Duration,
+    /// Capacity of each group's event stream buffer before `Lagged` is reported.
+    pub event_buffer: usize,
+}
+
+impl Default for CoordinatorConfig {
+    fn default() -> Self {
+        CoordinatorConfig {
+            poll_interval: Duration::from_millis(500),
+            event_buffer: 1024,
+        }
+    }
+}
+
+pub(crate) struct Shared {
+    driver: Arc<dyn Driver>,
+    info: DriverInfo,
+    member_id: MemberId,
+    url: String,
+    config: CoordinatorConfig,
+    run: Mutex<RunState>,
+    watchers: Mutex<Watchers>,
+    liveness: watch::Sender<Liveness>,
+    locks: Mutex<Vec<Weak<LockInner>>>,
+    streams: Mutex<HashMap<GroupId, broadcast::Sender<GroupEvent>>>,
+    beats: std::sync::atomic::AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A member's connection to a coordination backend: groups, membership,
+/// capabilities, watches, leader election, locks and partitioners.
+///
+/// Cheap to clone (an `Arc` inside); every clone is the same coordinator.
+///
+/// ```no_run
+/// # async fn demo(coord: tooz_core::Coordinator) -> tooz_core::Result<()> {
+/// use std::collections::BTreeMap;
+///
+/// coord.start(true).await?;
+/// coord.join_group_create("workers", &BTreeMap::from([("weight", 2)])).await?;
+/// for member in coord.get_members("workers").await? {
+///     println!("{member}");
+/// }
+/// coord.stop().await?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct Coordinator {
+    shared: Arc<Shared>,
+}
+
+impl fmt::Debug for Coordinator {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Coordinator")
+            .field("driver", &self.shared.info.name)
+            .field("member_id", &self.shared.member_id)
+            .field("url", &self.shared.url)
+            .finish()
+    }
+}
+
+impl Coordinator {
+    /// Wraps a driver. Most code uses a [`Registry`](crate::Registry) or the `tooz`
+    /// facade's `connect` instead.
+    pub fn new(driver: Arc<dyn Driver>, member_id: MemberId, url: impl Into<String>) -> Self {
+        Coordinator::with_config(driver, member_id, url, CoordinatorConfig::default())
+    }
+
+    /// Like [`Coordinator::new`] with explicit tuning.
+    pub fn with_config(
+        driver: Arc<dyn Driver>,
+        member_id: MemberId,
+        url: impl Into<String>,
+        config: CoordinatorConfig,
+    ) -> Self {
+        let info = driver.info();
+        let token = CancellationToken::new();
+        token.cancel();
+        Coordinator {
+            shared: Arc::new(Shared {
+                driver,
+                info,
+                member_id,
+                url: url.into(),
+                config,
+                run: Mutex::new(RunState {
+                    started: false,
+                    stop: token,
+                    joined: BTreeMap::new(),
+                    tasks: Vec::new(),
+                }),
+                watchers: Mutex::new(Watchers::default()),
+                liveness: watch::channel(Liveness::Alive).0,
+                locks: Mutex::new(Vec::new()),
+                streams: Mutex::new(HashMap::new()),
+                beats: std::sync::atomic::AtomicU64::new(0),
+            }),
+        }
+    }
+
+    // ----- identity -----------------------------------------------------------
+
+    /// This coordinator's member id.
+    pub fn member_id(&self) -> &MemberId {
+        &self.shared.member_id
+    }
+
+    /// The driver name (`"file"`, `"redis"`, ...).
+    pub fn driver_name(&self) -> &'static str {
+        self.shared.info.name
+    }
+
+    /// The backend URL, with any password redacted.
+    pub fn url(&self) -> &str {
+        &self.shared.url
+    }
+
+    /// The guarantees of the driver.
+    pub fn characteristics(&self) -> &'static [Characteristic] {
+        self.shared.info.characteristics
+    }
+
+    /// Whether the driver needs heartbeats (`start(true)` runs them).
+    pub fn requires_beating(&self) -> bool {
+        self.shared.info.requires_beating
+    }
+
+    /// Whether the coordinator is started.
+    pub fn is_started(&self) -> bool {
+        lock(&self.shared.run).started
+    }
+
+    /// How many heartbeats succeeded since the coordinator was created.
+    pub fn beats(&self) -> u64 {
+        self.shared.beats.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The health of the coordinator's lease: `Alive`, `AtRisk` (backend
+    /// unreachable) or `Lost` (past the lease TTL; locks and leaderships are gone).
+    pub fn liveness(&self) -> watch::Receiver<Liveness> {
+        self.shared.liveness.subscribe()
+    }
+
+    /// The groups this coordinator joined (and has not left or been booted out of).
+    pub fn joined_groups(&self) -> Vec<GroupId> {
+        lock(&self.shared.run).joined.keys().cloned().collect()
+    }
+
+    // ----- lifecycle ----------------------------------------------------------
+
+    /// Connects to the backend. With `start_heart` and a driver that requires
+    /// beating, a background task heartbeats at half the interval the driver returns,
+    /// retrying failures.
+    ///
+    /// # Errors
+    /// `AlreadyStarted`, or `Connection` when the backend cannot be reached.
+    pub async fn start(&self, start_heart: bool) -> Result<()> {
+        if self.is_started() {
+            return Err(ToozError::AlreadyStarted);
+        }
+        self.shared.driver.start().await?;
+        let stop = CancellationToken::new();
+        let mut tasks = Vec::new();
+        if start_heart && self.shared.info.requires_beating {
+            tasks.push(tokio::spawn(heart_loop(
+                Arc::downgrade(&self.shared),
+                stop.clone(),
+            )));
+        }
+        if let Some(rx) = self.shared.driver.liveness() {
+            tasks.push(tokio::spawn(liveness_forwarder(
+                Arc::downgrade(&self.shared),
+                rx,
+                stop.clone(),
+            )));
+        }
+        self.shared.liveness.send_replace(Liveness::Alive);
+        let mut run = lock(&self.shared.run);
+        if run.started {
+            stop.cancel();
+            return Err(ToozError::AlreadyStarted);
+        }
+        run.started = true;
+        run.stop = stop;
+        run.joined.clear();
+        run.tasks = tasks;
+        Ok(())
+    }
+
+    /// Leaves every joined group, releases every held lock, gives up leaderships,
+    /// stops the heartbeat and disconnects. Calls waiting in `acquire` return
+    /// `Stopped`. A stopped coordinator can be started again.
+    ///
+    /// # Errors
+    /// `NotStarted` if it was not started; errors while leaving and releasing are
+    /// logged, not returned.
+    pub async fn stop(&self) -> Result<()> {
+        let (joined, tasks) = {
+            let mut run = lock(&self.shared.run);
+            if !run.started {
+                return Err(ToozError::NotStarted);
+            }
+            run.started = false;
+            run.stop.cancel();
+            (
+                std::mem::take(&mut run.joined),
+                std::mem::take(&mut run.tasks),
+            )
+        };
+        for t in tasks {
+            let _ = t.await;
+        }
+        let d = &self.shared.driver;
+        for g in joined.keys() {
+            if let Err(e) = d.leave_group(g).await {
+                tracing::debug!(group = %g, error = %e, "leave on stop failed");
+            }
+        }
+        for l in self.shared.held_locks() {
+            if let Err(e) = l.release_hold(true).await {
+                tracing::warn!(error = %e, "releasing a lock on stop failed");
+            }
+        }
+        let leading: Vec<GroupId> = lock(&self.shared.watchers)
+            .leading
+            .drain()
+            .map(|(g, _)| g)
+            .collect();
+        for g in leading {
+            if let Err(e) = d.resign(&g).await {
+                tracing::debug!(group = %g, error = %e, "resign on stop failed");
+            }
+            self.shared.publish(GroupEvent::LeadershipLost {
+                group: g.clone(),
+                member: self.shared.member_id.clone(),
+            });
+        }
+        lock(&self.shared.streams).clear();
+        d.stop().await
+    }
+
+    /// Renews liveness once (membership, held locks) and returns the time until the
+    /// next heartbeat is due.
+    ///
+    /// # Errors
+    /// `NotStarted`, or a backend error.
+    pub async fn heartbeat(&self) -> Result<Duration> {
+        self.shared.ensure_started()?;
+        self.shared.beat().await
+    }
+
+    // ----- groups -------------------------------------------------------------
+
+    /// Creates a group.
+    ///
+    /// # Errors
+    /// `GroupAlreadyExist`, `InvalidId`, `NotStarted`, backend errors.
+    pub async fn create_group(&self, group: impl Into<GroupId>) -> Result<()> {
+        let g = self.shared.group(group)?;
+        self.shared.driver.create_group(&g).await
+    }
+
+    /// Deletes an empty group.
+    ///
+    /// # Errors
+    /// `GroupNotCreated`, `GroupNotEmpty`, backend errors.
+    pub async fn delete_group(&self, group: impl Into<GroupId>) -> Result<()> {
+        let g = self.shared.group(group)?;
+        self.shared.driver.delete_group(&g).await
+    }
+
+    /// Lists the groups.
+    ///
+    /// # Errors
+    /// `NotStarted`, backend errors.
+    pub async fn get_groups(&self) -> Result<Vec<GroupId>> {
+        self.shared.ensure_started()?;
+        let mut v = self.shared.driver.get_groups().await?;
+        v.sort();
+        v.dedup();
+        Ok(v)
+    }
+
+    // ----- membership ---------------------------------------------------------
+
+    /// Joins a group with capabilities (any serde value; `&()` for none).
+    ///
+    /// # Errors
+    /// `GroupNotCreated`, `MemberAlreadyExist` (also when another coordinator uses
+    /// the same member id), `Serialization`, backend errors.
+    pub async fn join_group<C: Serialize + ?Sized>(
+        &self,
+        group: impl Into<GroupId>,
+        capabilities: &C,
+    ) -> Result<()> {
+        let caps = Capabilities::encode(capabilities)?;
+        self.join_group_raw(group, caps).await
+    }
+
+    /// Joins with already-encoded capabilities.
+    ///
+    /// # Errors
+    /// As [`Coordinator::join_group`].
+    pub async fn join_group_raw(
+        &self,
+        group: impl Into<GroupId>,
+        capabilities: Capabilities,
+    ) -> Result<()> {
+        let g = self.shared.group(group)?;
+        self.shared.driver.join_group(&g, &capabilities).await?;
+        lock(&self.shared.run).joined.insert(g, capabilities);
+        Ok(())
+    }
+
+    /// Joins a group, creating it first if needed (no sleep, unlike tooz).
+    ///
+    /// # Errors
+    /// As [`Coordinator::join_group`], except `GroupNotCreated`.
+    pub async fn join_group_create<C: Serialize + ?Sized>(
+        &self,
+        group: impl Into<GroupId>,
+        capabilities: &C,
+    ) -> Result<()> {
+        let caps = Capabilities::encode(capabilities)?;
+        let g = self.shared.group(group)?;
+        let mut attempts = 0;
+        loop {
+            match self.join_group_raw(&g, caps.clone()).await {
+                Err(ToozError::GroupNotCreated(_)) if attempts < 10 => {
+                    attempts += 1;
+                    match self.shared.driver.create_group(&g).await {
+                        Ok(()) | Err(ToozError::GroupAlreadyExist(_)) => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Leaves a group.
+    ///
+    /// # Errors
+    /// `GroupNotCreated` (unknown group), `MemberNotJoined`, backend errors.
+    pub async fn leave_group(&self, group: impl Into<GroupId>) -> Result<()> {
+        let g = self.shared.group(group)?;
+        let res = self.shared.driver.leave_group(&g).await;
+        if matches!(res, Ok(()) | Err(ToozError::MemberNotJoined { .. })) {
+            lock(&self.shared.run).joined.remove(&g);
+        }
+        res
+    }
+
+    /// The live members of a group.
+    ///
+    /// # Errors
+    /// `GroupNotCreated`, backend errors.
+    pub async fn get_members(&self, group: impl Into<GroupId>) -> Result<BTreeSet<MemberId>> {
+        let g = self.shared.group(group)?;
+        self.shared.driver.get_members(&g).await
+    }
+
+    /// One member's capabilities ([`Capabilities::decode`] them).
+    ///
+    /// # Errors
+    /// `GroupNotCreated` (unknown group), `MemberNotJoined`, backend errors.
+    pub async fn get_member_capabilities(
+        &self,
+        group: impl Into<GroupId>,
+        member: impl Into<MemberId>,
+    ) -> Result<Capabilities> {
+        let g = self.shared.group(group)?;
+        let m = member.into();
+        m.validate()?;
+        self.shared.driver.get_member_capabilities(&g, &m).await
+    }
+
+    /// Every live member with its capabilities, in one call.
+    ///
+    /// # Errors
+    /// `GroupNotCreated`, backend errors.
+    pub async fn get_members_with_capabilities(
+        &self,
+        group: impl Into<GroupId>,
+    ) -> Result<BTreeMap<MemberId, Capabilities>> {
+        let g = self.shared.group(group)?;
+        Ok(self
+            .shared
+            .driver
+            .get_members_with_capabilities(&g)
+            .await?
+            .into_iter()
+            .collect())
+    }
+
+    /// Capabilities plus creation and update times.
+    ///
+    /// # Errors
+    /// `GroupNotCreated` (unknown group), `MemberNotJoined`, backend errors.
+    pub async fn get_member_info(
+        &self,
+        group: impl Into<GroupId>,
+        member: impl Into<MemberId>,
+    ) -> Result<MemberInfo> {
+        let g = self.shared.group(group)?;
+        let m = member.into();
+        m.validate()?;
+        self.shared.driver.get_member_info(&g, &m).await
+    }
+
+    /// Replaces this member's capabilities in a group.
+    ///
+    /// # Errors
+    /// `GroupNotCreated` (unknown group), `MemberNotJoined`, backend errors.
+    pub async fn update_capabilities<C: Serialize + ?Sized>(
+        &self,
+        group: impl Into<GroupId>,
+        capabilities: &C,
+    ) -> Result<()> {
+        let g = self.shared.group(group)?;
+        let caps = Capabilities::encode(capabilities)?;
+        self.shared.driver.update_capabilities(&g, &caps).await?;
+        if let Some(c) = lock(&self.shared.run).joined.get_mut(&g) {
+            *c = caps;
+        }
+        Ok(())
+    }
+
+    // ----- watchers (tooz semantics) -----------------------------------------
+
+    /// Calls `callback` with a `MemberJoined` event for each member that joins
+    /// `group`, detected by [`Coordinator::run_watchers`].
+    ///
+    /// # Errors
+    /// `GroupNotCreated` (and no callback is registered).
+    pub async fn watch_join_group<F>(
+        &self,
+        group: impl Into<GroupId>,
+        callback: F,
+    ) -> Result<WatchId>
+    where
+        F: Fn(&GroupEvent) + Send + Sync + 'static,
+    {
+        self.watch_members(group.into(), WatchKind::Join, Arc::new(callback))
+            .await
+    }
+
+    /// Calls `callback` with a `MemberLeft` event for each member that leaves or
+    /// expires, detected by [`Coordinator::run_watchers`].
+    ///
+    /// # Errors
+    /// `GroupNotCreated` (and no callback is registered).
+    pub async fn watch_leave_group<F>(
+        &self,
+        group: impl Into<GroupId>,
+        callback: F,
+    ) -> Result<WatchId>
+    where
+        F: Fn(&GroupEvent) + Send + Sync + 'static,
+    {
+        self.watch_members(group.into(), WatchKind::Leave, Arc::new(callback))
+            .await
+    }
+
+    /// Runs for leadership of `group`: each [`Coordinator::run_watchers`] (or
+    /// [`Coordinator::run_elect_coordinator`]) campaigns, and `callback` gets one
+    /// `LeaderElected` event per won election.
+    ///
+    /// # Errors
+    /// `InvalidId`, `NotStarted`.
+    pub fn watch_elected_as_leader<F>(
+        &self,
+        group: impl Into<GroupId>,
+        callback: F,
+    ) -> Result<WatchId>
+    where
+        F: Fn(&GroupEvent) + Send + Sync + 'static,
+    {
+        let g = self.shared.group(group)?;
+        let mut w = lock(&self.shared.watchers);
+        w.next_id += 1;
+        let id = w.next_id;
+        w.hooks.push(Hook {
+            id,
+            group: g,
+            kind: WatchKind::Elected,
+            cb: Arc::new(callback),
+        });
+        Ok(WatchId(id))
+    }
+
+    async fn watch_members(
+        &self,
+        group: GroupId,
+        kind: WatchKind,
+        cb: Callback,
+    ) -> Result<WatchId> {
+        let g = self.shared.group(group)?;
+        let cached = lock(&self.shared.watchers).cache.contains_key(&g);
+        let snapshot = if cached {
+            None
+        } else {
+            Some(self.shared.driver.get_members(&g).await?)
+        };
+        let mut w = lock(&self.shared.watchers);
+        if let Some(s) = snapshot {
+            w.cache.entry(g.clone()).or_insert(s);
+        }
+        w.next_id += 1;
+        let id = w.next_id;
+        w.hooks.push(Hook {
+            id,
+            group: g,
+            kind,
+            cb,
+        });
+        Ok(WatchId(id))
+    }
+
+    /// Unregisters a watch callback of any kind.
+    ///
+    /// # Errors
+    /// `WatchCallbackNotFound`.
+    pub fn unwatch(&self, id: WatchId) -> Result<()> {
+        self.unwatch_matching(None, None, id)
+    }
+
+    /// Unregisters a join callback of `group` (tooz `unwatch_join_group`).
+    ///
+    /// # Errors
+    /// `WatchCallbackNotFound` when `id` is not a join watch of `group`.
+    pub fn unwatch_join_group(&self, group: impl Into<GroupId>, id: WatchId) -> Result<()> {
+        self.unwatch_matching(Some(group.into()), Some(WatchKind::Join), id)
+    }
+
+    /// Unregisters a leave callback of `group` (tooz `unwatch_leave_group`).
+    ///
+    /// # Errors
+    /// `WatchCallbackNotFound` when `id` is not a leave watch of `group`.
+    pub fn unwatch_leave_group(&self, group: impl Into<GroupId>, id: WatchId) -> Result<()> {
+        self.unwatch_matching(Some(group.into()), Some(WatchKind::Leave), id)
+    }
+
+    /// Stops running for leadership through this callback (tooz
+    /// `unwatch_elected_as_leader`).
+    ///
+    /// # Errors
+    /// `WatchCallbackNotFound` when `id` is not a leader watch of `group`.
+    pub fn unwatch_elected_as_leader(&self, group: impl Into<GroupId>, id: WatchId) -> Result<()> {
+        self.unwatch_matching(Some(group.into()), Some(WatchKind::Elected), id)
+    }
+
+    fn unwatch_matching(
+        &self,
+        group: Option<GroupId>,
+        kind: Option<WatchKind>,
+        id: WatchId,
+    ) -> Result<()> {
+        let mut w = lock(&self.shared.watchers);
+        let pos = w.hooks.iter().position(|h| {
+            h.id == id.0
+                && group.as_ref().is_none_or(|g| *g == h.group)
+                && kind.is_none_or(|k| k == h.kind)
+        });
+        let Some(pos) = pos else {
+            return Err(ToozError::WatchCallbackNotFound {
+                group: group.unwrap_or_else(|| GroupId::from("*")),
+                watch: id.0,
+            });
+        };
+        let hook = w.hooks.remove(pos);
+        let still_watched = w
+            .hooks
+            .iter()
+            .any(|h| h.group == hook.group && h.kind != WatchKind::Elected)
+            || w.partitioners
+                .iter()
+                .filter_map(Weak::upgrade)
+                .any(|p| p.group == hook.group);
+        if !still_watched {
+            w.cache.remove(&hook.group);
+        }
+        Ok(())
+    }
+
+    /// How many callbacks of each kind are registered for `group`:
+    /// `(join, leave, elected)`.
+    pub fn watch_counts(&self, group: impl Into<GroupId>) -> (usize, usize, usize) {
+        let g = group.into();
+        let w = lock(&self.shared.watchers);
+        let count = |k| {
+            w.hooks
+                .iter()
+                .filter(|h| h.group == g && h.kind == k)
+                .count()
+        };
+        (
+            count(WatchKind::Join),
+            count(WatchKind::Leave),
+            count(WatchKind::Elected),
+        )
+    }
+
+    /// Polls every watched group once: fires join/leave callbacks for the
+    /// differences since the last call, updates partitioners, then campaigns in
+    /// groups with leader callbacks. Returns the events dispatched.
+    ///
+    /// A coordinator that believes it joined a group but is not among its members
+    /// any more ("booted out") forgets that it joined.
+    ///
+    /// # Errors
+    /// `OperationTimedOut` when `timeout` runs out, backend errors.
+    pub async fn run_watchers(&self, timeout: Option<Duration>) -> Result<Vec<GroupEvent>> {
+        self.shared.ensure_started()?;
+        let fut = self.run_watchers_inner();
+        match timeout {
+            None => fut.await,
+            Some(t) => tokio::time::timeout(t, fut).await.map_err(|_| {
+                ToozError::OperationTimedOut(format!("run_watchers took more than {t:?}"))
+            })?,
+        }
+    }
+
+    async fn run_watchers_inner(&self) -> Result<Vec<GroupEvent>> {
+        let groups: Vec<GroupId> = {
+            let w = lock(&self.shared.watchers);
+            w.cache.keys().cloned().collect()
+        };
+        let me = self.shared.member_id.clone();
+        let mut all = Vec::new();
+        for g in groups {
+            let members = match self.shared.driver.get_members(&g).await {
+                Ok(m) => m,
+                Err(ToozError::GroupNotCreated(_)) => BTreeSet::new(),
+                Err(e) => return Err(e),
+            };
+            {
+                let mut run = lock(&self.shared.run);
+                if run.joined.contains_key(&g) && !members.contains(&me) {
+                    tracing::info!(group = %g, "booted out of the group");
+                    run.joined.remove(&g);
+                }
+            }
+            let (events, calls, parts) = {
+                let mut w = lock(&self.shared.watchers);
+                let Some(old) = w.cache.get(&g).cloned() else {
+                    continue;
+                };
+                let mut events = Vec::new();
+                for m in members.difference(&old) {
+                    events.push(GroupEvent::MemberJoined {
+                        group: g.clone(),
+                        member: m.clone(),
+                    });
+                }
+                for m in old.difference(&members) {
+                    events.push(GroupEvent::MemberLeft {
+                        group: g.clone(),
+                        member: m.clone(),
+                    });
+                }
+                w.cache.insert(g.clone(), members);
+                let mut calls: Vec<(Callback, GroupEvent)> = Vec::new();
+                for ev in &events {
+                    let kind = match ev {
+                        GroupEvent::MemberJoined { .. } => WatchKind::Join,
+                        _ => WatchKind::Leave,
+                    };
+                    for h in w.hooks.iter().filter(|h| h.group == g && h.kind == kind) {
+                        calls.push((Arc::clone(&h.cb), ev.clone()));
+                    }
+                }
+                w.partitioners.retain(|p| p.strong_count() > 0);
+                let parts: Vec<Arc<PartitionerState>> = w
+                    .partitioners
+                    .iter()
+                    .filter_map(Weak::upgrade)
+                    .filter(|p| p.group == g)
+                    .collect();
+                (events, calls, parts)
+            };
+            for (cb, ev) in calls {
+                cb(&ev);
+            }
+            if !events.is_empty() {
+                for p in parts {
+                    p.apply(self, &events).await?;
+                }
+            }
+            all.extend(events);
+        }
+        all.extend(self.run_elect_coordinator().await?);
+        Ok(all)
+    }
+
+    /// Campaigns once in every group with leader callbacks; fires them for each
+    /// election won. Returns the `LeaderElected`/`LeadershipLost` events.
+    ///
+    /// # Errors
+    /// Backend errors.
+    pub async fn run_elect_coordinator(&self) -> Result<Vec<GroupEvent>> {
+        let groups: BTreeSet<GroupId> = {
+            let w = lock(&self.shared.watchers);
+            w.hooks
+                .iter()
+                .filter(|h| h.kind == WatchKind::Elected)
+                .map(|h| h.group.clone())
+                .collect()
+        };
+        let mut out = Vec::new();
+        for g in groups {
+            out.extend(self.campaign_once(&g).await?.1);
+        }
+        Ok(out)
+    }
+
+    /// Campaigns once; returns the token if leading and the events it caused.
+    async fn campaign_once(&self, g: &GroupId) -> Result<(Option<FencingToken>, Vec<GroupEvent>)> {
+        let res = self.shared.driver.campaign(g).await?;
+        let me = self.shared.member_id.clone();
+        let mut events = Vec::new();
+        let calls: Vec<Callback> = {
+            let mut w = lock(&self.shared.watchers);
+            match res {
+                Some(tok) => {
+                    if w.leading.insert(g.clone(), tok).is_none() {
+                        events.push(GroupEvent::LeaderElected {
+                            group: g.clone(),
+                            member: me,
+                        });
+                        w.hooks
+                            .iter()
+                            .filter(|h| h.group == *g && h.kind == WatchKind::Elected)
+                            .map(|h| Arc::clone(&h.cb))
+                            .collect()
+                    } else {
+                        Vec::new()
+                    }
+                }
+                None => {
+                    if w.leading.remove(g).is_some() {
+                        events.push(GroupEvent::LeadershipLost {
+                            group: g.clone(),
+                            member: me,
+                        });
+                    }
+                    Vec::new()
+                }
+            }
+        };
+        for ev in &events {
+            for cb in &calls {
+                cb(ev);
+            }
+            self.shared.publish(ev.clone());
+        }
+        Ok((res, events))
+    }
+
+    /// Tries once to become (or stay) the leader of `group`. Returns the
+    /// leadership's fencing token when this member leads.
+    ///
+    /// # Errors
+    /// `NotStarted`, backend errors.
+    pub async fn try_become_leader(
+        &self,
+        group: impl Into<GroupId>,
+    ) -> Result<Option<FencingToken>> {
+        let g = self.shared.group(group)?;
+        Ok(self.campaign_once(&g).await?.0)
+    }
+
+    /// Campaigns until this member leads `group`, waking on the group's events
+    /// (and at the polling interval); returns the leadership's fencing token.
+    ///
+    /// # Errors
+    /// `Stopped` when the coordinator stops, backend errors.
+    pub async fn become_leader(&self, group: impl Into<GroupId>) -> Result<FencingToken> {
+        let g = self.shared.group(group)?;
+        let stop = self.shared.stop_token()?;
+        let mut events = self.events(&g).await.ok();
+        loop {
+            if let Some(tok) = self.campaign_once(&g).await?.0 {
+                return Ok(tok);
+            }
+            let wait = async {
+                match events.as_mut() {
+                    Some(s) => {
+                        let _ = tokio::time::timeout(
+                            self.shared.config.poll_interval * 2,
+                            s.next_event(),
+                        )
+                        .await;
+                    }
+                    None => tokio::time::sleep(self.shared.config.poll_interval).await,
+                }
+            };
+            tokio::select! {
+                _ = wait => {}
+                _ = stop.cancelled() => return Err(ToozError::Stopped),
+            }
+        }
+    }
+
+    /// The fencing token of this member's leadership of `group`, if it leads
+    /// (local view, as of the last campaign).
+    pub fn leadership_token(&self, group: impl Into<GroupId>) -> Option<FencingToken> {
+        lock(&self.shared.watchers)
+            .leading
+            .get(&group.into())
+            .copied()
+    }
+
+    /// The group's leader, if any.
+    ///
+    /// # Errors
+    /// `NotStarted`, backend errors.
+    pub async fn get_leader(&self, group: impl Into<GroupId>) -> Result<Option<MemberId>> {
+        let g = self.shared.group(group)?;
+        self.shared.driver.get_leader(&g).await
+    }
+
+    /// Gives up leadership of `group` so another candidate can win. `Ok(true)` if
+    /// this member was leading.
+    ///
+    /// # Errors
+    /// `NotStarted`, backend errors.
+    pub async fn stand_down_group_leader(&self, group: impl Into<GroupId>) -> Result<bool> {
+        let g = self.shared.group(group)?;
+        let was = self.shared.driver.resign(&g).await?;
+        if lock(&self.shared.watchers).leading.remove(&g).is_some() {
+            self.shared.publish(GroupEvent::LeadershipLost {
+                group: g,
+                member: self.shared.member_id.clone(),
+            });
+        }
+        Ok(was)
+    }
+
+    // ----- push events --------------------------------------------------------
+
+    /// A stream of `group`'s events (joins, leaves, leadership changes), pushed by
+    /// the backend where it can push and polled otherwise. Events that happen after
+    /// this call returns are delivered.
+    ///
+    /// # Errors
+    /// `GroupNotCreated`, `NotStarted`, backend errors.
+    pub async fn events(&self, group: impl Into<GroupId>) -> Result<EventStream> {
+        let g = self.shared.group(group)?;
+        let stop = self.shared.stop_token()?;
+        if let Some(tx) = lock(&self.shared.streams).get(&g) {
+            return Ok(EventStream::new(g, tx.subscribe()));
+        }
+        let push = self.shared.driver.watch_group(&g).await?;
+        let members = self.shared.driver.get_members(&g).await?;
+        let leader = self.shared.driver.get_leader(&g).await.ok().flatten();
+        let rx = {
+            let mut streams = lock(&self.shared.streams);
+            if let Some(tx) = streams.get(&g) {
+                return Ok(EventStream::new(g, tx.subscribe()));
+            }
+            let (tx, rx) = broadcast::channel(self.shared.config.event_buffer);
+            streams.insert(g.clone(), tx.clone());
+            tokio::spawn(group_watch_task(
+                Arc::downgrade(&self.shared),
+                g.clone(),
+                tx,
+                push,
+                members,
+                leader,
+                stop,
+            ));
+            rx
+        };
+        Ok(EventStream::new(g, rx))
+    }
+
+    // ----- locks --------------------------------------------------------------
+
+    /// A lock of this name. Each call returns an independent lock object.
+    ///
+    /// # Errors
+    /// `InvalidId` for an empty, oversized or reserved name.
+    pub fn get_lock(&self, name: impl Into<LockName>) -> Result<Lock> {
+        let name = name.into();
+        name.validate()?;
+        let dl = self.shared.driver.lock(&name)?;
+        Ok(Lock::new(name, dl, Arc::downgrade(&self.shared)))
+    }
+
+    // ----- partitioner --------------------------------------------------------
+
+    /// Joins `group` (creating it if needed) with capabilities `{"weight": weight}`
+    /// and returns a partitioner over its members.
+    ///
+    /// # Errors
+    /// As [`Coordinator::join_group_create`].
+    pub async fn join_partitioned_group(
+        &self,
+        group: impl Into<GroupId>,
+        weight: u32,
+        partitions: u32,
+    ) -> Result<Partitioner> {
+        let g = self.shared.group(group)?;
+        self.join_group_create(&g, &BTreeMap::from([("weight", weight)]))
+            .await?;
+        Partitioner::new(self, g, partitions).await
+    }
+
+    /// Leaves the partitioner's group and stops the partitioner.
+    ///
+    /// # Errors
+    /// As [`Coordinator::leave_group`].
+    pub async fn leave_partitioned_group(&self, partitioner: Partitioner) -> Result<()> {
+        let g = partitioner.group_id().clone();
+        partitioner.stop();
+        self.leave_group(g).await
+    }
+
+    pub(crate) async fn register_partitioner(&self, p: &Arc<PartitionerState>) -> Result<()> {
+        let g = p.group.clone();
+        let cached = lock(&self.shared.watchers).cache.contains_key(&g);
+        let snapshot = if cached {
+            None
+        } else {
+            Some(self.shared.driver.get_members(&g).await?)
+        };
+        let mut w = lock(&self.shared.watchers);
+        if let Some(s) = snapshot {
+            w.cache.entry(g).or_insert(s);
+        }
+        w.partitioners.push(Arc::downgrade(p));
+        Ok(())
+    }
+
+    pub(crate) fn unregister_partitioner(&self, p: &PartitionerState) {
+        let mut w = lock(&self.shared.watchers);
+        w.partitioners.retain(|x| {
+            x.upgrade()
+                .is_some_and(|x| !std::ptr::eq(Arc::as_ptr(&x), p))
+        });
+        let still = w
+            .hooks
+            .iter()
+            .any(|h| h.group == p.group && h.kind != WatchKind::Elected)
+            || w.partitioners
+                .iter()
+                .filter_map(Weak::upgrade)
+                .any(|x| x.group == p.group);
+        if !still {
+            w.cache.remove(&p.group);
+        }
+    }
+
+    pub(crate) fn driver(&self) -> &Arc<dyn Driver> {
+        &self.shared.driver
+    }
+}
+
+impl Shared {
+    fn ensure_started(&self) -> Result<()> {
+        if lock(&self.run).started {
+            Ok(())
+        } else {
+            Err(ToozError::NotStarted)
+        }
+    }
+
+    pub(crate) fn stop_token(&self) -> Result<CancellationToken> {
+        let run = lock(&self.run);
+        if run.started {
+            Ok(run.stop.clone())
+        } else {
+            Err(ToozError::NotStarted)
+        }
+    }
+
+    fn group(&self, group: impl Into<GroupId>) -> Result<GroupId> {
+        let g = group.into();
+        g.validate()?;
+        self.ensure_started()?;
+        Ok(g)
+    }
+
+    pub(crate) fn register_lock(&self, l: &Arc<LockInner>) {
+        let mut locks = lock(&self.locks);
+        locks.retain(|w| w.upgrade().is_some_and(|x| x.is_held()));
+        if !locks
+            .iter()
+            .any(|w| std::ptr::eq(w.as_ptr(), Arc::as_ptr(l)))
+        {
+            locks.push(Arc::downgrade(l));
+        }
+    }
+
+    fn held_locks(&self) -> Vec<Arc<LockInner>> {
+        let mut locks = lock(&self.locks);
+        locks.retain(|w| w.upgrade().is_some_and(|x| x.is_held()));
+        locks.iter().filter_map(Weak::upgrade).collect()
+    }
+
+    fn publish(&self, ev: GroupEvent) {
+        if let Some(tx) = lock(&self.streams).get(ev.group()) {
+            let _ = tx.send(ev);
+        }
+    }
+
+    async fn beat(&self) -> Result<Duration> {
+        let joined: Vec<GroupId> = lock(&self.run).joined.keys().cloned().collect();
+        let interval = self.driver.heartbeat(&joined).await?;
+        for l in self.held_locks() {
+            if let Err(e) = l.heartbeat().await {
+                tracing::warn!(error = %e, "lock heartbeat failed");
+            }
+        }
+        self.beats
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(interval)
+    }
+
+    /// The lease is gone: signal every hold and leadership.
+    fn on_lost(&self) {
+        for l in self.held_locks() {
+            l.mark_lost();
+        }
+        let leading: Vec<GroupId> = lock(&self.watchers)
+            .leading
+            .drain()
+            .map(|(g, _)| g)
+            .collect();
+        for g in leading {
+            self.publish(GroupEvent::LeadershipLost {
+                group: g,
+                member: self.member_id.clone(),
+            });
+        }
+    }
+
+    /// After a loss, re-join the groups on the new lease (locks are not re-acquired).
+    async fn rejoin(&self) {
+        let joined: Vec<(GroupId, Capabilities)> = lock(&self.run)
+            .joined
+            .iter()
+            .map(|(g, c)| (g.clone(), c.clone()))
+            .collect();
+        for (g, caps) in joined {
+            match self.driver.join_group(&g, &caps).await {
+                Ok(()) | Err(ToozError::MemberAlreadyExist { .. }) => {}
+                Err(e) => {
+                    tracing::warn!(group = %g, error = %e, "re-joining after lease loss failed")
+                }
+            }
+        }
+    }
+
+    fn set_liveness(&self, new: Liveness) -> Liveness {
+        let old = self.liveness.send_replace(new);
+        if new == Liveness::Lost && old != Liveness::Lost {
+            self.on_lost();
+        }
+        old
+    }
+}
+
+async fn heart_loop(shared: Weak<Shared>, stop: CancellationToken) {
+    let mut last_ok = Instant::now();
+    let mut ttl = Duration::from_secs(10);
+    loop {
+        let Some(s) = shared.upgrade() else { return };
+        let t0 = Instant::now();
+        let pause = match s.beat().await {
+            Ok(interval) => {
+                ttl = interval;
+                last_ok = Instant::now();
+                if s.set_liveness(Liveness::Alive) == Liveness::Lost {
+                    s.rejoin().await;
+                }
+                let spent = t0.elapsed();
+                if spent > interval {
+                    tracing::warn!(?spent, ?interval, "heartbeat took longer than its interval");
+                }
+                interval.saturating_sub(spent) / 2
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "heartbeat failed; retrying");
+                if last_ok.elapsed() >= ttl {
+                    s.set_liveness(Liveness::Lost);
+                } else {
+                    s.set_liveness(Liveness::AtRisk);
+                }
+                (ttl / 4).min(Duration::from_secs(1))
+            }
+        };
+        drop(s);
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => {}
+            _ = stop.cancelled() => return,
+        }
+    }
+}
+
+async fn liveness_forwarder(
+    shared: Weak<Shared>,
+    mut rx: watch::Receiver<Liveness>,
+    stop: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            r = rx.changed() => if r.is_err() { return },
+            _ = stop.cancelled() => return,
+        }
+        let v = *rx.borrow_and_update();
+        let Some(s) = shared.upgrade() else { return };
+        if s.set_liveness(v) == Liveness::Lost && v == Liveness::Alive {
+            s.rejoin().await;
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn group_watch_task(
+    shared: Weak<Shared>,
+    group: GroupId,
+    tx: broadcast::Sender<GroupEvent>,
+    mut push: Option<crate::driver::DriverEventStream>,
+    mut members: BTreeSet<MemberId>,
+    mut leader: Option<MemberId>,
+    stop: CancellationToken,
+) {
+    use futures_util::StreamExt;
+    let poll = match shared.upgrade() {
+        Some(s) => s.config.poll_interval,
+        None => return,
+    };
+    loop {
+        let ev = tokio::select! {
+            _ = stop.cancelled() => break,
+            ev = async {
+                match push.as_mut() {
+                    Some(p) => p.next().await,
+                    None => {
+                        tokio::time::sleep(poll).await;
+                        Some(DriverEvent::Changed)
+                    }
+                }
+            } => ev,
+        };
+        let Some(s) = shared.upgrade() else { break };
+        if tx.receiver_count() == 0 {
+            break;
+        }
+        let mut out = Vec::new();
+        match ev {
+            None => {
+                // The push source ended: fall back to polling.
+                push = None;
+                continue;
+            }
+            Some(DriverEvent::Joined(m)) => {
+                if members.insert(m.clone()) {
+                    out.push(GroupEvent::MemberJoined {
+                        group: group.clone(),
+                        member: m,
+                    });
+                }
+            }
+            Some(DriverEvent::Left(m)) => {
+                if members.remove(&m) {
+                    out.push(GroupEvent::MemberLeft {
+                        group: group.clone(),
+                        member: m,
+                    });
+                }
+            }
+            Some(DriverEvent::Changed) => {
+                let now = match s.driver.get_members(&group).await {
+                    Ok(m) => m,
+                    Err(ToozError::GroupNotCreated(_)) => BTreeSet::new(),
+                    Err(e) => {
+                        tracing::debug!(group = %group, error = %e, "event stream re-read failed");
+                        continue;
+                    }
+                };
+                for m in now.difference(&members) {
+                    out.push(GroupEvent::MemberJoined {
+                        group: group.clone(),
+                        member: m.clone(),
+                    });
+                }
+                for m in members.difference(&now) {
+                    out.push(GroupEvent::MemberLeft {
+                        group: group.clone(),
+                        member: m.clone(),
+                    });
+                }
+                members = now;
+                let new_leader = s.driver.get_leader(&group).await.ok().flatten();
+                if new_leader != leader {
+                    let me = &s.member_id;
+                    if let Some(old) = leader.take().filter(|old| old != me) {
+                        out.push(GroupEvent::LeadershipLost {
+                            group: group.clone(),
+                            member: old,
+                        });
+                    }
+                    if let Some(new) = new_leader.as_ref().filter(|new| *new != me) {
+                        out.push(GroupEvent::LeaderElected {
+                            group: group.clone(),
+                            member: new.clone(),
+                        });
+                    }
+                    leader = new_leader;
+                }
+            }
+        }
+        for e in out {
+            let _ = tx.send(e);
+        }
+    }
+    if let Some(s) = shared.upgrade() {
+        let mut streams = lock(&s.streams);
+        if streams.get(&group).is_some_and(|t| t.same_channel(&tx)) {
+            streams.remove(&group);
+        }
+    }
+}

@@ -1,0 +1,33 @@
+#![doc = include_str!("../README.md")]
+#![warn(missing_docs)]
+
+pub mod capabilities;
+pub mod characteristic;
+pub mod coordinator;
+pub mod driver;
+pub mod error;
+pub mod events;
+pub mod hashring;
+pub mod ids;
+pub mod lock;
+pub mod options;
+pub mod partitioner;
+pub mod registry;
+pub mod util;
+
+pub use capabilities::{Capabilities, MemberInfo};
+pub use characteristic::Characteristic;
+pub use coordinator::{Coordinator, CoordinatorConfig};
+pub use driver::{Driver, DriverEvent, DriverEventStream, DriverInfo, DriverLock, Liveness};
+pub use error::{BoxError, Result, ToozError};
+pub use events::{EventStream, GroupEvent, WatchId};
+pub use hashring::HashRing;
+pub use ids::{GroupId, LockName, MemberId};
+pub use lock::{FencingToken, Lock, LockGuard, LostSignal, Mode, Wait};
+pub use options::Options;
+pub use partitioner::{Partitioner, ToozHash};
+pub use registry::{ConnectOptions, ConnectRequest, DriverDescriptor, Registry};
+
+/// Re-exported so driver crates use the same version.
+pub use async_trait::async_trait;
+pub use url::Url;

@@ -1,0 +1,201 @@
+//! Backend URLs and their options, parsed the way Python tooz's `get_coordinator` does.
+//!
+//! The query string is split into a multi-map (repeated keys accumulate, blank values
+//! are dropped); options given explicitly replace URL options of the same name. Drivers
+//! read typed values with [`Options::parse`], [`Options::duration_secs`] and
+//! [`Options::bool`], and reject unknown keys with [`Options::check_known`], so a
+//! misspelt option is an error that names it instead of being ignored.
+
+use std::collections::BTreeMap;
+use std::fmt::Display;
+use std::str::FromStr;
+use std::time::Duration;
+
+use url::Url;
+
+use crate::error::{Result, ToozError};
+
+/// Options of one coordinator: URL query values overridden by explicit ones.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Options {
+    values: BTreeMap<String, Vec<String>>,
+}
+
+impl Options {
+    /// Reads the query of a URL (`?a=1&a=2&b=` gives `a: [1, 2]`; `b` is dropped).
+    pub fn from_url(url: &Url) -> Self {
+        let mut values: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for (k, v) in url.query_pairs() {
+            if v.is_empty() {
+                continue;
+            }
+            values
+                .entry(k.into_owned())
+                .or_default()
+                .push(v.into_owned());
+        }
+        Options { values }
+    }
+
+    /// Sets an option, replacing every URL value of that name.
+    pub fn set(&mut self, key: impl Into<String>, value: impl Into<String>) {
+        self.values.insert(key.into(), vec![value.into()]);
+    }
+
+    /// The last value of an option, as Python tooz's `collapse` keeps it.
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.values
+            .get(key)
+            .and_then(|v| v.last())
+            .map(String::as_str)
+    }
+
+    /// Every value of an option, in order.
+    pub fn get_all(&self, key: &str) -> &[String] {
+        self.values.get(key).map_or(&[], Vec::as_slice)
+    }
+
+    /// Whether the option is present.
+    pub fn contains(&self, key: &str) -> bool {
+        self.values.contains_key(key)
+    }
+
+    /// The option names present.
+    pub fn keys(&self) -> impl Iterator<Item = &str> {
+        self.values.keys().map(String::as_str)
+    }
+
+    /// Parses an option with `FromStr`.
+    ///
+    /// # Errors
+    /// [`ToozError::InvalidOption`] naming the option and the expected type.
+    pub fn parse<T>(&self, driver: &str, key: &str, expected: &str) -> Result<Option<T>>
+    where
+        T: FromStr,
+        T::Err: Display,
+    {
+        match self.get(key) {
+            None => Ok(None),
+            Some(raw) => raw.trim().parse::<T>().map(Some).map_err(|e| {
+                ToozError::invalid_option(
+                    driver,
+                    key,
+                    format!("expected {expected}, got {raw:?} ({e})"),
+                )
+            }),
+        }
+    }
+
+    /// Parses a duration given in (possibly fractional) seconds; must be positive.
+    ///
+    /// # Errors
+    /// [`ToozError::InvalidOption`] for a value that is not a positive number.
+    pub fn duration_secs(&self, driver: &str, key: &str) -> Result<Option<Duration>> {
+        let Some(secs) = self.parse::<f64>(driver, key, "a number of seconds")? else {
+            return Ok(None);
+        };
+        if !secs.is_finite() || secs <= 0.0 || secs > 1e9 {
+            return Err(ToozError::invalid_option(
+                driver,
+                key,
+                format!("expected a positive number of seconds, got {secs}"),
+            ));
+        }
+        Ok(Some(Duration::from_secs_f64(secs)))
+    }
+
+    /// Parses a boolean the way oslo's `strutils.bool_from_string` does
+    /// (`1/0`, `true/false`, `yes/no`, `on/off`, `y/n`, `t/f`).
+    ///
+    /// # Errors
+    /// [`ToozError::InvalidOption`] for any other value.
+    pub fn bool(&self, driver: &str, key: &str) -> Result<Option<bool>> {
+        let Some(raw) = self.get(key) else {
+            return Ok(None);
+        };
+        match raw.trim().to_ascii_lowercase().as_str() {
+            "1" | "true" | "yes" | "on" | "y" | "t" => Ok(Some(true)),
+            "0" | "false" | "no" | "off" | "n" | "f" => Ok(Some(false)),
+            _ => Err(ToozError::invalid_option(
+                driver,
+                key,
+                format!("expected a boolean (true/false, yes/no, 1/0), got {raw:?}"),
+            )),
+        }
+    }
+
+    /// Rejects option names not in `known`.
+    ///
+    /// # Errors
+    /// [`ToozError::InvalidOption`] naming the first unknown option and listing the known ones.
+    pub fn check_known(&self, driver: &str, known: &[&str]) -> Result<()> {
+        for key in self.values.keys() {
+            if !known.contains(&key.as_str()) {
+                return Err(ToozError::invalid_option(
+                    driver,
+                    key,
+                    format!("unknown option; known options are: {}", known.join(", ")),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Renders a URL for messages with its password replaced by `***`.
+pub fn redact_url(url: &Url) -> String {
+    if url.password().is_some() {
+        let mut u = url.clone();
+        // Setting a password only fails for URLs that cannot have one.
+        let _ = u.set_password(Some("***"));
+        u.to_string()
+    } else {
+        url.to_string()
+    }
+}
+
+/// Redacts a URL given as text (best effort when it does not parse).
+pub fn redact_url_str(url: &str) -> String {
+    match Url::parse(url) {
+        Ok(u) => redact_url(&u),
+        Err(_) => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_semantics_like_parse_qs() {
+        let url = Url::parse("file:///tmp/x?timeout=3&timeout=7&blank=&b=1").unwrap();
+        let mut o = Options::from_url(&url);
+        assert_eq!(o.get("timeout"), Some("7"));
+        assert_eq!(o.get_all("timeout"), ["3", "7"]);
+        assert!(!o.contains("blank"));
+        o.set("timeout", "5");
+        assert_eq!(o.get_all("timeout"), ["5"]);
+        assert_eq!(
+            o.duration_secs("file", "timeout").unwrap(),
+            Some(Duration::from_secs(5))
+        );
+        assert!(o.check_known("file", &["timeout"]).is_err());
+        assert!(o.check_known("file", &["timeout", "b"]).is_ok());
+    }
+
+    #[test]
+    fn bad_values_name_the_option() {
+        let url = Url::parse("redis://h/?timeout=abc&ssl=maybe&t2=-1").unwrap();
+        let o = Options::from_url(&url);
+        let e = o.duration_secs("redis", "timeout").unwrap_err().to_string();
+        assert!(e.contains("timeout") && e.contains("abc"), "{e}");
+        assert!(o.bool("redis", "ssl").is_err());
+        assert!(o.duration_secs("redis", "t2").is_err());
+    }
+
+    #[test]
+    fn redaction() {
+        let u = Url::parse("redis://user:secret@h:1/").unwrap();
+        assert_eq!(redact_url(&u), "redis://user:***@h:1/");
+    }
+}

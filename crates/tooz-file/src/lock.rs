@@ -1,0 +1,454 @@
+//! Lock files: `DIRECTORY/<name>`, OFD-locked, with fencing counters.
+
+use std::fs::File;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime};
+
+use tokio::time::Instant;
+use tooz_core::util::{Backoff, deadline_of, sleep_within};
+use tooz_core::{DriverLock, FencingToken, LockName, Mode, Result, ToozError, Wait};
+
+use crate::layout::{self, Layout};
+use crate::ofd::{self, Kind, io_err};
+use crate::watch::FileWatch;
+
+/// How long a fencing counter update may wait for the counter's own lock (held
+/// for microseconds by whoever updates it).
+const COUNTER_WAIT: Duration = Duration::from_secs(10);
+
+#[derive(Debug)]
+struct Held {
+    file: File,
+    mode: Mode,
+}
+
+/// One lock handle. Each handle acquires through its own open file description,
+/// so two handles exclude each other even inside one process.
+#[derive(Debug)]
+pub(crate) struct FileLock {
+    name: LockName,
+    path: PathBuf,
+    fence: PathBuf,
+    held: Mutex<Option<Held>>,
+}
+
+impl FileLock {
+    pub(crate) fn new(layout: &Layout, name: &LockName) -> Result<Self> {
+        let (path, rel) = layout.lock_path(name)?;
+        Ok(FileLock {
+            name: name.clone(),
+            fence: layout.lock_fence(&rel),
+            path,
+            held: Mutex::new(None),
+        })
+    }
+
+    fn held(&self) -> MutexGuard<'_, Option<Held>> {
+        self.held.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The outcome of one synchronous attempt.
+enum Attempt {
+    Got(File, u64),
+    Busy(File),
+    /// The file we locked was removed or replaced meanwhile: reopen and retry.
+    Stale,
+}
+
+/// Opens the lock file, creating it and its parent directories.
+fn open(path: &std::path::Path) -> Result<File> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)
+            .map_err(|e| io_err("cannot create lock directory", parent, e))?;
+    }
+    ofd::open_lock_file(path).map_err(|e| io_err("cannot open lock file", path, e))
+}
+
+/// One attempt, run on a blocking thread: take the lock, check the file is still
+/// the one at `path`, and advance the fencing counter. The file travels in and
+/// out, so if the caller is gone the result (and the lock) is dropped.
+fn attempt(
+    file: File,
+    mode: Mode,
+    path: &std::path::Path,
+    fence: &std::path::Path,
+) -> Result<Attempt> {
+    let kind = match mode {
+        Mode::Exclusive => Kind::Write,
+        Mode::Shared => Kind::Read,
+    };
+    // A file replaced by `break_lock` (or removed) is not the lock any more:
+    // waiting on it would wait for the broken holder.
+    if !ofd::same_file(&file, path) {
+        return Ok(Attempt::Stale);
+    }
+    if !ofd::try_lock(&file, kind).map_err(|e| io_err("cannot lock", path, e))? {
+        return Ok(Attempt::Busy(file));
+    }
+    if !ofd::same_file(&file, path) {
+        return Ok(Attempt::Stale);
+    }
+    let token = bump_counter(fence)?;
+    Ok(Attempt::Got(file, token))
+}
+
+/// Advances a fencing counter file under its own short exclusive lock and
+/// returns the new value.
+pub(crate) fn bump_counter(path: &std::path::Path) -> Result<u64> {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    let held = ofd::lock_path_blocking(path, Kind::Write, COUNTER_WAIT)?;
+    let mut f = held.file();
+    let mut buf = Vec::new();
+    f.seek(SeekFrom::Start(0))
+        .and_then(|_| f.read_to_end(&mut buf))
+        .map_err(|e| io_err("cannot read fencing counter", path, e))?;
+    let next = layout::next_token(layout::parse_counter(&buf)?, SystemTime::now());
+    let text = layout::format_counter(next);
+    f.seek(SeekFrom::Start(0))
+        .and_then(|_| f.write_all(&text))
+        .and_then(|()| f.set_len(text.len() as u64))
+        .map_err(|e| io_err("cannot write fencing counter", path, e))?;
+    Ok(next)
+}
+
+#[tooz_core::async_trait]
+impl DriverLock for FileLock {
+    fn name(&self) -> &LockName {
+        &self.name
+    }
+
+    /// Try-lock, then wait for a wake-up: an inotify event on the lock file (a
+    /// holder closing its descriptor, ours or Python's) or a short adaptive pause
+    /// (1 ms doubling to 50 ms) for holders that send nothing.
+    ///
+    /// Cancel-safe: each attempt takes the lock in one step on a blocking thread
+    /// and hands it back by value; if this future is dropped the result, and with
+    /// it the lock, is dropped.
+    #[tracing::instrument(level = "debug", skip(self), fields(lock = %self.name))]
+    async fn acquire(&self, mode: Mode, wait: Wait) -> Result<Option<FencingToken>> {
+        if self.held().is_some() {
+            return Ok(None);
+        }
+        let deadline = deadline_of(wait);
+        let mut backoff = Backoff::new(Duration::from_millis(1), Duration::from_millis(50));
+        let mut watch: Option<Arc<FileWatch>> = None;
+        let mut watch_tried = false;
+        let mut file: Option<File> = None;
+        loop {
+            let remaining = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+            // With a watch, the pause happens on the blocking thread right after a
+            // failed attempt; without one, on the runtime below.
+            let pause = match (&watch, remaining) {
+                (None, _) => Duration::ZERO,
+                (Some(_), None) => backoff.next_delay(),
+                (Some(_), Some(r)) => backoff.next_delay().min(r),
+            };
+            let (path, fence, prev, w) = (
+                self.path.clone(),
+                self.fence.clone(),
+                file.take(),
+                watch.clone(),
+            );
+            let res = tokio::task::spawn_blocking(move || {
+                let f = match prev {
+                    Some(f) => f,
+                    None => open(&path)?,
+                };
+                let res = attempt(f, mode, &path, &fence)?;
+                if let (Attempt::Busy(_), Some(w)) = (&res, w)
+                    && !pause.is_zero()
+                {
+                    w.wait(pause);
+                }
+                Ok::<_, ToozError>(res)
+            })
+            .await
+            .map_err(|e| ToozError::backend("lock attempt task failed", e))??;
+            match res {
+                Attempt::Got(f, token) => {
+                    *self.held() = Some(Held { file: f, mode });
+                    return Ok(Some(FencingToken(token)));
+                }
+                Attempt::Stale => {
+                    watch = None;
+                    watch_tried = false;
+                    continue;
+                }
+                Attempt::Busy(f) => file = Some(f),
+            }
+            if wait == Wait::No {
+                return Ok(None);
+            }
+            if remaining.is_some_and(|r| r.is_zero()) {
+                return Ok(None);
+            }
+            if !watch_tried {
+                // Watch, then try again at once, so a release between the failed
+                // attempt and the watch is not missed.
+                watch_tried = true;
+                watch = FileWatch::new(&self.path).map(Arc::new);
+                continue;
+            }
+            if watch.is_none() {
+                // No inotify: plain polling. At the deadline, loop once more for a
+                // last attempt (remaining is then zero and ends the loop).
+                sleep_within(backoff.next_delay(), deadline).await;
+            }
+        }
+    }
+
+    /// Unlocks and closes the descriptor (which wakes inotify waiters).
+    /// `false` if not held, or if the lock was broken meanwhile (the file at the
+    /// path is no longer the one this handle locked).
+    #[tracing::instrument(level = "debug", skip(self), fields(lock = %self.name))]
+    async fn release(&self) -> Result<bool> {
+        let Some(h) = self.held().take() else {
+            return Ok(false);
+        };
+        let still = ofd::same_file(&h.file, &self.path);
+        let res = ofd::unlock(&h.file).map_err(|e| io_err("cannot unlock", &self.path, e));
+        tracing::trace!(mode = ?h.mode, broken = !still, "released");
+        drop(h);
+        res.map(|()| still)
+    }
+
+    /// Nothing to renew: the kernel keeps the lock until it is released or the
+    /// process dies. Reports whether this handle still holds it.
+    async fn heartbeat(&self) -> Result<bool> {
+        self.is_still_owner().await
+    }
+
+    /// Held by this handle, and the lock file was not removed or replaced meanwhile.
+    async fn is_still_owner(&self) -> Result<bool> {
+        Ok(self
+            .held()
+            .as_ref()
+            .is_some_and(|h| ofd::same_file(&h.file, &self.path)))
+    }
+
+    /// Replaces the lock file with a fresh one (atomic rename) if someone holds
+    /// it. A record lock cannot be taken away from the process holding it, so the
+    /// name moves on instead: new acquirers (Rust and Python) lock the new file,
+    /// Rust holders of the old one see `is_still_owner`/`heartbeat` turn false
+    /// (the coordinator reports the hold lost) and their `release` returns
+    /// `false`, and Rust waiters move over to the new file.
+    ///
+    /// Caveat: a Python tooz process that was *waiting* for the lock when it was
+    /// broken keeps retrying on the old file and gets it once the broken holder
+    /// lets go, while someone may hold the new file. Like every `break_lock`, this
+    /// is an operator's tool for a holder that is stuck.
+    #[tracing::instrument(level = "debug", skip(self), fields(lock = %self.name))]
+    async fn break_lock(&self) -> Result<bool> {
+        let path = self.path.clone();
+        tokio::task::spawn_blocking(move || break_file(&path))
+            .await
+            .map_err(|e| ToozError::backend("break_lock task failed", e))?
+    }
+}
+
+/// Replaces `path` with a new empty file if any lock is held on it.
+fn break_file(path: &std::path::Path) -> Result<bool> {
+    let file = match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+    {
+        Ok(f) => f,
+        Err(e) if ofd::is_missing(&e) => return Ok(false),
+        Err(e) => return Err(io_err("cannot open", path, e)),
+    };
+    if !ofd::is_locked(&file).map_err(|e| io_err("cannot probe", path, e))? {
+        return Ok(false);
+    }
+    drop(file);
+    // The replacement is created beside the lock file (same file system).
+    let parent = path.parent().unwrap_or(std::path::Path::new("/"));
+    let base = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = parent.join(format!(
+        ".{base}.tooz-break-{}",
+        uuid::Uuid::new_v4().simple()
+    ));
+    let res = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)
+        .and_then(|f| {
+            drop(f);
+            std::fs::rename(&tmp, path)
+        });
+    if let Err(e) = res {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(io_err("cannot replace", path, e));
+    }
+    tracing::warn!(path = %path.display(), "lock broken: the lock file was replaced");
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn root() -> PathBuf {
+        let p = std::env::temp_dir().join(format!("tooz-file-lock-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(p.join(".tooz/fence")).unwrap();
+        p
+    }
+
+    #[test]
+    fn fence_counter_is_monotonic_across_threads() {
+        let r = root();
+        let path = r.join(".tooz/fence/c");
+        let mut all = Vec::new();
+        let handles: Vec<_> = (0..4)
+            .map(|_| {
+                let p = path.clone();
+                std::thread::spawn(move || {
+                    (0..50)
+                        .map(|_| bump_counter(&p).unwrap())
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        for h in handles {
+            let v = h.join().unwrap();
+            assert!(v.windows(2).all(|w| w[0] < w[1]));
+            all.extend(v);
+        }
+        all.sort_unstable();
+        all.dedup();
+        assert_eq!(all.len(), 200, "every token is unique");
+        // The counter never goes back, even if rewritten with a smaller value.
+        let last = *all.last().unwrap();
+        std::fs::write(&path, b"3\n").unwrap();
+        assert!(bump_counter(&path).unwrap() > 3);
+        std::fs::write(&path, format!("{}\n", last + 1_000_000_000)).unwrap();
+        assert_eq!(bump_counter(&path).unwrap(), last + 1_000_000_001);
+        std::fs::write(&path, b"junk").unwrap();
+        assert!(bump_counter(&path).is_err());
+        std::fs::remove_dir_all(r).unwrap();
+    }
+
+    #[tokio::test]
+    async fn handles_exclude_each_other_and_tokens_increase() {
+        let r = root();
+        let layout = Arc::new(Layout::new(&r));
+        let a = FileLock::new(&layout, &"sub/dir/l".into()).unwrap();
+        let b = FileLock::new(&layout, &"sub/dir/l".into()).unwrap();
+        let t1 = a.acquire(Mode::Exclusive, Wait::No).await.unwrap().unwrap();
+        assert!(r.join("sub/dir/l").is_file());
+        assert_eq!(b.acquire(Mode::Exclusive, Wait::No).await.unwrap(), None);
+        assert_eq!(b.acquire(Mode::Shared, Wait::No).await.unwrap(), None);
+        assert!(a.is_still_owner().await.unwrap());
+        assert!(a.heartbeat().await.unwrap());
+        assert!(!b.is_still_owner().await.unwrap());
+        // A waiter is woken by the release.
+        let waiter = tokio::spawn(async move {
+            let t = b
+                .acquire(Mode::Exclusive, Wait::For(Duration::from_secs(10)))
+                .await;
+            (b, t)
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(a.release().await.unwrap());
+        assert!(!a.release().await.unwrap());
+        let (b, t2) = waiter.await.unwrap();
+        let t2 = t2.unwrap().unwrap();
+        assert!(t2 > t1);
+        assert!(b.release().await.unwrap());
+        assert!(!a.break_lock().await.unwrap(), "nobody holds it");
+        // Shared holders coexist and exclude exclusive ones.
+        let t3 = a.acquire(Mode::Shared, Wait::No).await.unwrap().unwrap();
+        let t4 = b.acquire(Mode::Shared, Wait::No).await.unwrap().unwrap();
+        assert!(t4 > t3 && t3 > t2);
+        let c = FileLock::new(&layout, &"sub/dir/l".into()).unwrap();
+        assert_eq!(
+            c.acquire(Mode::Exclusive, Wait::For(Duration::from_millis(50)))
+                .await
+                .unwrap(),
+            None
+        );
+        assert!(a.release().await.unwrap() && b.release().await.unwrap());
+        assert!(
+            c.acquire(Mode::Exclusive, Wait::No)
+                .await
+                .unwrap()
+                .is_some()
+        );
+        std::fs::remove_dir_all(r).unwrap();
+    }
+
+    #[tokio::test]
+    async fn break_moves_the_name_to_a_fresh_file() {
+        let r = root();
+        let layout = Arc::new(Layout::new(&r));
+        let new = || FileLock::new(&layout, &"b".into()).unwrap();
+        let (a, b, c) = (new(), new(), new());
+        let t1 = a.acquire(Mode::Exclusive, Wait::No).await.unwrap().unwrap();
+        // A waiter queued before the break moves over to the new file.
+        let waiter = tokio::spawn(async move {
+            let t = c
+                .acquire(Mode::Exclusive, Wait::For(Duration::from_secs(10)))
+                .await;
+            (c, t)
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(b.break_lock().await.unwrap());
+        let (c, t2) = waiter.await.unwrap();
+        let t2 = t2.unwrap().unwrap();
+        assert!(t2 > t1, "tokens keep increasing across a break");
+        assert!(!a.is_still_owner().await.unwrap());
+        assert!(!a.heartbeat().await.unwrap());
+        assert_eq!(b.acquire(Mode::Exclusive, Wait::No).await.unwrap(), None);
+        assert!(
+            !a.release().await.unwrap(),
+            "a broken hold releases as false"
+        );
+        assert_eq!(
+            b.acquire(Mode::Exclusive, Wait::No).await.unwrap(),
+            None,
+            "c still holds"
+        );
+        assert!(c.release().await.unwrap());
+        assert!(!b.break_lock().await.unwrap(), "nothing held");
+        // Shared holders can be broken too.
+        assert!(a.acquire(Mode::Shared, Wait::No).await.unwrap().is_some());
+        assert!(b.break_lock().await.unwrap());
+        assert!(!a.is_still_owner().await.unwrap());
+        let leftovers: Vec<_> = std::fs::read_dir(&r)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .filter(|n| n.to_string_lossy().contains("tooz-break"))
+            .collect();
+        assert!(leftovers.is_empty());
+        std::fs::remove_dir_all(r).unwrap();
+    }
+
+    #[tokio::test]
+    async fn dropping_an_acquire_never_leaks_the_lock() {
+        let r = root();
+        let layout = Arc::new(Layout::new(&r));
+        let a = FileLock::new(&layout, &"x".into()).unwrap();
+        for _ in 0..50 {
+            let fut = a.acquire(Mode::Exclusive, Wait::Forever);
+            // Poll once or twice, then drop.
+            let _ = tokio::time::timeout(Duration::from_micros(50), fut).await;
+            if a.held().is_some() {
+                assert!(a.release().await.unwrap());
+            }
+            let probe = FileLock::new(&layout, &"x".into()).unwrap();
+            // Give a still-running attempt time to finish and drop its file.
+            let got = probe
+                .acquire(Mode::Exclusive, Wait::For(Duration::from_secs(5)))
+                .await
+                .unwrap();
+            assert!(got.is_some());
+            assert!(probe.release().await.unwrap());
+        }
+        std::fs::remove_dir_all(r).unwrap();
+    }
+}

@@ -387,6 +387,18 @@ impl Coordinator {
         capabilities: &C,
     ) -> Result<()> {
         let caps = Capabilities::encode(capabilities)?;
+        self.join_group_create_raw(group, caps).await
+    }
+
+    /// Like [`Coordinator::join_group_create`] with already-encoded capabilities.
+    ///
+    /// # Errors
+    /// As [`Coordinator::join_group`], except `GroupNotCreated`.
+    pub async fn join_group_create_raw(
+        &self,
+        group: impl Into<GroupId>,
+        caps: Capabilities,
+    ) -> Result<()> {
         let g = self.shared.group(group)?;
         let mut attempts = 0;
         loop {

@@ -141,9 +141,13 @@ impl Partitioner {
     ///
     /// # Errors
     /// `GroupNotCreated`, backend errors.
-    pub async fn new(coord: &Coordinator, group: GroupId, partitions: u32) -> Result<Self> {
+    pub async fn new(
+        coord: &Coordinator,
+        group: impl Into<GroupId>,
+        partitions: u32,
+    ) -> Result<Self> {
         let state = Arc::new(PartitionerState {
-            group,
+            group: group.into(),
             ring: RwLock::new(HashRing::with_partitions(partitions)),
         });
         coord.register_partitioner(&state).await?;

@@ -1,0 +1,95 @@
+//! `cargo xtask ci`: the whole check, in the order a reviewer would run it, stopping at the
+//! first failure. `.ci/run` calls exactly this.
+//!
+//! Conformance is not a step of its own: every driver crate's `tests/conformance.rs` is a
+//! test target, so `cargo test --workspace` already runs it.
+
+use std::{process::Command, time::Instant};
+
+use anyhow::{Result, bail};
+
+use crate::{
+    flags, interop,
+    process::{self, progress},
+};
+
+/// One step of the pipeline.
+struct Step {
+    name: &'static str,
+    run: fn() -> Result<()>,
+}
+
+const STEPS: &[Step] = &[
+    Step {
+        name: "fmt",
+        run: || process::run(process::cargo().args(["fmt", "--all", "--check"])),
+    },
+    Step {
+        name: "clippy",
+        run: || {
+            process::run(process::cargo().args([
+                "clippy",
+                "--workspace",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ]))
+        },
+    },
+    Step {
+        name: "test",
+        run: || process::run(&mut test_command(&["test", "--workspace"])),
+    },
+    Step {
+        name: "doctest",
+        run: || process::run(&mut test_command(&["test", "--workspace", "--doc"])),
+    },
+    Step {
+        name: "interop",
+        run: || interop::run(&flags::Interop::all()),
+    },
+];
+
+fn test_command(args: &[&str]) -> Command {
+    let mut cmd = process::cargo();
+    cmd.args(args).env("TOOZ_REQUIRE_BACKENDS", "1");
+    cmd
+}
+
+pub(crate) fn run() -> Result<()> {
+    let started = Instant::now();
+    let mut done: Vec<(&str, f64)> = Vec::new();
+    for (i, step) in STEPS.iter().enumerate() {
+        progress!("==== ci step {}/{}: {} ====", i + 1, STEPS.len(), step.name);
+        let step_started = Instant::now();
+        let result = (step.run)();
+        let secs = step_started.elapsed().as_secs_f64();
+        if let Err(err) = result {
+            summary(&done, Some((step.name, secs)), started);
+            bail!("ci step `{}` failed: {err:#}", step.name);
+        }
+        done.push((step.name, secs));
+    }
+    summary(&done, None, started);
+    Ok(())
+}
+
+fn summary(done: &[(&str, f64)], failed: Option<(&str, f64)>, started: Instant) {
+    progress!("==== ci summary ====");
+    for (name, secs) in done {
+        progress!("  ok      {name:<9} {secs:>7.1}s");
+    }
+    if let Some((name, secs)) = failed {
+        progress!("  FAILED  {name:<9} {secs:>7.1}s");
+    }
+    let skipped = STEPS.len() - done.len() - usize::from(failed.is_some());
+    for step in STEPS.iter().rev().take(skipped).rev() {
+        progress!("  not run {:<9}", step.name);
+    }
+    let total = started.elapsed().as_secs_f64();
+    match failed {
+        None => progress!("ci passed: {} steps in {total:.1}s", done.len()),
+        Some((name, _)) => progress!("ci FAILED at step `{name}` after {total:.1}s"),
+    }
+}

@@ -1,0 +1,174 @@
+//! The driver table: which driver name lives in which crate, and which drivers have
+//! Python interop scenarios. `--driver all` means every row whose crate is in the workspace.
+
+use std::{fmt, path::Path, str::FromStr};
+
+use anyhow::{Result, bail};
+
+/// One row of the driver table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Driver {
+    /// The name used with `--driver`.
+    pub(crate) name: &'static str,
+    /// The crate that implements it; its `tests/conformance.rs` runs the suite.
+    pub(crate) krate: &'static str,
+    /// Whether `cargo xtask interop` has scenarios for it.
+    pub(crate) interop: bool,
+}
+
+/// Every driver the project plans, whether or not its crate exists yet.
+pub(crate) const DRIVERS: &[Driver] = &[
+    Driver {
+        name: "file",
+        krate: "tooz-file",
+        interop: true,
+    },
+    Driver {
+        name: "ipc",
+        krate: "tooz-ipc",
+        interop: false,
+    },
+    Driver {
+        name: "redis",
+        krate: "tooz-redis",
+        interop: false,
+    },
+    Driver {
+        name: "etcd",
+        krate: "tooz-etcd",
+        interop: false,
+    },
+    Driver {
+        name: "zookeeper",
+        krate: "tooz-zookeeper",
+        interop: false,
+    },
+    Driver {
+        name: "consul",
+        krate: "tooz-consul",
+        interop: false,
+    },
+    Driver {
+        name: "sql",
+        krate: "tooz-sql",
+        interop: false,
+    },
+    Driver {
+        name: "memcached",
+        krate: "tooz-memcached",
+        interop: false,
+    },
+];
+
+impl Driver {
+    /// Whether the driver's crate is present in the workspace rooted at `root`.
+    pub(crate) fn exists(&self, root: &Path) -> bool {
+        self.manifest_dir(root).join("Cargo.toml").is_file()
+    }
+
+    /// `crates/<crate>` under `root`.
+    pub(crate) fn manifest_dir(&self, root: &Path) -> std::path::PathBuf {
+        root.join("crates").join(self.krate)
+    }
+}
+
+/// What `--driver` selected.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum DriverSelection {
+    /// Every driver in [`DRIVERS`] whose crate exists.
+    All,
+    /// One driver, by a name known to be in [`DRIVERS`].
+    One(String),
+}
+
+impl FromStr for DriverSelection {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        if s == "all" {
+            return Ok(Self::All);
+        }
+        if DRIVERS.iter().any(|d| d.name == s) {
+            return Ok(Self::One(s.to_owned()));
+        }
+        bail!(
+            "unknown driver `{s}`; known drivers: {}, or `all`",
+            known_names()
+        )
+    }
+}
+
+impl fmt::Display for DriverSelection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::All => f.write_str("all"),
+            Self::One(name) => f.write_str(name),
+        }
+    }
+}
+
+impl DriverSelection {
+    /// The selected drivers whose crates exist. Naming one whose crate is absent is an error.
+    pub(crate) fn resolve(&self, root: &Path) -> Result<Vec<Driver>> {
+        match self {
+            Self::All => Ok(DRIVERS.iter().copied().filter(|d| d.exists(root)).collect()),
+            Self::One(name) => {
+                let Some(driver) = DRIVERS.iter().find(|d| d.name == name) else {
+                    bail!("unknown driver `{name}`; known drivers: {}", known_names())
+                };
+                if !driver.exists(root) {
+                    bail!(
+                        "driver `{name}` has no crate in this workspace yet ({} is missing); \
+                         drivers present: {}",
+                        driver.manifest_dir(root).join("Cargo.toml").display(),
+                        present_names(root)
+                    );
+                }
+                Ok(vec![*driver])
+            }
+        }
+    }
+}
+
+fn known_names() -> String {
+    DRIVERS
+        .iter()
+        .map(|d| d.name)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn present_names(root: &Path) -> String {
+    let present: Vec<_> = DRIVERS
+        .iter()
+        .filter(|d| d.exists(root))
+        .map(|d| d.name)
+        .collect();
+    if present.is_empty() {
+        "none".to_owned()
+    } else {
+        present.join(", ")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_crates_are_unique() {
+        for (i, a) in DRIVERS.iter().enumerate() {
+            for b in &DRIVERS[i + 1..] {
+                assert_ne!(a.name, b.name);
+                assert_ne!(a.krate, b.krate);
+            }
+        }
+    }
+
+    #[test]
+    fn file_driver_is_present() {
+        let root = crate::process::workspace_root();
+        let drivers = DriverSelection::All.resolve(&root).unwrap();
+        assert!(drivers.iter().any(|d| d.name == "file"), "{drivers:?}");
+    }
+}

@@ -1,0 +1,226 @@
+//! Every subcommand and option of `cargo xtask`, parsed in this one place.
+//!
+//! The parser is deliberately small: a subcommand word followed by long options. Anything it
+//! does not know is an error that names the offending word and points at `--help`.
+
+use anyhow::{Result, bail};
+
+use crate::drivers::DriverSelection;
+
+/// The text `cargo xtask --help` prints.
+pub(crate) const HELP: &str = "\
+cargo xtask: developer tasks for tooz for Rust
+
+Usage: cargo xtask <COMMAND> [OPTIONS]
+
+Commands:
+  conformance [--driver NAME|all]
+        Run a driver's conformance suite (`cargo test -p <crate> --test conformance`)
+        and stream its table. `all` (the default) runs every driver crate present in
+        the workspace. Exits non-zero if any case failed.
+  interop [--driver NAME|all] [--keep] [--python PYTHON]
+        Run the Python tooz interop scenarios: Python tooz 9.1.0 (in a virtualenv under
+        target/interop-venv, created once and reused) and the `tooz` CLI share one
+        backend and must see each other's groups, members, capabilities, locks and
+        partition owners. Prints PASS/FAIL per scenario and `N passed, N failed`.
+          --keep           keep the scratch directory of the run (printed at the end)
+          --python PYTHON  interpreter that creates the virtualenv (default: $TOOZ_INTEROP_PYTHON,
+                           else python3)
+  ci
+        What .ci/run runs, in order, stopping at the first failure:
+        cargo fmt --all --check; cargo clippy --workspace --all-targets -- -D warnings;
+        cargo test --workspace (conformance included); cargo test --workspace --doc;
+        interop --driver all. Tests run with TOOZ_REQUIRE_BACKENDS=1.
+  help
+        Print this help.
+
+Options:
+  -h, --help   Print this help (also accepted after a command)
+";
+
+/// A parsed command line.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Command {
+    /// Print [`HELP`].
+    Help,
+    /// `conformance`.
+    Conformance(Conformance),
+    /// `interop`.
+    Interop(Interop),
+    /// `ci`.
+    Ci,
+}
+
+/// Options of `cargo xtask conformance`.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct Conformance {
+    /// Which drivers to run.
+    pub(crate) driver: DriverSelection,
+}
+
+/// Options of `cargo xtask interop`.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct Interop {
+    /// Which drivers to run.
+    pub(crate) driver: DriverSelection,
+    /// Keep the scratch directory instead of removing it after a run.
+    pub(crate) keep: bool,
+    /// Interpreter that creates the virtualenv, when given on the command line.
+    pub(crate) python: Option<String>,
+}
+
+impl Interop {
+    /// The options `ci` uses.
+    pub(crate) fn all() -> Self {
+        Self {
+            driver: DriverSelection::All,
+            keep: false,
+            python: None,
+        }
+    }
+}
+
+/// Parses the arguments after `cargo xtask`.
+pub(crate) fn parse(args: impl IntoIterator<Item = String>) -> Result<Command> {
+    let mut args = args.into_iter();
+    let Some(command) = args.next() else {
+        return Ok(Command::Help);
+    };
+    let rest: Vec<String> = args.collect();
+    if rest.iter().any(|a| a == "-h" || a == "--help") {
+        return Ok(Command::Help);
+    }
+    match command.as_str() {
+        "-h" | "--help" | "help" => Ok(Command::Help),
+        "conformance" => {
+            let mut driver = DriverSelection::All;
+            let mut opts = Options::new("conformance", rest);
+            while let Some(flag) = opts.next_flag()? {
+                match flag.as_str() {
+                    "--driver" => driver = opts.value(&flag)?.parse()?,
+                    _ => return Err(opts.unknown(&flag)),
+                }
+            }
+            Ok(Command::Conformance(Conformance { driver }))
+        }
+        "interop" => {
+            let mut interop = Interop::all();
+            let mut opts = Options::new("interop", rest);
+            while let Some(flag) = opts.next_flag()? {
+                match flag.as_str() {
+                    "--driver" => interop.driver = opts.value(&flag)?.parse()?,
+                    "--keep" => interop.keep = true,
+                    "--python" => interop.python = Some(opts.value(&flag)?),
+                    _ => return Err(opts.unknown(&flag)),
+                }
+            }
+            Ok(Command::Interop(interop))
+        }
+        "ci" => {
+            let mut opts = Options::new("ci", rest);
+            match opts.next_flag()? {
+                None => Ok(Command::Ci),
+                Some(flag) => Err(opts.unknown(&flag)),
+            }
+        }
+        other => bail!("unknown command `{other}`; run `cargo xtask --help` for the list"),
+    }
+}
+
+/// The options after a subcommand, consumed left to right.
+struct Options {
+    command: &'static str,
+    args: std::vec::IntoIter<String>,
+}
+
+impl Options {
+    fn new(command: &'static str, args: Vec<String>) -> Self {
+        Self {
+            command,
+            args: args.into_iter(),
+        }
+    }
+
+    /// The next option name; `--name=value` is split and the value kept for [`Self::value`].
+    fn next_flag(&mut self) -> Result<Option<String>> {
+        let Some(arg) = self.args.next() else {
+            return Ok(None);
+        };
+        if !arg.starts_with("--") {
+            bail!(
+                "unexpected argument `{arg}` for `cargo xtask {}`; run `cargo xtask --help`",
+                self.command
+            );
+        }
+        if let Some((flag, value)) = arg.split_once('=') {
+            let mut rest = vec![value.to_owned()];
+            rest.extend(self.args.by_ref());
+            self.args = rest.into_iter();
+            return Ok(Some(flag.to_owned()));
+        }
+        Ok(Some(arg))
+    }
+
+    fn value(&mut self, flag: &str) -> Result<String> {
+        match self.args.next() {
+            Some(v) => Ok(v),
+            None => bail!("`{flag}` needs a value (cargo xtask {})", self.command),
+        }
+    }
+
+    fn unknown(&self, flag: &str) -> anyhow::Error {
+        anyhow::anyhow!(
+            "unknown option `{flag}` for `cargo xtask {}`; run `cargo xtask --help`",
+            self.command
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_str(s: &str) -> Result<Command> {
+        parse(s.split_whitespace().map(str::to_owned))
+    }
+
+    #[test]
+    fn parses_commands() {
+        assert_eq!(parse_str("").unwrap(), Command::Help);
+        assert_eq!(parse_str("--help").unwrap(), Command::Help);
+        assert_eq!(parse_str("interop --help").unwrap(), Command::Help);
+        assert_eq!(parse_str("ci").unwrap(), Command::Ci);
+        assert_eq!(
+            parse_str("conformance --driver file").unwrap(),
+            Command::Conformance(Conformance {
+                driver: DriverSelection::One("file".into())
+            })
+        );
+        assert_eq!(
+            parse_str("interop --driver=all --keep --python python3.11").unwrap(),
+            Command::Interop(Interop {
+                driver: DriverSelection::All,
+                keep: true,
+                python: Some("python3.11".into()),
+            })
+        );
+    }
+
+    #[test]
+    fn rejects_bad_input() {
+        assert!(parse_str("conformance --driver nosuch").is_err());
+        assert!(parse_str("conformance --driver").is_err());
+        assert!(parse_str("conformance --frobnicate").is_err());
+        assert!(parse_str("ci --driver file").is_err());
+        assert!(parse_str("backends up").is_err());
+        assert!(parse_str("interop file").is_err());
+    }
+
+    #[test]
+    fn unknown_driver_lists_known_ones() {
+        let err = parse_str("conformance --driver nosuch")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("nosuch") && err.contains("file"), "{err}");
+    }
+}

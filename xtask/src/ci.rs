@@ -1,6 +1,9 @@
 //! `cargo xtask ci`: the whole check, in the order a reviewer would run it, stopping at the
 //! first failure. `.ci/run` calls exactly this.
 //!
+//! The `backends` step starts the servers the present drivers need (none for the file
+//! driver) and the test steps read their URLs from its env file.
+//!
 //! Conformance is not a step of its own: every driver crate's `tests/conformance.rs` is a
 //! test target, so `cargo test --workspace` already runs it.
 
@@ -38,6 +41,14 @@ const STEPS: &[Step] = &[
         },
     },
     Step {
+        name: "backends",
+        run: || {
+            let root = process::workspace_root();
+            let drivers = crate::drivers::DriverSelection::All.resolve(&root)?;
+            crate::drivers::start_servers(&root, &drivers).map(drop)
+        },
+    },
+    Step {
         name: "test",
         run: || process::run(&mut test_command(&["test", "--workspace"])),
     },
@@ -54,6 +65,10 @@ const STEPS: &[Step] = &[
 fn test_command(args: &[&str]) -> Command {
     let mut cmd = process::cargo();
     cmd.args(args).env("TOOZ_REQUIRE_BACKENDS", "1");
+    // The URLs of the servers `backends up` started (none when no driver needs one).
+    if let Ok(env) = crate::backends::read_env(&process::workspace_root()) {
+        cmd.envs(env);
+    }
     cmd
 }
 

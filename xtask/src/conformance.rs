@@ -54,8 +54,10 @@ fn run_one(root: &std::path::Path, driver: &Driver) -> Result<()> {
             test.display()
         );
     }
+    let env = crate::drivers::start_servers(root, std::slice::from_ref(driver))?;
     let mut cmd = process::cargo();
     cmd.args(["test", "-p", driver.krate, "--test", "conformance"]);
+    cmd.envs(env);
     // Asking for a driver's suite means running it: a missing backend fails rather than
     // skips, unless the caller chose otherwise.
     if std::env::var_os("TOOZ_REQUIRE_BACKENDS").is_none() {

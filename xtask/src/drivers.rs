@@ -66,6 +66,19 @@ impl Driver {
         self.manifest_dir(root).join("Cargo.toml").is_file()
     }
 
+    /// The backend servers (names of `cargo xtask backends`) its tests need.
+    pub(crate) fn servers(&self) -> &'static [&'static str] {
+        match self.name {
+            "redis" => &["redis"],
+            "etcd" => &["etcd"],
+            "zookeeper" => &["zookeeper"],
+            "consul" => &["consul"],
+            "sql" => &["mariadb", "postgresql"],
+            "memcached" => &["memcached"],
+            _ => &[],
+        }
+    }
+
     /// `crates/<crate>` under `root`.
     pub(crate) fn manifest_dir(&self, root: &Path) -> std::path::PathBuf {
         root.join("crates").join(self.krate)
@@ -128,6 +141,21 @@ impl DriverSelection {
             }
         }
     }
+}
+
+/// Starts (idempotently) the servers `drivers` need and returns the environment the
+/// tests read (`TOOZ_TEST_<DRIVER>_URL=...`). Starts nothing when no server is needed.
+pub(crate) fn start_servers(root: &Path, drivers: &[Driver]) -> Result<Vec<(String, String)>> {
+    let mut servers: Vec<&str> = drivers.iter().flat_map(|d| d.servers()).copied().collect();
+    servers.sort_unstable();
+    servers.dedup();
+    if !servers.is_empty() {
+        crate::process::progress!("backends: starting {}", servers.join(", "));
+        let mut args = vec!["up".to_owned(), "--only".to_owned()];
+        args.extend(servers.iter().map(|s| (*s).to_owned()));
+        crate::backends::main(&args)?;
+    }
+    crate::backends::read_env(root)
 }
 
 fn known_names() -> String {

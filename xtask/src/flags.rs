@@ -26,9 +26,16 @@ Commands:
           --keep           keep the scratch directory of the run (printed at the end)
           --python PYTHON  interpreter that creates the virtualenv (default: $TOOZ_INTEROP_PYTHON,
                            else python3)
+  backends up|down|status [--only NAME...]
+        Install (Debian packages) and start on 127.0.0.1, stop, or list the servers the
+        drivers test against: redis, memcached, mariadb, postgresql, etcd (3.5), zookeeper,
+        consul. `up` is idempotent and writes the URLs to target/backends/env
+        (TOOZ_TEST_<DRIVER>_URL=...), which the tests and the other commands read; `down`
+        stops only what `up` started. Run `backends down` before `cargo clean`.
   ci
         What .ci/run runs, in order, stopping at the first failure:
         cargo fmt --all --check; cargo clippy --workspace --all-targets -- -D warnings;
+        backends up (only the servers the present drivers need);
         cargo test --workspace (conformance included); cargo test --workspace --doc;
         interop --driver all. Tests run with TOOZ_REQUIRE_BACKENDS=1.
   help
@@ -47,6 +54,8 @@ pub(crate) enum Command {
     Conformance(Conformance),
     /// `interop`.
     Interop(Interop),
+    /// `backends ...` (arguments parsed by the backends module).
+    Backends(Vec<String>),
     /// `ci`.
     Ci,
 }
@@ -116,6 +125,7 @@ pub(crate) fn parse(args: impl IntoIterator<Item = String>) -> Result<Command> {
             }
             Ok(Command::Interop(interop))
         }
+        "backends" => Ok(Command::Backends(rest)),
         "ci" => {
             let mut opts = Options::new("ci", rest);
             match opts.next_flag()? {
@@ -212,7 +222,10 @@ mod tests {
         assert!(parse_str("conformance --driver").is_err());
         assert!(parse_str("conformance --frobnicate").is_err());
         assert!(parse_str("ci --driver file").is_err());
-        assert!(parse_str("backends up").is_err());
+        assert_eq!(
+            parse_str("backends up --only redis").unwrap(),
+            Command::Backends(vec!["up".into(), "--only".into(), "redis".into()])
+        );
         assert!(parse_str("interop file").is_err());
     }
 

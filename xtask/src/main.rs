@@ -5,6 +5,7 @@
 //! Child cargo runs use `$CARGO` and start at the workspace root, so `cargo xtask` works from
 //! any directory of the workspace.
 
+mod backends;
 mod ci;
 mod conformance;
 mod drivers;
@@ -31,6 +32,7 @@ fn main() -> ExitCode {
         }
         flags::Command::Conformance(flags) => conformance::run(&flags),
         flags::Command::Interop(flags) => interop::run(&flags),
+        flags::Command::Backends(args) => backends::main(&args),
         flags::Command::Ci => ci::run(),
     };
     match result {

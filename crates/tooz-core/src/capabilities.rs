@@ -9,6 +9,9 @@ use serde::de::DeserializeOwned;
 
 use crate::error::{Result, ToozError};
 
+/// The largest partitioner weight honoured (a member claiming more gets this much).
+pub const MAX_WEIGHT: u32 = 65_535;
+
 /// The capabilities of a member, as the msgpack bytes stored in the backend.
 ///
 /// ```
@@ -99,8 +102,14 @@ impl Capabilities {
         Ok(value_to_json(&self.to_value()?))
     }
 
-    /// The partitioner weight: the integer under key `weight` of a map, else 1.
+    /// The partitioner weight: the integer under key `weight` of a map, else 1,
+    /// capped at [`MAX_WEIGHT`] so one member cannot make every partitioner of the
+    /// group build billions of ring points.
     pub fn weight(&self) -> u32 {
+        self.raw_weight().min(MAX_WEIGHT)
+    }
+
+    fn raw_weight(&self) -> u32 {
         let Ok(rmpv::Value::Map(entries)) = self.to_value() else {
             return 1;
         };
@@ -236,6 +245,10 @@ mod tests {
             serde_json::json!({"host":"10.0.0.1","port":8080,"weight":3})
         );
         assert_eq!(Capabilities::none().weight(), 1);
+        let huge = Capabilities::from_json_str(r#"{"weight":4000000000}"#).unwrap();
+        assert_eq!(huge.weight(), MAX_WEIGHT);
+        let inf = Capabilities::encode(&BTreeMap::from([("weight", f64::INFINITY)])).unwrap();
+        assert_eq!(inf.weight(), MAX_WEIGHT);
         assert!(Capabilities::from_json_str("{").is_err());
     }
 }

@@ -61,7 +61,8 @@ struct RunState {
 pub struct CoordinatorConfig {
     /// Polling interval of event streams for drivers that cannot push.
     pub poll_interval: Duration,
-    /// Capacity of each group's event stream buffer before `Lagged` is reported.
+    /// Capacity of each group's event stream buffer before `Lagged` is reported
+    /// (at least 1).
     pub event_buffer: usize,
 }
 
@@ -139,6 +140,9 @@ impl Coordinator {
         config: CoordinatorConfig,
     ) -> Self {
         let info = driver.info();
+        let mut config = config;
+        // A zero interval would make polling streams spin.
+        config.poll_interval = config.poll_interval.max(Duration::from_millis(1));
         let token = CancellationToken::new();
         token.cancel();
         Coordinator {
@@ -282,7 +286,7 @@ impl Coordinator {
             }
         }
         for l in self.shared.held_locks() {
-            if let Err(e) = l.release_hold(true).await {
+            if let Err(e) = l.release_hold(true, None).await {
                 tracing::warn!(error = %e, "releasing a lock on stop failed");
             }
         }
@@ -863,11 +867,16 @@ impl Coordinator {
             let wait = async {
                 match events.as_mut() {
                     Some(s) => {
-                        let _ = tokio::time::timeout(
+                        let next = tokio::time::timeout(
                             self.shared.config.poll_interval * 2,
                             s.next_event(),
                         )
                         .await;
+                        if let Ok(None) = next {
+                            // The stream ended: poll from now on, instead of
+                            // campaigning in a tight loop.
+                            events = None;
+                        }
                     }
                     None => tokio::time::sleep(self.shared.config.poll_interval).await,
                 }
@@ -936,7 +945,8 @@ impl Coordinator {
             if let Some(tx) = streams.get(&g) {
                 return Ok(EventStream::new(g, tx.subscribe()));
             }
-            let (tx, rx) = broadcast::channel(self.shared.config.event_buffer);
+            // `broadcast::channel` panics on a zero capacity.
+            let (tx, rx) = broadcast::channel(self.shared.config.event_buffer.max(1));
             streams.insert(g.clone(), tx.clone());
             tokio::spawn(group_watch_task(
                 Arc::downgrade(&self.shared),
@@ -1131,7 +1141,13 @@ impl Shared {
     }
 
     fn set_liveness(&self, new: Liveness) -> Liveness {
-        let old = self.liveness.send_replace(new);
+        // Only a change is sent: every successful beat reports `Alive`, and
+        // receivers waiting on `changed()` must not wake for nothing.
+        let mut old = new;
+        self.liveness.send_if_modified(|v| {
+            old = std::mem::replace(v, new);
+            old != new
+        });
         if new == Liveness::Lost && old != Liveness::Lost {
             self.on_lost();
         }
@@ -1194,6 +1210,26 @@ async fn liveness_forwarder(
     }
 }
 
+/// Whether a group stream lost its last receiver; if so, unpublishes it, under
+/// the lock `events` subscribes with, so no subscriber can get a dead stream.
+fn stream_unused(
+    shared: &Weak<Shared>,
+    group: &GroupId,
+    tx: &broadcast::Sender<GroupEvent>,
+) -> bool {
+    let Some(s) = shared.upgrade() else {
+        return true;
+    };
+    let mut streams = lock(&s.streams);
+    if tx.receiver_count() > 0 {
+        return false;
+    }
+    if streams.get(group).is_some_and(|t| t.same_channel(tx)) {
+        streams.remove(group);
+    }
+    true
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn group_watch_task(
     shared: Weak<Shared>,
@@ -1212,6 +1248,12 @@ async fn group_watch_task(
     loop {
         let ev = tokio::select! {
             _ = stop.cancelled() => break,
+            () = tx.closed() => {
+                if stream_unused(&shared, &group, &tx) {
+                    return;
+                }
+                continue;
+            }
             ev = async {
                 match push.as_mut() {
                     Some(p) => p.next().await,
@@ -1223,8 +1265,8 @@ async fn group_watch_task(
             } => ev,
         };
         let Some(s) = shared.upgrade() else { break };
-        if tx.receiver_count() == 0 {
-            break;
+        if stream_unused(&shared, &group, &tx) {
+            return;
         }
         let mut out = Vec::new();
         match ev {

@@ -53,9 +53,11 @@ impl Wait {
     }
 
     /// The deadline this wait implies, measured from now.
+    /// `None` also for a wait too long to be represented as an instant (which is
+    /// then as good as forever).
     pub fn deadline(self) -> Option<Instant> {
         match self {
-            Wait::For(d) => Some(Instant::now() + d),
+            Wait::For(d) => Instant::now().checked_add(d),
             _ => None,
         }
     }
@@ -133,6 +135,9 @@ struct Hold {
 struct State {
     hold: Option<Hold>,
     acquiring: bool,
+    /// A release is talking to the backend: the hold must not be shared further,
+    /// nor released twice.
+    releasing: bool,
 }
 
 pub(crate) struct LockInner {
@@ -213,13 +218,13 @@ impl Lock {
             let notified = self.inner.changed.notified();
             {
                 let mut st = self.state();
-                let acquiring = st.acquiring;
+                let (acquiring, releasing) = (st.acquiring, st.releasing);
                 match &mut st.hold {
-                    Some(h) if h.mode == Mode::Shared && mode == Mode::Shared => {
+                    Some(h) if !releasing && h.mode == Mode::Shared && mode == Mode::Shared => {
                         h.count += 1;
                         return Ok(true);
                     }
-                    None if !acquiring => {
+                    None if !acquiring && !releasing => {
                         st.acquiring = true;
                         break;
                     }
@@ -244,8 +249,10 @@ impl Lock {
                 r = inner.driver.acquire(mode, remaining) => r,
                 _ = task_stop.cancelled() => Err(ToozError::Stopped),
             };
+            let mut won = None;
             let res = match res {
                 Ok(Some(token)) => {
+                    won = Some(token);
                     {
                         let mut st = inner.state();
                         st.hold = Some(Hold {
@@ -271,9 +278,19 @@ impl Lock {
                 }
             };
             inner.changed.notify_waiters();
-            if let Err(Ok(true)) = tx.send(res) {
-                // The caller went away: do not leak the lock.
-                let _ = inner.release_hold(true).await;
+            let res = match won {
+                // `stop` ran while the backend granted the lock: it may already have
+                // released what it found held, so this hold must not outlive it.
+                Some(token) if task_stop.is_cancelled() => {
+                    let _ = inner.release_hold(true, Some(token)).await;
+                    Err(ToozError::Stopped)
+                }
+                _ => res,
+            };
+            if let (Err(Ok(true)), Some(token)) = (tx.send(res), won) {
+                // The caller went away: do not leak its hold (only its own: another
+                // handle may have joined a shared hold meanwhile).
+                let _ = inner.release_hold(false, Some(token)).await;
             }
         });
         rx.await.unwrap_or(Err(ToozError::Stopped))
@@ -285,7 +302,7 @@ impl Lock {
     /// # Errors
     /// A backend error; the local hold is cleared anyway.
     pub async fn release(&self) -> Result<bool> {
-        self.inner.release_hold(false).await
+        self.inner.release_hold(false, None).await
     }
 
     /// Renews the hold where the backend needs it (the coordinator's heartbeat does
@@ -390,25 +407,37 @@ impl LockInner {
         self.state().hold.is_some()
     }
 
-    /// Releases the hold. `all`: drop every shared count at once (stop, drop).
-    pub(crate) async fn release_hold(&self, all: bool) -> Result<bool> {
+    /// Releases the hold. `all`: drop every shared count at once (stop).
+    /// `token`: only if the current hold is that grant (a guard must not release a
+    /// later hold of the same lock object).
+    pub(crate) async fn release_hold(
+        &self,
+        all: bool,
+        token: Option<FencingToken>,
+    ) -> Result<bool> {
         {
             let mut st = self.state();
+            if st.releasing {
+                return Ok(false);
+            }
             match &mut st.hold {
                 None => return Ok(false),
+                Some(h) if token.is_some_and(|t| t != h.token) => return Ok(false),
                 Some(h) if h.count > 1 && !all => {
                     h.count -= 1;
                     return Ok(true);
                 }
                 Some(_) => {}
             }
+            st.releasing = true;
         }
+        // Clears `releasing` and wakes waiters even if this future is dropped.
+        let _releasing = Releasing(self);
         let res = self.driver.release().await;
         let hold = self.state().hold.take();
         if let Some(h) = hold {
             h.lost.send_replace(true);
         }
-        self.changed.notify_waiters();
         res
     }
 
@@ -428,6 +457,16 @@ impl LockInner {
         if let Some(h) = &self.state().hold {
             h.lost.send_replace(true);
         }
+    }
+}
+
+/// Ends a release in progress when dropped.
+struct Releasing<'a>(&'a LockInner);
+
+impl Drop for Releasing<'_> {
+    fn drop(&mut self) {
+        self.0.state().releasing = false;
+        self.0.changed.notify_waiters();
     }
 }
 
@@ -462,11 +501,13 @@ impl LockGuard {
         &self.lock
     }
 
-    /// A signal that resolves when this hold is lost.
+    /// A signal that resolves when this hold is lost (at once if the lock object
+    /// no longer has this hold, even if it was acquired again since).
     pub fn lost(&self) -> LostSignal {
-        self.lock
-            .lost()
-            .unwrap_or_else(|| LostSignal(watch::channel(true).1))
+        match &self.lock.state().hold {
+            Some(h) if h.token == self.token => LostSignal(h.lost.subscribe()),
+            _ => LostSignal(watch::channel(true).1),
+        }
     }
 
     /// Releases the lock and reports whether it was still held.
@@ -475,7 +516,7 @@ impl LockGuard {
     /// A backend error.
     pub async fn release(mut self) -> Result<bool> {
         self.released = true;
-        self.lock.release().await
+        self.lock.inner.release_hold(false, Some(self.token)).await
     }
 }
 
@@ -485,10 +526,11 @@ impl Drop for LockGuard {
             return;
         }
         let lock = self.lock.clone();
+        let token = self.token;
         match tokio::runtime::Handle::try_current() {
             Ok(h) => {
                 h.spawn(async move {
-                    if let Err(e) = lock.release().await {
+                    if let Err(e) = lock.inner.release_hold(false, Some(token)).await {
                         tracing::warn!(lock = %lock.name(), error = %e, "releasing a dropped lock guard failed");
                     }
                 });
@@ -497,5 +539,380 @@ impl Drop for LockGuard {
                 tracing::warn!(lock = %lock.name(), "lock guard dropped outside a tokio runtime; the lock is released when its coordinator stops");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+    use std::future::Future;
+    use std::pin::Pin;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use super::*;
+    use crate::capabilities::{Capabilities, MemberInfo};
+    use crate::coordinator::Coordinator;
+    use crate::driver::{Driver, DriverEventStream, DriverInfo, Liveness};
+    use crate::ids::{GroupId, MemberId};
+
+    type Hook = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
+
+    /// One lock name in memory: `held` counts grants not yet released; `hook`
+    /// runs inside `acquire` before the grant is returned.
+    #[derive(Default)]
+    struct Mem {
+        held: AtomicU64,
+        tokens: AtomicU64,
+        hook: Mutex<Option<Hook>>,
+        /// Set when a push stream of `watch_group` is dropped.
+        push_dropped: Arc<std::sync::atomic::AtomicBool>,
+    }
+
+    /// A push source that never reports anything.
+    struct Silent(Arc<std::sync::atomic::AtomicBool>);
+
+    impl futures_util::Stream for Silent {
+        type Item = crate::driver::DriverEvent;
+        fn poll_next(
+            self: Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Self::Item>> {
+            std::task::Poll::Pending
+        }
+    }
+
+    impl Drop for Silent {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+
+    struct MemLock {
+        name: LockName,
+        mem: Arc<Mem>,
+        mine: Mutex<bool>,
+    }
+
+    #[async_trait::async_trait]
+    impl DriverLock for MemLock {
+        fn name(&self) -> &LockName {
+            &self.name
+        }
+        async fn acquire(&self, _mode: Mode, _wait: Wait) -> Result<Option<FencingToken>> {
+            let hook = self.mem.hook.lock().unwrap().clone();
+            if let Some(h) = hook {
+                h().await;
+            }
+            *self.mine.lock().unwrap() = true;
+            self.mem.held.fetch_add(1, Ordering::SeqCst);
+            Ok(Some(FencingToken(
+                self.mem.tokens.fetch_add(1, Ordering::SeqCst) + 1,
+            )))
+        }
+        async fn release(&self) -> Result<bool> {
+            // A backend round trip: lets other tasks run meanwhile.
+            tokio::task::yield_now().await;
+            let was = std::mem::take(&mut *self.mine.lock().unwrap());
+            if was {
+                self.mem.held.fetch_sub(1, Ordering::SeqCst);
+            }
+            Ok(was)
+        }
+        async fn heartbeat(&self) -> Result<bool> {
+            Ok(*self.mine.lock().unwrap())
+        }
+        async fn is_still_owner(&self) -> Result<bool> {
+            Ok(*self.mine.lock().unwrap())
+        }
+        async fn break_lock(&self) -> Result<bool> {
+            Ok(false)
+        }
+    }
+
+    struct MemDriver(Arc<Mem>, bool);
+
+    impl fmt::Debug for MemDriver {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("MemDriver")
+        }
+    }
+
+    impl fmt::Debug for MemLock {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("MemLock")
+        }
+    }
+
+    fn nope<T>() -> Result<T> {
+        Err(ToozError::NotImplemented {
+            driver: "mem".into(),
+            operation: "groups".into(),
+        })
+    }
+
+    #[async_trait::async_trait]
+    impl Driver for MemDriver {
+        fn info(&self) -> DriverInfo {
+            DriverInfo::new("mem", &[], self.1)
+        }
+        async fn start(&self) -> Result<()> {
+            Ok(())
+        }
+        async fn stop(&self) -> Result<()> {
+            Ok(())
+        }
+        async fn heartbeat(&self, _: &[GroupId]) -> Result<Duration> {
+            Ok(Duration::from_millis(20))
+        }
+        fn liveness(&self) -> Option<watch::Receiver<Liveness>> {
+            None
+        }
+        async fn create_group(&self, _: &GroupId) -> Result<()> {
+            nope()
+        }
+        async fn delete_group(&self, _: &GroupId) -> Result<()> {
+            nope()
+        }
+        async fn get_groups(&self) -> Result<Vec<GroupId>> {
+            nope()
+        }
+        async fn join_group(&self, _: &GroupId, _: &Capabilities) -> Result<()> {
+            nope()
+        }
+        async fn leave_group(&self, _: &GroupId) -> Result<()> {
+            nope()
+        }
+        async fn get_members(&self, _: &GroupId) -> Result<BTreeSet<MemberId>> {
+            Ok(BTreeSet::new())
+        }
+        async fn get_member_capabilities(&self, _: &GroupId, _: &MemberId) -> Result<Capabilities> {
+            nope()
+        }
+        async fn get_members_with_capabilities(
+            &self,
+            _: &GroupId,
+        ) -> Result<Vec<(MemberId, Capabilities)>> {
+            nope()
+        }
+        async fn get_member_info(&self, _: &GroupId, _: &MemberId) -> Result<MemberInfo> {
+            nope()
+        }
+        async fn update_capabilities(&self, _: &GroupId, _: &Capabilities) -> Result<()> {
+            nope()
+        }
+        async fn campaign(&self, _: &GroupId) -> Result<Option<FencingToken>> {
+            nope()
+        }
+        async fn resign(&self, _: &GroupId) -> Result<bool> {
+            nope()
+        }
+        async fn get_leader(&self, _: &GroupId) -> Result<Option<MemberId>> {
+            Ok(None)
+        }
+        fn lock(&self, name: &LockName) -> Result<Arc<dyn DriverLock>> {
+            Ok(Arc::new(MemLock {
+                name: name.clone(),
+                mem: Arc::clone(&self.0),
+                mine: Mutex::new(false),
+            }))
+        }
+        async fn watch_group(&self, _: &GroupId) -> Result<Option<DriverEventStream>> {
+            Ok(Some(Box::pin(Silent(Arc::clone(&self.0.push_dropped)))))
+        }
+    }
+
+    async fn coordinator() -> (Coordinator, Arc<Mem>) {
+        let mem = Arc::new(Mem::default());
+        let c = Coordinator::new(
+            Arc::new(MemDriver(Arc::clone(&mem), false)),
+            "m".into(),
+            "mem://",
+        );
+        c.start(false).await.unwrap();
+        (c, mem)
+    }
+
+    /// A shared acquisition whose caller went away must give back only its own
+    /// count, not that of another handle that joined the hold meanwhile.
+    #[tokio::test]
+    async fn dropped_shared_acquire_keeps_other_shared_holds() {
+        for _ in 0..20 {
+            let (c, mem) = coordinator().await;
+            let lock = c.get_lock("l").unwrap();
+            let gate = Arc::new(Notify::new());
+            let g = Arc::clone(&gate);
+            *mem.hook.lock().unwrap() = Some(Arc::new(move || {
+                let g = Arc::clone(&g);
+                Box::pin(async move { g.notified().await })
+            }));
+            let first = tokio::spawn({
+                let lock = lock.clone();
+                async move { lock.acquire_shared(Wait::Forever).await }
+            });
+            tokio::task::yield_now().await;
+            let second = tokio::spawn({
+                let lock = lock.clone();
+                async move { lock.acquire_shared(Wait::Forever).await }
+            });
+            tokio::task::yield_now().await;
+            *mem.hook.lock().unwrap() = None;
+            first.abort();
+            let _ = first.await;
+            gate.notify_waiters();
+            assert!(second.await.unwrap().unwrap());
+            for _ in 0..10 {
+                tokio::task::yield_now().await;
+            }
+            assert!(lock.is_held(), "the second shared hold was released");
+            assert_eq!(mem.held.load(Ordering::SeqCst), 1);
+            assert!(lock.release().await.unwrap());
+            assert_eq!(mem.held.load(Ordering::SeqCst), 0);
+            c.stop().await.unwrap();
+        }
+    }
+
+    /// The backend grants the lock while `stop` runs: the caller gets `Stopped`
+    /// and nothing stays held.
+    #[tokio::test]
+    async fn grant_racing_stop_is_released() {
+        for _ in 0..20 {
+            let (c, mem) = coordinator().await;
+            let lock = c.get_lock("l").unwrap();
+            let stopper = c.clone();
+            *mem.hook.lock().unwrap() = Some(Arc::new(move || {
+                let c = stopper.clone();
+                // `stop` completes (finding nothing held) before the grant returns.
+                Box::pin(async move {
+                    tokio::spawn(async move { c.stop().await.unwrap() })
+                        .await
+                        .unwrap();
+                })
+            }));
+            let res = lock.acquire(Wait::Forever).await;
+            assert!(matches!(res, Err(ToozError::Stopped)), "{res:?}");
+            assert!(!lock.is_held());
+            assert_eq!(mem.held.load(Ordering::SeqCst), 0, "leaked after stop");
+        }
+    }
+
+    /// A guard of an earlier hold (released by `stop`) must not release a later
+    /// hold of the same lock object, whether dropped or released explicitly.
+    #[tokio::test]
+    async fn stale_guard_leaves_a_later_hold_alone() {
+        let (c, mem) = coordinator().await;
+        let lock = c.get_lock("l").unwrap();
+        let g1 = lock.guard(Wait::No).await.unwrap().unwrap();
+        let g2 = lock.guard_with(Mode::Exclusive, Wait::No).await.unwrap();
+        assert!(g2.is_none());
+        c.stop().await.unwrap();
+        assert!(!lock.is_held());
+        c.start(false).await.unwrap();
+        assert!(lock.acquire(Wait::No).await.unwrap());
+        let t2 = lock.fencing_token().unwrap();
+        assert!(t2 > g1.token());
+        assert!(g1.lost().is_lost(), "g1's hold is gone");
+        assert!(!lock.lost().unwrap().is_lost());
+        drop(g1);
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(lock.fencing_token(), Some(t2));
+        assert_eq!(mem.held.load(Ordering::SeqCst), 1);
+        assert!(lock.release().await.unwrap());
+
+        let g3 = lock.guard(Wait::No).await.unwrap().unwrap();
+        c.stop().await.unwrap();
+        c.start(false).await.unwrap();
+        assert!(lock.acquire(Wait::No).await.unwrap());
+        assert!(!g3.release().await.unwrap());
+        assert!(lock.is_held());
+        assert!(lock.release().await.unwrap());
+        assert_eq!(mem.held.load(Ordering::SeqCst), 0);
+        c.stop().await.unwrap();
+    }
+
+    /// A huge `Wait::For` waits (like `Forever`) instead of panicking.
+    #[tokio::test]
+    async fn huge_wait_does_not_panic() {
+        let (c, _mem) = coordinator().await;
+        let lock = c.get_lock("l").unwrap();
+        assert!(lock.acquire(Wait::For(Duration::MAX)).await.unwrap());
+        let other = c.get_lock("l").unwrap();
+        // The in-memory backend does not exclude: check the local gate instead.
+        let same = lock.clone();
+        let waiter = tokio::spawn(async move { same.acquire(Wait::For(Duration::MAX)).await });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!waiter.is_finished());
+        c.stop().await.unwrap();
+        assert!(matches!(waiter.await.unwrap(), Err(ToozError::Stopped)));
+        drop(other);
+    }
+
+    /// Successful heartbeats keep reporting `Alive`, which is no change: a
+    /// liveness receiver must not wake for them.
+    #[tokio::test]
+    async fn steady_heartbeats_do_not_signal_liveness_changes() {
+        let mem = Arc::new(Mem::default());
+        let c = Coordinator::new(Arc::new(MemDriver(mem, true)), "m".into(), "mem://");
+        c.start(true).await.unwrap();
+        let mut rx = c.liveness();
+        rx.borrow_and_update();
+        let before = c.beats();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(c.beats() >= before + 3, "the heart beats");
+        assert!(!rx.has_changed().unwrap(), "no change was signalled");
+        assert_eq!(*rx.borrow(), Liveness::Alive);
+        c.stop().await.unwrap();
+    }
+
+    /// A group stream whose receivers are all gone stops its task (and drops the
+    /// driver's push source) even if the backend never reports anything; a new
+    /// `events` call then gets a live stream.
+    #[tokio::test]
+    async fn unused_group_stream_task_ends_without_events() {
+        let (c, mem) = coordinator().await;
+        let s1 = c.events("g").await.unwrap();
+        let s2 = c.events("g").await.unwrap();
+        drop(s1);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(
+            !mem.push_dropped.load(Ordering::SeqCst),
+            "one receiver is left"
+        );
+        drop(s2);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(
+            mem.push_dropped.load(Ordering::SeqCst),
+            "the task still runs"
+        );
+        mem.push_dropped.store(false, Ordering::SeqCst);
+        let mut s3 = c.events("g").await.unwrap();
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), s3.next_event())
+                .await
+                .is_err(),
+            "a fresh stream is open"
+        );
+        c.stop().await.unwrap();
+        assert_eq!(s3.next_event().await, None, "stop ends the stream");
+        assert!(mem.push_dropped.load(Ordering::SeqCst));
+    }
+
+    /// A zero event buffer is taken as 1 instead of panicking in `events`.
+    #[tokio::test]
+    async fn zero_event_buffer_does_not_panic() {
+        let config = crate::coordinator::CoordinatorConfig {
+            event_buffer: 0,
+            ..Default::default()
+        };
+        let c = Coordinator::with_config(
+            Arc::new(MemDriver(Arc::new(Mem::default()), false)),
+            "m".into(),
+            "mem://",
+            config,
+        );
+        c.start(false).await.unwrap();
+        let _events = c.events("g").await.unwrap();
+        c.stop().await.unwrap();
     }
 }

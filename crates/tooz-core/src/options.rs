@@ -154,11 +154,29 @@ pub fn redact_url(url: &Url) -> String {
     }
 }
 
-/// Redacts a URL given as text (best effort when it does not parse).
+/// Redacts a URL given as text (best effort when it does not parse: whatever
+/// follows the first `:` of the user info is hidden).
 pub fn redact_url_str(url: &str) -> String {
-    match Url::parse(url) {
-        Ok(u) => redact_url(&u),
-        Err(_) => url.to_string(),
+    if let Ok(u) = Url::parse(url) {
+        return redact_url(&u);
+    }
+    let Some(start) = url.find("://").map(|i| i + 3) else {
+        return url.to_string();
+    };
+    let rest = &url[start..];
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let authority = &rest[..authority_end];
+    let Some(at) = authority.rfind('@') else {
+        return url.to_string();
+    };
+    match authority[..at].find(':') {
+        Some(colon) => format!(
+            "{}{}:***{}",
+            &url[..start],
+            &authority[..colon],
+            &url[start + at..]
+        ),
+        None => url.to_string(),
     }
 }
 
@@ -197,5 +215,18 @@ mod tests {
     fn redaction() {
         let u = Url::parse("redis://user:secret@h:1/").unwrap();
         assert_eq!(redact_url(&u), "redis://user:***@h:1/");
+    }
+
+    #[test]
+    fn redaction_of_unparsable_urls() {
+        // An invalid port makes the URL unparsable: the password must still go.
+        let r = redact_url_str("redis://user:s3cret@h:99999/0");
+        assert!(!r.contains("s3cret"), "{r}");
+        assert_eq!(r, "redis://user:***@h:99999/0");
+        let r = redact_url_str("redis://:p@ss@h:bad/");
+        assert!(!r.contains("p@ss"), "{r}");
+        assert_eq!(redact_url_str("not a url"), "not a url");
+        assert_eq!(redact_url_str("redis://h:bad/x@y"), "redis://h:bad/x@y");
+        assert_eq!(redact_url_str("redis://u:p@h:1/"), "redis://u:***@h:1/");
     }
 }

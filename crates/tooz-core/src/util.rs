@@ -37,32 +37,45 @@ impl Backoff {
 /// Sleeps for `pause`, but not past `deadline`. Returns `false` when the deadline
 /// has passed (the wait is over).
 pub async fn sleep_within(pause: Duration, deadline: Option<Instant>) -> bool {
-    let until = Instant::now() + pause;
-    match deadline {
-        Some(d) if d <= Instant::now() => false,
-        Some(d) => {
-            tokio::time::sleep_until(until.min(d)).await;
+    let until = Instant::now().checked_add(pause);
+    match (deadline, until) {
+        (Some(d), _) if d <= Instant::now() => false,
+        (Some(d), Some(u)) => {
+            tokio::time::sleep_until(u.min(d)).await;
             true
         }
-        None => {
-            tokio::time::sleep_until(until).await;
+        (Some(d), None) => {
+            tokio::time::sleep_until(d).await;
             true
         }
+        (None, Some(u)) => {
+            tokio::time::sleep_until(u).await;
+            true
+        }
+        (None, None) => std::future::pending().await,
     }
 }
 
-/// The deadline of a wait (`None` for `Wait::Forever`; now for `Wait::No`).
+/// The deadline of a wait (`None` for `Wait::Forever`, and for a wait too long
+/// to be represented as an instant; now for `Wait::No`).
 pub fn deadline_of(wait: Wait) -> Option<Instant> {
     match wait {
         Wait::No => Some(Instant::now()),
         Wait::Forever => None,
-        Wait::For(d) => Some(Instant::now() + d),
+        Wait::For(d) => Instant::now().checked_add(d),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn huge_waits_do_not_overflow() {
+        assert_eq!(deadline_of(Wait::For(Duration::MAX)), None);
+        assert_eq!(Wait::For(Duration::MAX).deadline(), None);
+        assert!(deadline_of(Wait::For(Duration::from_secs(1))).is_some());
+    }
 
     #[test]
     fn backoff_doubles_and_caps() {

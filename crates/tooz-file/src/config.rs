@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use tooz_core::options::redact_url;
+use tooz_core::options::{redact_url, redact_url_str};
 use tooz_core::{ConnectRequest, Options, Result, ToozError, Url};
 
 /// The driver name, as used in errors.
@@ -56,7 +56,7 @@ impl FileConfig {
     /// `InvalidUrl` for another scheme, a host name or an empty path;
     /// `InvalidOption` for an unknown option or a bad `timeout`.
     pub fn from_url_str(url: &str) -> Result<Self> {
-        let parsed = Url::parse(url).map_err(|e| ToozError::invalid_url(url, e))?;
+        let parsed = Url::parse(url).map_err(|e| ToozError::invalid_url(redact_url_str(url), e))?;
         Self::from_url(&parsed, &Options::from_url(&parsed))
     }
 

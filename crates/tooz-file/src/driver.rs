@@ -230,6 +230,9 @@ impl Inner {
                 .file_name()
                 .as_encoded_bytes()
                 .ends_with(layout::MEMBER_SUFFIX.as_bytes())
+                // Only regular files are member records (a directory named `x.raw`
+                // must not make every membership read fail).
+                || !entry.file_type().is_ok_and(|t| t.is_file())
             {
                 continue;
             }

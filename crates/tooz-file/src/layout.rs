@@ -425,7 +425,16 @@ pub(crate) fn decode_datetime(v: &Value) -> Option<SystemTime> {
     let (day, month, year) = (field("day")?, field("month")?, field("year")?);
     let (hour, minute, second) = (field("hour")?, field("minute")?, field("second")?);
     let micro = field("microsecond").unwrap_or(0);
-    if !(1..=12).contains(&month) || !(1..=31).contains(&day) {
+    // Python's datetime ranges; anything else (a corrupt or hostile file) would
+    // overflow the arithmetic below.
+    if !(1..=9999).contains(&year)
+        || !(1..=12).contains(&month)
+        || !(1..=31).contains(&day)
+        || !(0..=23).contains(&hour)
+        || !(0..=59).contains(&minute)
+        || !(0..=59).contains(&second)
+        || !(0..=999_999).contains(&micro)
+    {
         return None;
     }
     let days = days_from_civil(year, month, day);
@@ -668,6 +677,48 @@ mod tests {
         }
         assert_eq!(civil_from_days(0), (1970, 1, 1));
         assert_eq!(decode_datetime(&Value::Nil), None);
+    }
+
+    /// Out-of-range fields on disk (corrupt or hostile files) are rejected, not
+    /// turned into an arithmetic overflow panic.
+    #[test]
+    fn datetime_with_absurd_fields_is_none() {
+        let dt = |fields: &[(&str, i64)]| {
+            let map = fields
+                .iter()
+                .map(|(k, v)| (str_key(k), Value::from(*v)))
+                .collect();
+            Value::Ext(EXT_DATETIME, encode_value(&Value::Map(map)).unwrap())
+        };
+        let base = [
+            ("day", 1),
+            ("month", 1),
+            ("year", 2020),
+            ("hour", 0),
+            ("minute", 0),
+            ("second", 0),
+            ("microsecond", 0),
+        ];
+        assert!(decode_datetime(&dt(&base)).is_some());
+        for (i, bad) in [i64::MAX, i64::MIN, -1, 1_000_000_000_000]
+            .into_iter()
+            .enumerate()
+        {
+            for f in 0..base.len() {
+                let mut fields = base;
+                fields[f].1 = bad;
+                assert_eq!(decode_datetime(&dt(&fields)), None, "{i} {f}");
+            }
+        }
+        // A record with such a `joined_on` still decodes (without the time).
+        let mut rec = vec![0x82];
+        rec.extend_from_slice(b"\xa9joined_on");
+        let mut year_max = base;
+        year_max[2].1 = i64::MAX;
+        rec.extend_from_slice(&encode_value(&dt(&year_max)).unwrap());
+        rec.extend_from_slice(b"\xa9member_id\xc4\x02m1");
+        let r = MemberRecord::decode(&rec).unwrap();
+        assert_eq!(r.joined_on, None);
     }
 
     /// A record as Python tooz 9.1.0 writes it for

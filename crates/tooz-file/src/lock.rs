@@ -263,16 +263,11 @@ fn break_file(path: &std::path::Path) -> Result<bool> {
         return Ok(false);
     }
     drop(file);
-    // The replacement is created beside the lock file (same file system).
+    // The replacement is created beside the lock file (same file system). Its
+    // name must not grow with the lock's: a lock name component may already be
+    // NAME_MAX long.
     let parent = path.parent().unwrap_or(std::path::Path::new("/"));
-    let base = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = parent.join(format!(
-        ".{base}.tooz-break-{}",
-        uuid::Uuid::new_v4().simple()
-    ));
+    let tmp = parent.join(format!(".tooz-break-{}", uuid::Uuid::new_v4().simple()));
     let res = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -425,6 +420,32 @@ mod tests {
             .filter(|n| n.to_string_lossy().contains("tooz-break"))
             .collect();
         assert!(leftovers.is_empty());
+        std::fs::remove_dir_all(r).unwrap();
+    }
+
+    /// A lock whose last name component is NAME_MAX (255 bytes) long can be broken.
+    #[tokio::test]
+    async fn break_works_for_the_longest_names() {
+        let r = root();
+        let layout = Arc::new(Layout::new(&r));
+        let name = format!("d/{}", "x".repeat(255));
+        let new = || FileLock::new(&layout, &name.as_str().into()).unwrap();
+        let (a, b) = (new(), new());
+        assert!(
+            a.acquire(Mode::Exclusive, Wait::No)
+                .await
+                .unwrap()
+                .is_some()
+        );
+        assert!(b.break_lock().await.unwrap());
+        assert!(!a.is_still_owner().await.unwrap());
+        assert!(
+            b.acquire(Mode::Exclusive, Wait::No)
+                .await
+                .unwrap()
+                .is_some()
+        );
+        assert!(b.release().await.unwrap());
         std::fs::remove_dir_all(r).unwrap();
     }
 

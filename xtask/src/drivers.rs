@@ -31,7 +31,7 @@ pub(crate) const DRIVERS: &[Driver] = &[
     Driver {
         name: "redis",
         krate: "tooz-redis",
-        interop: false,
+        interop: true,
     },
     Driver {
         name: "etcd",

@@ -10,6 +10,7 @@
 
 mod file;
 mod harness;
+mod redis;
 mod venv;
 
 use std::{path::PathBuf, process::Stdio};
@@ -46,6 +47,7 @@ pub(crate) fn run(flags: &flags::Interop) -> Result<()> {
         );
         match driver.name {
             "file" => file::run(&root, &python, &tooz, &dir, &mut report)?,
+            "redis" => redis::run(&root, &python, &mut report)?,
             other => bail!(
                 "the driver table marks `{other}` as having interop scenarios, but none are wired up"
             ),

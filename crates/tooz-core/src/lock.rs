@@ -287,13 +287,25 @@ impl Lock {
                 }
                 _ => res,
             };
-            if let (Err(Ok(true)), Some(token)) = (tx.send(res), won) {
+            if let Err((Ok(true), Some(token))) = tx.send((res, won)) {
                 // The caller went away: do not leak its hold (only its own: another
                 // handle may have joined a shared hold meanwhile).
                 let _ = inner.release_hold(false, Some(token)).await;
             }
         });
-        rx.await.unwrap_or(Err(ToozError::Stopped))
+        // If this future is dropped after the task sent a grant but before it was
+        // read, the guard releases that hold (the send above succeeded, so the task
+        // will not).
+        let mut pending = PendingGrant {
+            rx: Some(rx),
+            inner: Arc::clone(&self.inner),
+        };
+        let res = match pending.rx.as_mut() {
+            Some(rx) => rx.await.map_or(Err(ToozError::Stopped), |(res, _)| res),
+            None => Err(ToozError::Stopped),
+        };
+        pending.rx = None;
+        res
     }
 
     /// Releases one hold. `Ok(false)` if this lock object did not hold the lock (or
@@ -456,6 +468,29 @@ impl LockInner {
     pub(crate) fn mark_lost(&self) {
         if let Some(h) = &self.state().hold {
             h.lost.send_replace(true);
+        }
+    }
+}
+
+/// The receiving end of an acquire task; see [`Lock::acquire_with`].
+struct PendingGrant {
+    rx: Option<oneshot::Receiver<(Result<bool>, Option<FencingToken>)>>,
+    inner: Arc<LockInner>,
+}
+
+impl Drop for PendingGrant {
+    fn drop(&mut self) {
+        let Some(mut rx) = self.rx.take() else { return };
+        // After `close` a late send fails (and the task releases); a grant sent
+        // before it is still here to be found.
+        rx.close();
+        if let Ok((Ok(true), Some(token))) = rx.try_recv()
+            && let Ok(rt) = tokio::runtime::Handle::try_current()
+        {
+            let inner = Arc::clone(&self.inner);
+            rt.spawn(async move {
+                let _ = inner.release_hold(false, Some(token)).await;
+            });
         }
     }
 }
@@ -828,6 +863,31 @@ mod tests {
         assert!(lock.is_held());
         assert!(lock.release().await.unwrap());
         assert_eq!(mem.held.load(Ordering::SeqCst), 0);
+        c.stop().await.unwrap();
+    }
+
+    /// The acquire future is dropped after the grant was sent to it but before it
+    /// read it (a `select!` whose other branch won): the hold must not leak.
+    #[tokio::test]
+    async fn grant_sent_to_a_dropped_acquire_is_released() {
+        let (c, mem) = coordinator().await;
+        let lock = c.get_lock("l").unwrap();
+        {
+            let mut fut = Box::pin(lock.acquire(Wait::Forever));
+            // One poll: the acquire task is spawned and the future waits for it.
+            assert!(futures_util::poll!(fut.as_mut()).is_pending());
+            // The task runs, is granted and sends the result...
+            for _ in 0..10 {
+                tokio::task::yield_now().await;
+            }
+            assert_eq!(mem.held.load(Ordering::SeqCst), 1);
+            // ...which nobody reads.
+        }
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert!(!lock.is_held(), "the unread grant is still held");
+        assert_eq!(mem.held.load(Ordering::SeqCst), 0, "leaked");
         c.stop().await.unwrap();
     }
 

@@ -32,6 +32,7 @@ macro_rules! drivers {
 // One line per driver crate (plus its feature and optional dependency in Cargo.toml).
 drivers! {
     "file" => tooz_file,
+    "redis" => tooz_redis,
 }
 
 /// The descriptors of every driver enabled by this build's cargo features.

@@ -1,0 +1,897 @@
+//! The [`RedisDriver`]: groups, membership, leadership and locks in Redis, laid
+//! out as Python tooz lays them out.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use redis::{Script, Value};
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tooz_core::{
+    Capabilities, Characteristic, ConnectRequest, Driver, DriverEventStream, DriverInfo,
+    DriverLock, FencingToken, GroupId, Liveness, LockName, MemberId, MemberInfo, Mode, Result,
+    ToozError,
+};
+
+use crate::config::RedisConfig;
+use crate::conn::Connector;
+use crate::keys::{
+    self, FENCE_TTL_MS, Keys, PYTHON_LEADER, STILL_ALIVE, Scripts, check_lock_name,
+    check_member_id, new_token,
+};
+use crate::lock::{Attempt, RedisLock, acquire_args, mode_arg, parse_acquire};
+use crate::watch::{Hub, group_events};
+
+const CHARACTERISTICS: &[Characteristic] = &[
+    Characteristic::DistributedAcrossThreads,
+    Characteristic::DistributedAcrossProcesses,
+    Characteristic::DistributedAcrossHosts,
+    Characteristic::Causal,
+];
+
+/// The oldest server the scripts are written for.
+const MIN_SERVER_MAJOR: u32 = 6;
+
+/// The keys of one lock name.
+#[derive(Debug, Clone)]
+pub(crate) struct LockKeys {
+    /// `<ns>_<name>_lock`, also the channel releases are published on.
+    pub(crate) lock: Vec<u8>,
+    pub(crate) readers: Vec<u8>,
+    pub(crate) fence: Vec<u8>,
+}
+
+/// A hold the driver heartbeat renews.
+#[derive(Debug)]
+struct HoldEntry {
+    keys: LockKeys,
+    mode: Mode,
+    token: String,
+    ok: bool,
+    renewed: Instant,
+}
+
+/// A leadership this coordinator holds.
+#[derive(Debug, Clone)]
+struct Leading {
+    token: String,
+    fence: u64,
+}
+
+/// Shared state of a driver and its lock handles.
+#[derive(Debug)]
+pub(crate) struct Inner {
+    config: RedisConfig,
+    member: MemberId,
+    keys: Keys,
+    scripts: Scripts,
+    connector: Arc<Connector>,
+    hub: Mutex<Option<Arc<Hub>>>,
+    holds: Mutex<HashMap<u64, HoldEntry>>,
+    leaders: Mutex<HashMap<GroupId, Leading>>,
+    next_lock: AtomicU64,
+}
+
+fn guard<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
+}
+
+fn int(v: &Value) -> Option<i64> {
+    match v {
+        Value::Int(i) => Some(*i),
+        Value::BulkString(b) => std::str::from_utf8(b).ok()?.parse().ok(),
+        Value::SimpleString(s) => s.parse().ok(),
+        _ => None,
+    }
+}
+
+fn bytes(v: &Value) -> Option<&[u8]> {
+    match v {
+        Value::BulkString(b) => Some(b),
+        Value::SimpleString(s) => Some(s.as_bytes()),
+        _ => None,
+    }
+}
+
+fn array(v: &Value) -> Option<&[Value]> {
+    match v {
+        Value::Array(a) | Value::Set(a) => Some(a),
+        _ => None,
+    }
+}
+
+fn unexpected(what: &str, v: &Value) -> ToozError {
+    ToozError::backend_msg(format!("redis: unexpected reply to {what}: {v:?}"))
+}
+
+fn micros_to_time(us: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_micros(us)
+}
+
+impl Inner {
+    pub(crate) fn lock_keys(&self, name: &LockName) -> LockKeys {
+        LockKeys {
+            lock: self.keys.lock(name),
+            readers: self.keys.lock_readers(name),
+            fence: self.keys.lock_fence(name),
+        }
+    }
+
+    pub(crate) fn lock_ttl(&self) -> Duration {
+        self.config.lock_timeout
+    }
+
+    pub(crate) fn hub(&self) -> Arc<Hub> {
+        let mut h = guard(&self.hub);
+        Arc::clone(h.get_or_insert_with(|| Hub::new(Arc::clone(&self.connector))))
+    }
+
+    /// Runs a script (one `EVALSHA`; `EVAL` after a server restart forgot it).
+    async fn eval(
+        &self,
+        what: &str,
+        script: &Script,
+        keys: &[&[u8]],
+        args: &[&[u8]],
+    ) -> Result<Value> {
+        self.connector
+            .run(what, |mut c| {
+                let mut inv = script.prepare_invoke();
+                for k in keys {
+                    inv.key(*k);
+                }
+                for a in args {
+                    inv.arg(*a);
+                }
+                async move { inv.invoke_async::<Value>(&mut c).await }
+            })
+            .await
+    }
+
+    async fn eval_int(
+        &self,
+        what: &str,
+        script: &Script,
+        keys: &[&[u8]],
+        args: &[&[u8]],
+    ) -> Result<i64> {
+        let v = self.eval(what, script, keys, args).await?;
+        int(&v).ok_or_else(|| unexpected(what, &v))
+    }
+
+    // ----- locks ---------------------------------------------------------------
+
+    pub(crate) async fn acquire_once(
+        &self,
+        k: &LockKeys,
+        mode: Mode,
+        token: &str,
+    ) -> Result<Attempt> {
+        let [ttl, m, fttl] = acquire_args(ms(self.config.lock_timeout), mode);
+        let v = self
+            .eval(
+                "acquire",
+                &self.scripts.lock_acquire,
+                &[&k.lock, &k.readers, &k.fence],
+                &[
+                    token.as_bytes(),
+                    ttl.as_bytes(),
+                    m.as_bytes(),
+                    fttl.as_bytes(),
+                ],
+            )
+            .await?;
+        parse_acquire(&v)
+    }
+
+    pub(crate) async fn release_token(
+        &self,
+        k: &LockKeys,
+        mode: Mode,
+        token: &str,
+    ) -> Result<bool> {
+        let n = self
+            .eval_int(
+                "release",
+                &self.scripts.lock_release,
+                &[&k.lock, &k.readers],
+                &[token.as_bytes(), mode_arg(mode).as_bytes()],
+            )
+            .await?;
+        Ok(n == 1)
+    }
+
+    pub(crate) async fn renew_token(
+        &self,
+        k: &LockKeys,
+        mode: Mode,
+        token: &str,
+        renew: bool,
+    ) -> Result<bool> {
+        let ttl = ms(self.config.lock_timeout).to_string();
+        let n = self
+            .eval_int(
+                if renew {
+                    "lock heartbeat"
+                } else {
+                    "is_still_owner"
+                },
+                &self.scripts.lock_renew,
+                &[&k.lock, &k.readers],
+                &[
+                    token.as_bytes(),
+                    mode_arg(mode).as_bytes(),
+                    ttl.as_bytes(),
+                    if renew { b"1" } else { b"0" },
+                ],
+            )
+            .await?;
+        Ok(n == 1)
+    }
+
+    pub(crate) async fn break_lock(&self, k: &LockKeys) -> Result<bool> {
+        let n = self
+            .eval_int(
+                "break_lock",
+                &self.scripts.lock_break,
+                &[&k.lock, &k.readers],
+                &[],
+            )
+            .await?;
+        Ok(n == 1)
+    }
+
+    pub(crate) fn register_hold(&self, id: u64, keys: &LockKeys, mode: Mode, token: &str) {
+        guard(&self.holds).insert(
+            id,
+            HoldEntry {
+                keys: keys.clone(),
+                mode,
+                token: token.to_string(),
+                ok: true,
+                renewed: Instant::now(),
+            },
+        );
+    }
+
+    pub(crate) fn unregister_hold(&self, id: u64) {
+        guard(&self.holds).remove(&id);
+    }
+
+    /// Whether the hold survived the last renewal, and when that was.
+    pub(crate) fn hold_status(&self, id: u64) -> Option<(bool, Instant)> {
+        guard(&self.holds).get(&id).map(|h| (h.ok, h.renewed))
+    }
+
+    pub(crate) fn note_renewal(&self, id: u64, ok: bool) {
+        if let Some(h) = guard(&self.holds).get_mut(&id) {
+            h.ok = ok;
+            h.renewed = Instant::now();
+        }
+    }
+
+    // ----- group helpers ---------------------------------------------------------
+
+    fn member_args(&self) -> (Vec<u8>, Vec<u8>) {
+        (self.keys.beat_prefix(), self.member.as_bytes().to_vec())
+    }
+
+    /// Live members (with capabilities when `with_caps`), in one request.
+    async fn members(&self, g: &GroupId, with_caps: bool) -> Result<Vec<(MemberId, Capabilities)>> {
+        let (prefix, me) = self.member_args();
+        let v = self
+            .eval(
+                "get_members",
+                &self.scripts.members,
+                &[&self.keys.group(g), &self.keys.joined_times(g)],
+                &[&prefix, &me, if with_caps { b"1" } else { b"0" }],
+            )
+            .await?;
+        let a = array(&v).ok_or_else(|| unexpected("get_members", &v))?;
+        match a.first().and_then(int) {
+            Some(-1) => return Err(ToozError::GroupNotCreated(g.clone())),
+            Some(1) => {}
+            _ => return Err(unexpected("get_members", &v)),
+        }
+        let rest = &a[1..];
+        let mut out = Vec::new();
+        if with_caps {
+            for pair in rest.chunks(2) {
+                let m = pair
+                    .first()
+                    .and_then(bytes)
+                    .ok_or_else(|| unexpected("get_members", &v))?;
+                let c = pair.get(1).and_then(bytes).unwrap_or(&[]);
+                out.push((MemberId::new(m), Capabilities::from_msgpack(c.to_vec())));
+            }
+        } else {
+            for m in rest {
+                let m = bytes(m).ok_or_else(|| unexpected("get_members", &v))?;
+                out.push((MemberId::new(m), Capabilities::none()));
+            }
+        }
+        Ok(out)
+    }
+
+    /// One live member's capabilities and times.
+    async fn member(
+        &self,
+        g: &GroupId,
+        m: &MemberId,
+    ) -> Result<(Capabilities, Option<(u64, u64)>)> {
+        check_member_id(m)?;
+        let (prefix, me) = self.member_args();
+        let v = self
+            .eval(
+                "get_member",
+                &self.scripts.member,
+                &[&self.keys.group(g), &self.keys.joined_times(g)],
+                &[&prefix, &me, m.as_bytes()],
+            )
+            .await?;
+        let a = array(&v).ok_or_else(|| unexpected("get_member", &v))?;
+        match a.first().and_then(int) {
+            Some(-1) => Err(ToozError::GroupNotCreated(g.clone())),
+            Some(-2) => Err(ToozError::MemberNotJoined {
+                group: g.clone(),
+                member: m.clone(),
+            }),
+            Some(1) => {
+                let caps = a.get(1).and_then(bytes).unwrap_or(&[]);
+                let times = a.get(2).and_then(bytes).and_then(keys::parse_times);
+                Ok((Capabilities::from_msgpack(caps.to_vec()), times))
+            }
+            _ => Err(unexpected("get_member", &v)),
+        }
+    }
+}
+
+/// A coordination backend on a Redis server (≥ 6), sharing its keys with Python
+/// tooz's redis driver. See the crate documentation for the layout and semantics.
+///
+/// Most code connects through a [`tooz_core::Registry`] with [`crate::DRIVER`];
+/// build one directly to wrap it in a [`tooz_core::Coordinator`] yourself:
+///
+/// ```no_run
+/// use std::sync::Arc;
+/// use tooz_core::{Coordinator, MemberId};
+/// use tooz_redis::{RedisConfig, RedisDriver};
+///
+/// let member = MemberId::from("worker-1");
+/// let config = RedisConfig::from_url_str("redis://127.0.0.1:6379?timeout=10")?;
+/// let driver = RedisDriver::new(config, member.clone())?;
+/// let coord = Coordinator::new(Arc::new(driver), member, "redis://127.0.0.1:6379");
+/// # Ok::<(), tooz_core::ToozError>(())
+/// ```
+#[derive(Debug, Clone)]
+pub struct RedisDriver {
+    inner: Arc<Inner>,
+}
+
+impl RedisDriver {
+    /// A driver for `member` (nothing is contacted before `start`).
+    ///
+    /// # Errors
+    /// `InvalidId` for the member id `__created__` (Python's group marker).
+    pub fn new(config: RedisConfig, member: MemberId) -> Result<Self> {
+        check_member_id(&member)?;
+        let keys = Keys::new(config.namespace.clone());
+        Ok(RedisDriver {
+            inner: Arc::new(Inner {
+                connector: Arc::new(Connector::new(config.clone())),
+                config,
+                member,
+                keys,
+                scripts: Scripts::new(),
+                hub: Mutex::new(None),
+                holds: Mutex::new(HashMap::new()),
+                leaders: Mutex::new(HashMap::new()),
+                next_lock: AtomicU64::new(0),
+            }),
+        })
+    }
+
+    /// The factory registered by [`crate::DRIVER`].
+    pub(crate) fn connect(req: &ConnectRequest<'_>) -> Result<Arc<dyn Driver>> {
+        let config = RedisConfig::from_request(req)?;
+        Ok(Arc::new(RedisDriver::new(config, req.member_id.clone())?))
+    }
+
+    /// The settings of this driver.
+    pub fn config(&self) -> &RedisConfig {
+        &self.inner.config
+    }
+
+    /// The key layout of this driver's namespace.
+    pub fn keys(&self) -> &Keys {
+        &self.inner.keys
+    }
+}
+
+fn parse_version(info: &str) -> Option<(u32, u32)> {
+    let line = info
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("redis_version:"))?;
+    let mut it = line.trim().split('.');
+    let major = it.next()?.parse().ok()?;
+    let minor = it.next().and_then(|m| m.parse().ok()).unwrap_or(0);
+    Some((major, minor))
+}
+
+#[tooz_core::async_trait]
+impl Driver for RedisDriver {
+    fn info(&self) -> DriverInfo {
+        DriverInfo::new("redis", CHARACTERISTICS, true)
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(member = %self.inner.member))]
+    async fn start(&self) -> Result<()> {
+        let i = &self.inner;
+        #[cfg(not(feature = "tls"))]
+        {
+            let sentinel_ssl = matches!(
+                i.config.target,
+                crate::config::Target::Sentinel { ssl: true, .. }
+            );
+            if i.config.tls.is_some() || sentinel_ssl {
+                return Err(ToozError::invalid_option(
+                    crate::config::NAME,
+                    if sentinel_ssl { "sentinel_ssl" } else { "ssl" },
+                    "TLS support is not built into this tooz-redis (enable its `tls` cargo feature)",
+                ));
+            }
+        }
+        let beat = i.keys.beat(&i.member);
+        let beat_ms = ms(i.config.membership_timeout);
+        let scripts = i.scripts.sources();
+        // One round trip: version check, first heartbeat, scripts loaded.
+        let info: String = i
+            .connector
+            .run("start", |mut c| {
+                let mut p = redis::pipe();
+                p.cmd("INFO").arg("server");
+                p.cmd("SET")
+                    .arg(&beat)
+                    .arg(STILL_ALIVE)
+                    .arg("PX")
+                    .arg(beat_ms)
+                    .ignore();
+                for s in scripts {
+                    p.cmd("SCRIPT").arg("LOAD").arg(s).ignore();
+                }
+                async move {
+                    let (info,): (String,) = p.query_async(&mut c).await?;
+                    Ok(info)
+                }
+            })
+            .await?;
+        match parse_version(&info) {
+            Some((major, _)) if major >= MIN_SERVER_MAJOR => Ok(()),
+            Some((major, minor)) => Err(ToozError::backend_msg(format!(
+                "redis: the server runs Redis {major}.{minor}; this driver needs Redis {MIN_SERVER_MAJOR} or newer"
+            ))),
+            None => {
+                tracing::warn!(
+                    "redis: INFO did not report redis_version; assuming a recent server"
+                );
+                Ok(())
+            }
+        }
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(member = %self.inner.member))]
+    async fn stop(&self) -> Result<()> {
+        let i = &self.inner;
+        guard(&i.holds).clear();
+        guard(&i.leaders).clear();
+        let beat = i.keys.beat(&i.member);
+        let res = i
+            .connector
+            .run("stop", |mut c| {
+                let beat = beat.clone();
+                async move {
+                    redis::cmd("DEL")
+                        .arg(beat)
+                        .query_async::<Value>(&mut c)
+                        .await
+                }
+            })
+            .await;
+        if let Err(e) = res {
+            tracing::warn!(error = %e, "redis: deleting the heartbeat key on stop failed");
+        }
+        let hub = guard(&i.hub).take();
+        if let Some(h) = hub {
+            h.shutdown().await;
+        }
+        i.connector.close().await;
+        Ok(())
+    }
+
+    #[tracing::instrument(level = "debug", skip_all)]
+    async fn heartbeat(&self, _joined: &[GroupId]) -> Result<Duration> {
+        let i = &self.inner;
+        // Everything in one request: the beat key, every lock hold, every leadership.
+        enum Item {
+            Lock(u64),
+            Leader(GroupId),
+        }
+        let mut keys: Vec<Vec<u8>> = vec![i.keys.beat(&i.member)];
+        let mut args: Vec<Vec<u8>> = vec![
+            ms(i.config.membership_timeout).to_string().into_bytes(),
+            ms(i.config.lock_timeout).to_string().into_bytes(),
+        ];
+        let mut items = Vec::new();
+        for (id, h) in guard(&i.holds).iter() {
+            keys.push(h.keys.lock.clone());
+            keys.push(h.keys.readers.clone());
+            args.push(mode_arg(h.mode).as_bytes().to_vec());
+            args.push(h.token.clone().into_bytes());
+            items.push(Item::Lock(*id));
+        }
+        for (g, l) in guard(&i.leaders).iter() {
+            keys.push(i.keys.leader(g));
+            keys.push(i.keys.leader_owner(g));
+            args.push(b"l".to_vec());
+            args.push(l.token.clone().into_bytes());
+            items.push(Item::Leader(g.clone()));
+        }
+        let k: Vec<&[u8]> = keys.iter().map(Vec::as_slice).collect();
+        let a: Vec<&[u8]> = args.iter().map(Vec::as_slice).collect();
+        let v = i.eval("heartbeat", &i.scripts.heartbeat, &k, &a).await?;
+        let results: Vec<bool> = match array(&v) {
+            Some(a) => a.iter().map(|x| int(x) == Some(1)).collect(),
+            None => return Err(unexpected("heartbeat", &v)),
+        };
+        let now = Instant::now();
+        for (item, ok) in items
+            .into_iter()
+            .zip(results.into_iter().chain(std::iter::repeat(false)))
+        {
+            match item {
+                Item::Lock(id) => {
+                    if let Some(h) = guard(&i.holds).get_mut(&id) {
+                        h.ok = ok;
+                        h.renewed = now;
+                    }
+                }
+                Item::Leader(g) => {
+                    if !ok {
+                        tracing::info!(group = %g, "redis: leadership lost (the leader key expired or was taken)");
+                        guard(&i.leaders).remove(&g);
+                    }
+                }
+            }
+        }
+        Ok(i.config.heartbeat_interval())
+    }
+
+    fn liveness(&self) -> Option<watch::Receiver<Liveness>> {
+        None
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(group = %group))]
+    async fn create_group(&self, group: &GroupId) -> Result<()> {
+        let i = &self.inner;
+        let n = i
+            .eval_int(
+                "create_group",
+                &i.scripts.create_group,
+                &[&i.keys.group(group), &i.keys.groups()],
+                &[group.as_bytes()],
+            )
+            .await?;
+        if n == 1 {
+            Ok(())
+        } else {
+            Err(ToozError::GroupAlreadyExist(group.clone()))
+        }
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(group = %group))]
+    async fn delete_group(&self, group: &GroupId) -> Result<()> {
+        let i = &self.inner;
+        let (prefix, me) = i.member_args();
+        let n = i
+            .eval_int(
+                "delete_group",
+                &i.scripts.delete_group,
+                &[
+                    &i.keys.group(group),
+                    &i.keys.groups(),
+                    &i.keys.joined_times(group),
+                ],
+                &[group.as_bytes(), &prefix, &me],
+            )
+            .await?;
+        match n {
+            1 => Ok(()),
+            -1 | -2 => Err(ToozError::GroupNotCreated(group.clone())),
+            -3 => Err(ToozError::GroupNotEmpty(group.clone())),
+            -4 => Err(ToozError::backend_msg(format!(
+                "redis: cannot remove group {group} from the set of groups"
+            ))),
+            other => Err(ToozError::backend_msg(format!(
+                "redis: delete_group of {group} returned {other}"
+            ))),
+        }
+    }
+
+    #[tracing::instrument(level = "debug", skip_all)]
+    async fn get_groups(&self) -> Result<Vec<GroupId>> {
+        let i = &self.inner;
+        let key = i.keys.groups();
+        let v: Vec<Vec<u8>> = i
+            .connector
+            .run("get_groups", |mut c| {
+                let key = key.clone();
+                async move { redis::cmd("SMEMBERS").arg(key).query_async(&mut c).await }
+            })
+            .await?;
+        Ok(v.into_iter().map(GroupId::from).collect())
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(group = %group))]
+    async fn join_group(&self, group: &GroupId, capabilities: &Capabilities) -> Result<()> {
+        let i = &self.inner;
+        let n = i
+            .eval_int(
+                "join_group",
+                &i.scripts.join,
+                &[&i.keys.group(group), &i.keys.joined_times(group)],
+                &[i.member.as_bytes(), capabilities.as_msgpack()],
+            )
+            .await?;
+        match n {
+            1 => Ok(()),
+            -1 => Err(ToozError::GroupNotCreated(group.clone())),
+            _ => Err(ToozError::MemberAlreadyExist {
+                group: group.clone(),
+                member: i.member.clone(),
+            }),
+        }
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(group = %group))]
+    async fn leave_group(&self, group: &GroupId) -> Result<()> {
+        let i = &self.inner;
+        let n = i
+            .eval_int(
+                "leave_group",
+                &i.scripts.leave,
+                &[&i.keys.group(group), &i.keys.joined_times(group)],
+                &[i.member.as_bytes()],
+            )
+            .await?;
+        match n {
+            1 => Ok(()),
+            -1 => Err(ToozError::GroupNotCreated(group.clone())),
+            _ => Err(ToozError::MemberNotJoined {
+                group: group.clone(),
+                member: i.member.clone(),
+            }),
+        }
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(group = %group))]
+    async fn get_members(&self, group: &GroupId) -> Result<BTreeSet<MemberId>> {
+        Ok(self
+            .inner
+            .members(group, false)
+            .await?
+            .into_iter()
+            .map(|(m, _)| m)
+            .collect())
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(group = %group, member = %member))]
+    async fn get_member_capabilities(
+        &self,
+        group: &GroupId,
+        member: &MemberId,
+    ) -> Result<Capabilities> {
+        Ok(self.inner.member(group, member).await?.0)
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(group = %group))]
+    async fn get_members_with_capabilities(
+        &self,
+        group: &GroupId,
+    ) -> Result<Vec<(MemberId, Capabilities)>> {
+        self.inner.members(group, true).await
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(group = %group, member = %member))]
+    async fn get_member_info(&self, group: &GroupId, member: &MemberId) -> Result<MemberInfo> {
+        let (caps, times) = self.inner.member(group, member).await?;
+        Ok(MemberInfo::new(
+            caps,
+            times.map(|(c, _)| micros_to_time(c)),
+            times.map(|(_, u)| micros_to_time(u)),
+        ))
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(group = %group))]
+    async fn update_capabilities(
+        &self,
+        group: &GroupId,
+        capabilities: &Capabilities,
+    ) -> Result<()> {
+        let i = &self.inner;
+        let n = i
+            .eval_int(
+                "update_capabilities",
+                &i.scripts.update,
+                &[&i.keys.group(group), &i.keys.joined_times(group)],
+                &[i.member.as_bytes(), capabilities.as_msgpack()],
+            )
+            .await?;
+        match n {
+            1 => Ok(()),
+            -1 => Err(ToozError::GroupNotCreated(group.clone())),
+            _ => Err(ToozError::MemberNotJoined {
+                group: group.clone(),
+                member: i.member.clone(),
+            }),
+        }
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(group = %group))]
+    async fn campaign(&self, group: &GroupId) -> Result<Option<FencingToken>> {
+        let i = &self.inner;
+        let current = guard(&i.leaders).get(group).cloned();
+        let token = current.as_ref().map_or_else(new_token, |l| l.token.clone());
+        let ttl = ms(i.config.lock_timeout).to_string();
+        let fttl = FENCE_TTL_MS.to_string();
+        let v = i
+            .eval(
+                "campaign",
+                &i.scripts.campaign,
+                &[
+                    &i.keys.leader(group),
+                    &i.keys.leader_owner(group),
+                    &i.keys.leader_fence(group),
+                ],
+                &[
+                    token.as_bytes(),
+                    i.member.as_bytes(),
+                    ttl.as_bytes(),
+                    &i.keys.group(group),
+                    fttl.as_bytes(),
+                ],
+            )
+            .await?;
+        let a = array(&v).ok_or_else(|| unexpected("campaign", &v))?;
+        match a.first().and_then(int) {
+            Some(1) => {
+                let fence = a.get(1).and_then(int).unwrap_or(0).max(0) as u64;
+                let fresh = a.get(2).and_then(int) == Some(1);
+                let fence = match (&current, fresh) {
+                    (Some(l), false) => l.fence,
+                    _ => fence,
+                };
+                guard(&i.leaders).insert(group.clone(), Leading { token, fence });
+                Ok(Some(FencingToken(fence)))
+            }
+            Some(0) => {
+                guard(&i.leaders).remove(group);
+                Ok(None)
+            }
+            _ => Err(unexpected("campaign", &v)),
+        }
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(group = %group))]
+    async fn resign(&self, group: &GroupId) -> Result<bool> {
+        let i = &self.inner;
+        let Some(l) = guard(&i.leaders).remove(group) else {
+            return Ok(false);
+        };
+        let n = i
+            .eval_int(
+                "stand_down_group_leader",
+                &i.scripts.resign,
+                &[&i.keys.leader(group), &i.keys.leader_owner(group)],
+                &[l.token.as_bytes(), &i.keys.group(group)],
+            )
+            .await?;
+        Ok(n == 1)
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(group = %group))]
+    async fn get_leader(&self, group: &GroupId) -> Result<Option<MemberId>> {
+        let i = &self.inner;
+        let (l, o) = (i.keys.leader(group), i.keys.leader_owner(group));
+        let (token, owner): (Option<Vec<u8>>, Option<Vec<u8>>) = i
+            .connector
+            .run("get_leader", |mut c| {
+                let (l, o) = (l.clone(), o.clone());
+                async move { redis::cmd("MGET").arg(l).arg(o).query_async(&mut c).await }
+            })
+            .await?;
+        let Some(token) = token else { return Ok(None) };
+        if let Some(owner) = owner
+            && let Some((t, m)) = keys::parse_owner(&owner)
+            && t == token.as_slice()
+        {
+            return Ok(Some(MemberId::new(m)));
+        }
+        Ok(Some(MemberId::from(PYTHON_LEADER)))
+    }
+
+    fn lock(&self, name: &LockName) -> Result<Arc<dyn DriverLock>> {
+        check_lock_name(name)?;
+        let id = self.inner.next_lock.fetch_add(1, Ordering::Relaxed);
+        Ok(Arc::new(RedisLock::new(
+            Arc::clone(&self.inner),
+            name.clone(),
+            id,
+        )))
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(group = %group))]
+    async fn watch_group(&self, group: &GroupId) -> Result<Option<DriverEventStream>> {
+        let i = &self.inner;
+        let channel = i.keys.group(group);
+        let sub = match i.hub().subscribe(&channel).await {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!(group = %group, error = %e, "redis: cannot subscribe to group events; the coordinator will poll");
+                None
+            }
+        };
+        let exists: bool = i
+            .connector
+            .run("watch_group", |mut c| {
+                let k = channel.clone();
+                async move { redis::cmd("EXISTS").arg(k).query_async(&mut c).await }
+            })
+            .await?;
+        if !exists {
+            return Err(ToozError::GroupNotCreated(group.clone()));
+        }
+        let tick = i.config.membership_timeout / 2;
+        Ok(sub.map(|s| group_events(s, tick)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn version_parsing() {
+        let info = "# Server\r\nredis_version:7.0.15\r\nredis_mode:standalone\r\n";
+        assert_eq!(parse_version(info), Some((7, 0)));
+        assert_eq!(parse_version("redis_version:6.2.1"), Some((6, 2)));
+        assert_eq!(parse_version("nothing"), None);
+    }
+
+    #[test]
+    fn reserved_member_id_is_refused() {
+        let c = RedisConfig::from_url_str("redis://localhost").unwrap();
+        assert!(matches!(
+            RedisDriver::new(c, "__created__".into()),
+            Err(ToozError::InvalidId {
+                kind: "member id",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn info_is_pythons() {
+        let c = RedisConfig::from_url_str("redis://localhost").unwrap();
+        let d = RedisDriver::new(c, "m".into()).unwrap();
+        let info = d.info();
+        assert_eq!(info.name, "redis");
+        assert!(info.requires_beating);
+        assert_eq!(info.characteristics, CHARACTERISTICS);
+    }
+}

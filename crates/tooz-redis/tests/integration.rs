@@ -1,0 +1,684 @@
+//! Redis-specific behaviour: the key layout shared with Python tooz (simulated with
+//! raw commands as Python's driver issues them), requests per operation, wake-up
+//! latency, a server restart and Redis Sentinel.
+//!
+//! Tests needing the shared server read `TOOZ_TEST_REDIS_URL`; the restart and
+//! sentinel tests start their own `redis-server` on free loopback ports. Without
+//! them the tests print why and pass, unless `TOOZ_REQUIRE_BACKENDS=1`.
+
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use redis::AsyncCommands;
+use support::*;
+use tooz_core::{Capabilities, MemberId, ToozError, Wait};
+
+fn ns_url(base: &str, label: &str) -> (String, String) {
+    let ns = unique_ns(label);
+    (with_query(base, &format!("namespace={ns}&timeout=2")), ns)
+}
+
+#[tokio::test]
+async fn python_layout_and_interop() {
+    let Some(base) = server_url("python_layout_and_interop") else {
+        return;
+    };
+    let (url, ns) = ns_url(&base, "layout");
+    let mut r = raw(&base).await;
+    let a = coordinator(&url, "m1");
+    a.start(false).await.unwrap();
+    a.create_group("g1").await.unwrap();
+    a.join_group("g1", &BTreeMap::from([("weight", 5)]))
+        .await
+        .unwrap();
+
+    // Exactly Python's keys and values.
+    let groups: Vec<Vec<u8>> = r.smembers(format!("{ns}_groups")).await.unwrap();
+    assert_eq!(groups, vec![b"g1".to_vec()]);
+    let hash: BTreeMap<Vec<u8>, Vec<u8>> = r.hgetall(format!("{ns}_group:g1")).await.unwrap();
+    assert_eq!(
+        hash.get(&b"__created__"[..]).map(Vec::as_slice),
+        Some(&b"1"[..])
+    );
+    assert_eq!(
+        hash.get(&b"m1"[..]).map(Vec::as_slice),
+        Some(&b"\x81\xa6weight\x05"[..])
+    );
+    let beat: Vec<u8> = r.get(format!("{ns}_beats:m1")).await.unwrap();
+    assert_eq!(beat, b"Not dead!");
+    let pttl: i64 = r.pttl(format!("{ns}_beats:m1")).await.unwrap();
+    assert!(pttl > 0 && pttl <= 2000, "{pttl}");
+
+    // A Python member (caps written by Python, beat key alive) is listed with its caps.
+    let _: () = r
+        .hset(format!("{ns}_group:g1"), "py1", &b"\x81\xa1a\x01"[..])
+        .await
+        .unwrap();
+    let _: () = r
+        .pset_ex(format!("{ns}_beats:py1"), "Not dead!", 5000)
+        .await
+        .unwrap();
+    let members = a.get_members_with_capabilities("g1").await.unwrap();
+    assert_eq!(
+        members
+            .get(&MemberId::from("py1"))
+            .map(Capabilities::as_msgpack),
+        Some(&b"\x81\xa1a\x01"[..])
+    );
+    // A dead one (no beat key) is pruned from the hash by get_members, as Python does.
+    let _: () = r
+        .hset(format!("{ns}_group:g1"), "ghost", &b"\xc0"[..])
+        .await
+        .unwrap();
+    let m = a.get_members("g1").await.unwrap();
+    assert!(!m.contains(&MemberId::from("ghost")), "{m:?}");
+    let still: bool = r.hexists(format!("{ns}_group:g1"), "ghost").await.unwrap();
+    assert!(!still, "the dead member was not pruned");
+
+    // Joining as an existing member fails without touching its capabilities
+    // (Python overwrites them before raising).
+    let twin = coordinator(&url, "m1");
+    twin.start(false).await.unwrap();
+    assert!(matches!(
+        twin.join_group("g1", &BTreeMap::from([("weight", 9)]))
+            .await,
+        Err(ToozError::MemberAlreadyExist { .. })
+    ));
+    let caps: Vec<u8> = r.hget(format!("{ns}_group:g1"), "m1").await.unwrap();
+    assert_eq!(caps, b"\x81\xa6weight\x05");
+
+    // Reserved names.
+    assert!(matches!(
+        a.get_lock("leader_of_g1"),
+        Err(ToozError::InvalidId { .. })
+    ));
+    assert!(matches!(
+        registry().connect(&url, "__created__"),
+        Err(ToozError::InvalidId { .. })
+    ));
+
+    // Member info comes from our side hash.
+    let info = a.get_member_info("g1", "m1").await.unwrap();
+    assert!(info.created_at.is_some() && info.updated_at.is_some());
+    let py = a.get_member_info("g1", "py1").await.unwrap();
+    assert_eq!(py.created_at, None);
+
+    a.leave_group("g1").await.unwrap();
+    let _: () = r.hdel(format!("{ns}_group:g1"), "py1").await.unwrap();
+    a.delete_group("g1").await.unwrap();
+    let left: bool = r.exists(format!("{ns}_group:g1")).await.unwrap();
+    assert!(!left);
+    twin.stop().await.unwrap();
+    a.stop().await.unwrap();
+    let beat: bool = r.exists(format!("{ns}_beats:m1")).await.unwrap();
+    assert!(!beat, "stop did not delete the beat key");
+    purge(&base, &ns).await;
+}
+
+#[tokio::test]
+async fn python_lock_holders_and_leaders() {
+    let Some(base) = server_url("python_lock_holders_and_leaders") else {
+        return;
+    };
+    let (url, ns) = ns_url(&base, "pylock");
+    let mut r = raw(&base).await;
+    let a = coordinator(&url, "rust");
+    a.start(true).await.unwrap();
+    let key = format!("{ns}_job_lock");
+
+    // A Python holder (uuid1 hex token, SET NX PX) excludes us...
+    let ok: Option<String> = redis::cmd("SET")
+        .arg(&key)
+        .arg("0123456789abcdef0123456789abcdef")
+        .arg("NX")
+        .arg("PX")
+        .arg(10_000)
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    assert!(ok.is_some());
+    let l = a.get_lock("job").unwrap();
+    assert!(!l.acquire(Wait::No).await.unwrap());
+    // ...and a waiter gets the lock soon after Python's release (a DEL, no publish).
+    let waiter = {
+        let l = l.clone();
+        tokio::spawn(async move { l.acquire(Wait::For(Duration::from_secs(5))).await })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let _: () = r.del(&key).await.unwrap();
+    let t0 = Instant::now();
+    assert!(waiter.await.unwrap().unwrap());
+    assert!(
+        t0.elapsed() < Duration::from_millis(600),
+        "{:?}",
+        t0.elapsed()
+    );
+    // Our token, with a TTL: Python's SET NX fails while we hold it.
+    let v: String = r.get(&key).await.unwrap();
+    assert!(v.starts_with("tooz-rs:"), "{v}");
+    let ok: Option<String> = redis::cmd("SET")
+        .arg(&key)
+        .arg("py")
+        .arg("NX")
+        .arg("PX")
+        .arg(1000)
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    assert!(ok.is_none());
+    assert!(l.release().await.unwrap());
+
+    // Shared holders keep Python out with the marker.
+    let s1 = a.get_lock("job").unwrap();
+    assert!(s1.acquire_shared(Wait::No).await.unwrap());
+    let v: String = r.get(&key).await.unwrap();
+    assert_eq!(v, "tooz-rs:shared");
+    let ok: Option<String> = redis::cmd("SET")
+        .arg(&key)
+        .arg("py")
+        .arg("NX")
+        .arg("PX")
+        .arg(1000)
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    assert!(ok.is_none(), "Python got a lock held shared");
+    assert!(s1.release().await.unwrap());
+    let gone: bool = r.exists(&key).await.unwrap();
+    assert!(!gone, "the last reader left the marker behind");
+
+    // A Python leader: the key holds its token, no owner side key.
+    let lkey = format!("{ns}_leader_of_grp_lock");
+    let _: () = r
+        .pset_ex(&lkey, "fedcba9876543210fedcba9876543210", 10_000)
+        .await
+        .unwrap();
+    a.create_group("grp").await.unwrap();
+    assert_eq!(
+        a.get_leader("grp").await.unwrap(),
+        Some(MemberId::from(tooz_redis::keys::PYTHON_LEADER))
+    );
+    assert_eq!(a.try_become_leader("grp").await.unwrap(), None);
+    let _: () = r.del(&lkey).await.unwrap();
+    assert!(a.try_become_leader("grp").await.unwrap().is_some());
+    assert_eq!(
+        a.get_leader("grp").await.unwrap(),
+        Some(MemberId::from("rust"))
+    );
+    // Python's election (SET NX PX on the same key) sees it taken.
+    let ok: Option<String> = redis::cmd("SET")
+        .arg(&lkey)
+        .arg("py")
+        .arg("NX")
+        .arg("PX")
+        .arg(1000)
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    assert!(ok.is_none(), "a Python candidate won while we lead");
+    a.stop().await.unwrap();
+    let gone: bool = r.exists(&lkey).await.unwrap();
+    assert!(!gone, "stop left the leader key");
+    purge(&base, &ns).await;
+}
+
+#[tokio::test]
+async fn requests_per_operation() {
+    let Some(base) = server_url("requests_per_operation") else {
+        return;
+    };
+    let proxy = CountingProxy::start(host_port(&base)).await;
+    let (url, _) = ns_url(&format!("redis://127.0.0.1:{}", proxy.port), "count");
+    let a = coordinator(&url, "counted");
+    a.start(false).await.unwrap();
+    let mut b_conns = Vec::new();
+    a.create_group("g").await.unwrap();
+    for i in 0..3 {
+        let c = coordinator(&url, &format!("other-{i}"));
+        c.start(false).await.unwrap();
+        c.join_group("g", &()).await.unwrap();
+        b_conns.push(c);
+    }
+    // And 200 Python members, written as Python's driver writes them.
+    let (_, ns) = url.split_once("namespace=").unwrap();
+    let ns = ns.split('&').next().unwrap().to_string();
+    let mut r = raw(&base).await;
+    let mut p = redis::pipe();
+    for i in 0..200 {
+        p.hset(format!("{ns}_group:g"), format!("py-{i}"), &b"\xc0"[..])
+            .ignore();
+        p.pset_ex(format!("{ns}_beats:py-{i}"), "Not dead!", 60_000)
+            .ignore();
+    }
+    let _: () = p.query_async(&mut r).await.unwrap();
+    let measure = |label: &'static str, expected: u64| {
+        let before = proxy.count();
+        (label, expected, before)
+    };
+    let check = |(label, expected, before): (&str, u64, u64)| {
+        let n = proxy.count() - before;
+        assert_eq!(n, expected, "{label}: {n} requests");
+    };
+
+    // Warm: scripts are loaded at start.
+    let m = measure("join", 1);
+    a.join_group("g", &BTreeMap::from([("k", 1)]))
+        .await
+        .unwrap();
+    check(m);
+    let m = measure("get_members", 1);
+    assert_eq!(a.get_members("g").await.unwrap().len(), 204);
+    check(m);
+    let m = measure("get_members_with_capabilities", 1);
+    a.get_members_with_capabilities("g").await.unwrap();
+    check(m);
+    let m = measure("update_capabilities", 1);
+    a.update_capabilities("g", &()).await.unwrap();
+    check(m);
+
+    let locks: Vec<_> = (0..5)
+        .map(|i| a.get_lock(format!("l{i}")).unwrap())
+        .collect();
+    for l in &locks {
+        let m = measure("acquire", 1);
+        assert!(l.acquire(Wait::No).await.unwrap());
+        check(m);
+    }
+    let shared = a.get_lock("shared").unwrap();
+    assert!(shared.acquire_shared(Wait::No).await.unwrap());
+    assert!(a.try_become_leader("g").await.unwrap().is_some());
+    let m = measure("heartbeat with 6 holds, a leadership, a group", 1);
+    a.heartbeat().await.unwrap();
+    check(m);
+    for l in &locks {
+        let m = measure("release", 1);
+        assert!(l.release().await.unwrap());
+        check(m);
+    }
+    let m = measure("leave", 1);
+    a.leave_group("g").await.unwrap();
+    check(m);
+    for c in b_conns {
+        c.stop().await.unwrap();
+    }
+    a.stop().await.unwrap();
+    purge(&base, &ns).await;
+}
+
+#[tokio::test]
+async fn blocked_waiter_wakes_on_release() {
+    let Some(base) = server_url("blocked_waiter_wakes_on_release") else {
+        return;
+    };
+    let (url, ns) = ns_url(&base, "wake");
+    let a = coordinator(&url, "a");
+    let b = coordinator(&url, "b");
+    a.start(true).await.unwrap();
+    b.start(true).await.unwrap();
+    let la = a.get_lock("hot").unwrap();
+    let lb = b.get_lock("hot").unwrap();
+    let mut worst = Duration::ZERO;
+    for _ in 0..5 {
+        assert!(la.acquire(Wait::No).await.unwrap());
+        let waiter = {
+            let lb = lb.clone();
+            tokio::spawn(async move {
+                let r = lb.acquire(Wait::Forever).await;
+                (r, Instant::now())
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let t0 = Instant::now();
+        assert!(la.release().await.unwrap());
+        let (r, at) = waiter.await.unwrap();
+        assert!(r.unwrap());
+        worst = worst.max(at - t0);
+        assert!(lb.release().await.unwrap());
+    }
+    eprintln!("worst release-to-acquire latency: {worst:?}");
+    // The lock's TTL is 2 s: anything near that would be expiry, not a wake-up.
+    // (Pushed wake-ups take about a millisecond; the bound leaves room for a
+    // loaded CI machine.)
+    assert!(worst < Duration::from_millis(200), "{worst:?}");
+    a.stop().await.unwrap();
+    b.stop().await.unwrap();
+    purge(&base, &ns).await;
+}
+
+#[tokio::test]
+async fn server_restart_is_a_connection_error_then_recovers() {
+    if !have_binary("server_restart", "redis-server") {
+        return;
+    }
+    let port = free_port();
+    let mut server = Server::start(port, &[]).await;
+    let url = format!("{}?timeout=2&namespace=restart", server.url());
+    let a = coordinator(&url, "a");
+    a.start(false).await.unwrap();
+    a.create_group("g").await.unwrap();
+    a.join_group("g", &()).await.unwrap();
+    let lock = a.get_lock("l").unwrap();
+    // Make the pub/sub connection exist too.
+    let mut events = a.events("g").await.unwrap();
+
+    server.kill().await;
+    let t0 = Instant::now();
+    let e = a.get_groups().await.unwrap_err();
+    assert!(matches!(e, ToozError::Connection { .. }), "{e:?}");
+    assert!(e.is_retryable());
+    let e = lock.acquire(Wait::No).await.unwrap_err();
+    assert!(matches!(e, ToozError::Connection { .. }), "{e:?}");
+    assert!(matches!(
+        a.heartbeat().await,
+        Err(ToozError::Connection { .. })
+    ));
+    assert!(
+        t0.elapsed() < Duration::from_secs(5),
+        "failing during the outage took {:?}",
+        t0.elapsed()
+    );
+
+    server.restart().await;
+    // The very next operation succeeds (the dropped connection is replaced).
+    assert_eq!(
+        a.get_groups().await.unwrap(),
+        Vec::<tooz_core::GroupId>::new()
+    );
+    a.heartbeat().await.unwrap();
+    a.create_group("g").await.unwrap();
+    a.join_group("g", &()).await.unwrap();
+    assert!(lock.acquire(Wait::No).await.unwrap());
+    // Fencing tokens never go backwards, even though the server forgot the counter.
+    let t1 = lock.fencing_token().unwrap();
+    assert!(lock.release().await.unwrap());
+    assert!(lock.acquire(Wait::No).await.unwrap());
+    assert!(lock.fencing_token().unwrap() > t1);
+    assert!(lock.release().await.unwrap());
+
+    // Pub/sub resubscribes: the event stream sees a join after the restart.
+    let b = coordinator(&url, "b");
+    b.start(false).await.unwrap();
+    b.join_group("g", &()).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut seen = false;
+    while Instant::now() < deadline {
+        match tokio::time::timeout(Duration::from_secs(1), events.next_event()).await {
+            Ok(Some(tooz_core::GroupEvent::MemberJoined { member, .. }))
+                if member == MemberId::from("b") =>
+            {
+                seen = true;
+                break;
+            }
+            Ok(None) => break,
+            _ => {}
+        }
+    }
+    assert!(seen, "no MemberJoined(b) after the restart");
+    b.stop().await.unwrap();
+    a.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn fencing_survives_restart_of_empty_server() {
+    if !have_binary("fencing_survives_restart", "redis-server") {
+        return;
+    }
+    let port = free_port();
+    let mut server = Server::start(port, &[]).await;
+    let url = format!("{}?timeout=2", server.url());
+    let a = coordinator(&url, "a");
+    a.start(false).await.unwrap();
+    let l = a.get_lock("f").unwrap();
+    let mut last = 0;
+    for _ in 0..3 {
+        assert!(l.acquire(Wait::No).await.unwrap());
+        let t = l.fencing_token().unwrap().0;
+        assert!(t > last);
+        last = t;
+        assert!(l.release().await.unwrap());
+    }
+    server.restart().await;
+    let _ = a.get_groups().await;
+    assert!(l.acquire(Wait::No).await.unwrap());
+    assert!(l.fencing_token().unwrap().0 > last);
+    assert!(l.release().await.unwrap());
+    a.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn sentinel_finds_the_master() {
+    if !have_binary("sentinel_finds_the_master", "redis-server") {
+        return;
+    }
+    let master_port = free_port();
+    let master = Server::start(master_port, &[]).await;
+    let sentinel_port = free_port();
+    let _sentinel = Server::sentinel(sentinel_port, "tooz-master", master_port).await;
+    let dead_port = free_port();
+    let url = format!(
+        "redis://127.0.0.1:{dead_port}?sentinel=tooz-master&sentinel_fallback=127.0.0.1:{sentinel_port}&timeout=2"
+    );
+    let a = coordinator(&url, "a");
+    // The first sentinel is down; the fallback answers.
+    a.start(true).await.unwrap();
+    a.join_group_create("g", &()).await.unwrap();
+    let l = a.get_lock("l").unwrap();
+    assert!(l.acquire(Wait::No).await.unwrap());
+    // The data went to the master.
+    let mut r = raw(&master.url()).await;
+    let v: Option<String> = r.get("_tooz_l_lock").await.unwrap();
+    assert!(v.is_some_and(|v| v.starts_with("tooz-rs:")));
+    assert!(l.release().await.unwrap());
+    a.stop().await.unwrap();
+
+    // A sentinel that does not know the name.
+    let bad = coordinator(
+        &format!("redis://127.0.0.1:{sentinel_port}?sentinel=nosuchmaster&timeout=1"),
+        "b",
+    );
+    let e = bad.start(false).await.unwrap_err();
+    assert!(matches!(e, ToozError::Connection { .. }), "{e:?}");
+}
+
+#[tokio::test]
+async fn unix_socket() {
+    if !have_binary("unix_socket", "redis-server") {
+        return;
+    }
+    let port = free_port();
+    let sock = std::env::temp_dir().join(format!("{}.sock", unique_ns("sock")));
+    let sock_s = sock.display().to_string();
+    let _server = Server::start(port, &["--unixsocket", &sock_s, "--unixsocketperm", "700"]).await;
+    let a = coordinator(&format!("redis://{sock_s}?timeout=2"), "a");
+    a.start(false).await.unwrap();
+    a.join_group_create("g", &()).await.unwrap();
+    assert_eq!(a.get_members("g").await.unwrap().len(), 1);
+    a.stop().await.unwrap();
+    let _ = std::fs::remove_file(&sock);
+}
+
+#[cfg(not(feature = "tls"))]
+#[tokio::test]
+async fn tls_not_built_is_a_clear_error() {
+    let e = registry().connect("rediss://127.0.0.1:1", "a").unwrap_err();
+    assert!(matches!(e, ToozError::InvalidUrl { .. }), "{e:?}");
+    let c = coordinator("redis://127.0.0.1:1?ssl=true", "a");
+    let e = c.start(false).await.unwrap_err();
+    assert!(
+        matches!(&e, ToozError::InvalidOption { option, reason, .. } if option == "ssl" && reason.contains("tls")),
+        "{e:?}"
+    );
+}
+
+/// Makes a CA, a server certificate for 127.0.0.1 and a client certificate.
+#[cfg(feature = "tls")]
+fn make_certs(dir: &std::path::Path) -> bool {
+    let run = |args: &[&str]| {
+        std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    std::fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+    std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=tooz-test-ca",
+    ]) && run(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    ]) && run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "1",
+        "-extfile",
+        "san.ext",
+    ]) && run(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "client.key",
+        "-out",
+        "client.csr",
+        "-subj",
+        "/CN=tooz-client",
+    ]) && run(&[
+        "x509",
+        "-req",
+        "-in",
+        "client.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "client.pem",
+        "-days",
+        "1",
+        "-extfile",
+        "client.ext",
+    ])
+}
+
+#[cfg(feature = "tls")]
+#[tokio::test]
+async fn tls_with_client_certificate() {
+    if !have_binary("tls_with_client_certificate", "redis-server")
+        || !have_binary("tls_with_client_certificate", "openssl")
+    {
+        return;
+    }
+    let certs = std::env::temp_dir().join(unique_ns("certs"));
+    std::fs::create_dir_all(&certs).unwrap();
+    assert!(
+        make_certs(&certs),
+        "openssl could not make test certificates"
+    );
+    let p = |f: &str| certs.join(f).display().to_string();
+    let tls_port = free_port();
+    let tls_port_s = tls_port.to_string();
+    let (cert, key, ca) = (p("server.pem"), p("server.key"), p("ca.pem"));
+    let plain = free_port();
+    let _server = Server::start(
+        plain,
+        &[
+            "--tls-port",
+            &tls_port_s,
+            "--tls-cert-file",
+            &cert,
+            "--tls-key-file",
+            &key,
+            "--tls-ca-cert-file",
+            &ca,
+            "--tls-auth-clients",
+            "yes",
+        ],
+    )
+    .await;
+    let url = format!(
+        "rediss://127.0.0.1:{tls_port}?timeout=2&ssl_ca_certs={}&ssl_certfile={}&ssl_keyfile={}",
+        p("ca.pem"),
+        p("client.pem"),
+        p("client.key")
+    );
+    let a = coordinator(&url, "a");
+    a.start(true).await.unwrap();
+    a.join_group_create("g", &()).await.unwrap();
+    let l = a.get_lock("l").unwrap();
+    assert!(l.acquire(Wait::No).await.unwrap());
+    assert!(l.release().await.unwrap());
+    // Pub/sub over TLS too.
+    let mut events = a.events("g").await.unwrap();
+    let b = coordinator(&url, "b");
+    b.start(false).await.unwrap();
+    b.join_group("g", &()).await.unwrap();
+    let ev = tokio::time::timeout(Duration::from_secs(5), events.next_event())
+        .await
+        .unwrap();
+    assert!(
+        matches!(ev, Some(tooz_core::GroupEvent::MemberJoined { .. })),
+        "{ev:?}"
+    );
+    b.stop().await.unwrap();
+    a.stop().await.unwrap();
+
+    // Without the client certificate the server refuses us: a connection error.
+    let bare = coordinator(
+        &format!(
+            "rediss://127.0.0.1:{tls_port}?timeout=2&ssl_ca_certs={}",
+            p("ca.pem")
+        ),
+        "c",
+    );
+    assert!(bare.start(false).await.is_err());
+    // A missing certificate file names the option.
+    let missing = coordinator(
+        &format!("rediss://127.0.0.1:{tls_port}?timeout=2&ssl_ca_certs=/nonexistent/ca.pem"),
+        "d",
+    );
+    let e = missing.start(false).await.unwrap_err();
+    assert!(
+        matches!(&e, ToozError::InvalidOption { option, .. } if option == "ssl_ca_certs"),
+        "{e:?}"
+    );
+    let _ = std::fs::remove_dir_all(&certs);
+}

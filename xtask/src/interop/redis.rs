@@ -1,0 +1,41 @@
+//! Redis scenarios: Python tooz 9.1.0 (with redis-py) and a Rust coordinator on one Redis
+//! server. The scenario itself lives with the driver, as the test
+//! `crates/tooz-redis/tests/python_interop.rs`, which skips unless it is given a Python with
+//! tooz; here it is run with the interop virtualenv and the server `backends up` started.
+//! It checks, both ways: groups, members, capabilities (byte for byte), exclusive and shared
+//! locks, leadership (a Python leader blocks a Rust candidate and the reverse), member
+//! departure on stop, and that Python's and Rust's partitioners agree on owners.
+
+use std::path::Path;
+
+use anyhow::Result;
+
+use super::harness::Report;
+use crate::{drivers, process};
+
+pub(crate) fn run(root: &Path, python: &Path, report: &mut Report) -> Result<()> {
+    let redis = drivers::DRIVERS
+        .iter()
+        .copied()
+        .filter(|d| d.name == "redis")
+        .collect::<Vec<_>>();
+    let env = drivers::start_servers(root, &redis)?;
+    report.scenario("redis", "python_and_rust_share_one_server", || {
+        let mut cmd = process::cargo();
+        cmd.args([
+            "test",
+            "-q",
+            "-p",
+            "tooz-redis",
+            "--test",
+            "python_interop",
+            "--",
+            "--nocapture",
+        ])
+        .envs(env.iter().cloned())
+        .env("TOOZ_TEST_PYTHON", python)
+        .env("TOOZ_REQUIRE_BACKENDS", "1");
+        process::run(&mut cmd)
+    });
+    Ok(())
+}

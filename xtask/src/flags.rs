@@ -32,6 +32,17 @@ Commands:
         consul. `up` is idempotent and writes the URLs to target/backends/env
         (TOOZ_TEST_<DRIVER>_URL=...), which the tests and the other commands read; `down`
         stops only what `up` started. Run `backends down` before `cargo clean`.
+  bench [--driver NAME|all] [--compare-python] [--quick]
+        Run the benchmark harness (crates/tooz-bench, release build) per driver: floors
+        (one raw round trip / write of the same client library) and the scenarios
+        lock_pair, lock_handoff, join_leave, get_members_1000, heartbeat_100,
+        watch_latency, partition_lookup, with median, p99, ops/s, requests per operation
+        and the ratio to the floor. Prints a table per driver and writes
+        target/bench/<driver>.json. `all` (the default) runs every benchmarked driver present.
+          --compare-python  also run the scenarios through Python tooz 9.1.0 (the interop
+                            virtualenv) against the same server, print both side by side
+                            and write target/bench/<driver>-python.json
+          --quick           a tenth of the iterations (a smoke run)
   ci
         What .ci/run runs, in order, stopping at the first failure:
         cargo fmt --all --check; cargo clippy --workspace --all-targets -- -D warnings;
@@ -56,6 +67,8 @@ pub(crate) enum Command {
     Interop(Interop),
     /// `backends ...` (arguments parsed by the backends module).
     Backends(Vec<String>),
+    /// `bench`.
+    Bench(Bench),
     /// `ci`.
     Ci,
 }
@@ -76,6 +89,17 @@ pub(crate) struct Interop {
     pub(crate) keep: bool,
     /// Interpreter that creates the virtualenv, when given on the command line.
     pub(crate) python: Option<String>,
+}
+
+/// Options of `cargo xtask bench`.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct Bench {
+    /// Which drivers to benchmark.
+    pub(crate) driver: DriverSelection,
+    /// Also run the scenarios through Python tooz and compare.
+    pub(crate) compare_python: bool,
+    /// A tenth of the iterations.
+    pub(crate) quick: bool,
 }
 
 impl Interop {
@@ -126,6 +150,23 @@ pub(crate) fn parse(args: impl IntoIterator<Item = String>) -> Result<Command> {
             Ok(Command::Interop(interop))
         }
         "backends" => Ok(Command::Backends(rest)),
+        "bench" => {
+            let mut bench = Bench {
+                driver: DriverSelection::All,
+                compare_python: false,
+                quick: false,
+            };
+            let mut opts = Options::new("bench", rest);
+            while let Some(flag) = opts.next_flag()? {
+                match flag.as_str() {
+                    "--driver" => bench.driver = opts.value(&flag)?.parse()?,
+                    "--compare-python" => bench.compare_python = true,
+                    "--quick" => bench.quick = true,
+                    _ => return Err(opts.unknown(&flag)),
+                }
+            }
+            Ok(Command::Bench(bench))
+        }
         "ci" => {
             let mut opts = Options::new("ci", rest);
             match opts.next_flag()? {
@@ -214,6 +255,28 @@ mod tests {
                 python: Some("python3.11".into()),
             })
         );
+    }
+
+    #[test]
+    fn parses_bench() {
+        assert_eq!(
+            parse_str("bench").unwrap(),
+            Command::Bench(Bench {
+                driver: DriverSelection::All,
+                compare_python: false,
+                quick: false,
+            })
+        );
+        assert_eq!(
+            parse_str("bench --driver redis --compare-python --quick").unwrap(),
+            Command::Bench(Bench {
+                driver: DriverSelection::One("redis".into()),
+                compare_python: true,
+                quick: true,
+            })
+        );
+        assert!(parse_str("bench --driver nosuch").is_err());
+        assert!(parse_str("bench --python x").is_err());
     }
 
     #[test]

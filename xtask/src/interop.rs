@@ -11,7 +11,7 @@
 mod file;
 mod harness;
 mod redis;
-mod venv;
+pub(crate) mod venv;
 
 use std::{path::PathBuf, process::Stdio};
 

@@ -6,6 +6,7 @@
 //! any directory of the workspace.
 
 mod backends;
+mod bench;
 mod ci;
 mod conformance;
 mod drivers;
@@ -33,6 +34,7 @@ fn main() -> ExitCode {
         flags::Command::Conformance(flags) => conformance::run(&flags),
         flags::Command::Interop(flags) => interop::run(&flags),
         flags::Command::Backends(args) => backends::main(&args),
+        flags::Command::Bench(flags) => bench::run(&flags),
         flags::Command::Ci => ci::run(),
     };
     match result {

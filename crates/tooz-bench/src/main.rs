@@ -1,0 +1,293 @@
+//! `tooz-bench`: the benchmark harness behind `cargo xtask bench` (DESIGN.md §8).
+//!
+//! ```text
+//! tooz-bench --driver file|redis [--json-out PATH] [--quick] [--url URL]
+//! ```
+//!
+//! Runs the floors and the scenarios against one driver, prints a table and writes
+//! `{"driver": ..., "scenarios": {"<name>": {"median_us", "p99_us", "ops_per_s",
+//! "requests_per_op", "ratio_to_floor"[, "ratio_to_write_floor"]}}}`.
+//!
+//! * `file`: the data directory is `$TOOZ_BENCH_DIR/<run>` (default: the system temp
+//!   directory), removed afterwards. There is no network, so requests per operation are
+//!   `null`.
+//! * `redis`: the server is `--url`, else `$TOOZ_TEST_REDIS_URL`. Each scenario runs twice:
+//!   a timing pass with every connection straight to the server (median, p99, ops/s), then
+//!   a counting pass with a tenth of the iterations in which the measured coordinators talk
+//!   through an in-process counting proxy (see [`proxy`]) — requests per operation come
+//!   from that pass, so the proxy's extra hop never shows in the latencies. Set-up
+//!   coordinators (the 1,000 members, the partitioner's other members) always connect
+//!   directly.
+//!
+//! Every ratio is a median over the `floor_rtt` median; `ratio_to_write_floor` (file
+//! driver) is the median over the `floor_write` median.
+
+mod proxy;
+mod report;
+mod scenarios;
+
+use std::{
+    path::PathBuf,
+    process::ExitCode,
+    sync::atomic::{AtomicBool, Ordering},
+};
+
+use anyhow::{Context, Result, bail};
+use tooz_core::{Coordinator, Registry, Url};
+
+use crate::proxy::Proxy;
+
+const USAGE: &str = "usage: tooz-bench --driver file|redis [--json-out PATH] [--quick] [--url URL]";
+
+#[derive(Debug)]
+struct Args {
+    driver: String,
+    json_out: Option<PathBuf>,
+    quick: bool,
+    url: Option<String>,
+}
+
+fn parse_args() -> Result<Option<Args>> {
+    let mut driver = None;
+    let mut json_out = None;
+    let mut quick = false;
+    let mut url = None;
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        let mut value = |name: &str| {
+            args.next()
+                .with_context(|| format!("`{name}` needs a value; {USAGE}"))
+        };
+        match arg.as_str() {
+            "-h" | "--help" => return Ok(None),
+            "--driver" => driver = Some(value("--driver")?),
+            "--json-out" => json_out = Some(PathBuf::from(value("--json-out")?)),
+            "--url" => url = Some(value("--url")?),
+            "--quick" => quick = true,
+            other => bail!("unexpected argument `{other}`; {USAGE}"),
+        }
+    }
+    let Some(driver) = driver else {
+        bail!("`--driver` is required; {USAGE}");
+    };
+    Ok(Some(Args {
+        driver,
+        json_out,
+        quick,
+        url,
+    }))
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = match parse_args() {
+        Ok(Some(args)) => args,
+        Ok(None) => {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        Err(err) => {
+            eprintln!("tooz-bench: {err:#}");
+            return ExitCode::from(2);
+        }
+    };
+    match run(args).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("tooz-bench: error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> Result<()> {
+    let target = Target::new(&args).await?;
+    let sizes = if args.quick {
+        scenarios::Sizes::quick()
+    } else {
+        scenarios::Sizes::full()
+    };
+    let outcome = scenarios::run_all(&target, &sizes).await;
+    target.cleanup();
+    let (mut figures, notes) = outcome?;
+    report::add_ratios(&mut figures);
+    print!("{}", report::table(target.driver, &figures, &notes));
+    if let Some(path) = &args.json_out {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+        }
+        let doc = report::json(target.driver, &figures, &notes);
+        std::fs::write(path, serde_json::to_string_pretty(&doc)? + "\n")
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        println!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+/// The backend under test and how to reach it.
+#[derive(Debug)]
+pub(crate) struct Target {
+    pub(crate) driver: &'static str,
+    registry: Registry,
+    /// URL for set-up coordinators (straight to the server).
+    direct_url: String,
+    /// URL for measured coordinators (through the proxy when there is one).
+    measured_url: String,
+    proxy: Option<Proxy>,
+    /// Whether measured coordinators go through the proxy (the counting pass) or straight
+    /// to the server (the timing pass).
+    counting: AtomicBool,
+    /// Unique per run: prefixes every member, group and lock name.
+    run: String,
+    /// The file driver's data directory (removed by [`Target::cleanup`]).
+    scratch: Option<PathBuf>,
+}
+
+impl Target {
+    async fn new(args: &Args) -> Result<Self> {
+        let run = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
+        let registry = Registry::new().with(tooz_file::DRIVER);
+        #[cfg(feature = "redis")]
+        let registry = registry.with(tooz_redis::DRIVER);
+        match args.driver.as_str() {
+            "file" => {
+                let base = match &args.url {
+                    Some(url) => PathBuf::from(url.strip_prefix("file://").unwrap_or(url)),
+                    None => std::env::var_os("TOOZ_BENCH_DIR")
+                        .map_or_else(std::env::temp_dir, PathBuf::from),
+                };
+                let dir = std::path::absolute(base.join(format!("tooz-bench-{run}")))?;
+                std::fs::create_dir_all(&dir)
+                    .with_context(|| format!("cannot create {}", dir.display()))?;
+                let url = Url::from_directory_path(&dir)
+                    .map_err(|()| anyhow::anyhow!("not a directory path: {}", dir.display()))?
+                    .to_string();
+                Ok(Self {
+                    driver: "file",
+                    registry,
+                    direct_url: url.clone(),
+                    measured_url: url,
+                    proxy: None,
+                    counting: AtomicBool::new(false),
+                    run,
+                    scratch: Some(dir),
+                })
+            }
+            "redis" => {
+                let url = match &args.url {
+                    Some(url) => url.clone(),
+                    None => std::env::var("TOOZ_TEST_REDIS_URL").context(
+                        "no Redis server: pass --url or set TOOZ_TEST_REDIS_URL \
+                         (`cargo xtask backends up --only redis` writes it)",
+                    )?,
+                };
+                let parsed = Url::parse(&url).with_context(|| format!("bad URL {url}"))?;
+                let host = parsed.host_str().unwrap_or("127.0.0.1");
+                let port = parsed.port().unwrap_or(6379);
+                let proxy = Proxy::start(format!("{host}:{port}")).await?;
+                let mut measured = parsed.clone();
+                measured
+                    .set_host(Some("127.0.0.1"))
+                    .context("cannot rewrite the URL's host")?;
+                measured
+                    .set_port(Some(proxy.addr().port()))
+                    .map_err(|()| anyhow::anyhow!("cannot rewrite the URL's port"))?;
+                Ok(Self {
+                    driver: "redis",
+                    registry,
+                    direct_url: url,
+                    measured_url: measured.to_string(),
+                    proxy: Some(proxy),
+                    counting: AtomicBool::new(false),
+                    run,
+                    scratch: None,
+                })
+            }
+            other => bail!("unknown driver `{other}` (tooz-bench knows file and redis)"),
+        }
+    }
+
+    /// Whether the driver can run here (the Redis driver is behind a cargo feature).
+    pub(crate) fn has_driver(&self) -> bool {
+        self.registry
+            .schemes()
+            .iter()
+            .any(|s| self.direct_url.starts_with(&format!("{s}:")))
+    }
+
+    /// Whether this backend has round trips to count (a proxy).
+    pub(crate) fn can_count(&self) -> bool {
+        self.proxy.is_some()
+    }
+
+    /// Switches between the timing pass (direct connections) and the counting pass
+    /// (measured coordinators through the proxy, which adds a hop to every round trip).
+    pub(crate) fn set_counting(&self, counting: bool) {
+        self.counting
+            .store(counting && self.can_count(), Ordering::SeqCst);
+    }
+
+    fn counting(&self) -> bool {
+        self.counting.load(Ordering::SeqCst)
+    }
+
+    /// A started coordinator (no heartbeat task, so background traffic stays out of the
+    /// counts); in the counting pass `measured` ones go through the proxy.
+    pub(crate) async fn coordinator(&self, who: &str, measured: bool) -> Result<Coordinator> {
+        let url = if measured && self.counting() {
+            &self.measured_url
+        } else {
+            &self.direct_url
+        };
+        let coord = self
+            .registry
+            .connect(url, self.name(who))
+            .with_context(|| format!("cannot connect coordinator {who}"))?;
+        coord
+            .start(false)
+            .await
+            .with_context(|| format!("cannot start coordinator {who}"))?;
+        Ok(coord)
+    }
+
+    /// A member, group or lock name unique to this run and pass.
+    pub(crate) fn name(&self, what: &str) -> String {
+        let pass = if self.counting() { "c" } else { "t" };
+        format!("bench-{}{pass}-{what}", self.run)
+    }
+
+    /// A `redis://` URL for the raw client: the proxy in the counting pass, else the server.
+    pub(crate) fn raw_redis_url(&self) -> Result<String> {
+        if self.counting()
+            && let Some(p) = &self.proxy
+        {
+            return Ok(format!("redis://{}/", p.addr()));
+        }
+        let url = Url::parse(&self.direct_url)?;
+        Ok(format!(
+            "redis://{}:{}/",
+            url.host_str().unwrap_or("127.0.0.1"),
+            url.port().unwrap_or(6379)
+        ))
+    }
+
+    /// Round trips counted so far (`None` outside the counting pass).
+    pub(crate) fn round_trips(&self) -> Option<u64> {
+        self.proxy
+            .as_ref()
+            .filter(|_| self.counting())
+            .map(Proxy::round_trips)
+    }
+
+    /// The file driver's data directory.
+    pub(crate) fn scratch(&self) -> Option<&std::path::Path> {
+        self.scratch.as_deref()
+    }
+
+    fn cleanup(&self) {
+        if let Some(dir) = &self.scratch {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}

@@ -1,0 +1,573 @@
+//! The floors and the scenarios, generic over [`Coordinator`].
+
+use std::{
+    hint::black_box,
+    io::Write as _,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail, ensure};
+use futures_util::future::try_join_all;
+use tooz_core::{Coordinator, GroupEvent, MemberId, Wait};
+
+use crate::{
+    Target,
+    report::{Figures, Measured},
+};
+
+/// Iterations per scenario.
+#[derive(Debug, Clone)]
+pub(crate) struct Sizes {
+    floor: usize,
+    lock_pair: usize,
+    lock_handoff: usize,
+    join_leave: usize,
+    get_members: usize,
+    members: usize,
+    heartbeat: usize,
+    watch: usize,
+    partition: Duration,
+}
+
+impl Sizes {
+    /// The sizes of a real run (well under a minute per driver).
+    pub(crate) fn full() -> Self {
+        Self {
+            floor: 2000,
+            lock_pair: 2000,
+            lock_handoff: 200,
+            join_leave: 1000,
+            get_members: 200,
+            members: 1000,
+            heartbeat: 200,
+            watch: 200,
+            partition: Duration::from_secs(1),
+        }
+    }
+
+    /// A smoke run: a tenth of the iterations, same group size.
+    pub(crate) fn quick() -> Self {
+        Self {
+            floor: 200,
+            lock_pair: 200,
+            lock_handoff: 20,
+            join_leave: 100,
+            get_members: 20,
+            members: 1000,
+            heartbeat: 20,
+            watch: 20,
+            partition: Duration::from_millis(200),
+        }
+    }
+}
+
+/// How long B sits in its blocking acquire before A releases.
+const HANDOFF_WAIT: Duration = Duration::from_millis(20);
+/// How long a watcher may take to see an event before the run fails.
+const EVENT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Coordinators started at once while building the 1,000-member group.
+const SETUP_CHUNK: usize = 50;
+
+/// Counts round trips over a window.
+struct Window(Option<u64>);
+
+impl Window {
+    fn open(t: &Target) -> Self {
+        Self(t.round_trips())
+    }
+
+    fn close(self, t: &Target) -> Option<u64> {
+        Some(t.round_trips()? - self.0?)
+    }
+}
+
+fn add(total: &mut Option<u64>, more: Option<u64>) {
+    *total = total.zip(more).map(|(a, b)| a + b);
+}
+
+/// Runs every floor and scenario, in the order of the table.
+pub(crate) async fn run_all(t: &Target, sizes: &Sizes) -> Result<(Vec<Figures>, Vec<String>)> {
+    let mut figures = Vec::new();
+    let mut notes = Vec::new();
+    // Times a scenario (direct connections); then, where there are round trips to count,
+    // runs it again with `$count` iterations through the proxy for requests per operation.
+    macro_rules! scenario {
+        ($name:expr, $full:expr, $count:expr, |$n:ident| $body:expr) => {{
+            t.set_counting(false);
+            let $n = $full;
+            let mut f = $body.await?.figures($name);
+            if t.can_count() {
+                t.set_counting(true);
+                let $n = $count;
+                let counted = $body.await;
+                t.set_counting(false);
+                f.requests_per_op = counted?.figures($name).requests_per_op;
+            }
+            eprintln!(
+                "tooz-bench: {}: {}: median {:.2} µs, req/op {:?}",
+                t.driver, $name, f.median_us, f.requests_per_op
+            );
+            figures.push(f);
+        }};
+    }
+    let count = |n: usize| (n / 10).max(5);
+    match t.driver {
+        "redis" => {
+            scenario!(
+                "floor_rtt",
+                sizes.floor,
+                count(sizes.floor),
+                |n| redis_ping(t, n)
+            );
+            notes.push(
+                "floor_rtt = one Redis PING (redis crate, multiplexed connection); timings use \
+                 direct connections; req/op = client round trips counted by an in-process \
+                 proxy in a second pass of a tenth of the iterations"
+                    .to_owned(),
+            );
+        }
+        "file" => {
+            let dir = t
+                .scratch()
+                .context("the file driver has no data directory")?;
+            scenario!("floor_rtt", sizes.floor, 0, |n| async {
+                file_lock_floor(dir, n)
+            });
+            scenario!("floor_write", sizes.floor, 0, |n| async {
+                file_write_floor(dir, n)
+            });
+            notes.push(
+                "file: no network, so req/op is n/a; floor_rtt = one fcntl F_OFD_SETLK \
+                 write-lock + unlock of an open file; floor_write = create + write 64 bytes \
+                 + rename (what the driver does per join, no fsync)"
+                    .to_owned(),
+            );
+        }
+        _ => {}
+    }
+    if !t.has_driver() {
+        notes.push(format!(
+            "the {} driver is not built into this tooz-bench (cargo feature off): floors only",
+            t.driver
+        ));
+        return Ok((figures, notes));
+    }
+    scenario!("lock_pair", sizes.lock_pair, count(sizes.lock_pair), |n| {
+        lock_pair(t, n)
+    });
+    scenario!(
+        "lock_handoff",
+        sizes.lock_handoff,
+        count(sizes.lock_handoff),
+        |n| lock_handoff(t, n)
+    );
+    scenario!(
+        "join_leave",
+        sizes.join_leave,
+        count(sizes.join_leave),
+        |n| { join_leave(t, n) }
+    );
+    scenario!(
+        "get_members_1000",
+        sizes.get_members,
+        count(sizes.get_members),
+        |n| get_members(t, sizes.members, n)
+    );
+    scenario!(
+        "heartbeat_100",
+        sizes.heartbeat,
+        count(sizes.heartbeat),
+        |n| { heartbeat(t, 100, n) }
+    );
+    scenario!("watch_latency", sizes.watch, count(sizes.watch), |n| {
+        watch_latency(t, n)
+    });
+    scenario!(
+        "partition_lookup",
+        sizes.partition,
+        sizes.partition / 10,
+        |n| partition_lookup(t, n)
+    );
+    notes.push(format!(
+        "lock_handoff: B waits {} ms in acquire(Wait::Forever); time from A's release \
+         returning to B's acquire returning; req/op counted over that window only",
+        HANDOFF_WAIT.as_millis()
+    ));
+    notes.push(
+        "watch_latency: from the start of join_group to the watcher's event stream yielding \
+         the member; req/op counts both coordinators over that window"
+            .to_owned(),
+    );
+    notes.push(
+        "ops/s = operations / summed operation time (1 / mean latency); ×floor = median / \
+         floor_rtt median"
+            .to_owned(),
+    );
+    Ok((figures, notes))
+}
+
+async fn redis_ping(t: &Target, n: usize) -> Result<Measured> {
+    let url = t.raw_redis_url()?;
+    let client = redis::Client::open(url.as_str())?;
+    let mut con = client
+        .get_multiplexed_async_connection()
+        .await
+        .context("raw Redis connection")?;
+    for _ in 0..10 {
+        let _: String = redis::cmd("PING").query_async(&mut con).await?;
+    }
+    let w = Window::open(t);
+    let mut samples = Vec::with_capacity(n);
+    for _ in 0..n {
+        let start = Instant::now();
+        let pong: String = redis::cmd("PING").query_async(&mut con).await?;
+        samples.push(start.elapsed());
+        ensure!(pong == "PONG", "PING answered {pong:?}");
+    }
+    Ok(Measured {
+        samples,
+        ops_per_sample: 1,
+        round_trips: w.close(t),
+    })
+}
+
+fn ofd(file: &std::fs::File, l_type: libc::c_int) -> Result<()> {
+    let fl = libc::flock {
+        l_type: l_type as libc::c_short,
+        l_whence: libc::SEEK_SET as libc::c_short,
+        l_start: 0,
+        l_len: 0,
+        l_pid: 0,
+    };
+    nix::fcntl::fcntl(file, nix::fcntl::FcntlArg::F_OFD_SETLK(&fl))?;
+    Ok(())
+}
+
+fn file_lock_floor(dir: &std::path::Path, n: usize) -> Result<Measured> {
+    let file = std::fs::File::create(dir.join("floor.lock"))?;
+    let mut samples = Vec::with_capacity(n);
+    for _ in 0..n {
+        let start = Instant::now();
+        ofd(&file, libc::F_WRLCK)?;
+        ofd(&file, libc::F_UNLCK)?;
+        samples.push(start.elapsed());
+    }
+    Ok(Measured {
+        samples,
+        ops_per_sample: 1,
+        round_trips: None,
+    })
+}
+
+fn file_write_floor(dir: &std::path::Path, n: usize) -> Result<Measured> {
+    let target = dir.join("floor.data");
+    let data = [0x5au8; 64];
+    let mut samples = Vec::with_capacity(n);
+    for i in 0..n {
+        let tmp = dir.join(format!("floor.tmp.{i}"));
+        let start = Instant::now();
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)?;
+        f.write_all(&data)?;
+        drop(f);
+        std::fs::rename(&tmp, &target)?;
+        samples.push(start.elapsed());
+    }
+    Ok(Measured {
+        samples,
+        ops_per_sample: 1,
+        round_trips: None,
+    })
+}
+
+async fn lock_pair(t: &Target, n: usize) -> Result<Measured> {
+    let c = t.coordinator("lock-pair", true).await?;
+    let lock = c.get_lock(t.name("lock-pair"))?;
+    for _ in 0..10 {
+        ensure!(
+            lock.acquire(Wait::Forever).await?,
+            "uncontended acquire failed"
+        );
+        lock.release().await?;
+    }
+    let w = Window::open(t);
+    let mut samples = Vec::with_capacity(n);
+    for _ in 0..n {
+        let start = Instant::now();
+        ensure!(
+            lock.acquire(Wait::Forever).await?,
+            "uncontended acquire failed"
+        );
+        ensure!(
+            lock.release().await?,
+            "release of a held lock returned false"
+        );
+        samples.push(start.elapsed());
+    }
+    let round_trips = w.close(t);
+    c.stop().await?;
+    Ok(Measured {
+        samples,
+        ops_per_sample: 1,
+        round_trips,
+    })
+}
+
+async fn lock_handoff(t: &Target, n: usize) -> Result<Measured> {
+    let a = t.coordinator("handoff-a", true).await?;
+    let b = t.coordinator("handoff-b", true).await?;
+    let name = t.name("handoff");
+    let la = a.get_lock(name.as_str())?;
+    let mut lb = Some(b.get_lock(name.as_str())?);
+    let mut samples = Vec::with_capacity(n);
+    let mut round_trips = Some(0);
+    for _ in 0..n {
+        ensure!(
+            la.acquire(Wait::Forever).await?,
+            "A could not take the lock"
+        );
+        let l = lb.take().context("B's lock went missing")?;
+        let waiter = tokio::spawn(async move {
+            let res = l.acquire(Wait::Forever).await;
+            let at = Instant::now();
+            (l, res, at)
+        });
+        tokio::time::sleep(HANDOFF_WAIT).await;
+        ensure!(!waiter.is_finished(), "B acquired a lock A holds");
+        let w = Window::open(t);
+        ensure!(la.release().await?, "A's release returned false");
+        let released = Instant::now();
+        let (l, res, acquired) = waiter.await?;
+        add(&mut round_trips, w.close(t));
+        ensure!(res?, "B's blocking acquire gave up");
+        samples.push(acquired.saturating_duration_since(released));
+        l.release().await?;
+        lb = Some(l);
+    }
+    a.stop().await?;
+    b.stop().await?;
+    Ok(Measured {
+        samples,
+        ops_per_sample: 1,
+        round_trips,
+    })
+}
+
+async fn join_leave(t: &Target, n: usize) -> Result<Measured> {
+    let group = t.name("join-leave");
+    let owner = t.coordinator("join-leave-owner", false).await?;
+    owner.create_group(group.as_str()).await?;
+    let j = t.coordinator("join-leave", true).await?;
+    for _ in 0..10 {
+        j.join_group(group.as_str(), &()).await?;
+        j.leave_group(group.as_str()).await?;
+    }
+    let w = Window::open(t);
+    let mut samples = Vec::with_capacity(n);
+    for _ in 0..n {
+        let start = Instant::now();
+        j.join_group(group.as_str(), &()).await?;
+        j.leave_group(group.as_str()).await?;
+        samples.push(start.elapsed());
+    }
+    let round_trips = w.close(t);
+    j.stop().await?;
+    let _ = owner.delete_group(group.as_str()).await;
+    owner.stop().await?;
+    Ok(Measured {
+        samples,
+        ops_per_sample: 1,
+        round_trips,
+    })
+}
+
+async fn stop_all(coords: Vec<Coordinator>) -> Result<()> {
+    for chunk in coords.chunks(SETUP_CHUNK) {
+        try_join_all(chunk.iter().map(Coordinator::stop)).await?;
+    }
+    Ok(())
+}
+
+async fn get_members(t: &Target, members: usize, n: usize) -> Result<Measured> {
+    let group = t.name("members");
+    let reader = t.coordinator("members-reader", true).await?;
+    reader.create_group(group.as_str()).await?;
+    let started = Instant::now();
+    let mut coords = Vec::with_capacity(members);
+    for chunk in (0..members).collect::<Vec<_>>().chunks(SETUP_CHUNK) {
+        let batch = try_join_all(chunk.iter().map(|i| {
+            let group = group.as_str();
+            async move {
+                let c = t.coordinator(&format!("m{i:04}"), false).await?;
+                c.join_group(group, &()).await?;
+                Ok::<_, anyhow::Error>(c)
+            }
+        }))
+        .await?;
+        coords.extend(batch);
+    }
+    eprintln!(
+        "tooz-bench: {}: {members} members joined in {:.1} s",
+        t.driver,
+        started.elapsed().as_secs_f64()
+    );
+    let result = async {
+        let got = reader.get_members(group.as_str()).await?.len();
+        ensure!(got == members, "expected {members} members, got {got}");
+        let w = Window::open(t);
+        let mut samples = Vec::with_capacity(n);
+        for _ in 0..n {
+            let start = Instant::now();
+            let got = black_box(reader.get_members(group.as_str()).await?);
+            samples.push(start.elapsed());
+            ensure!(got.len() == members, "member count changed: {}", got.len());
+        }
+        Ok(Measured {
+            samples,
+            ops_per_sample: 1,
+            round_trips: w.close(t),
+        })
+    }
+    .await;
+    stop_all(coords).await?;
+    let _ = reader.delete_group(group.as_str()).await;
+    reader.stop().await?;
+    result
+}
+
+async fn heartbeat(t: &Target, count: usize, n: usize) -> Result<Measured> {
+    let h = t.coordinator("heartbeat", true).await?;
+    let mut locks = Vec::with_capacity(count);
+    for i in 0..count {
+        h.join_group_create(t.name(&format!("hb-g{i:03}")).as_str(), &())
+            .await?;
+        let lock = h.get_lock(t.name(&format!("hb-l{i:03}")).as_str())?;
+        ensure!(lock.acquire(Wait::No).await?, "could not take lock {i}");
+        locks.push(lock);
+    }
+    let w = Window::open(t);
+    let mut samples = Vec::with_capacity(n);
+    for _ in 0..n {
+        let start = Instant::now();
+        black_box(h.heartbeat().await?);
+        samples.push(start.elapsed());
+    }
+    let round_trips = w.close(t);
+    for lock in &locks {
+        lock.release().await?;
+    }
+    for i in 0..count {
+        let g = t.name(&format!("hb-g{i:03}"));
+        h.leave_group(g.as_str()).await?;
+        let _ = h.delete_group(g.as_str()).await;
+    }
+    h.stop().await?;
+    Ok(Measured {
+        samples,
+        ops_per_sample: 1,
+        round_trips,
+    })
+}
+
+/// Waits for `want` about `member` on `events`, skipping anything else.
+async fn wait_event(
+    events: &mut tooz_core::EventStream,
+    member: &MemberId,
+    joined: bool,
+) -> Result<()> {
+    let deadline = Instant::now() + EVENT_TIMEOUT;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let Ok(ev) = tokio::time::timeout(left, events.next_event()).await else {
+            bail!(
+                "no {} event for {member} within {EVENT_TIMEOUT:?}",
+                if joined { "join" } else { "leave" }
+            );
+        };
+        match ev {
+            None => bail!("the event stream ended"),
+            Some(GroupEvent::MemberJoined { member: m, .. }) if joined && m == *member => {
+                return Ok(());
+            }
+            Some(GroupEvent::MemberLeft { member: m, .. }) if !joined && m == *member => {
+                return Ok(());
+            }
+            Some(_) => {}
+        }
+    }
+}
+
+async fn watch_latency(t: &Target, n: usize) -> Result<Measured> {
+    let group = t.name("watch");
+    let watcher = t.coordinator("watcher", true).await?;
+    watcher.create_group(group.as_str()).await?;
+    let mut events = watcher.events(group.as_str()).await?;
+    let joiner = t.coordinator("watch-joiner", true).await?;
+    let me = joiner.member_id().clone();
+    let mut samples = Vec::with_capacity(n);
+    let mut round_trips = Some(0);
+    for _ in 0..n {
+        let w = Window::open(t);
+        let start = Instant::now();
+        joiner.join_group(group.as_str(), &()).await?;
+        wait_event(&mut events, &me, true).await?;
+        samples.push(start.elapsed());
+        add(&mut round_trips, w.close(t));
+        joiner.leave_group(group.as_str()).await?;
+        wait_event(&mut events, &me, false).await?;
+    }
+    drop(events);
+    joiner.stop().await?;
+    let _ = watcher.delete_group(group.as_str()).await;
+    watcher.stop().await?;
+    Ok(Measured {
+        samples,
+        ops_per_sample: 1,
+        round_trips,
+    })
+}
+
+async fn partition_lookup(t: &Target, run_for: Duration) -> Result<Measured> {
+    const BATCH: usize = 1000;
+    let group = t.name("partition");
+    let mut coords = Vec::new();
+    let mut partitioners = Vec::new();
+    for i in 0..10 {
+        let c = t.coordinator(&format!("p{i}"), i == 0).await?;
+        partitioners.push(c.join_partitioned_group(group.as_str(), 1, 32).await?);
+        coords.push(c);
+    }
+    let p = &partitioners[0];
+    p.refresh().await?;
+    ensure!(
+        p.members().len() == 10,
+        "partitioner sees {} members",
+        p.members().len()
+    );
+    let keys: Vec<String> = (0..4096).map(|i| format!("object-{i}")).collect();
+    let w = Window::open(t);
+    let mut samples = Vec::new();
+    let started = Instant::now();
+    let mut k = 0;
+    while started.elapsed() < run_for {
+        let start = Instant::now();
+        for _ in 0..BATCH {
+            black_box(p.members_for_object(keys[k].as_str(), &[], 1));
+            k = (k + 1) % keys.len();
+        }
+        samples.push(start.elapsed());
+    }
+    let round_trips = w.close(t);
+    for (c, p) in coords.iter().zip(partitioners) {
+        c.leave_partitioned_group(p).await?;
+    }
+    let _ = coords[0].delete_group(group.as_str()).await;
+    stop_all(coords).await?;
+    Ok(Measured {
+        samples,
+        ops_per_sample: BATCH as u64,
+        round_trips,
+    })
+}

@@ -1,0 +1,219 @@
+//! `cargo xtask bench [--driver NAME|all] [--compare-python] [--quick]`: the benchmark
+//! harness of DESIGN.md §8.
+//!
+//! Builds `tooz-bench` in release mode (the partitioner lookups are CPU-bound), starts the
+//! servers the drivers need, and runs it per driver; it prints its table and writes
+//! `target/bench/<driver>.json`. With `--compare-python`, `xtask/bench/python_bench.py`
+//! runs the same scenarios through Python tooz 9.1.0 (the interop virtualenv) against the
+//! same server, writes `target/bench/<driver>-python.json`, and a side-by-side table follows.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context, Result, bail};
+use serde_json::Value;
+
+use crate::{
+    drivers::{Driver, DriverSelection},
+    flags,
+    process::{self, progress},
+};
+
+use crate::interop::venv;
+
+/// Drivers `tooz-bench` knows; later drivers add themselves here and in tooz-bench.
+const BENCH_DRIVERS: &[&str] = &["file", "redis"];
+
+/// The scenarios in the order tooz-bench prints them.
+const ORDER: &[&str] = &[
+    "floor_rtt",
+    "floor_write",
+    "lock_pair",
+    "lock_handoff",
+    "join_leave",
+    "get_members_1000",
+    "heartbeat_100",
+    "watch_latency",
+    "partition_lookup",
+];
+
+pub(crate) fn run(flags: &flags::Bench) -> Result<()> {
+    let root = process::workspace_root();
+    let mut drivers = flags.driver.resolve(&root)?;
+    if let DriverSelection::One(name) = &flags.driver
+        && !BENCH_DRIVERS.contains(&name.as_str())
+    {
+        bail!(
+            "no benchmark for driver `{name}` yet; benchmarked drivers: {}",
+            BENCH_DRIVERS.join(", ")
+        );
+    }
+    drivers.retain(|d| BENCH_DRIVERS.contains(&d.name));
+    if drivers.is_empty() {
+        bail!("no benchmarked driver is present in this workspace");
+    }
+    let env = crate::drivers::start_servers(&root, &drivers)?;
+    let out_dir = process::target_dir().join("bench");
+    fs::create_dir_all(&out_dir).with_context(|| format!("cannot create {}", out_dir.display()))?;
+    process::run(process::cargo().args(["build", "--release", "-p", "tooz-bench"]))?;
+    let python = if flags.compare_python {
+        Some(venv::ensure(None)?)
+    } else {
+        None
+    };
+
+    let mut failed = Vec::new();
+    for driver in &drivers {
+        if let Err(err) = run_one(driver, &env, &out_dir, flags.quick, python.as_deref()) {
+            progress!("bench {}: {err:#}", driver.name);
+            failed.push(driver.name);
+        }
+    }
+    if !failed.is_empty() {
+        bail!("bench failed for: {}", failed.join(", "));
+    }
+    Ok(())
+}
+
+fn run_one(
+    driver: &Driver,
+    env: &[(String, String)],
+    out_dir: &Path,
+    quick: bool,
+    python: Option<&Path>,
+) -> Result<()> {
+    let rust_json = out_dir.join(format!("{}.json", driver.name));
+    let mut cmd = process::cargo();
+    cmd.args(["run", "--release", "-q", "-p", "tooz-bench", "--"])
+        .args(["--driver", driver.name, "--json-out"])
+        .arg(&rust_json)
+        .env("TOOZ_BENCH_DIR", out_dir.join("scratch"))
+        .envs(env.iter().map(|(k, v)| (k, v)));
+    if quick {
+        cmd.arg("--quick");
+    }
+    process::run(&mut cmd)?;
+
+    let Some(python) = python else {
+        return Ok(());
+    };
+    let py_json = out_dir.join(format!("{}-python.json", driver.name));
+    let _ = fs::remove_file(&py_json);
+    let url = match driver.name {
+        "redis" => env
+            .iter()
+            .find(|(k, _)| k == "TOOZ_TEST_REDIS_URL")
+            .map(|(_, v)| v.clone())
+            .context("backends did not report TOOZ_TEST_REDIS_URL")?,
+        _ => {
+            let dir = out_dir.join("scratch").join("python-file");
+            format!("file://{}", dir.display())
+        }
+    };
+    let script = process::workspace_root()
+        .join("xtask")
+        .join("bench")
+        .join("python_bench.py");
+    let mut cmd = Command::new(python);
+    cmd.arg(&script)
+        .args(["--driver", driver.name, "--url", &url, "--json-out"])
+        .arg(&py_json);
+    if quick {
+        cmd.arg("--quick");
+    }
+    // A failed Python scenario is n/a in its JSON (with the reason as a note): show the
+    // table anyway, then report the failure.
+    let python_run = process::run(&mut cmd);
+    if py_json.is_file() {
+        print!("{}", side_by_side(driver.name, &rust_json, &py_json)?);
+    }
+    python_run
+}
+
+fn read_json(path: &PathBuf) -> Result<Value> {
+    let text =
+        fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()))
+}
+
+fn cell(v: Option<f64>, digits: usize) -> String {
+    v.map_or_else(|| "n/a".to_owned(), |v| format!("{v:.digits$}"))
+}
+
+/// The Rust | Python | ratio table (ratio = Python median / Rust median: how many times
+/// longer Python takes).
+fn side_by_side(driver: &str, rust: &PathBuf, python: &PathBuf) -> Result<String> {
+    let rust = read_json(rust)?;
+    let python = read_json(python)?;
+    Ok(render(driver, &rust, &python))
+}
+
+fn render(driver: &str, rust: &Value, python: &Value) -> String {
+    let mut out = format!(
+        "\nbench {driver}: Rust vs Python tooz 9.1.0 (same server, same run)\n{:<18} | {:>14} | {:>14} | {:>9} | {:>12} | {:>12}\n{}\n",
+        "scenario",
+        "Rust median µs",
+        "Py median µs",
+        "Py/Rust",
+        "Rust ops/s",
+        "Py ops/s",
+        "-".repeat(18 + 14 * 2 + 9 + 12 * 2 + 15)
+    );
+    let empty = serde_json::Map::new();
+    let rs = rust["scenarios"].as_object().unwrap_or(&empty);
+    let ps = python["scenarios"].as_object().unwrap_or(&empty);
+    // The table's order (JSON objects come back sorted by name), then anything else.
+    let mut names: Vec<&str> = ORDER
+        .iter()
+        .copied()
+        .filter(|n| rs.contains_key(*n))
+        .collect();
+    names.extend(rs.keys().map(String::as_str).filter(|n| !ORDER.contains(n)));
+    for name in names {
+        let r = &rs[name];
+        let p = ps.get(name).unwrap_or(&Value::Null);
+        let rm = r["median_us"].as_f64();
+        let pm = p["median_us"].as_f64();
+        let ratio = rm.zip(pm).filter(|(r, _)| *r > 0.0).map(|(r, p)| p / r);
+        out.push_str(&format!(
+            "{name:<18} | {:>14} | {:>14} | {:>9} | {:>12} | {:>12}\n",
+            cell(rm, 2),
+            cell(pm, 2),
+            cell(ratio, 2),
+            cell(r["ops_per_s"].as_f64(), 0),
+            cell(p["ops_per_s"].as_f64(), 0),
+        ));
+    }
+    for note in python["notes"].as_array().into_iter().flatten() {
+        if let Some(n) = note.as_str() {
+            out.push_str(&format!("python note: {n}\n"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn side_by_side_ratio() {
+        let rust = serde_json::json!({"driver": "redis", "scenarios": {
+            "lock_pair": {"median_us": 100.0, "ops_per_s": 10000.0},
+            "get_members_1000": {"median_us": 50.0, "ops_per_s": 20000.0}}});
+        let python = serde_json::json!({"driver": "redis", "scenarios": {
+            "lock_pair": {"median_us": 250.0, "ops_per_s": 4000.0},
+            "get_members_1000": {"median_us": null, "ops_per_s": null}},
+            "notes": ["x"]});
+        let table = render("redis", &rust, &python);
+        assert!(table.contains("2.50"), "{table}");
+        assert!(table.contains("n/a"), "{table}");
+        assert!(table.contains("python note: x"), "{table}");
+        let lock = table.find("lock_pair").unwrap();
+        let members = table.find("get_members_1000").unwrap();
+        assert!(lock < members, "{table}");
+    }
+}

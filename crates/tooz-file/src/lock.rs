@@ -113,6 +113,15 @@ pub(crate) fn bump_counter(path: &std::path::Path) -> Result<u64> {
     Ok(next)
 }
 
+/// Closes an inotify instance off the async threads: closing one waits for an
+/// RCU grace period in the kernel (often 10-30 ms), which would stall the
+/// runtime and delay the very acquisition it served.
+fn drop_watch(watch: Option<Arc<FileWatch>>) {
+    if let Some(w) = watch {
+        tokio::task::spawn_blocking(move || drop(w));
+    }
+}
+
 #[tooz_core::async_trait]
 impl DriverLock for FileLock {
     fn name(&self) -> &LockName {
@@ -169,19 +178,22 @@ impl DriverLock for FileLock {
             match res {
                 Attempt::Got(f, token) => {
                     *self.held() = Some(Held { file: f, mode });
+                    drop_watch(watch);
                     return Ok(Some(FencingToken(token)));
                 }
                 Attempt::Stale => {
-                    watch = None;
+                    drop_watch(watch.take());
                     watch_tried = false;
                     continue;
                 }
                 Attempt::Busy(f) => file = Some(f),
             }
             if wait == Wait::No {
+                drop_watch(watch);
                 return Ok(None);
             }
             if remaining.is_some_and(|r| r.is_zero()) {
+                drop_watch(watch);
                 return Ok(None);
             }
             if !watch_tried {

@@ -148,6 +148,29 @@ pub(crate) struct LockInner {
     changed: Notify,
 }
 
+impl Drop for LockInner {
+    /// The last handle of a held lock went away without releasing it: release it
+    /// in the background rather than leave it to a lease (or forever).
+    fn drop(&mut self) {
+        let held = self
+            .state
+            .get_mut()
+            .map_or_else(|p| p.into_inner().hold.is_some(), |st| st.hold.is_some());
+        if !held {
+            return;
+        }
+        let driver = Arc::clone(&self.driver);
+        let name = self.name.clone();
+        if let Ok(h) = tokio::runtime::Handle::try_current() {
+            h.spawn(async move {
+                if let Err(e) = driver.release().await {
+                    tracing::warn!(lock = %name, error = %e, "releasing a dropped lock failed");
+                }
+            });
+        }
+    }
+}
+
 impl fmt::Debug for LockInner {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Lock").field("name", &self.name).finish()
@@ -765,6 +788,24 @@ mod tests {
         );
         c.start(false).await.unwrap();
         (c, mem)
+    }
+
+    /// Dropping every handle of a held lock releases it.
+    #[tokio::test]
+    async fn dropping_a_held_lock_releases_it() {
+        let (c, mem) = coordinator().await;
+        let lock = c.get_lock("l").unwrap();
+        assert!(lock.acquire(Wait::No).await.unwrap());
+        assert_eq!(mem.held.load(Ordering::SeqCst), 1);
+        drop(lock);
+        for _ in 0..50 {
+            if mem.held.load(Ordering::SeqCst) == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        assert_eq!(mem.held.load(Ordering::SeqCst), 0, "a dropped lock stayed held");
+        c.stop().await.unwrap();
     }
 
     /// A shared acquisition whose caller went away must give back only its own

@@ -804,7 +804,11 @@ mod tests {
             }
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
-        assert_eq!(mem.held.load(Ordering::SeqCst), 0, "a dropped lock stayed held");
+        assert_eq!(
+            mem.held.load(Ordering::SeqCst),
+            0,
+            "a dropped lock stayed held"
+        );
         c.stop().await.unwrap();
     }
 

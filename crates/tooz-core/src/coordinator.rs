@@ -1107,6 +1107,10 @@ impl Shared {
 
     /// The lease is gone: signal every hold and leadership.
     fn on_lost(&self) {
+        if !self.info.lease_bound_holds {
+            // Locks and leaderships live as long as the process: nothing is lost.
+            return;
+        }
         for l in self.held_locks() {
             l.mark_lost();
         }

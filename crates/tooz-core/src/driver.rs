@@ -63,6 +63,11 @@ pub struct DriverInfo {
     pub characteristics: &'static [Characteristic],
     /// Whether `heartbeat` must be called regularly to stay alive.
     pub requires_beating: bool,
+    /// Whether locks and leaderships hang on the lease the heartbeat renews, so
+    /// that a lost lease (`Liveness::Lost`) means they are lost too. `false` for
+    /// backends whose holds live as long as the process or its connection (the file
+    /// driver's open-file-description locks). Default `true`.
+    pub lease_bound_holds: bool,
 }
 
 impl DriverInfo {
@@ -76,7 +81,15 @@ impl DriverInfo {
             name,
             characteristics,
             requires_beating,
+            lease_bound_holds: true,
         }
+    }
+
+    /// Marks locks and leaderships as independent of the heartbeat lease (see
+    /// [`DriverInfo::lease_bound_holds`]).
+    pub const fn with_holds_independent_of_lease(mut self) -> Self {
+        self.lease_bound_holds = false;
+        self
     }
 }
 

@@ -624,6 +624,10 @@ mod tests {
         hook: Mutex<Option<Hook>>,
         /// Set when a push stream of `watch_group` is dropped.
         push_dropped: Arc<std::sync::atomic::AtomicBool>,
+        /// Session health this driver pushes (`None`: none).
+        liveness: Mutex<Option<watch::Receiver<Liveness>>>,
+        /// Declares holds independent of the lease.
+        independent: std::sync::atomic::AtomicBool,
     }
 
     /// A push source that never reports anything.
@@ -711,7 +715,12 @@ mod tests {
     #[async_trait::async_trait]
     impl Driver for MemDriver {
         fn info(&self) -> DriverInfo {
-            DriverInfo::new("mem", &[], self.1)
+            let info = DriverInfo::new("mem", &[], self.1);
+            if self.0.independent.load(Ordering::SeqCst) {
+                info.with_holds_independent_of_lease()
+            } else {
+                info
+            }
         }
         async fn start(&self) -> Result<()> {
             Ok(())
@@ -723,7 +732,7 @@ mod tests {
             Ok(Duration::from_millis(20))
         }
         fn liveness(&self) -> Option<watch::Receiver<Liveness>> {
-            None
+            self.0.liveness.lock().unwrap().clone()
         }
         async fn create_group(&self, _: &GroupId) -> Result<()> {
             nope()
@@ -788,6 +797,40 @@ mod tests {
         );
         c.start(false).await.unwrap();
         (c, mem)
+    }
+
+    /// A lost lease signals lock loss, unless the driver's holds do not hang on it.
+    #[tokio::test]
+    async fn lease_loss_signals_holds_only_when_they_hang_on_it() {
+        for independent in [false, true] {
+            let mem = Arc::new(Mem::default());
+            mem.independent.store(independent, Ordering::SeqCst);
+            let (tx, rx) = watch::channel(Liveness::Alive);
+            *mem.liveness.lock().unwrap() = Some(rx);
+            let c = Coordinator::new(
+                Arc::new(MemDriver(Arc::clone(&mem), false)),
+                "m".into(),
+                "mem://",
+            );
+            c.start(false).await.unwrap();
+            let lock = c.get_lock("l").unwrap();
+            assert!(lock.acquire(Wait::No).await.unwrap());
+            let lost = lock.lost().unwrap();
+            let mut live = c.liveness();
+            tx.send_replace(Liveness::Lost);
+            tokio::time::timeout(
+                Duration::from_secs(5),
+                live.wait_for(|l| *l == Liveness::Lost),
+            )
+            .await
+            .unwrap()
+            .unwrap();
+            for _ in 0..10 {
+                tokio::task::yield_now().await;
+            }
+            assert_eq!(lost.is_lost(), !independent, "independent={independent}");
+            c.stop().await.unwrap();
+        }
     }
 
     /// Dropping every handle of a held lock releases it.

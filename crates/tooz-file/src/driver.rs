@@ -450,7 +450,7 @@ impl Inner {
 #[tooz_core::async_trait]
 impl Driver for FileDriver {
     fn info(&self) -> DriverInfo {
-        DriverInfo::new(NAME, CHARACTERISTICS, true)
+        DriverInfo::new(NAME, CHARACTERISTICS, true).with_holds_independent_of_lease()
     }
 
     /// Creates the layout, removes liveness files of dead coordinators and takes

@@ -87,6 +87,9 @@ pub(crate) struct Shared {
     locks: Mutex<Vec<Weak<LockInner>>>,
     streams: Mutex<HashMap<GroupId, broadcast::Sender<GroupEvent>>>,
     beats: std::sync::atomic::AtomicU64,
+    /// Serialises `start` and `stop`, so a `start` cannot slip in while `stop` is
+    /// still leaving groups and disconnecting the driver.
+    lifecycle: tokio::sync::Mutex<()>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -163,6 +166,7 @@ impl Coordinator {
                 locks: Mutex::new(Vec::new()),
                 streams: Mutex::new(HashMap::new()),
                 beats: std::sync::atomic::AtomicU64::new(0),
+                lifecycle: tokio::sync::Mutex::new(()),
             }),
         }
     }
@@ -224,6 +228,7 @@ impl Coordinator {
     /// # Errors
     /// `AlreadyStarted`, or `Connection` when the backend cannot be reached.
     pub async fn start(&self, start_heart: bool) -> Result<()> {
+        let _lifecycle = self.shared.lifecycle.lock().await;
         if self.is_started() {
             return Err(ToozError::AlreadyStarted);
         }
@@ -264,6 +269,7 @@ impl Coordinator {
     /// `NotStarted` if it was not started; errors while leaving and releasing are
     /// logged, not returned.
     pub async fn stop(&self) -> Result<()> {
+        let _lifecycle = self.shared.lifecycle.lock().await;
         let (joined, tasks) = {
             let mut run = lock(&self.shared.run);
             if !run.started {

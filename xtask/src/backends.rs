@@ -1071,20 +1071,21 @@ fn ensure_packages(to_start: &[Kind], selected: &[Kind], logs: &Path) -> Result<
             wanted.extend(k.apt_packages());
         }
     }
+    // protoc and the protobuf well-known types are needed by the etcd client build; they
+    // ride along with any apt step, and are installed on their own when etcd is selected.
+    const PROTOBUF: [&str; 2] = ["protobuf-compiler", "libprotobuf-dev"];
     let mut probe_list = wanted.clone();
-    probe_list.push("protobuf-compiler");
+    probe_list.extend(PROTOBUF);
     let installed = dpkg_installed(&probe_list);
     let mut missing: Vec<&str> = wanted
         .iter()
         .copied()
         .filter(|p| !installed.contains(*p))
         .collect();
-    // protoc is needed by the etcd client build; it rides along with any apt step, and is
-    // installed on its own when etcd is selected.
-    if !installed.contains("protobuf-compiler")
-        && (!missing.is_empty() || selected.contains(&Kind::Etcd))
-    {
-        missing.push("protobuf-compiler");
+    for pkg in PROTOBUF {
+        if !installed.contains(pkg) && (!missing.is_empty() || selected.contains(&Kind::Etcd)) {
+            missing.push(pkg);
+        }
     }
     if missing.is_empty() {
         return Ok(());

@@ -25,7 +25,7 @@ use crate::{
 use crate::interop::venv;
 
 /// Drivers `tooz-bench` knows; later drivers add themselves here and in tooz-bench.
-const BENCH_DRIVERS: &[&str] = &["file", "redis"];
+const BENCH_DRIVERS: &[&str] = &["file", "redis", "zookeeper", "etcd"];
 
 /// The scenarios in the order tooz-bench prints them.
 const ORDER: &[&str] = &[
@@ -108,6 +108,16 @@ fn run_one(
             .find(|(k, _)| k == "TOOZ_TEST_REDIS_URL")
             .map(|(_, v)| v.clone())
             .context("backends did not report TOOZ_TEST_REDIS_URL")?,
+        "zookeeper" => env
+            .iter()
+            .find(|(k, _)| k == "TOOZ_TEST_ZOOKEEPER_URL")
+            .map(|(_, v)| v.clone())
+            .context("backends did not report TOOZ_TEST_ZOOKEEPER_URL")?,
+        "etcd" => env
+            .iter()
+            .find(|(k, _)| k == "TOOZ_TEST_ETCD_URL")
+            .map(|(_, v)| v.clone())
+            .context("backends did not report TOOZ_TEST_ETCD_URL")?,
         _ => {
             let dir = out_dir.join("scratch").join("python-file");
             format!("file://{}", dir.display())

@@ -36,12 +36,12 @@ pub(crate) const DRIVERS: &[Driver] = &[
     Driver {
         name: "etcd",
         krate: "tooz-etcd",
-        interop: false,
+        interop: true,
     },
     Driver {
         name: "zookeeper",
         krate: "tooz-zookeeper",
-        interop: false,
+        interop: true,
     },
     Driver {
         name: "consul",

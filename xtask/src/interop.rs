@@ -8,10 +8,12 @@
 //! drives both and reports PASS or FAIL with what each side saw; the run ends with
 //! `N passed, N failed`.
 
+mod etcd;
 mod file;
 mod harness;
 mod redis;
 pub(crate) mod venv;
+mod zookeeper;
 
 use std::{path::PathBuf, process::Stdio};
 
@@ -48,6 +50,8 @@ pub(crate) fn run(flags: &flags::Interop) -> Result<()> {
         match driver.name {
             "file" => file::run(&root, &python, &tooz, &dir, &mut report)?,
             "redis" => redis::run(&root, &python, &mut report)?,
+            "etcd" => etcd::run(&root, &python, &mut report)?,
+            "zookeeper" => zookeeper::run(&root, &python, &mut report)?,
             other => bail!(
                 "the driver table marks `{other}` as having interop scenarios, but none are wired up"
             ),

@@ -1,7 +1,7 @@
 //! `tooz-bench`: the benchmark harness behind `cargo xtask bench` (DESIGN.md §8).
 //!
 //! ```text
-//! tooz-bench --driver file|redis [--json-out PATH] [--quick] [--url URL]
+//! tooz-bench --driver file|redis|zookeeper|etcd [--json-out PATH] [--quick] [--url URL]
 //! ```
 //!
 //! Runs the floors and the scenarios against one driver, prints a table and writes
@@ -18,6 +18,17 @@
 //!   from that pass, so the proxy's extra hop never shows in the latencies. Set-up
 //!   coordinators (the 1,000 members, the partitioner's other members) always connect
 //!   directly.
+//!
+//! * `zookeeper`: the server is `--url`, else `$TOOZ_TEST_ZOOKEEPER_URL`; the same two
+//!   passes, but the proxy counts ZooKeeper *requests* (frames, without the handshake and
+//!   pings), since the driver pipelines some of them. Floors: `floor_rtt` is one `exists`,
+//!   `floor_write` one create + delete of an ephemeral znode (the raw client, two round
+//!   trips).
+//!
+//! * `etcd`: the server is `--url`, else `$TOOZ_TEST_ETCD_URL`; the same two passes, the
+//!   proxy counting gRPC request messages (a unary call or one message on a stream, such
+//!   as a lease keep-alive). Floors: `floor_rtt` is one range read of a key, `floor_write`
+//!   one put (which waits for etcd's fsync).
 //!
 //! Every ratio is a median over the `floor_rtt` median; `ratio_to_write_floor` (file
 //! driver) is the median over the `floor_write` median.
@@ -37,7 +48,8 @@ use tooz_core::{Coordinator, Registry, Url};
 
 use crate::proxy::Proxy;
 
-const USAGE: &str = "usage: tooz-bench --driver file|redis [--json-out PATH] [--quick] [--url URL]";
+const USAGE: &str =
+    "usage: tooz-bench --driver file|redis|zookeeper|etcd [--json-out PATH] [--quick] [--url URL]";
 
 #[derive(Debug)]
 struct Args {
@@ -150,6 +162,10 @@ impl Target {
         let registry = Registry::new().with(tooz_file::DRIVER);
         #[cfg(feature = "redis")]
         let registry = registry.with(tooz_redis::DRIVER);
+        #[cfg(feature = "zookeeper")]
+        let registry = registry.with(tooz_zookeeper::DRIVER);
+        #[cfg(feature = "etcd")]
+        let registry = registry.with(tooz_etcd::DRIVER);
         match args.driver.as_str() {
             "file" => {
                 let base = match &args.url {
@@ -204,7 +220,74 @@ impl Target {
                     scratch: None,
                 })
             }
-            other => bail!("unknown driver `{other}` (tooz-bench knows file and redis)"),
+            "zookeeper" => {
+                let url = match &args.url {
+                    Some(url) => url.clone(),
+                    None => std::env::var("TOOZ_TEST_ZOOKEEPER_URL").context(
+                        "no ZooKeeper server: pass --url or set TOOZ_TEST_ZOOKEEPER_URL \
+                         (`cargo xtask backends up --only zookeeper` writes it)",
+                    )?,
+                };
+                let mut parsed = Url::parse(&url).with_context(|| format!("bad URL {url}"))?;
+                if !parsed.query_pairs().any(|(k, _)| k == "namespace") {
+                    parsed
+                        .query_pairs_mut()
+                        .append_pair("namespace", "tooz-bench");
+                }
+                let host = parsed.host_str().unwrap_or("127.0.0.1").to_owned();
+                let port = parsed.port().unwrap_or(2181);
+                let proxy = Proxy::start_zookeeper(format!("{host}:{port}")).await?;
+                let mut measured = parsed.clone();
+                measured
+                    .set_host(Some("127.0.0.1"))
+                    .context("cannot rewrite the URL's host")?;
+                measured
+                    .set_port(Some(proxy.addr().port()))
+                    .map_err(|()| anyhow::anyhow!("cannot rewrite the URL's port"))?;
+                Ok(Self {
+                    driver: "zookeeper",
+                    registry,
+                    direct_url: parsed.to_string(),
+                    measured_url: measured.to_string(),
+                    proxy: Some(proxy),
+                    counting: AtomicBool::new(false),
+                    run,
+                    scratch: None,
+                })
+            }
+            "etcd" => {
+                let url = match &args.url {
+                    Some(url) => url.clone(),
+                    None => std::env::var("TOOZ_TEST_ETCD_URL").context(
+                        "no etcd server: pass --url or set TOOZ_TEST_ETCD_URL \
+                         (`cargo xtask backends up --only etcd` writes it)",
+                    )?,
+                };
+                let parsed = Url::parse(&url).with_context(|| format!("bad URL {url}"))?;
+                let host = parsed.host_str().unwrap_or("127.0.0.1").to_owned();
+                let port = parsed.port().unwrap_or(2379);
+                let proxy = Proxy::start_grpc(format!("{host}:{port}")).await?;
+                let mut measured = parsed.clone();
+                measured
+                    .set_host(Some("127.0.0.1"))
+                    .context("cannot rewrite the URL's host")?;
+                measured
+                    .set_port(Some(proxy.addr().port()))
+                    .map_err(|()| anyhow::anyhow!("cannot rewrite the URL's port"))?;
+                Ok(Self {
+                    driver: "etcd",
+                    registry,
+                    direct_url: parsed.to_string(),
+                    measured_url: measured.to_string(),
+                    proxy: Some(proxy),
+                    counting: AtomicBool::new(false),
+                    run,
+                    scratch: None,
+                })
+            }
+            other => {
+                bail!("unknown driver `{other}` (tooz-bench knows file, redis, zookeeper and etcd)")
+            }
         }
     }
 
@@ -269,6 +352,40 @@ impl Target {
             "redis://{}:{}/",
             url.host_str().unwrap_or("127.0.0.1"),
             url.port().unwrap_or(6379)
+        ))
+    }
+
+    /// `host:port` for a raw ZooKeeper client: the proxy in the counting pass, else the
+    /// server.
+    #[cfg_attr(not(feature = "zookeeper"), allow(dead_code))]
+    pub(crate) fn raw_zk_hosts(&self) -> Result<String> {
+        if self.counting()
+            && let Some(p) = &self.proxy
+        {
+            return Ok(p.addr().to_string());
+        }
+        let url = Url::parse(&self.direct_url)?;
+        Ok(format!(
+            "{}:{}",
+            url.host_str().unwrap_or("127.0.0.1"),
+            url.port().unwrap_or(2181)
+        ))
+    }
+
+    /// `http://host:port` for a raw etcd client: the proxy in the counting pass, else the
+    /// server.
+    #[cfg_attr(not(feature = "etcd"), allow(dead_code))]
+    pub(crate) fn raw_etcd_endpoint(&self) -> Result<String> {
+        if self.counting()
+            && let Some(p) = &self.proxy
+        {
+            return Ok(format!("http://{}", p.addr()));
+        }
+        let url = Url::parse(&self.direct_url)?;
+        Ok(format!(
+            "http://{}:{}",
+            url.host_str().unwrap_or("127.0.0.1"),
+            url.port().unwrap_or(2379)
         ))
     }
 

@@ -9,6 +9,18 @@
 //! The count is deterministic for a given driver and scenario, so it holds on a noisy
 //! machine, and unlike Redis `INFO commandstats` it does not count the commands a Lua
 //! script runs inside the server.
+//!
+//! For ZooKeeper ([`Proxy::start_zookeeper`]) the proxy counts *requests* instead: it
+//! reads the client's length-prefixed frames and counts each request frame except the
+//! session handshake (the first frame of a connection) and pings (xid -2). Pipelined
+//! requests (the lock recipe's create and list) count one each, so the figure is the
+//! number of ZooKeeper operations a call costs, not its round trips.
+//!
+//! For etcd ([`Proxy::start_grpc`]) it counts gRPC *request messages*: it follows the
+//! client's HTTP/2 frames (after the connection preface) and the length-prefixed gRPC
+//! messages inside each stream's DATA frames. A unary call (range, put, txn) counts one;
+//! on a bidirectional stream each message counts one (a lease keep-alive, a watch
+//! create). HTTP/2 control frames (SETTINGS, PING, WINDOW_UPDATE, HEADERS) count nothing.
 
 use std::{
     io,
@@ -25,6 +37,17 @@ use tokio::{
     task::JoinHandle,
 };
 
+/// What a proxy counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Counting {
+    /// Client round trips (a burst of client bytes after the server spoke).
+    RoundTrips,
+    /// ZooKeeper request frames, without the handshake and pings.
+    ZookeeperRequests,
+    /// gRPC request messages in the client's HTTP/2 stream.
+    GrpcMessages,
+}
+
 /// A running proxy; dropping it stops accepting (open relays end with their sockets).
 #[derive(Debug)]
 pub(crate) struct Proxy {
@@ -34,8 +57,25 @@ pub(crate) struct Proxy {
 }
 
 impl Proxy {
-    /// Listens on `127.0.0.1:0` and relays every connection to `upstream` (`host:port`).
+    /// Listens on `127.0.0.1:0` and relays every connection to `upstream` (`host:port`),
+    /// counting round trips.
     pub(crate) async fn start(upstream: String) -> io::Result<Self> {
+        Self::start_counting(upstream, Counting::RoundTrips).await
+    }
+
+    /// Like [`Proxy::start`], counting ZooKeeper requests instead of round trips.
+    #[cfg_attr(not(feature = "zookeeper"), allow(dead_code))]
+    pub(crate) async fn start_zookeeper(upstream: String) -> io::Result<Self> {
+        Self::start_counting(upstream, Counting::ZookeeperRequests).await
+    }
+
+    /// Like [`Proxy::start`], counting gRPC request messages (HTTP/2 without TLS).
+    #[cfg_attr(not(feature = "etcd"), allow(dead_code))]
+    pub(crate) async fn start_grpc(upstream: String) -> io::Result<Self> {
+        Self::start_counting(upstream, Counting::GrpcMessages).await
+    }
+
+    async fn start_counting(upstream: String, counting: Counting) -> io::Result<Self> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let count = Arc::new(AtomicU64::new(0));
@@ -49,7 +89,7 @@ impl Proxy {
                 let counter = Arc::clone(&counter);
                 tokio::spawn(async move {
                     // A relay ends when either side closes; errors are the peer's business.
-                    let _ = relay(client, &upstream, counter).await;
+                    let _ = relay(client, &upstream, counter, counting).await;
                 });
             }
         });
@@ -77,7 +117,130 @@ impl Drop for Proxy {
     }
 }
 
-async fn relay(client: TcpStream, upstream: &str, count: Arc<AtomicU64>) -> io::Result<()> {
+/// Counts ZooKeeper request frames in the client's byte stream.
+#[derive(Debug, Default)]
+struct ZkFrames {
+    pending: Vec<u8>,
+    seen_handshake: bool,
+}
+
+impl ZkFrames {
+    /// Feeds client bytes; returns the number of complete requests they finished.
+    fn feed(&mut self, bytes: &[u8]) -> u64 {
+        self.pending.extend_from_slice(bytes);
+        let mut n = 0;
+        let mut at = 0;
+        while let Some(len) = self.pending.get(at..at + 4) {
+            let len = u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize;
+            let Some(frame) = self.pending.get(at + 4..at + 4 + len) else {
+                break;
+            };
+            if !self.seen_handshake {
+                self.seen_handshake = true;
+            } else {
+                let xid = frame
+                    .get(..4)
+                    .map(|x| i32::from_be_bytes([x[0], x[1], x[2], x[3]]));
+                if xid != Some(-2) {
+                    n += 1;
+                }
+            }
+            at += 4 + len;
+        }
+        self.pending.drain(..at);
+        n
+    }
+}
+
+/// The client connection preface of HTTP/2 (RFC 9113 §3.4).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Counts gRPC request messages in a client's HTTP/2 byte stream.
+#[derive(Debug, Default)]
+struct GrpcFrames {
+    pending: Vec<u8>,
+    seen_preface: bool,
+    /// Per stream: the bytes of a gRPC message prefix read so far (up to 5) and the
+    /// message bytes still to skip.
+    streams: std::collections::HashMap<u32, (Vec<u8>, usize)>,
+}
+
+impl GrpcFrames {
+    /// Feeds client bytes; returns the number of gRPC messages they started.
+    fn feed(&mut self, bytes: &[u8]) -> u64 {
+        self.pending.extend_from_slice(bytes);
+        let mut at = 0;
+        if !self.seen_preface {
+            if self.pending.len() < H2_PREFACE.len() {
+                return 0;
+            }
+            self.seen_preface = true;
+            at = H2_PREFACE.len();
+        }
+        let mut n = 0;
+        while let Some(h) = self.pending.get(at..at + 9) {
+            let len = (usize::from(h[0]) << 16) | (usize::from(h[1]) << 8) | usize::from(h[2]);
+            let (kind, flags) = (h[3], h[4]);
+            let stream = u32::from_be_bytes([h[5] & 0x7f, h[6], h[7], h[8]]);
+            let Some(payload) = self.pending.get(at + 9..at + 9 + len) else {
+                break;
+            };
+            if kind == 0 {
+                // DATA; strip padding when PADDED is set.
+                let body = if flags & 0x8 != 0 && !payload.is_empty() {
+                    let pad = usize::from(payload[0]);
+                    payload
+                        .get(1..payload.len().saturating_sub(pad))
+                        .unwrap_or(&[])
+                } else {
+                    payload
+                };
+                let state = self.streams.entry(stream).or_default();
+                n += grpc_messages(state, body);
+                if flags & 0x1 != 0 {
+                    self.streams.remove(&stream);
+                }
+            } else if kind == 3 {
+                // RST_STREAM
+                self.streams.remove(&stream);
+            }
+            at += 9 + len;
+        }
+        self.pending.drain(..at);
+        n
+    }
+}
+
+/// Walks one stream's DATA bytes through gRPC's 5-byte message prefixes; returns how many
+/// messages began in `body`.
+fn grpc_messages(state: &mut (Vec<u8>, usize), mut body: &[u8]) -> u64 {
+    let (prefix, skip) = state;
+    let mut n = 0;
+    while !body.is_empty() {
+        if *skip > 0 {
+            let k = (*skip).min(body.len());
+            *skip -= k;
+            body = &body[k..];
+            continue;
+        }
+        let k = (5 - prefix.len()).min(body.len());
+        prefix.extend_from_slice(&body[..k]);
+        body = &body[k..];
+        if prefix.len() == 5 {
+            n += 1;
+            *skip = u32::from_be_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]) as usize;
+            prefix.clear();
+        }
+    }
+    n
+}
+
+async fn relay(
+    client: TcpStream,
+    upstream: &str,
+    count: Arc<AtomicU64>,
+    counting: Counting,
+) -> io::Result<()> {
     let server = TcpStream::connect(upstream).await?;
     client.set_nodelay(true)?;
     server.set_nodelay(true)?;
@@ -89,14 +252,26 @@ async fn relay(client: TcpStream, upstream: &str, count: Arc<AtomicU64>) -> io::
     let flag = Arc::clone(&server_spoke);
     let up = async move {
         let mut buf = vec![0u8; 64 * 1024];
+        let mut frames = ZkFrames::default();
+        let mut grpc = GrpcFrames::default();
         loop {
             let n = client_rx.read(&mut buf).await?;
             if n == 0 {
                 server_tx.shutdown().await?;
                 return Ok::<_, io::Error>(());
             }
-            if flag.swap(false, Ordering::SeqCst) {
-                count.fetch_add(1, Ordering::SeqCst);
+            match counting {
+                Counting::RoundTrips => {
+                    if flag.swap(false, Ordering::SeqCst) {
+                        count.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+                Counting::ZookeeperRequests => {
+                    count.fetch_add(frames.feed(&buf[..n]), Ordering::SeqCst);
+                }
+                Counting::GrpcMessages => {
+                    count.fetch_add(grpc.feed(&buf[..n]), Ordering::SeqCst);
+                }
             }
             server_tx.write_all(&buf[..n]).await?;
         }
@@ -115,4 +290,65 @@ async fn relay(client: TcpStream, upstream: &str, count: Arc<AtomicU64>) -> io::
         }
     };
     tokio::try_join!(up, down).map(drop)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(body: &[u8]) -> Vec<u8> {
+        let mut v = (body.len() as u32).to_be_bytes().to_vec();
+        v.extend_from_slice(body);
+        v
+    }
+
+    #[test]
+    fn zookeeper_frames_skip_handshake_and_pings() {
+        let mut f = ZkFrames::default();
+        let mut bytes = frame(&[0; 44]);
+        let mut req = 1i32.to_be_bytes().to_vec();
+        req.extend_from_slice(&15i32.to_be_bytes());
+        bytes.extend(frame(&req));
+        let mut ping = (-2i32).to_be_bytes().to_vec();
+        ping.extend_from_slice(&11i32.to_be_bytes());
+        bytes.extend(frame(&ping));
+        let (a, b) = bytes.split_at(30);
+        assert_eq!(f.feed(a) + f.feed(b), 1);
+        let two = [frame(&req), frame(&req)].concat();
+        assert_eq!(f.feed(&two[..5]), 0);
+        assert_eq!(f.feed(&two[5..]), 2);
+    }
+
+    fn h2(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+        let len = payload.len() as u32;
+        let mut v = len.to_be_bytes()[1..].to_vec();
+        v.extend_from_slice(&[kind, flags]);
+        v.extend_from_slice(&stream.to_be_bytes());
+        v.extend_from_slice(payload);
+        v
+    }
+
+    fn msg(body: &[u8]) -> Vec<u8> {
+        let mut v = vec![0];
+        v.extend_from_slice(&(body.len() as u32).to_be_bytes());
+        v.extend_from_slice(body);
+        v
+    }
+
+    #[test]
+    fn grpc_messages_are_counted_across_frames() {
+        let mut f = GrpcFrames::default();
+        let mut bytes = H2_PREFACE.to_vec();
+        bytes.extend(h2(4, 0, 0, &[0; 6])); // SETTINGS
+        bytes.extend(h2(1, 4, 1, &[0x83; 10])); // HEADERS
+        bytes.extend(h2(0, 1, 1, &msg(b"range"))); // unary call
+        // One message split over two DATA frames, then two messages in one frame.
+        let long = msg(&[7; 20]);
+        bytes.extend(h2(0, 0, 3, &long[..3]));
+        bytes.extend(h2(8, 0, 0, &[0, 0, 1, 0])); // WINDOW_UPDATE
+        bytes.extend(h2(0, 0, 3, &long[3..]));
+        bytes.extend(h2(0, 0, 3, &[msg(b"a"), msg(b"bc")].concat()));
+        let (a, b) = bytes.split_at(40);
+        assert_eq!(f.feed(a) + f.feed(b), 4);
+    }
 }

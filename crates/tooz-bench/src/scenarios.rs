@@ -126,6 +126,43 @@ pub(crate) async fn run_all(t: &Target, sizes: &Sizes) -> Result<(Vec<Figures>, 
                     .to_owned(),
             );
         }
+        #[cfg(feature = "zookeeper")]
+        "zookeeper" => {
+            scenario!("floor_rtt", sizes.floor, count(sizes.floor), |n| zk_exists(
+                t, n
+            ));
+            scenario!("floor_write", sizes.floor, count(sizes.floor), |n| {
+                zk_create_delete(t, n)
+            });
+            notes.push(
+                "zookeeper: floor_rtt = one `exists` (zookeeper-client); floor_write = create \
+                 + delete of an ephemeral znode (two round trips, each write waits for the \
+                 server's log); req/op = ZooKeeper requests (not round trips) counted by an \
+                 in-process proxy that parses the client's frames, in a second pass of a \
+                 tenth of the iterations"
+                    .to_owned(),
+            );
+        }
+        #[cfg(feature = "etcd")]
+        "etcd" => {
+            scenario!(
+                "floor_rtt",
+                sizes.floor,
+                count(sizes.floor),
+                |n| etcd_range(t, n)
+            );
+            scenario!("floor_write", sizes.floor, count(sizes.floor), |n| {
+                etcd_put(t, n)
+            });
+            notes.push(
+                "etcd: floor_rtt = one range read of a key (etcd-client); floor_write = one \
+                 put (waits for etcd's fsync); req/op = gRPC request messages (unary calls and \
+                 stream messages such as keep-alives) counted by an in-process proxy that \
+                 follows the client's HTTP/2 frames, in a second pass of a tenth of the \
+                 iterations"
+                    .to_owned(),
+            );
+        }
         "file" => {
             let dir = t
                 .scratch()
@@ -228,6 +265,116 @@ async fn redis_ping(t: &Target, n: usize) -> Result<Measured> {
         samples,
         ops_per_sample: 1,
         round_trips: w.close(t),
+    })
+}
+
+#[cfg(feature = "zookeeper")]
+async fn zk_client(t: &Target) -> Result<zookeeper_client::Client> {
+    let hosts = t.raw_zk_hosts()?;
+    zookeeper_client::Client::connect(&hosts)
+        .await
+        .with_context(|| format!("raw ZooKeeper connection to {hosts}"))
+}
+
+#[cfg(feature = "zookeeper")]
+async fn zk_exists(t: &Target, n: usize) -> Result<Measured> {
+    let zk = zk_client(t).await?;
+    for _ in 0..10 {
+        zk.check_stat("/").await?;
+    }
+    let w = Window::open(t);
+    let mut samples = Vec::with_capacity(n);
+    for _ in 0..n {
+        let start = Instant::now();
+        let stat = zk.check_stat("/").await?;
+        samples.push(start.elapsed());
+        ensure!(stat.is_some(), "the root znode does not exist");
+    }
+    Ok(Measured {
+        samples,
+        ops_per_sample: 1,
+        round_trips: w.close(t),
+    })
+}
+
+#[cfg(feature = "zookeeper")]
+async fn zk_create_delete(t: &Target, n: usize) -> Result<Measured> {
+    use zookeeper_client::{Acls, CreateMode};
+    let zk = zk_client(t).await?;
+    let path = format!("/{}", t.name("floor-write"));
+    let opts = CreateMode::Ephemeral.with_acls(Acls::anyone_all());
+    for _ in 0..10 {
+        zk.create(&path, b"", &opts).await?;
+        zk.delete(&path, None).await?;
+    }
+    let w = Window::open(t);
+    let mut samples = Vec::with_capacity(n);
+    for _ in 0..n {
+        let start = Instant::now();
+        zk.create(&path, b"", &opts).await?;
+        zk.delete(&path, None).await?;
+        samples.push(start.elapsed());
+    }
+    Ok(Measured {
+        samples,
+        ops_per_sample: 1,
+        round_trips: w.close(t),
+    })
+}
+
+#[cfg(feature = "etcd")]
+async fn etcd_client(t: &Target) -> Result<etcd_client::Client> {
+    let endpoint = t.raw_etcd_endpoint()?;
+    etcd_client::Client::connect([endpoint.as_str()], None)
+        .await
+        .with_context(|| format!("raw etcd connection to {endpoint}"))
+}
+
+#[cfg(feature = "etcd")]
+async fn etcd_range(t: &Target, n: usize) -> Result<Measured> {
+    let mut kv = etcd_client(t).await?.kv_client();
+    let key = format!("tooz-bench/{}", t.name("floor-read"));
+    kv.put(key.as_str(), "x", None).await?;
+    for _ in 0..10 {
+        kv.get(key.as_str(), None).await?;
+    }
+    let w = Window::open(t);
+    let mut samples = Vec::with_capacity(n);
+    for _ in 0..n {
+        let start = Instant::now();
+        let got = kv.get(key.as_str(), None).await?;
+        samples.push(start.elapsed());
+        ensure!(got.kvs().len() == 1, "the floor key vanished");
+    }
+    let round_trips = w.close(t);
+    kv.delete(key.as_str(), None).await?;
+    Ok(Measured {
+        samples,
+        ops_per_sample: 1,
+        round_trips,
+    })
+}
+
+#[cfg(feature = "etcd")]
+async fn etcd_put(t: &Target, n: usize) -> Result<Measured> {
+    let mut kv = etcd_client(t).await?.kv_client();
+    let key = format!("tooz-bench/{}", t.name("floor-write"));
+    for _ in 0..10 {
+        kv.put(key.as_str(), "x", None).await?;
+    }
+    let w = Window::open(t);
+    let mut samples = Vec::with_capacity(n);
+    for _ in 0..n {
+        let start = Instant::now();
+        kv.put(key.as_str(), "x", None).await?;
+        samples.push(start.elapsed());
+    }
+    let round_trips = w.close(t);
+    kv.delete(key.as_str(), None).await?;
+    Ok(Measured {
+        samples,
+        ops_per_sample: 1,
+        round_trips,
     })
 }
 

@@ -142,6 +142,46 @@ impl Options {
     }
 }
 
+/// Parses a backend URL, also accepting an authority that lists several
+/// comma-separated hosts with their own ports (`zookeeper://h1:2181,h2:2182/x`, as
+/// Python tooz passes its netloc to kazoo), which URL syntax does not allow: when the
+/// plain parse fails and the authority holds a comma, the `:`, `[` and `]` of the host
+/// list are percent-encoded, so the whole list becomes the URL's host (`host_str()`
+/// returns it encoded, without a port) for the driver to split.
+///
+/// ```
+/// let u = tooz_core::options::parse_backend_url("zookeeper://u:p@h1:2181,h2:2182/x?a=1").unwrap();
+/// assert_eq!(u.host_str(), Some("h1%3A2181,h2%3A2182"));
+/// assert_eq!((u.username(), u.port(), u.path()), ("u", None, "/x"));
+/// assert!(tooz_core::options::parse_backend_url("redis://h:99999").is_err());
+/// ```
+///
+/// # Errors
+/// The plain parse's error when the fallback does not apply or does not parse either.
+pub fn parse_backend_url(url: &str) -> std::result::Result<Url, url::ParseError> {
+    let err = match Url::parse(url) {
+        Ok(u) => return Ok(u),
+        Err(e) => e,
+    };
+    let Some(start) = url.find("://").map(|i| i + 3) else {
+        return Err(err);
+    };
+    let rest = &url[start..];
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let authority = &rest[..end];
+    let hosts_at = authority.rfind('@').map_or(0, |i| i + 1);
+    let hosts = &authority[hosts_at..];
+    if !hosts.contains(',') {
+        return Err(err);
+    }
+    let encoded = hosts
+        .replace(':', "%3A")
+        .replace('[', "%5B")
+        .replace(']', "%5D");
+    let rebuilt = format!("{}{encoded}{}", &url[..start + hosts_at], &rest[end..]);
+    Url::parse(&rebuilt).map_err(|_| err)
+}
+
 /// Renders a URL for messages with its password replaced by `***`.
 pub fn redact_url(url: &Url) -> String {
     if url.password().is_some() {
@@ -209,6 +249,18 @@ mod tests {
         assert!(e.contains("timeout") && e.contains("abc"), "{e}");
         assert!(o.bool("redis", "ssl").is_err());
         assert!(o.duration_secs("redis", "t2").is_err());
+    }
+
+    #[test]
+    fn host_lists_with_ports_parse() {
+        let u = parse_backend_url("zookeeper://a:p@ss@h1:1,[::1]:2,h3/c?x=1#f").unwrap();
+        assert_eq!(u.host_str(), Some("h1%3A1,%5B%3A%3A1%5D%3A2,h3"));
+        assert_eq!((u.username(), u.password()), ("a", Some("p%40ss")));
+        assert_eq!((u.path(), u.query()), ("/c", Some("x=1")));
+        // Plain URLs are untouched; malformed ones without a host list still fail.
+        assert_eq!(parse_backend_url("redis://h:1/0").unwrap().port(), Some(1));
+        assert!(parse_backend_url("redis://[::1").is_err());
+        assert!(parse_backend_url("not a url").is_err());
     }
 
     #[test]

@@ -13,7 +13,7 @@ use crate::coordinator::{Coordinator, CoordinatorConfig};
 use crate::driver::Driver;
 use crate::error::{Result, ToozError};
 use crate::ids::MemberId;
-use crate::options::{Options, redact_url, redact_url_str};
+use crate::options::{Options, parse_backend_url, redact_url, redact_url_str};
 
 /// What a driver factory receives.
 #[derive(Debug)]
@@ -142,7 +142,8 @@ impl Registry {
     ) -> Result<Coordinator> {
         let member_id = member_id.into();
         member_id.validate()?;
-        let parsed = Url::parse(url).map_err(|e| ToozError::invalid_url(redact_url_str(url), e))?;
+        let parsed =
+            parse_backend_url(url).map_err(|e| ToozError::invalid_url(redact_url_str(url), e))?;
         let scheme = parsed.scheme();
         let Some(d) = self.drivers.iter().find(|d| d.schemes.contains(&scheme)) else {
             let mut known = self.schemes();

@@ -33,6 +33,8 @@ macro_rules! drivers {
 drivers! {
     "file" => tooz_file,
     "redis" => tooz_redis,
+    "zookeeper" => tooz_zookeeper,
+    "etcd" => tooz_etcd,
 }
 
 /// The descriptors of every driver enabled by this build's cargo features.

@@ -10,7 +10,14 @@ use crate::process::{self, progress};
 /// What the virtualenv holds. tooz's file driver needs msgpack (its record format) and
 /// fasteners (its inter-process locks); both are tooz requirements and are named here so
 /// the intent survives a change in tooz's own dependency list.
-const REQUIREMENTS: &[&str] = &["tooz==9.1.0", "msgpack", "fasteners", "redis==8.1.0"];
+const REQUIREMENTS: &[&str] = &[
+    "tooz==9.1.0",
+    "msgpack",
+    "fasteners",
+    "redis==8.1.0",
+    "kazoo==2.11.0",
+    "etcd3gw==2.7.0",
+];
 
 /// The exact tooz version the scenarios are written against.
 const TOOZ_VERSION: &str = "9.1.0";

@@ -46,7 +46,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 use tooz_core::{Coordinator, Registry, Url};
 
-use crate::proxy::Proxy;
+use crate::proxy::{Counting, Proxy};
 
 const USAGE: &str =
     "usage: tooz-bench --driver file|redis|zookeeper|etcd [--json-out PATH] [--quick] [--url URL]";
@@ -137,6 +137,43 @@ async fn run(args: Args) -> Result<()> {
     Ok(())
 }
 
+/// A networked driver: where its test server's URL comes from and what its proxy counts.
+#[derive(Debug)]
+struct Server {
+    driver: &'static str,
+    /// The environment variable `cargo xtask backends up` writes the URL to.
+    env: &'static str,
+    /// The port when the URL has none.
+    port: u16,
+    counting: Counting,
+    /// A `namespace` option added to the URL when it has none.
+    namespace: Option<&'static str>,
+}
+
+const SERVERS: &[Server] = &[
+    Server {
+        driver: "redis",
+        env: "TOOZ_TEST_REDIS_URL",
+        port: 6379,
+        counting: Counting::RoundTrips,
+        namespace: None,
+    },
+    Server {
+        driver: "zookeeper",
+        env: "TOOZ_TEST_ZOOKEEPER_URL",
+        port: 2181,
+        counting: Counting::ZookeeperRequests,
+        namespace: Some("tooz-bench"),
+    },
+    Server {
+        driver: "etcd",
+        env: "TOOZ_TEST_ETCD_URL",
+        port: 2379,
+        counting: Counting::GrpcMessages,
+        namespace: None,
+    },
+];
+
 /// The backend under test and how to reach it.
 #[derive(Debug)]
 pub(crate) struct Target {
@@ -146,6 +183,8 @@ pub(crate) struct Target {
     direct_url: String,
     /// URL for measured coordinators (through the proxy when there is one).
     measured_url: String,
+    /// `host:port` of the server, for networked drivers.
+    server_addr: Option<String>,
     proxy: Option<Proxy>,
     /// Whether measured coordinators go through the proxy (the counting pass) or straight
     /// to the server (the timing pass).
@@ -184,111 +223,72 @@ impl Target {
                     registry,
                     direct_url: url.clone(),
                     measured_url: url,
+                    server_addr: None,
                     proxy: None,
                     counting: AtomicBool::new(false),
                     run,
                     scratch: Some(dir),
                 })
             }
-            "redis" => {
-                let url = match &args.url {
-                    Some(url) => url.clone(),
-                    None => std::env::var("TOOZ_TEST_REDIS_URL").context(
-                        "no Redis server: pass --url or set TOOZ_TEST_REDIS_URL \
-                         (`cargo xtask backends up --only redis` writes it)",
-                    )?,
+            name => {
+                let Some(server) = SERVERS.iter().find(|s| s.driver == name) else {
+                    bail!(
+                        "unknown driver `{name}` (tooz-bench knows file, redis, zookeeper and etcd)"
+                    )
                 };
-                let parsed = Url::parse(&url).with_context(|| format!("bad URL {url}"))?;
-                let host = parsed.host_str().unwrap_or("127.0.0.1");
-                let port = parsed.port().unwrap_or(6379);
-                let proxy = Proxy::start(format!("{host}:{port}")).await?;
-                let mut measured = parsed.clone();
-                measured
-                    .set_host(Some("127.0.0.1"))
-                    .context("cannot rewrite the URL's host")?;
-                measured
-                    .set_port(Some(proxy.addr().port()))
-                    .map_err(|()| anyhow::anyhow!("cannot rewrite the URL's port"))?;
-                Ok(Self {
-                    driver: "redis",
-                    registry,
-                    direct_url: url,
-                    measured_url: measured.to_string(),
-                    proxy: Some(proxy),
-                    counting: AtomicBool::new(false),
-                    run,
-                    scratch: None,
-                })
-            }
-            "zookeeper" => {
-                let url = match &args.url {
-                    Some(url) => url.clone(),
-                    None => std::env::var("TOOZ_TEST_ZOOKEEPER_URL").context(
-                        "no ZooKeeper server: pass --url or set TOOZ_TEST_ZOOKEEPER_URL \
-                         (`cargo xtask backends up --only zookeeper` writes it)",
-                    )?,
-                };
-                let mut parsed = Url::parse(&url).with_context(|| format!("bad URL {url}"))?;
-                if !parsed.query_pairs().any(|(k, _)| k == "namespace") {
-                    parsed
-                        .query_pairs_mut()
-                        .append_pair("namespace", "tooz-bench");
-                }
-                let host = parsed.host_str().unwrap_or("127.0.0.1").to_owned();
-                let port = parsed.port().unwrap_or(2181);
-                let proxy = Proxy::start_zookeeper(format!("{host}:{port}")).await?;
-                let mut measured = parsed.clone();
-                measured
-                    .set_host(Some("127.0.0.1"))
-                    .context("cannot rewrite the URL's host")?;
-                measured
-                    .set_port(Some(proxy.addr().port()))
-                    .map_err(|()| anyhow::anyhow!("cannot rewrite the URL's port"))?;
-                Ok(Self {
-                    driver: "zookeeper",
-                    registry,
-                    direct_url: parsed.to_string(),
-                    measured_url: measured.to_string(),
-                    proxy: Some(proxy),
-                    counting: AtomicBool::new(false),
-                    run,
-                    scratch: None,
-                })
-            }
-            "etcd" => {
-                let url = match &args.url {
-                    Some(url) => url.clone(),
-                    None => std::env::var("TOOZ_TEST_ETCD_URL").context(
-                        "no etcd server: pass --url or set TOOZ_TEST_ETCD_URL \
-                         (`cargo xtask backends up --only etcd` writes it)",
-                    )?,
-                };
-                let parsed = Url::parse(&url).with_context(|| format!("bad URL {url}"))?;
-                let host = parsed.host_str().unwrap_or("127.0.0.1").to_owned();
-                let port = parsed.port().unwrap_or(2379);
-                let proxy = Proxy::start_grpc(format!("{host}:{port}")).await?;
-                let mut measured = parsed.clone();
-                measured
-                    .set_host(Some("127.0.0.1"))
-                    .context("cannot rewrite the URL's host")?;
-                measured
-                    .set_port(Some(proxy.addr().port()))
-                    .map_err(|()| anyhow::anyhow!("cannot rewrite the URL's port"))?;
-                Ok(Self {
-                    driver: "etcd",
-                    registry,
-                    direct_url: parsed.to_string(),
-                    measured_url: measured.to_string(),
-                    proxy: Some(proxy),
-                    counting: AtomicBool::new(false),
-                    run,
-                    scratch: None,
-                })
-            }
-            other => {
-                bail!("unknown driver `{other}` (tooz-bench knows file, redis, zookeeper and etcd)")
+                Self::behind_proxy(server, args, registry, run).await
             }
         }
+    }
+
+    /// A target for a networked driver: the server from `--url` or the environment,
+    /// and a counting proxy in front of it.
+    async fn behind_proxy(
+        server: &Server,
+        args: &Args,
+        registry: Registry,
+        run: String,
+    ) -> Result<Self> {
+        let url = match &args.url {
+            Some(url) => url.clone(),
+            None => std::env::var(server.env).with_context(|| {
+                format!(
+                    "no {} server: pass --url or set {} (`cargo xtask backends up --only {}` \
+                     writes it)",
+                    server.driver, server.env, server.driver
+                )
+            })?,
+        };
+        let mut direct = Url::parse(&url).with_context(|| format!("bad URL {url}"))?;
+        if let Some(ns) = server.namespace
+            && !direct.query_pairs().any(|(k, _)| k == "namespace")
+        {
+            direct.query_pairs_mut().append_pair("namespace", ns);
+        }
+        let addr = format!(
+            "{}:{}",
+            direct.host_str().unwrap_or("127.0.0.1"),
+            direct.port().unwrap_or(server.port)
+        );
+        let proxy = Proxy::start(addr.clone(), server.counting).await?;
+        let mut measured = direct.clone();
+        measured
+            .set_host(Some("127.0.0.1"))
+            .context("cannot rewrite the URL's host")?;
+        measured
+            .set_port(Some(proxy.addr().port()))
+            .map_err(|()| anyhow::anyhow!("cannot rewrite the URL's port"))?;
+        Ok(Self {
+            driver: server.driver,
+            registry,
+            direct_url: direct.to_string(),
+            measured_url: measured.to_string(),
+            server_addr: Some(addr),
+            proxy: Some(proxy),
+            counting: AtomicBool::new(false),
+            run,
+            scratch: None,
+        })
     }
 
     /// Whether the driver can run here (the Redis driver is behind a cargo feature).
@@ -340,53 +340,17 @@ impl Target {
         format!("bench-{}{pass}-{what}", self.run)
     }
 
-    /// A `redis://` URL for the raw client: the proxy in the counting pass, else the server.
-    pub(crate) fn raw_redis_url(&self) -> Result<String> {
-        if self.counting()
-            && let Some(p) = &self.proxy
-        {
-            return Ok(format!("redis://{}/", p.addr()));
-        }
-        let url = Url::parse(&self.direct_url)?;
-        Ok(format!(
-            "redis://{}:{}/",
-            url.host_str().unwrap_or("127.0.0.1"),
-            url.port().unwrap_or(6379)
-        ))
-    }
-
-    /// `host:port` for a raw ZooKeeper client: the proxy in the counting pass, else the
-    /// server.
-    #[cfg_attr(not(feature = "zookeeper"), allow(dead_code))]
-    pub(crate) fn raw_zk_hosts(&self) -> Result<String> {
+    /// `host:port` for a raw client of the backend (floors): the proxy in the counting
+    /// pass, else the server.
+    pub(crate) fn raw_addr(&self) -> Result<String> {
         if self.counting()
             && let Some(p) = &self.proxy
         {
             return Ok(p.addr().to_string());
         }
-        let url = Url::parse(&self.direct_url)?;
-        Ok(format!(
-            "{}:{}",
-            url.host_str().unwrap_or("127.0.0.1"),
-            url.port().unwrap_or(2181)
-        ))
-    }
-
-    /// `http://host:port` for a raw etcd client: the proxy in the counting pass, else the
-    /// server.
-    #[cfg_attr(not(feature = "etcd"), allow(dead_code))]
-    pub(crate) fn raw_etcd_endpoint(&self) -> Result<String> {
-        if self.counting()
-            && let Some(p) = &self.proxy
-        {
-            return Ok(format!("http://{}", p.addr()));
-        }
-        let url = Url::parse(&self.direct_url)?;
-        Ok(format!(
-            "http://{}:{}",
-            url.host_str().unwrap_or("127.0.0.1"),
-            url.port().unwrap_or(2379)
-        ))
+        self.server_addr
+            .clone()
+            .context("this driver has no server to reach")
     }
 
     /// Round trips counted so far (`None` outside the counting pass).

@@ -10,13 +10,13 @@
 //! machine, and unlike Redis `INFO commandstats` it does not count the commands a Lua
 //! script runs inside the server.
 //!
-//! For ZooKeeper ([`Proxy::start_zookeeper`]) the proxy counts *requests* instead: it
+//! For ZooKeeper ([`Counting::ZookeeperRequests`]) the proxy counts *requests* instead: it
 //! reads the client's length-prefixed frames and counts each request frame except the
 //! session handshake (the first frame of a connection) and pings (xid -2). Pipelined
 //! requests (the lock recipe's create and list) count one each, so the figure is the
 //! number of ZooKeeper operations a call costs, not its round trips.
 //!
-//! For etcd ([`Proxy::start_grpc`]) it counts gRPC *request messages*: it follows the
+//! For etcd ([`Counting::GrpcMessages`]) it counts gRPC *request messages*: it follows the
 //! client's HTTP/2 frames (after the connection preface) and the length-prefixed gRPC
 //! messages inside each stream's DATA frames. A unary call (range, put, txn) counts one;
 //! on a bidirectional stream each message counts one (a lease keep-alive, a watch
@@ -39,7 +39,7 @@ use tokio::{
 
 /// What a proxy counts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Counting {
+pub(crate) enum Counting {
     /// Client round trips (a burst of client bytes after the server spoke).
     RoundTrips,
     /// ZooKeeper request frames, without the handshake and pings.
@@ -58,24 +58,8 @@ pub(crate) struct Proxy {
 
 impl Proxy {
     /// Listens on `127.0.0.1:0` and relays every connection to `upstream` (`host:port`),
-    /// counting round trips.
-    pub(crate) async fn start(upstream: String) -> io::Result<Self> {
-        Self::start_counting(upstream, Counting::RoundTrips).await
-    }
-
-    /// Like [`Proxy::start`], counting ZooKeeper requests instead of round trips.
-    #[cfg_attr(not(feature = "zookeeper"), allow(dead_code))]
-    pub(crate) async fn start_zookeeper(upstream: String) -> io::Result<Self> {
-        Self::start_counting(upstream, Counting::ZookeeperRequests).await
-    }
-
-    /// Like [`Proxy::start`], counting gRPC request messages (HTTP/2 without TLS).
-    #[cfg_attr(not(feature = "etcd"), allow(dead_code))]
-    pub(crate) async fn start_grpc(upstream: String) -> io::Result<Self> {
-        Self::start_counting(upstream, Counting::GrpcMessages).await
-    }
-
-    async fn start_counting(upstream: String, counting: Counting) -> io::Result<Self> {
+    /// counting what `counting` says.
+    pub(crate) async fn start(upstream: String, counting: Counting) -> io::Result<Self> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let count = Arc::new(AtomicU64::new(0));

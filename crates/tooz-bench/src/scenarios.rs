@@ -244,7 +244,7 @@ pub(crate) async fn run_all(t: &Target, sizes: &Sizes) -> Result<(Vec<Figures>, 
 }
 
 async fn redis_ping(t: &Target, n: usize) -> Result<Measured> {
-    let url = t.raw_redis_url()?;
+    let url = format!("redis://{}/", t.raw_addr()?);
     let client = redis::Client::open(url.as_str())?;
     let mut con = client
         .get_multiplexed_async_connection()
@@ -270,7 +270,7 @@ async fn redis_ping(t: &Target, n: usize) -> Result<Measured> {
 
 #[cfg(feature = "zookeeper")]
 async fn zk_client(t: &Target) -> Result<zookeeper_client::Client> {
-    let hosts = t.raw_zk_hosts()?;
+    let hosts = t.raw_addr()?;
     zookeeper_client::Client::connect(&hosts)
         .await
         .with_context(|| format!("raw ZooKeeper connection to {hosts}"))
@@ -324,7 +324,7 @@ async fn zk_create_delete(t: &Target, n: usize) -> Result<Measured> {
 
 #[cfg(feature = "etcd")]
 async fn etcd_client(t: &Target) -> Result<etcd_client::Client> {
-    let endpoint = t.raw_etcd_endpoint()?;
+    let endpoint = format!("http://{}", t.raw_addr()?);
     etcd_client::Client::connect([endpoint.as_str()], None)
         .await
         .with_context(|| format!("raw etcd connection to {endpoint}"))

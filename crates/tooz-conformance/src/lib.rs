@@ -6,6 +6,7 @@ mod check;
 
 mod cases;
 mod harness;
+pub mod python;
 mod runner;
 mod worker;
 

@@ -226,6 +226,56 @@ impl Inner {
         format!("{created} {now}").into_bytes()
     }
 
+    /// Joins (`joining`) or updates the capabilities of this member in one transaction:
+    /// the group must exist, and the member key must be absent (join) or present (update).
+    async fn put_member(
+        &self,
+        group: &GroupId,
+        capabilities: &Capabilities,
+        joining: bool,
+    ) -> Result<()> {
+        check_group(group)?;
+        let lease = self.lease()?;
+        let gk = keys::group(group.as_bytes());
+        let mk = keys::member(group.as_bytes(), self.member.as_bytes());
+        let tk = keys::member_times(group.as_bytes(), self.member.as_bytes());
+        let times = self.times_value(group, joining);
+        let put = || Some(PutOptions::new().with_lease(lease.id));
+        let (what, member_op) = if joining {
+            ("join_group", CompareOp::Equal)
+        } else {
+            ("update_capabilities", CompareOp::Greater)
+        };
+        let r = self
+            .txn(
+                what,
+                Txn::new()
+                    .when(vec![
+                        Compare::version(gk.clone(), CompareOp::Greater, 0),
+                        Compare::create_revision(mk.clone(), member_op, 0),
+                    ])
+                    .and_then(vec![
+                        TxnOp::put(mk, capabilities.as_msgpack().to_vec(), put()),
+                        TxnOp::put(tk, times, put()),
+                    ])
+                    .or_else(vec![TxnOp::get(
+                        gk,
+                        Some(GetOptions::new().with_keys_only()),
+                    )]),
+            )
+            .await?;
+        let (group, member) = (group.clone(), self.member.clone());
+        if r.succeeded() {
+            Ok(())
+        } else if got(&gets(&r), 0).is_none() {
+            Err(ToozError::GroupNotCreated(group))
+        } else if joining {
+            Err(ToozError::MemberAlreadyExist { group, member })
+        } else {
+            Err(ToozError::MemberNotJoined { group, member })
+        }
+    }
+
     /// Group key, member key and times key of `member` read in one transaction.
     async fn member_read(
         &self,
@@ -544,42 +594,7 @@ impl Driver for EtcdDriver {
 
     #[tracing::instrument(level = "debug", skip_all, fields(group = %group))]
     async fn join_group(&self, group: &GroupId, capabilities: &Capabilities) -> Result<()> {
-        check_group(group)?;
-        let i = &self.inner;
-        let lease = i.lease()?;
-        let gk = keys::group(group.as_bytes());
-        let mk = keys::member(group.as_bytes(), i.member.as_bytes());
-        let tk = keys::member_times(group.as_bytes(), i.member.as_bytes());
-        let times = i.times_value(group, true);
-        let put = || Some(PutOptions::new().with_lease(lease.id));
-        let r = i
-            .txn(
-                "join_group",
-                Txn::new()
-                    .when(vec![
-                        Compare::version(gk.clone(), CompareOp::Greater, 0),
-                        Compare::create_revision(mk.clone(), CompareOp::Equal, 0),
-                    ])
-                    .and_then(vec![
-                        TxnOp::put(mk, capabilities.as_msgpack().to_vec(), put()),
-                        TxnOp::put(tk, times, put()),
-                    ])
-                    .or_else(vec![TxnOp::get(
-                        gk,
-                        Some(GetOptions::new().with_keys_only()),
-                    )]),
-            )
-            .await?;
-        if r.succeeded() {
-            Ok(())
-        } else if got(&gets(&r), 0).is_none() {
-            Err(ToozError::GroupNotCreated(group.clone()))
-        } else {
-            Err(ToozError::MemberAlreadyExist {
-                group: group.clone(),
-                member: i.member.clone(),
-            })
-        }
+        self.inner.put_member(group, capabilities, true).await
     }
 
     #[tracing::instrument(level = "debug", skip_all, fields(group = %group))]
@@ -683,42 +698,7 @@ impl Driver for EtcdDriver {
         group: &GroupId,
         capabilities: &Capabilities,
     ) -> Result<()> {
-        check_group(group)?;
-        let i = &self.inner;
-        let lease = i.lease()?;
-        let gk = keys::group(group.as_bytes());
-        let mk = keys::member(group.as_bytes(), i.member.as_bytes());
-        let tk = keys::member_times(group.as_bytes(), i.member.as_bytes());
-        let times = i.times_value(group, false);
-        let put = || Some(PutOptions::new().with_lease(lease.id));
-        let r = i
-            .txn(
-                "update_capabilities",
-                Txn::new()
-                    .when(vec![
-                        Compare::version(gk.clone(), CompareOp::Greater, 0),
-                        Compare::create_revision(mk.clone(), CompareOp::Greater, 0),
-                    ])
-                    .and_then(vec![
-                        TxnOp::put(mk, capabilities.as_msgpack().to_vec(), put()),
-                        TxnOp::put(tk, times, put()),
-                    ])
-                    .or_else(vec![TxnOp::get(
-                        gk,
-                        Some(GetOptions::new().with_keys_only()),
-                    )]),
-            )
-            .await?;
-        if r.succeeded() {
-            Ok(())
-        } else if got(&gets(&r), 0).is_none() {
-            Err(ToozError::GroupNotCreated(group.clone()))
-        } else {
-            Err(ToozError::MemberNotJoined {
-                group: group.clone(),
-                member: i.member.clone(),
-            })
-        }
+        self.inner.put_member(group, capabilities, false).await
     }
 
     #[tracing::instrument(level = "debug", skip_all, fields(group = %group))]

@@ -9,10 +9,9 @@
 #![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeMap;
-use std::process::Stdio;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tooz_conformance::python::{Observations, PythonPeer, partition_owners};
 use tooz_core::{Coordinator, MemberId, Registry, ToozError, Wait};
 
 const PY_ENV: &str = "TOOZ_TEST_PYTHON";
@@ -100,35 +99,11 @@ async fn python_and_rust_share_one_server() {
         .await
         .unwrap();
 
-    let mut child = tokio::process::Command::new(&python)
-        .arg("-c")
-        .arg(SCRIPT)
-        .arg(&url)
-        .arg(&p)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let mut seen = Vec::new();
-    let mut py_owners = String::new();
-    loop {
-        let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
-            .await
-            .expect("python stayed silent")
-            .unwrap()
-            .expect("python exited early");
-        if line == "ready" {
-            break;
-        }
-        if let Some(owners) = line.strip_prefix("owners ") {
-            py_owners = owners.to_string();
-            continue;
-        }
-        seen.push(line);
-    }
+    let mut py = PythonPeer::spawn(&python, SCRIPT, &[&url, &p]);
+    let Observations {
+        lines: seen,
+        owners: py_owners,
+    } = py.until_ready().await;
     // What Python saw of us. (Python's get_groups also lists bogus `group/member`
     // entries; the filter keeps the real ones and those bogus entries that start
     // like them, so this also pins that bug's shape.)
@@ -158,21 +133,11 @@ async fn python_and_rust_share_one_server() {
 
     // Partitioners agree (weights 2 and 5 read from each other's capabilities).
     part.refresh().await.unwrap();
-    let mut objs: Vec<String> = (0..40).map(|i| format!("obj-{i}")).collect();
-    objs.push("\u{447}\u{443}\u{43f}\u{430}\u{43a}\u{430}\u{431}\u{440}\u{430}".to_string());
-    let mut ours = Vec::new();
-    for r in [1usize, 2] {
-        for o in &objs {
-            let mut owners: Vec<String> = part
-                .members_for_object(o.as_str(), &[], r)
-                .iter()
-                .map(|m| m.to_string()[p.len()..].to_string())
-                .collect();
-            owners.sort();
-            ours.push(format!("{o}={}", owners.join(",")));
-        }
-    }
-    assert_eq!(ours.join(";"), py_owners, "partition owners differ");
+    assert_eq!(
+        partition_owners(&part, &p),
+        py_owners,
+        "partition owners differ"
+    );
 
     // What we see of Python: its member and capabilities byte for byte, its lock.
     let members = rust
@@ -201,17 +166,12 @@ async fn python_and_rust_share_one_server() {
 
     // Rust releases its lock; Python then takes it, releases its own, and leaves.
     assert!(lock.release().await.unwrap());
-    let stdin = child.stdin.as_mut().unwrap();
-    stdin.write_all(b"go\n").await.unwrap();
-    stdin.flush().await.unwrap();
-    let after = lines.next_line().await.unwrap().unwrap();
+    py.go().await;
+    let after = py.line().await;
     assert_eq!(after, "after ['py-m', 'rust-m']");
-    assert_eq!(
-        lines.next_line().await.unwrap().unwrap(),
-        "rust-lock-after True"
-    );
-    assert_eq!(lines.next_line().await.unwrap().unwrap(), "stopped");
-    assert!(child.wait().await.unwrap().success());
+    assert_eq!(py.line().await, "rust-lock-after True");
+    assert_eq!(py.line().await, "stopped");
+    py.wait_success().await;
     // Python released py-lock: our waiter gets it.
     assert!(
         py_lock

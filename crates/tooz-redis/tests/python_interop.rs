@@ -11,10 +11,9 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::process::Stdio;
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tooz_conformance::python::{Observations, PythonPeer, partition_owners};
 use tooz_core::{MemberId, ToozError, Wait};
 
 use support::*;
@@ -83,34 +82,11 @@ async fn python_and_rust_share_one_server() {
     assert!(rust.try_become_leader("shared-g").await.unwrap().is_some());
 
     let part = rust.join_partitioned_group("part-g", 5, 32).await.unwrap();
-    let mut child = tokio::process::Command::new(&python)
-        .arg("-c")
-        .arg(SCRIPT)
-        .arg(&url)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let mut seen = Vec::new();
-    let mut py_owners = String::new();
-    loop {
-        let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
-            .await
-            .expect("python stayed silent")
-            .unwrap()
-            .expect("python exited early");
-        if line == "ready" {
-            break;
-        }
-        if let Some(owners) = line.strip_prefix("owners ") {
-            py_owners = owners.to_string();
-            continue;
-        }
-        seen.push(line);
-    }
+    let mut py = PythonPeer::spawn(&python, SCRIPT, &[&url]);
+    let Observations {
+        lines: seen,
+        owners: py_owners,
+    } = py.until_ready().await;
     // What Python saw of us.
     assert_eq!(
         seen,
@@ -129,21 +105,11 @@ async fn python_and_rust_share_one_server() {
     // Python's partitioner and ours agree on every owner (weights 2 and 5 read from
     // each other's capabilities).
     part.refresh().await.unwrap();
-    let mut objs: Vec<String> = (0..40).map(|i| format!("obj-{i}")).collect();
-    objs.push("\u{447}\u{443}\u{43f}\u{430}\u{43a}\u{430}\u{431}\u{440}\u{430}".to_string());
-    let mut ours = Vec::new();
-    for r in [1usize, 2] {
-        for o in &objs {
-            let mut owners: Vec<String> = part
-                .members_for_object(o.as_str(), &[], r)
-                .iter()
-                .map(|m| m.to_string())
-                .collect();
-            owners.sort();
-            ours.push(format!("{o}={}", owners.join(",")));
-        }
-    }
-    assert_eq!(ours.join(";"), py_owners, "partition owners differ");
+    assert_eq!(
+        partition_owners(&part, ""),
+        py_owners,
+        "partition owners differ"
+    );
     let weights: Vec<(String, u32)> = part
         .members()
         .into_iter()
@@ -182,14 +148,11 @@ async fn python_and_rust_share_one_server() {
     twin.stop().await.unwrap();
 
     // Python stops: its lock and leadership are released, its member leaves.
-    let stdin = child.stdin.as_mut().unwrap();
-    stdin.write_all(b"go\n").await.unwrap();
-    stdin.flush().await.unwrap();
-    let after = lines.next_line().await.unwrap().unwrap();
+    py.go().await;
+    let after = py.line().await;
     assert_eq!(after, "after ['py-m', 'rust-m']");
-    assert_eq!(lines.next_line().await.unwrap().unwrap(), "stopped");
-    let status = child.wait().await.unwrap();
-    assert!(status.success());
+    assert_eq!(py.line().await, "stopped");
+    py.wait_success().await;
     assert!(
         py_lock
             .acquire(Wait::For(Duration::from_secs(2)))

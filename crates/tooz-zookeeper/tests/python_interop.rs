@@ -10,10 +10,9 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeMap;
-use std::process::Stdio;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tooz_conformance::python::{Observations, PythonPeer, partition_owners};
 use tooz_core::{Coordinator, MemberId, Registry, ToozError, Wait};
 use zookeeper_client::Client;
 
@@ -128,34 +127,11 @@ async fn python_and_rust_share_one_server() {
     assert!(rust.try_become_leader("shared-g").await.unwrap().is_some());
 
     let part = rust.join_partitioned_group("part-g", 5, 32).await.unwrap();
-    let mut child = tokio::process::Command::new(&python)
-        .arg("-c")
-        .arg(SCRIPT)
-        .arg(&url)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let mut seen = Vec::new();
-    let mut py_owners = String::new();
-    loop {
-        let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
-            .await
-            .expect("python stayed silent")
-            .unwrap()
-            .expect("python exited early");
-        if line == "ready" {
-            break;
-        }
-        if let Some(owners) = line.strip_prefix("owners ") {
-            py_owners = owners.to_string();
-            continue;
-        }
-        seen.push(line);
-    }
+    let mut py = PythonPeer::spawn(&python, SCRIPT, &[&url]);
+    let Observations {
+        lines: seen,
+        owners: py_owners,
+    } = py.until_ready().await;
     // What Python saw of us, with its own quirks: the `locks` tree listed as a
     // group, the election directory listed as a member.
     assert_eq!(
@@ -174,21 +150,11 @@ async fn python_and_rust_share_one_server() {
 
     // Python's partitioner and ours agree on every owner.
     part.refresh().await.unwrap();
-    let mut objs: Vec<String> = (0..40).map(|i| format!("obj-{i}")).collect();
-    objs.push("\u{447}\u{443}\u{43f}\u{430}\u{43a}\u{430}\u{431}\u{440}\u{430}".to_string());
-    let mut ours = Vec::new();
-    for r in [1usize, 2] {
-        for o in &objs {
-            let mut owners: Vec<String> = part
-                .members_for_object(o.as_str(), &[], r)
-                .iter()
-                .map(|m| m.to_string())
-                .collect();
-            owners.sort();
-            ours.push(format!("{o}={}", owners.join(",")));
-        }
-    }
-    assert_eq!(ours.join(";"), py_owners, "partition owners differ");
+    assert_eq!(
+        partition_owners(&part, ""),
+        py_owners,
+        "partition owners differ"
+    );
 
     // What we see of Python: no `leader` pseudo-member, Python's msgpack byte for byte.
     let members = rust
@@ -242,19 +208,11 @@ async fn python_and_rust_share_one_server() {
         tokio::spawn(async move { l.acquire(Wait::For(Duration::from_secs(20))).await })
     };
     assert!(lock.release().await.unwrap());
-    let stdin = child.stdin.as_mut().unwrap();
-    stdin.write_all(b"go\n").await.unwrap();
-    stdin.flush().await.unwrap();
-    assert_eq!(
-        lines.next_line().await.unwrap().unwrap(),
-        "rust-lock-after True"
-    );
-    assert_eq!(
-        lines.next_line().await.unwrap().unwrap(),
-        "after ['leader', 'py-m', 'rust-m']"
-    );
-    assert_eq!(lines.next_line().await.unwrap().unwrap(), "stopped");
-    assert!(child.wait().await.unwrap().success());
+    py.go().await;
+    assert_eq!(py.line().await, "rust-lock-after True");
+    assert_eq!(py.line().await, "after ['leader', 'py-m', 'rust-m']");
+    assert_eq!(py.line().await, "stopped");
+    py.wait_success().await;
     // Python stopped: its lock goes to the Rust waiter, its leadership to us.
     assert!(
         waiter.await.unwrap().unwrap(),

@@ -2,6 +2,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
@@ -86,7 +87,12 @@ pub(crate) struct Shared {
     liveness: watch::Sender<Liveness>,
     locks: Mutex<Vec<Weak<LockInner>>>,
     streams: Mutex<HashMap<GroupId, broadcast::Sender<GroupEvent>>>,
-    beats: std::sync::atomic::AtomicU64,
+    beats: AtomicU64,
+    /// The driver's [`Driver::lease_generation`] as last handled.
+    lease_generation: AtomicU64,
+    /// Set from a lease loss until the groups are re-joined: meanwhile our member
+    /// missing from a group is the loss, not a boot-out.
+    rejoin_pending: AtomicBool,
     /// Serialises `start` and `stop`, so a `start` cannot slip in while `stop` is
     /// still leaving groups and disconnecting the driver.
     lifecycle: tokio::sync::Mutex<()>,
@@ -165,7 +171,9 @@ impl Coordinator {
                 liveness: watch::channel(Liveness::Alive).0,
                 locks: Mutex::new(Vec::new()),
                 streams: Mutex::new(HashMap::new()),
-                beats: std::sync::atomic::AtomicU64::new(0),
+                beats: AtomicU64::new(0),
+                lease_generation: AtomicU64::new(0),
+                rejoin_pending: AtomicBool::new(false),
                 lifecycle: tokio::sync::Mutex::new(()),
             }),
         }
@@ -205,7 +213,7 @@ impl Coordinator {
 
     /// How many heartbeats succeeded since the coordinator was created.
     pub fn beats(&self) -> u64 {
-        self.shared.beats.load(std::sync::atomic::Ordering::Relaxed)
+        self.shared.beats.load(Ordering::Relaxed)
     }
 
     /// The health of the coordinator's lease: `Alive`, `AtRisk` (backend
@@ -233,6 +241,10 @@ impl Coordinator {
             return Err(ToozError::AlreadyStarted);
         }
         self.shared.driver.start().await?;
+        self.shared
+            .lease_generation
+            .store(self.shared.driver.lease_generation(), Ordering::SeqCst);
+        self.shared.rejoin_pending.store(false, Ordering::SeqCst);
         let stop = CancellationToken::new();
         let mut tasks = Vec::new();
         if start_heart && self.shared.info.requires_beating {
@@ -723,7 +735,10 @@ impl Coordinator {
             };
             {
                 let mut run = lock(&self.shared.run);
-                if run.joined.contains_key(&g) && !members.contains(&me) {
+                if run.joined.contains_key(&g)
+                    && !members.contains(&me)
+                    && !self.shared.rejoin_pending.load(Ordering::SeqCst)
+                {
                     tracing::info!(group = %g, "booted out of the group");
                     run.joined.remove(&g);
                 }
@@ -1106,13 +1121,13 @@ impl Shared {
                 tracing::warn!(error = %e, "lock heartbeat failed");
             }
         }
-        self.beats
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.beats.fetch_add(1, Ordering::Relaxed);
         Ok(interval)
     }
 
     /// The lease is gone: signal every hold and leadership.
     fn on_lost(&self) {
+        self.rejoin_pending.store(true, Ordering::SeqCst);
         if !self.info.lease_bound_holds {
             // Locks and leaderships live as long as the process: nothing is lost.
             return;
@@ -1133,6 +1148,14 @@ impl Shared {
         }
     }
 
+    /// Whether the driver replaced its lease since this was last asked (a lease loss,
+    /// whether or not its `Lost` was observed); claims the change, so one loss is
+    /// handled once.
+    fn lease_replaced(&self) -> bool {
+        let now = self.driver.lease_generation();
+        self.lease_generation.swap(now, Ordering::SeqCst) != now
+    }
+
     /// After a loss, re-join the groups on the new lease (locks are not re-acquired).
     async fn rejoin(&self) {
         let joined: Vec<(GroupId, Capabilities)> = lock(&self.run)
@@ -1148,6 +1171,7 @@ impl Shared {
                 }
             }
         }
+        self.rejoin_pending.store(false, Ordering::SeqCst);
     }
 
     fn set_liveness(&self, new: Liveness) -> Liveness {
@@ -1214,6 +1238,12 @@ async fn liveness_forwarder(
         }
         let v = *rx.borrow_and_update();
         let Some(s) = shared.upgrade() else { return };
+        // A replaced lease is a loss even if its `Lost` was overwritten before we read
+        // it (a flapping connection, or a loss while the last re-join was running).
+        let replaced = s.lease_replaced();
+        if replaced {
+            s.set_liveness(Liveness::Lost);
+        }
         if s.set_liveness(v) == Liveness::Lost && v == Liveness::Alive {
             s.rejoin().await;
         }

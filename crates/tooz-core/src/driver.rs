@@ -117,6 +117,17 @@ pub trait Driver: Send + Sync + fmt::Debug + 'static {
     /// (ZooKeeper session events). `None`: the core derives it from heartbeats.
     fn liveness(&self) -> Option<watch::Receiver<Liveness>>;
 
+    /// A counter the driver increases each time it replaces the lease or session its
+    /// memberships and holds hang on (a new ZooKeeper session, a new etcd lease).
+    ///
+    /// The core reads it with every [`Driver::liveness`] update: a change means the
+    /// old lease is gone even when the `Lost` value in between was never observed (a
+    /// watch channel keeps only the latest value). Drivers without replaceable leases
+    /// keep the default, 0.
+    fn lease_generation(&self) -> u64 {
+        0
+    }
+
     /// Creates a group. `GroupAlreadyExist` if present.
     async fn create_group(&self, group: &GroupId) -> Result<()>;
     /// Deletes an empty group. `GroupNotCreated`, `GroupNotEmpty`.
@@ -212,6 +223,9 @@ impl<T: Driver + ?Sized> Driver for Arc<T> {
     }
     fn liveness(&self) -> Option<watch::Receiver<Liveness>> {
         (**self).liveness()
+    }
+    fn lease_generation(&self) -> u64 {
+        (**self).lease_generation()
     }
     async fn create_group(&self, group: &GroupId) -> Result<()> {
         (**self).create_group(group).await

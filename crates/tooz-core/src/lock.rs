@@ -628,6 +628,8 @@ mod tests {
         liveness: Mutex<Option<watch::Receiver<Liveness>>>,
         /// Declares holds independent of the lease.
         independent: std::sync::atomic::AtomicBool,
+        /// What `lease_generation` reports.
+        generation: AtomicU64,
     }
 
     /// A push source that never reports anything.
@@ -734,6 +736,9 @@ mod tests {
         fn liveness(&self) -> Option<watch::Receiver<Liveness>> {
             self.0.liveness.lock().unwrap().clone()
         }
+        fn lease_generation(&self) -> u64 {
+            self.0.generation.load(Ordering::SeqCst)
+        }
         async fn create_group(&self, _: &GroupId) -> Result<()> {
             nope()
         }
@@ -831,6 +836,44 @@ mod tests {
             assert_eq!(lost.is_lost(), !independent, "independent={independent}");
             c.stop().await.unwrap();
         }
+    }
+
+    /// A lease replaced behind a `Lost` the core never read (the driver's channel
+    /// went `Lost` then `Alive` before the forwarder looked) still signals lock loss.
+    #[tokio::test]
+    async fn replaced_lease_signals_loss_without_an_observed_lost() {
+        let mem = Arc::new(Mem::default());
+        let (tx, rx) = watch::channel(Liveness::Alive);
+        *mem.liveness.lock().unwrap() = Some(rx);
+        let c = Coordinator::new(
+            Arc::new(MemDriver(Arc::clone(&mem), false)),
+            "m".into(),
+            "mem://",
+        );
+        c.start(false).await.unwrap();
+        let lock = c.get_lock("l").unwrap();
+        assert!(lock.acquire(Wait::No).await.unwrap());
+        let lost = lock.lost().unwrap();
+        // No await in between: the forwarder can only ever read `Alive`.
+        tx.send_replace(Liveness::Lost);
+        mem.generation.fetch_add(1, Ordering::SeqCst);
+        tx.send_replace(Liveness::Alive);
+        tokio::time::timeout(Duration::from_secs(5), lost.clone().lost())
+            .await
+            .expect("the hold on the replaced lease was reported lost");
+        assert!(lost.is_lost());
+        assert_eq!(*c.liveness().borrow(), Liveness::Alive);
+        // A later update without a new lease is no loss: a new hold stays.
+        let again = c.get_lock("l2").unwrap();
+        assert!(again.acquire(Wait::No).await.unwrap());
+        let kept = again.lost().unwrap();
+        tx.send_replace(Liveness::AtRisk);
+        tx.send_replace(Liveness::Alive);
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert!(!kept.is_lost());
+        c.stop().await.unwrap();
     }
 
     /// Dropping every handle of a held lock releases it.

@@ -522,6 +522,10 @@ impl Driver for EtcdDriver {
         Some(self.inner.liveness.subscribe())
     }
 
+    fn lease_generation(&self) -> u64 {
+        guard(&self.inner.lease).as_ref().map_or(0, |l| l.epoch)
+    }
+
     #[tracing::instrument(level = "debug", skip_all, fields(group = %group))]
     async fn create_group(&self, group: &GroupId) -> Result<()> {
         check_group(group)?;

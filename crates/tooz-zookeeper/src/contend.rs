@@ -29,6 +29,60 @@ pub(crate) struct Node {
     pub(crate) czxid: u64,
 }
 
+/// A contender node being created: its directory, its unique name prefix and the
+/// session epoch. Recorded before the create is sent, so that an attempt abandoned
+/// before the reply arrived can still find and delete the node.
+#[derive(Debug, Clone)]
+struct Intent {
+    dir: String,
+    prefix: String,
+    epoch: u64,
+}
+
+/// Where an attempt records its node (`node`, once the create answered) and, before
+/// that, what it is creating (`intent`).
+#[derive(Debug, Default)]
+struct Slot {
+    node: Mutex<Option<Node>>,
+    intent: Mutex<Option<Intent>>,
+}
+
+impl Slot {
+    fn set(&self, node: Node) {
+        *self.node.lock().unwrap_or_else(|p| p.into_inner()) = Some(node);
+    }
+
+    fn clear(&self) {
+        self.node.lock().unwrap_or_else(|p| p.into_inner()).take();
+    }
+
+    /// The node this attempt left behind, if any: the recorded one, or the one a
+    /// create in flight made (found by its prefix; the listing is sent after the
+    /// create on the same session, so it sees it).
+    async fn leftover(&self, sessions: &Sessions) -> Option<Node> {
+        if let Some(node) = self.node.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            return Some(node);
+        }
+        let intent = self
+            .intent
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()?;
+        if !sessions.is_current(intent.epoch) {
+            return None;
+        }
+        let s = sessions.get().ok()?;
+        let (name, czxid) = find_by_prefix(&s, &intent.dir, &intent.prefix)
+            .await
+            .ok()??;
+        Some(Node {
+            path: format!("{}/{name}", intent.dir),
+            epoch: intent.epoch,
+            czxid,
+        })
+    }
+}
+
 /// What to do when the lock directory is missing.
 #[derive(Debug, Clone)]
 pub(crate) enum Parent {
@@ -65,14 +119,20 @@ async fn ensure_dir(sessions: &Sessions, s: &Session, spot: &Spot) -> Result<()>
 }
 
 /// Creates a contender node and lists the directory, in one round trip.
-/// The new node is recorded in `slot` before anything else can fail.
+/// The intent is recorded in `slot` before the create is sent, the new node as soon
+/// as its reply arrives.
 async fn enqueue(
     sessions: &Sessions,
     s: &Session,
     spot: &Spot,
-    slot: &Mutex<Option<Node>>,
+    slot: &Slot,
 ) -> Result<(Node, String, Vec<String>)> {
     let prefix = contender_prefix(spot.shared);
+    *slot.intent.lock().unwrap_or_else(|p| p.into_inner()) = Some(Intent {
+        dir: spot.dir.clone(),
+        prefix: prefix.clone(),
+        epoch: s.epoch,
+    });
     let path_prefix = format!("{}/{prefix}", spot.dir);
     let opts = sessions.options(CreateMode::EphemeralSequential);
     let mut made_dir = false;
@@ -88,7 +148,7 @@ async fn enqueue(
                     epoch: s.epoch,
                     czxid: u64::try_from(stat.czxid).unwrap_or(0),
                 };
-                *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(node.clone());
+                slot.set(node.clone());
                 let children = listed.map_err(|e| zk_err("listing lock contenders", e))?.0;
                 return Ok((node, name, children));
             }
@@ -106,7 +166,7 @@ async fn enqueue(
                         epoch: s.epoch,
                         czxid,
                     };
-                    *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(node.clone());
+                    slot.set(node.clone());
                     let children = retry_transient(|| s.client.get_children(&spot.dir))
                         .await
                         .map_err(|e| zk_err("listing lock contenders", e))?
@@ -210,7 +270,7 @@ async fn contend(
     spot: &Spot,
     deadline: Option<Instant>,
     try_once: bool,
-    slot: &Mutex<Option<Node>>,
+    slot: &Slot,
 ) -> Result<Option<Node>> {
     'attempt: loop {
         let wait_session = match deadline {
@@ -225,7 +285,7 @@ async fn contend(
             let pred = match predecessor(&children, &name) {
                 // Our node is gone (broken by an operator, or the session ended).
                 Err(()) => {
-                    slot.lock().unwrap_or_else(|p| p.into_inner()).take();
+                    slot.clear();
                     if try_once || deadline.is_some_and(|d| d <= Instant::now()) {
                         return Ok(None);
                     }
@@ -241,7 +301,7 @@ async fn contend(
                 match retry_transient(|| s.client.check_and_watch_stat(&pred)).await {
                     Ok(r) => r,
                     Err(ZkError::SessionExpired | ZkError::ClientClosed) => {
-                        slot.lock().unwrap_or_else(|p| p.into_inner()).take();
+                        slot.clear();
                         continue 'attempt;
                     }
                     Err(e) => return Err(zk_err("watching the lock predecessor", e)),
@@ -259,7 +319,7 @@ async fn contend(
                     Some(ev) if ev.event_type == EventType::Session => {
                         if !sessions.is_current(node.epoch) || ev.session_state.is_terminated() {
                             // The node went with the session: start over.
-                            slot.lock().unwrap_or_else(|p| p.into_inner()).take();
+                            slot.clear();
                             continue 'attempt;
                         }
                     }
@@ -269,7 +329,7 @@ async fn contend(
             children = match retry_transient(|| s.client.get_children(&spot.dir)).await {
                 Ok((c, _)) => c,
                 Err(ZkError::SessionExpired | ZkError::ClientClosed) => {
-                    slot.lock().unwrap_or_else(|p| p.into_inner()).take();
+                    slot.clear();
                     continue 'attempt;
                 }
                 Err(e) => return Err(zk_err("listing lock contenders", e)),
@@ -290,28 +350,24 @@ pub(crate) async fn acquire(
     let (tx, rx) = oneshot::channel::<Result<Option<Node>>>();
     let task_sessions = Arc::clone(&sessions);
     tokio::spawn(async move {
-        let slot = Mutex::new(None);
+        let slot = Slot::default();
         let mut tx = tx;
         let outcome = tokio::select! {
             r = contend(&task_sessions, &spot, deadline, try_once, &slot) => Some(r),
             _ = tx.closed() => None,
         };
-        let leftover = slot.lock().unwrap_or_else(|p| p.into_inner()).take();
         match outcome {
             Some(Ok(Some(node))) => {
                 if let Err(Ok(Some(node))) = tx.send(Ok(Some(node))) {
                     cleanup(&task_sessions, node).await;
                 }
             }
-            Some(other) => {
-                if let Some(node) = leftover {
+            other => {
+                if let Some(node) = slot.leftover(&task_sessions).await {
                     cleanup(&task_sessions, node).await;
                 }
-                let _ = tx.send(other);
-            }
-            None => {
-                if let Some(node) = leftover {
-                    cleanup(&task_sessions, node).await;
+                if let Some(other) = other {
+                    let _ = tx.send(other);
                 }
             }
         }

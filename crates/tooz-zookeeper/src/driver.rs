@@ -211,6 +211,10 @@ impl Driver for ZookeeperDriver {
         Some(self.inner.sessions.liveness())
     }
 
+    fn lease_generation(&self) -> u64 {
+        self.inner.sessions.generation()
+    }
+
     #[tracing::instrument(level = "debug", skip_all, fields(group = %group))]
     async fn create_group(&self, group: &GroupId) -> Result<()> {
         check_group_id(group)?;

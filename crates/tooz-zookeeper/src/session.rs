@@ -91,6 +91,11 @@ impl Sessions {
         self.liveness.subscribe()
     }
 
+    /// The epoch of the latest session (increased before its `Alive` is published).
+    pub(crate) fn generation(&self) -> u64 {
+        self.epoch.load(Ordering::SeqCst)
+    }
+
     /// Watches the current session (`None` while there is none).
     pub(crate) fn subscribe(&self) -> watch::Receiver<Option<Arc<Session>>> {
         self.current.subscribe()
@@ -314,8 +319,9 @@ async fn monitor(sessions: std::sync::Weak<Sessions>) {
         }
         drop(s);
         // `Lost` stays visible for a moment before the next session turns it into
-        // `Alive`: a receiver that reads only the latest value (the coordinator
-        // re-joins on the `Lost` → `Alive` step) must not miss it.
+        // `Alive`, for whoever watches liveness. The coordinator does not depend on
+        // it: it sees the new session's epoch (`lease_generation`) even when the two
+        // values coalesce.
         tokio::time::sleep(LOST_DWELL).await;
         let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
         loop {

@@ -594,3 +594,55 @@ async fn waiter_survives_a_short_disconnect() {
     holder.stop().await.unwrap();
     waiter.stop().await.unwrap();
 }
+
+/// A driver-level acquire dropped at any point, even before its create's reply
+/// arrived, leaves no contender node behind: the lock is free once its holder
+/// releases. (The coordinator never drops a driver acquire short of `stop`; this is
+/// the `DriverLock` contract for callers that use the driver directly.)
+#[tokio::test]
+async fn cancelled_driver_acquires_leave_no_node() {
+    use tooz_core::{Driver, Mode};
+    let Some(base) = server_url("cancelled_driver_acquires_leave_no_node") else {
+        return;
+    };
+    let ns = unique_ns("cancel");
+    let url = with_query(&base, &format!("namespace={ns}&timeout=10"));
+    let (holder, _) = coordinator(&url, "holder");
+    let (other, driver) = coordinator(&url, "other");
+    holder.start(false).await.unwrap();
+    other.start(false).await.unwrap();
+    let lh = holder.get_lock("l").unwrap();
+    assert!(lh.acquire(Wait::No).await.unwrap());
+    let zk = raw(&base).await;
+    let dir = format!("/{ns}/locks/l");
+    // Dropped after 0 to ~2 round trips: before the create is sent, while its reply is
+    // in flight, and while waiting on the holder.
+    for i in 0..30u64 {
+        let lock = driver.lock(&"l".into()).unwrap();
+        let cut = Duration::from_micros(i * 50);
+        assert!(
+            tokio::time::timeout(cut, lock.acquire(Mode::Exclusive, Wait::Forever))
+                .await
+                .is_err(),
+            "acquired a held lock"
+        );
+    }
+    let mut left = Vec::new();
+    for _ in 0..100 {
+        left = zk.get_children(&dir).await.unwrap().0;
+        if left.len() == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(left.len(), 1, "contender nodes left behind: {left:?}");
+    assert!(lh.release().await.unwrap());
+    let lo = other.get_lock("l").unwrap();
+    assert!(
+        lo.acquire(Wait::For(Duration::from_secs(2))).await.unwrap(),
+        "an orphan node still blocks the lock"
+    );
+    assert!(lo.release().await.unwrap());
+    holder.stop().await.unwrap();
+    other.stop().await.unwrap();
+}

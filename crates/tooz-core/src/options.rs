@@ -15,6 +15,9 @@ use url::Url;
 
 use crate::error::{Result, ToozError};
 
+/// The shortest lease (TTL, session timeout) a driver accepts: see [`Options::lease_secs`].
+pub const MIN_LEASE: Duration = Duration::from_secs(1);
+
 /// Options of one coordinator: URL query values overridden by explicit ones.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Options {
@@ -102,6 +105,39 @@ impl Options {
             ));
         }
         Ok(Some(Duration::from_secs_f64(secs)))
+    }
+
+    /// Parses a lease length in seconds (a TTL, a session timeout): like
+    /// [`Options::duration_secs`], and at least [`MIN_LEASE`]. A shorter lease would
+    /// make the heartbeat spin and leave no room to signal a loss before the backend
+    /// frees what the lease held.
+    ///
+    /// ```
+    /// # use tooz_core::{Options, Url};
+    /// let o = Options::from_url(&Url::parse("redis://h/?timeout=0.001&lock_timeout=2").unwrap());
+    /// assert!(o.lease_secs("redis", "timeout").is_err());
+    /// assert_eq!(o.lease_secs("redis", "lock_timeout").unwrap(), Some(std::time::Duration::from_secs(2)));
+    /// ```
+    ///
+    /// # Errors
+    /// [`ToozError::InvalidOption`] for a value that is not a number of seconds of at
+    /// least [`MIN_LEASE`].
+    pub fn lease_secs(&self, driver: &str, key: &str) -> Result<Option<Duration>> {
+        let Some(d) = self.duration_secs(driver, key)? else {
+            return Ok(None);
+        };
+        if d < MIN_LEASE {
+            return Err(ToozError::invalid_option(
+                driver,
+                key,
+                format!(
+                    "a lease of {}s is too short: at least {}s is needed to renew it and to signal its loss in time",
+                    d.as_secs_f64(),
+                    MIN_LEASE.as_secs_f64()
+                ),
+            ));
+        }
+        Ok(Some(d))
     }
 
     /// Parses a boolean the way oslo's `strutils.bool_from_string` does

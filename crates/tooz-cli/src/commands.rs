@@ -195,7 +195,7 @@ async fn leader(
     signals: &mut Signals,
 ) -> Result<i32, Failure> {
     let g = group_id(group);
-    let token = signals.interruptible(campaign(coord, &g)).await??;
+    let token = signals.interruptible(campaign(coord, &g)).await??.token();
     let abort = leadership_lost(coord.clone(), g.clone(), token);
     let env = [
         ("TOOZ_FENCING_TOKEN", token.to_string()),
@@ -212,7 +212,7 @@ async fn leader(
 
 /// Campaigns until elected. Election does not need the group to exist, but a
 /// backend that keeps leadership inside the group wants it: create it then.
-async fn campaign(coord: &Coordinator, g: &GroupId) -> Result<tooz::FencingToken, ToozError> {
+async fn campaign(coord: &Coordinator, g: &GroupId) -> Result<tooz::Leadership, ToozError> {
     match coord.become_leader(g).await {
         Err(ToozError::GroupNotCreated(_)) => {
             match coord.create_group(g).await {
@@ -247,7 +247,7 @@ async fn leadership_lost(coord: Coordinator, g: GroupId, token: tooz::FencingTok
                 );
             }
             _ = tick.tick() => match coord.try_become_leader(&g).await {
-                Ok(Some(t)) if t == token => {}
+                Ok(Some(t)) if t.token() == token => {}
                 Ok(_) => {
                     return format!(
                         "leadership of group {g} was lost; the command was sent SIGTERM"

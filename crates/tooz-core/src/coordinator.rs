@@ -15,10 +15,11 @@ use tokio_util::sync::CancellationToken;
 use crate::capabilities::{Capabilities, MemberInfo};
 use crate::characteristic::Characteristic;
 use crate::driver::{Driver, DriverEvent, DriverInfo, Liveness};
+use crate::lease::{LeasePolicy, LeaseState, LeaseView, effective_margin, judge};
 use crate::error::{Result, ToozError};
 use crate::events::{EventStream, GroupEvent, WatchId};
 use crate::ids::{GroupId, LockName, MemberId};
-use crate::lock::{FencingToken, Lock, LockInner};
+use crate::lock::{FencingToken, Leadership, Lock, LockInner};
 use crate::partitioner::{Partitioner, PartitionerState};
 
 type Callback = Arc<dyn Fn(&GroupEvent) + Send + Sync + 'static>;
@@ -44,9 +45,32 @@ struct Watchers {
     hooks: Vec<Hook>,
     /// Member sets cached by `run_watchers`, per group with join/leave hooks.
     cache: HashMap<GroupId, BTreeSet<MemberId>>,
-    /// Groups this coordinator leads, with the grant's token.
-    leading: HashMap<GroupId, FencingToken>,
+    /// Groups this coordinator leads, with the grant's token and loss signal.
+    leading: HashMap<GroupId, Leading>,
     partitioners: Vec<Weak<PartitionerState>>,
+}
+
+/// A leadership held: its token and the sender of its loss signal.
+struct Leading {
+    token: FencingToken,
+    lost: watch::Sender<bool>,
+}
+
+impl Leading {
+    fn handle(&self, group: &GroupId) -> Leadership {
+        Leadership {
+            group: group.clone(),
+            token: self.token,
+            lost: self.lost.subscribe(),
+        }
+    }
+}
+
+impl Drop for Leading {
+    /// A leadership forgotten is a leadership lost: whoever holds its handle hears it.
+    fn drop(&mut self) {
+        self.lost.send_replace(true);
+    }
 }
 
 struct RunState {
@@ -54,6 +78,8 @@ struct RunState {
     stop: CancellationToken,
     joined: BTreeMap<GroupId, Capabilities>,
     tasks: Vec<JoinHandle<()>>,
+    /// The lease of this run, when the driver has one (see [`crate::lease`]).
+    lease: Option<LeaseState>,
 }
 
 /// Tuning of the coordinator's own machinery.
@@ -65,6 +91,14 @@ pub struct CoordinatorConfig {
     /// Capacity of each group's event stream buffer before `Lagged` is reported
     /// (at least 1).
     pub event_buffer: usize,
+    /// How long before the backend can free a lease the coordinator declares it
+    /// [`Liveness::Lost`] (see [`crate::lease`]). `None`: a quarter of the TTL, at
+    /// most 2 s. A margin above half the TTL is cut to half. URL option
+    /// `loss_margin=SECONDS`.
+    pub loss_margin: Option<Duration>,
+    /// Whether an unreachable backend counts as a lost lease at once. URL option
+    /// `lease_policy=standard|at_risk_is_lost`.
+    pub lease_policy: LeasePolicy,
 }
 
 impl Default for CoordinatorConfig {
@@ -72,6 +106,8 @@ impl Default for CoordinatorConfig {
         CoordinatorConfig {
             poll_interval: Duration::from_millis(500),
             event_buffer: 1024,
+            loss_margin: None,
+            lease_policy: LeasePolicy::Standard,
         }
     }
 }
@@ -88,11 +124,11 @@ pub(crate) struct Shared {
     locks: Mutex<Vec<Weak<LockInner>>>,
     streams: Mutex<HashMap<GroupId, broadcast::Sender<GroupEvent>>>,
     beats: AtomicU64,
-    /// The driver's [`Driver::lease_generation`] as last handled.
-    lease_generation: AtomicU64,
     /// Set from a lease loss until the groups are re-joined: meanwhile our member
     /// missing from a group is the loss, not a boot-out.
     rejoin_pending: AtomicBool,
+    /// A re-join task is running.
+    rejoining: AtomicBool,
     /// Serialises `start` and `stop`, so a `start` cannot slip in while `stop` is
     /// still leaving groups and disconnecting the driver.
     lifecycle: tokio::sync::Mutex<()>,
@@ -166,14 +202,15 @@ impl Coordinator {
                     stop: token,
                     joined: BTreeMap::new(),
                     tasks: Vec::new(),
+                    lease: None,
                 }),
                 watchers: Mutex::new(Watchers::default()),
                 liveness: watch::channel(Liveness::Alive).0,
                 locks: Mutex::new(Vec::new()),
                 streams: Mutex::new(HashMap::new()),
                 beats: AtomicU64::new(0),
-                lease_generation: AtomicU64::new(0),
                 rejoin_pending: AtomicBool::new(false),
+                rejoining: AtomicBool::new(false),
                 lifecycle: tokio::sync::Mutex::new(()),
             }),
         }
@@ -222,6 +259,19 @@ impl Coordinator {
         self.shared.liveness.subscribe()
     }
 
+    /// The lease's current state, when the driver has a lease (see [`crate::lease`]).
+    pub fn lease(&self) -> Option<LeaseView> {
+        lock(&self.shared.run).lease.as_ref().map(LeaseState::view)
+    }
+
+    /// How long before the backend can free the lease its loss is signalled, for the
+    /// lease's current TTL: what an application that stops work on a loss signal has
+    /// to finish stopping. `None` while no lease TTL is known.
+    pub fn loss_margin(&self) -> Option<Duration> {
+        let ttl = self.lease()?.ttl?;
+        Some(effective_margin(self.shared.config.loss_margin, ttl))
+    }
+
     /// The groups this coordinator joined (and has not left or been booted out of).
     pub fn joined_groups(&self) -> Vec<GroupId> {
         lock(&self.shared.run).joined.keys().cloned().collect()
@@ -241,22 +291,26 @@ impl Coordinator {
             return Err(ToozError::AlreadyStarted);
         }
         self.shared.driver.start().await?;
-        self.shared
-            .lease_generation
-            .store(self.shared.driver.lease_generation(), Ordering::SeqCst);
         self.shared.rejoin_pending.store(false, Ordering::SeqCst);
         let stop = CancellationToken::new();
         let mut tasks = Vec::new();
-        if start_heart && self.shared.info.requires_beating {
-            tasks.push(tokio::spawn(heart_loop(
+        let driver_lease = self.shared.driver.lease();
+        let lease = match driver_lease {
+            Some(l) => Some(l),
+            None if self.shared.info.requires_beating => Some(LeaseState::new()),
+            None => None,
+        };
+        if let Some(lease) = &lease {
+            if start_heart && self.shared.info.requires_beating {
+                tasks.push(tokio::spawn(heart_loop(
+                    Arc::downgrade(&self.shared),
+                    lease.clone(),
+                    stop.clone(),
+                )));
+            }
+            tasks.push(tokio::spawn(lease_monitor(
                 Arc::downgrade(&self.shared),
-                stop.clone(),
-            )));
-        }
-        if let Some(rx) = self.shared.driver.liveness() {
-            tasks.push(tokio::spawn(liveness_forwarder(
-                Arc::downgrade(&self.shared),
-                rx,
+                lease.clone(),
                 stop.clone(),
             )));
         }
@@ -270,6 +324,7 @@ impl Coordinator {
         run.stop = stop;
         run.joined.clear();
         run.tasks = tasks;
+        run.lease = lease;
         Ok(())
     }
 
@@ -308,12 +363,10 @@ impl Coordinator {
                 tracing::warn!(error = %e, "releasing a lock on stop failed");
             }
         }
-        let leading: Vec<GroupId> = lock(&self.shared.watchers)
-            .leading
-            .drain()
-            .map(|(g, _)| g)
-            .collect();
-        for g in leading {
+        let leading: Vec<(GroupId, Leading)> =
+            lock(&self.shared.watchers).leading.drain().collect();
+        for (g, l) in leading {
+            drop(l);
             if let Err(e) = d.resign(&g).await {
                 tracing::debug!(group = %g, error = %e, "resign on stop failed");
             }
@@ -323,6 +376,7 @@ impl Coordinator {
             });
         }
         lock(&self.shared.streams).clear();
+        lock(&self.shared.run).lease = None;
         d.stop().await
     }
 
@@ -331,9 +385,23 @@ impl Coordinator {
     ///
     /// # Errors
     /// `NotStarted`, or a backend error.
+    ///
+    /// A coordinator started without the heartbeat task keeps its lease state
+    /// from these calls: a failure reports [`Liveness::AtRisk`], and the lease is
+    /// declared [`Liveness::Lost`] when the deadline of the last successful call
+    /// passes (see [`crate::lease`]).
     pub async fn heartbeat(&self) -> Result<Duration> {
         self.shared.ensure_started()?;
-        self.shared.beat().await
+        let lease = lock(&self.shared.run).lease.clone();
+        let sent = Instant::now();
+        let res = self.shared.beat().await;
+        if let Some(lease) = lease {
+            match &res {
+                Ok(ttl) => lease.renewed(sent, *ttl),
+                Err(_) => lease.at_risk(),
+            }
+        }
+        res
     }
 
     // ----- groups -------------------------------------------------------------
@@ -816,28 +884,74 @@ impl Coordinator {
         Ok(out)
     }
 
-    /// Campaigns once; returns the token if leading and the events it caused.
-    async fn campaign_once(&self, g: &GroupId) -> Result<(Option<FencingToken>, Vec<GroupEvent>)> {
+    /// Campaigns once; returns the leadership if leading and the events it caused.
+    async fn campaign_once(&self, g: &GroupId) -> Result<(Option<Leadership>, Vec<GroupEvent>)> {
+        let stop = self.shared.stop_token()?;
         let res = self.shared.driver.campaign(g).await?;
+        if let Some(tok) = res {
+            // Granted after `stop` began, or on a lease already declared lost: this
+            // grant's loss signal could never fire, so it is given back.
+            let refused = if stop.is_cancelled() {
+                Some(ToozError::Stopped)
+            } else if self.shared.lease_lost() {
+                Some(ToozError::backend_msg(format!(
+                    "leadership of group {g} was granted on a lease already declared lost"
+                )))
+            } else {
+                None
+            };
+            if let Some(err) = refused {
+                let known = lock(&self.shared.watchers)
+                    .leading
+                    .get(g)
+                    .is_some_and(|l| l.token == tok);
+                if !known {
+                    if let Err(e) = self.shared.driver.resign(g).await {
+                        tracing::debug!(group = %g, error = %e, "giving back a late leadership failed");
+                    }
+                }
+                return Err(err);
+            }
+        }
         let me = self.shared.member_id.clone();
         let mut events = Vec::new();
+        let mut handle = None;
         let calls: Vec<Callback> = {
             let mut w = lock(&self.shared.watchers);
             match res {
                 Some(tok) => {
-                    if w.leading.insert(g.clone(), tok).is_none() {
-                        events.push(GroupEvent::LeaderElected {
-                            group: g.clone(),
-                            member: me,
-                        });
-                        w.hooks
-                            .iter()
-                            .filter(|h| h.group == *g && h.kind == WatchKind::Elected)
-                            .map(|h| Arc::clone(&h.cb))
-                            .collect()
-                    } else {
+                    let same = w.leading.get(g).is_some_and(|l| l.token == tok);
+                    let calls = if same {
                         Vec::new()
-                    }
+                    } else {
+                        // A new grant (a re-grant under another token makes the old
+                        // handle's token stale: that leadership is lost).
+                        let fresh = w
+                            .leading
+                            .insert(
+                                g.clone(),
+                                Leading {
+                                    token: tok,
+                                    lost: watch::channel(false).0,
+                                },
+                            )
+                            .is_none();
+                        if fresh {
+                            events.push(GroupEvent::LeaderElected {
+                                group: g.clone(),
+                                member: me,
+                            });
+                            w.hooks
+                                .iter()
+                                .filter(|h| h.group == *g && h.kind == WatchKind::Elected)
+                                .map(|h| Arc::clone(&h.cb))
+                                .collect()
+                        } else {
+                            Vec::new()
+                        }
+                    };
+                    handle = w.leading.get(g).map(|l| l.handle(g));
+                    calls
                 }
                 None => {
                     if w.leading.remove(g).is_some() {
@@ -856,34 +970,35 @@ impl Coordinator {
             }
             self.shared.publish(ev.clone());
         }
-        Ok((res, events))
+        Ok((handle, events))
     }
 
-    /// Tries once to become (or stay) the leader of `group`. Returns the
-    /// leadership's fencing token when this member leads.
+    /// Tries once to become (or stay) the leader of `group`. Returns the leadership
+    /// (its fencing token and loss signal) when this member leads.
     ///
     /// # Errors
-    /// `NotStarted`, backend errors.
-    pub async fn try_become_leader(
-        &self,
-        group: impl Into<GroupId>,
-    ) -> Result<Option<FencingToken>> {
+    /// `NotStarted`, `Stopped` (granted while stopping: given back), backend errors.
+    pub async fn try_become_leader(&self, group: impl Into<GroupId>) -> Result<Option<Leadership>> {
         let g = self.shared.group(group)?;
         Ok(self.campaign_once(&g).await?.0)
     }
 
     /// Campaigns until this member leads `group`, waking on the group's events
-    /// (and at the polling interval); returns the leadership's fencing token.
+    /// (and at the polling interval); returns the leadership.
     ///
     /// # Errors
     /// `Stopped` when the coordinator stops, backend errors.
-    pub async fn become_leader(&self, group: impl Into<GroupId>) -> Result<FencingToken> {
+    pub async fn become_leader(&self, group: impl Into<GroupId>) -> Result<Leadership> {
         let g = self.shared.group(group)?;
         let stop = self.shared.stop_token()?;
         let mut events = self.events(&g).await.ok();
         loop {
-            if let Some(tok) = self.campaign_once(&g).await?.0 {
-                return Ok(tok);
+            let attempt = tokio::select! {
+                r = self.campaign_once(&g) => r?.0,
+                _ = stop.cancelled() => return Err(ToozError::Stopped),
+            };
+            if let Some(l) = attempt {
+                return Ok(l);
             }
             let wait = async {
                 match events.as_mut() {
@@ -915,7 +1030,14 @@ impl Coordinator {
         lock(&self.shared.watchers)
             .leading
             .get(&group.into())
-            .copied()
+            .map(|l| l.token)
+    }
+
+    /// This member's leadership of `group`, if it leads (local view, as of the last
+    /// campaign).
+    pub fn leadership(&self, group: impl Into<GroupId>) -> Option<Leadership> {
+        let g = group.into();
+        lock(&self.shared.watchers).leading.get(&g).map(|l| l.handle(&g))
     }
 
     /// The group's leader, if any.
@@ -1121,11 +1243,29 @@ impl Shared {
                 tracing::warn!(error = %e, "lock heartbeat failed");
             }
         }
+        for g in self.driver.lost_leaderships() {
+            let gone = lock(&self.watchers).leading.remove(&g);
+            if gone.is_some() {
+                tracing::info!(group = %g, "leadership lost (found gone by the heartbeat)");
+                drop(gone);
+                self.publish(GroupEvent::LeadershipLost {
+                    group: g,
+                    member: self.member_id.clone(),
+                });
+            }
+        }
         self.beats.fetch_add(1, Ordering::Relaxed);
         Ok(interval)
     }
 
-    /// The lease is gone: signal every hold and leadership.
+    /// Whether the lease is currently declared lost (holds granted now would have
+    /// no loss signal).
+    pub(crate) fn lease_lost(&self) -> bool {
+        self.info.lease_bound_holds && *self.liveness.borrow() == Liveness::Lost
+    }
+
+    /// The lease is gone: signal every hold and leadership, then give back in the
+    /// background whatever the backend may still have of them (ownership-checked).
     fn on_lost(&self) {
         self.rejoin_pending.store(true, Ordering::SeqCst);
         if !self.info.lease_bound_holds {
@@ -1133,45 +1273,56 @@ impl Shared {
             return;
         }
         for l in self.held_locks() {
-            l.mark_lost();
+            l.lose();
         }
-        let leading: Vec<GroupId> = lock(&self.watchers)
-            .leading
-            .drain()
-            .map(|(g, _)| g)
-            .collect();
-        for g in leading {
+        let leading: Vec<(GroupId, Leading)> = lock(&self.watchers).leading.drain().collect();
+        let mut groups = Vec::new();
+        for (g, l) in leading {
+            drop(l);
             self.publish(GroupEvent::LeadershipLost {
-                group: g,
+                group: g.clone(),
                 member: self.member_id.clone(),
+            });
+            groups.push(g);
+        }
+        if !groups.is_empty()
+            && let Ok(rt) = tokio::runtime::Handle::try_current()
+        {
+            let driver = Arc::clone(&self.driver);
+            rt.spawn(async move {
+                for g in groups {
+                    if let Err(e) = driver.resign(&g).await {
+                        tracing::debug!(group = %g, error = %e, "resigning a lost leadership failed");
+                    }
+                }
             });
         }
     }
 
-    /// Whether the driver replaced its lease since this was last asked (a lease loss,
-    /// whether or not its `Lost` was observed); claims the change, so one loss is
-    /// handled once.
-    fn lease_replaced(&self) -> bool {
-        let now = self.driver.lease_generation();
-        self.lease_generation.swap(now, Ordering::SeqCst) != now
-    }
-
-    /// After a loss, re-join the groups on the new lease (locks are not re-acquired).
-    async fn rejoin(&self) {
-        let joined: Vec<(GroupId, Capabilities)> = lock(&self.run)
-            .joined
-            .iter()
-            .map(|(g, c)| (g.clone(), c.clone()))
-            .collect();
-        for (g, caps) in joined {
-            match self.driver.join_group(&g, &caps).await {
-                Ok(()) | Err(ToozError::MemberAlreadyExist { .. }) => {}
-                Err(e) => {
-                    tracing::warn!(group = %g, error = %e, "re-joining after lease loss failed")
+    /// After a loss, re-join the groups on the new lease (locks are not
+    /// re-acquired), in a task of its own so the lease monitor never waits on it.
+    fn spawn_rejoin(self: &Arc<Self>) {
+        if self.rejoining.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let me = Arc::clone(self);
+        tokio::spawn(async move {
+            let joined: Vec<(GroupId, Capabilities)> = lock(&me.run)
+                .joined
+                .iter()
+                .map(|(g, c)| (g.clone(), c.clone()))
+                .collect();
+            for (g, caps) in joined {
+                match me.driver.join_group(&g, &caps).await {
+                    Ok(()) | Err(ToozError::MemberAlreadyExist { .. }) => {}
+                    Err(e) => {
+                        tracing::warn!(group = %g, error = %e, "re-joining after lease loss failed")
+                    }
                 }
             }
-        }
-        self.rejoin_pending.store(false, Ordering::SeqCst);
+            me.rejoin_pending.store(false, Ordering::SeqCst);
+            me.rejoining.store(false, Ordering::SeqCst);
+        });
     }
 
     fn set_liveness(&self, new: Liveness) -> Liveness {
@@ -1189,33 +1340,35 @@ impl Shared {
     }
 }
 
-async fn heart_loop(shared: Weak<Shared>, stop: CancellationToken) {
-    let mut last_ok = Instant::now();
-    let mut ttl = Duration::from_secs(10);
+/// Renews the lease: every third of the TTL, each attempt cut off after a quarter
+/// of it (so a renewal hung on a dead connection never delays the next one), retried
+/// soon after a failure. It only reports to the lease state; [`lease_monitor`]
+/// decides when the lease is lost.
+async fn heart_loop(shared: Weak<Shared>, lease: LeaseState, stop: CancellationToken) {
+    let mut ttl = lease.view().ttl.unwrap_or(Duration::from_secs(10));
     loop {
         let Some(s) = shared.upgrade() else { return };
-        let t0 = Instant::now();
-        let pause = match s.beat().await {
-            Ok(interval) => {
+        let sent = Instant::now();
+        let cut = (ttl / 4).max(Duration::from_millis(10));
+        let res = tokio::select! {
+            r = tokio::time::timeout(cut, s.beat()) => r,
+            _ = stop.cancelled() => return,
+        };
+        let pause = match res {
+            Ok(Ok(interval)) => {
                 ttl = interval;
-                last_ok = Instant::now();
-                if s.set_liveness(Liveness::Alive) == Liveness::Lost {
-                    s.rejoin().await;
-                }
-                let spent = t0.elapsed();
-                if spent > interval {
-                    tracing::warn!(?spent, ?interval, "heartbeat took longer than its interval");
-                }
-                interval.saturating_sub(spent) / 2
+                lease.renewed(sent, interval);
+                (interval / 3).saturating_sub(sent.elapsed())
             }
-            Err(e) => {
+            Ok(Err(e)) => {
                 tracing::warn!(error = %e, "heartbeat failed; retrying");
-                if last_ok.elapsed() >= ttl {
-                    s.set_liveness(Liveness::Lost);
-                } else {
-                    s.set_liveness(Liveness::AtRisk);
-                }
-                (ttl / 4).min(Duration::from_secs(1))
+                lease.at_risk();
+                (ttl / 10).min(Duration::from_millis(500))
+            }
+            Err(_) => {
+                tracing::warn!(?cut, "heartbeat got no answer in time; retrying");
+                lease.at_risk();
+                (ttl / 10).min(Duration::from_millis(500))
             }
         };
         drop(s);
@@ -1226,27 +1379,45 @@ async fn heart_loop(shared: Weak<Shared>, stop: CancellationToken) {
     }
 }
 
-async fn liveness_forwarder(
-    shared: Weak<Shared>,
-    mut rx: watch::Receiver<Liveness>,
-    stop: CancellationToken,
-) {
+/// Turns the lease state into the coordinator's liveness: `Lost` at the loss
+/// deadline (a timer that waits on no request), on the driver's word, on a replaced
+/// lease, or when at risk under [`LeasePolicy::AtRiskIsLost`]; `Alive` again (and a
+/// re-join) once a renewal succeeds in time.
+async fn lease_monitor(shared: Weak<Shared>, lease: LeaseState, stop: CancellationToken) {
+    let mut rx = lease.subscribe();
+    let mut generation = rx.borrow().generation;
     loop {
-        tokio::select! {
-            r = rx.changed() => if r.is_err() { return },
-            _ = stop.cancelled() => return,
-        }
-        let v = *rx.borrow_and_update();
+        let view = *rx.borrow_and_update();
         let Some(s) = shared.upgrade() else { return };
-        // A replaced lease is a loss even if its `Lost` was overwritten before we read
-        // it (a flapping connection, or a loss while the last re-join was running).
-        let replaced = s.lease_replaced();
-        if replaced {
+        if view.generation != generation {
+            // Whatever hung on the old lease is gone, even if its `Lost` was never
+            // reported (a flapping connection).
+            generation = view.generation;
             s.set_liveness(Liveness::Lost);
         }
-        if s.set_liveness(v) == Liveness::Lost && v == Liveness::Alive {
-            s.rejoin().await;
+        let (now, deadline) = judge(
+            &view,
+            Instant::now(),
+            s.config.loss_margin,
+            s.config.lease_policy,
+        );
+        if s.set_liveness(now) == Liveness::Lost && now == Liveness::Alive {
+            s.spawn_rejoin();
         }
+        drop(s);
+        let wake = if now == Liveness::Lost { None } else { deadline };
+        tokio::select! {
+            r = rx.changed() => if r.is_err() { return },
+            () = sleep_until_opt(wake) => {}
+            _ = stop.cancelled() => return,
+        }
+    }
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -19,12 +19,11 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use futures_util::Stream;
-use tokio::sync::watch;
-
 use crate::capabilities::{Capabilities, MemberInfo};
 use crate::characteristic::Characteristic;
 use crate::error::Result;
 use crate::ids::{GroupId, LockName, MemberId};
+use crate::lease::LeaseState;
 use crate::lock::{FencingToken, Mode, Wait};
 
 /// A boxed, `'static` stream of driver events.
@@ -113,19 +112,22 @@ pub trait Driver: Send + Sync + fmt::Debug + 'static {
     /// driver tracks; returns the time until the next heartbeat is due (the lease TTL).
     async fn heartbeat(&self, joined: &[GroupId]) -> Result<Duration>;
 
-    /// Session/lease health pushed by the driver, for backends that know it
-    /// (ZooKeeper session events). `None`: the core derives it from heartbeats.
-    fn liveness(&self) -> Option<watch::Receiver<Liveness>>;
+    /// The state of the lease this driver's memberships and holds hang on, for a
+    /// driver that feeds it itself (see [`crate::lease`]): a driver with a session of
+    /// its own reports each answered request's send time, its connection state and a
+    /// replaced session; a driver whose lease the heartbeat renews reports its TTL
+    /// when it starts (`renewed(start_sent, ttl)`), and the coordinator reports each
+    /// heartbeat. `None` (the default): the coordinator keeps the lease state itself,
+    /// from heartbeats alone. Return the same state (a clone) on every call.
+    fn lease(&self) -> Option<LeaseState> {
+        None
+    }
 
-    /// A counter the driver increases each time it replaces the lease or session its
-    /// memberships and holds hang on (a new ZooKeeper session, a new etcd lease).
-    ///
-    /// The core reads it with every [`Driver::liveness`] update: a change means the
-    /// old lease is gone even when the `Lost` value in between was never observed (a
-    /// watch channel keeps only the latest value). Drivers without replaceable leases
-    /// keep the default, 0.
-    fn lease_generation(&self) -> u64 {
-        0
+    /// Leaderships this driver found lost since it was last asked (a heartbeat saw
+    /// the leader key gone or taken by another member). The coordinator asks after
+    /// each heartbeat and signals their loss. Default: none.
+    fn lost_leaderships(&self) -> Vec<GroupId> {
+        Vec::new()
     }
 
     /// Creates a group. `GroupAlreadyExist` if present.
@@ -221,11 +223,11 @@ impl<T: Driver + ?Sized> Driver for Arc<T> {
     async fn heartbeat(&self, joined: &[GroupId]) -> Result<Duration> {
         (**self).heartbeat(joined).await
     }
-    fn liveness(&self) -> Option<watch::Receiver<Liveness>> {
-        (**self).liveness()
+    fn lease(&self) -> Option<LeaseState> {
+        (**self).lease()
     }
-    fn lease_generation(&self) -> u64 {
-        (**self).lease_generation()
+    fn lost_leaderships(&self) -> Vec<GroupId> {
+        (**self).lost_leaderships()
     }
     async fn create_group(&self, group: &GroupId) -> Result<()> {
         (**self).create_group(group).await

@@ -123,6 +123,54 @@ impl LostSignal {
     }
 }
 
+/// This member's leadership of a group, from
+/// [`Coordinator::become_leader`](crate::Coordinator::become_leader) or
+/// [`Coordinator::try_become_leader`](crate::Coordinator::try_become_leader).
+///
+/// Carries the grant's fencing token and a loss signal that fires, like a lock's,
+/// before the backend can elect somebody else: when the lease it hangs on is lost,
+/// when a heartbeat finds the leadership gone, when this member stands down or stops,
+/// or when a later campaign finds another leader.
+///
+/// ```no_run
+/// # async fn demo(coord: tooz_core::Coordinator) -> tooz_core::Result<()> {
+/// let leadership = coord.become_leader("schedulers").await?;
+/// tokio::select! {
+///     () = leadership.lost().lost() => eprintln!("no longer leading: stop scheduling"),
+///     () = async { /* schedule, passing leadership.token() along */ } => {}
+/// }
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct Leadership {
+    pub(crate) group: crate::ids::GroupId,
+    pub(crate) token: FencingToken,
+    pub(crate) lost: watch::Receiver<bool>,
+}
+
+impl Leadership {
+    /// The group led.
+    pub fn group(&self) -> &crate::ids::GroupId {
+        &self.group
+    }
+
+    /// The fencing token of this grant: it increases with every grant of the
+    /// group's leadership.
+    pub fn token(&self) -> FencingToken {
+        self.token
+    }
+
+    /// A signal that resolves when this leadership is lost.
+    pub fn lost(&self) -> LostSignal {
+        LostSignal(self.lost.clone())
+    }
+
+    /// Whether this leadership is already lost.
+    pub fn is_lost(&self) -> bool {
+        *self.lost.borrow()
+    }
+}
+
 #[derive(Debug)]
 struct Hold {
     mode: Mode,
@@ -308,6 +356,12 @@ impl Lock {
                     let _ = inner.release_hold(true, Some(token)).await;
                     Err(ToozError::Stopped)
                 }
+                // The lease was declared lost while the grant was on its way: the
+                // loss signal of this hold would never fire, so it is not handed out.
+                Some(token) if inner.shared.upgrade().is_some_and(|s| s.lease_lost()) => {
+                    let _ = inner.release_hold(true, Some(token)).await;
+                    Err(ToozError::LockLost(inner.name.clone()))
+                }
                 _ => res,
             };
             if let Err((Ok(true), Some(token))) = tx.send((res, won)) {
@@ -368,9 +422,10 @@ impl Lock {
         self.inner.driver.break_lock().await
     }
 
-    /// Whether this lock object currently holds the lock (local view).
+    /// Whether this lock object currently holds the lock (local view; `false` as
+    /// soon as the hold's loss is signalled).
     pub fn is_held(&self) -> bool {
-        self.state().hold.is_some()
+        self.inner.is_held()
     }
 
     /// The mode of the current hold.
@@ -439,14 +494,17 @@ impl LockInner {
     }
 
     pub(crate) fn is_held(&self) -> bool {
-        self.state().hold.is_some()
+        self.state().hold.as_ref().is_some_and(|h| !*h.lost.borrow())
     }
 
     /// Releases the hold. `all`: drop every shared count at once (stop).
     /// `token`: only if the current hold is that grant (a guard must not release a
     /// later hold of the same lock object).
+    ///
+    /// The backend release runs in a task of its own: it completes (and the hold is
+    /// cleared) even when the caller's future is dropped.
     pub(crate) async fn release_hold(
-        &self,
+        self: &Arc<Self>,
         all: bool,
         token: Option<FencingToken>,
     ) -> Result<bool> {
@@ -466,31 +524,58 @@ impl LockInner {
             }
             st.releasing = true;
         }
-        // Clears `releasing` and wakes waiters even if this future is dropped.
-        let _releasing = Releasing(self);
-        let res = self.driver.release().await;
-        let hold = self.state().hold.take();
-        if let Some(h) = hold {
-            h.lost.send_replace(true);
+        let me = Arc::clone(self);
+        let task = async move {
+            // Clears `releasing` and wakes waiters even if the release panics.
+            let _releasing = Releasing(&me);
+            let res = me.driver.release().await;
+            let hold = me.state().hold.take();
+            if let Some(h) = hold {
+                h.lost.send_replace(true);
+            }
+            res
+        };
+        match tokio::spawn(task).await {
+            Ok(res) => res,
+            Err(e) => Err(ToozError::backend_msg(format!(
+                "releasing lock {} failed: {e}",
+                self.name
+            ))),
         }
-        res
     }
 
-    pub(crate) async fn heartbeat(&self) -> Result<bool> {
+    pub(crate) async fn heartbeat(self: &Arc<Self>) -> Result<bool> {
         if !self.is_held() {
             return Ok(false);
         }
         let ok = self.driver.heartbeat().await?;
         if !ok {
-            self.mark_lost();
+            self.lose();
         }
         Ok(ok)
     }
 
-    /// Signals loss without talking to the backend (the lease is gone).
-    pub(crate) fn mark_lost(&self) {
-        if let Some(h) = &self.state().hold {
-            h.lost.send_replace(true);
+    /// The hold is gone (its lease was lost, or a renewal found it gone): signals
+    /// the loss at once, then releases what may be left of it in the background
+    /// (ownership-checked, so nobody else's hold is touched) and clears it.
+    pub(crate) fn lose(self: &Arc<Self>) {
+        let token = {
+            let st = self.state();
+            match &st.hold {
+                Some(h) => {
+                    h.lost.send_replace(true);
+                    h.token
+                }
+                None => return,
+            }
+        };
+        let me = Arc::clone(self);
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                if let Err(e) = me.release_hold(true, Some(token)).await {
+                    tracing::debug!(lock = %me.name, error = %e, "releasing a lost hold failed");
+                }
+            });
         }
     }
 }
@@ -519,7 +604,7 @@ impl Drop for PendingGrant {
 }
 
 /// Ends a release in progress when dropped.
-struct Releasing<'a>(&'a LockInner);
+struct Releasing<'a>(&'a Arc<LockInner>);
 
 impl Drop for Releasing<'_> {
     fn drop(&mut self) {
@@ -625,11 +710,19 @@ mod tests {
         /// Set when a push stream of `watch_group` is dropped.
         push_dropped: Arc<std::sync::atomic::AtomicBool>,
         /// Session health this driver pushes (`None`: none).
-        liveness: Mutex<Option<watch::Receiver<Liveness>>>,
+        lease: Mutex<Option<crate::lease::LeaseState>>,
         /// Declares holds independent of the lease.
         independent: std::sync::atomic::AtomicBool,
-        /// What `lease_generation` reports.
-        generation: AtomicU64,
+        /// How `heartbeat` answers: 0 at once with `ttl_ms`, 1 never, 2 an error.
+        beat_mode: std::sync::atomic::AtomicU8,
+        /// The TTL `heartbeat` returns, in ms (0: 20 ms).
+        ttl_ms: AtomicU64,
+        /// The leader token `campaign` grants (0: none, someone else leads).
+        leader_token: AtomicU64,
+        /// What `lost_leaderships` reports next.
+        lost_leaders: Mutex<Vec<GroupId>>,
+        /// `resign` calls.
+        resigns: AtomicU64,
     }
 
     /// A push source that never reports anything.
@@ -731,13 +824,20 @@ mod tests {
             Ok(())
         }
         async fn heartbeat(&self, _: &[GroupId]) -> Result<Duration> {
-            Ok(Duration::from_millis(20))
+            match self.0.beat_mode.load(Ordering::SeqCst) {
+                1 => std::future::pending().await,
+                2 => Err(ToozError::backend_msg("unreachable")),
+                _ => match self.0.ttl_ms.load(Ordering::SeqCst) {
+                    0 => Ok(Duration::from_millis(20)),
+                    ms => Ok(Duration::from_millis(ms)),
+                },
+            }
         }
-        fn liveness(&self) -> Option<watch::Receiver<Liveness>> {
-            self.0.liveness.lock().unwrap().clone()
+        fn lease(&self) -> Option<crate::lease::LeaseState> {
+            self.0.lease.lock().unwrap().clone()
         }
-        fn lease_generation(&self) -> u64 {
-            self.0.generation.load(Ordering::SeqCst)
+        fn lost_leaderships(&self) -> Vec<GroupId> {
+            std::mem::take(&mut *self.0.lost_leaders.lock().unwrap())
         }
         async fn create_group(&self, _: &GroupId) -> Result<()> {
             nope()
@@ -773,10 +873,18 @@ mod tests {
             nope()
         }
         async fn campaign(&self, _: &GroupId) -> Result<Option<FencingToken>> {
-            nope()
+            let hook = self.0.hook.lock().unwrap().clone();
+            if let Some(h) = hook {
+                h().await;
+            }
+            Ok(match self.0.leader_token.load(Ordering::SeqCst) {
+                0 => None,
+                t => Some(FencingToken(t)),
+            })
         }
         async fn resign(&self, _: &GroupId) -> Result<bool> {
-            nope()
+            self.0.resigns.fetch_add(1, Ordering::SeqCst);
+            Ok(true)
         }
         async fn get_leader(&self, _: &GroupId) -> Result<Option<MemberId>> {
             Ok(None)
@@ -810,8 +918,8 @@ mod tests {
         for independent in [false, true] {
             let mem = Arc::new(Mem::default());
             mem.independent.store(independent, Ordering::SeqCst);
-            let (tx, rx) = watch::channel(Liveness::Alive);
-            *mem.liveness.lock().unwrap() = Some(rx);
+            let lease = crate::lease::LeaseState::new();
+            *mem.lease.lock().unwrap() = Some(lease.clone());
             let c = Coordinator::new(
                 Arc::new(MemDriver(Arc::clone(&mem), false)),
                 "m".into(),
@@ -822,29 +930,20 @@ mod tests {
             assert!(lock.acquire(Wait::No).await.unwrap());
             let lost = lock.lost().unwrap();
             let mut live = c.liveness();
-            tx.send_replace(Liveness::Lost);
-            tokio::time::timeout(
-                Duration::from_secs(5),
-                live.wait_for(|l| *l == Liveness::Lost),
-            )
-            .await
-            .unwrap()
-            .unwrap();
-            for _ in 0..10 {
-                tokio::task::yield_now().await;
-            }
+            lease.lost();
+            live.wait_for(|l| *l == Liveness::Lost).await.unwrap();
+            // The loss is signalled by the same step that reports `Lost`.
             assert_eq!(lost.is_lost(), !independent, "independent={independent}");
             c.stop().await.unwrap();
         }
     }
 
-    /// A lease replaced behind a `Lost` the core never read (the driver's channel
-    /// went `Lost` then `Alive` before the forwarder looked) still signals lock loss.
+    /// A lease replaced behind a `Lost` the core never read still signals lock loss.
     #[tokio::test]
     async fn replaced_lease_signals_loss_without_an_observed_lost() {
         let mem = Arc::new(Mem::default());
-        let (tx, rx) = watch::channel(Liveness::Alive);
-        *mem.liveness.lock().unwrap() = Some(rx);
+        let lease = crate::lease::LeaseState::new();
+        *mem.lease.lock().unwrap() = Some(lease.clone());
         let c = Coordinator::new(
             Arc::new(MemDriver(Arc::clone(&mem), false)),
             "m".into(),
@@ -854,26 +953,174 @@ mod tests {
         let lock = c.get_lock("l").unwrap();
         assert!(lock.acquire(Wait::No).await.unwrap());
         let lost = lock.lost().unwrap();
-        // No await in between: the forwarder can only ever read `Alive`.
-        tx.send_replace(Liveness::Lost);
-        mem.generation.fetch_add(1, Ordering::SeqCst);
-        tx.send_replace(Liveness::Alive);
-        tokio::time::timeout(Duration::from_secs(5), lost.clone().lost())
-            .await
-            .expect("the hold on the replaced lease was reported lost");
-        assert!(lost.is_lost());
-        assert_eq!(*c.liveness().borrow(), Liveness::Alive);
+        // No await in between: the monitor can only ever read the new lease.
+        lease.lost();
+        lease.replaced(Instant::now(), Duration::from_secs(30));
+        lost.clone().lost().await;
+        assert!(!lock.is_held(), "the lost hold was cleared");
+        let mut live = c.liveness();
+        live.wait_for(|l| *l == Liveness::Alive).await.unwrap();
         // A later update without a new lease is no loss: a new hold stays.
         let again = c.get_lock("l2").unwrap();
         assert!(again.acquire(Wait::No).await.unwrap());
         let kept = again.lost().unwrap();
-        tx.send_replace(Liveness::AtRisk);
-        tx.send_replace(Liveness::Alive);
-        for _ in 0..10 {
-            tokio::task::yield_now().await;
-        }
+        lease.at_risk();
+        live.wait_for(|l| *l == Liveness::AtRisk).await.unwrap();
+        lease.renewed(Instant::now(), Duration::from_secs(30));
+        live.wait_for(|l| *l == Liveness::Alive).await.unwrap();
         assert!(!kept.is_lost());
         c.stop().await.unwrap();
+    }
+
+    const TTL: Duration = Duration::from_secs(8);
+
+    async fn beating(mem: &Arc<Mem>, heart: bool, config: crate::CoordinatorConfig) -> Coordinator {
+        mem.ttl_ms
+            .store(TTL.as_millis() as u64, Ordering::SeqCst);
+        let c = Coordinator::with_config(
+            Arc::new(MemDriver(Arc::clone(mem), true)),
+            "m".into(),
+            "mem://",
+            config,
+        );
+        c.start(heart).await.unwrap();
+        c
+    }
+
+    /// The loss fires at the send time of the last successful renewal plus the TTL
+    /// minus the margin, while the next renewal hangs (paused time: the instant is
+    /// exact).
+    #[tokio::test(start_paused = true)]
+    async fn loss_fires_at_the_deadline_while_a_renewal_hangs() {
+        let mem = Arc::new(Mem::default());
+        let c = beating(&mem, true, crate::CoordinatorConfig::default()).await;
+        let mut live = c.liveness();
+        while c.beats() == 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let lock = c.get_lock("l").unwrap();
+        assert!(lock.acquire(Wait::No).await.unwrap());
+        let lost = lock.lost().unwrap();
+        // From now on every renewal hangs; the last success was sent at `last`.
+        mem.beat_mode.store(1, Ordering::SeqCst);
+        let last = c.lease().unwrap().expires_no_earlier_than.unwrap() - TTL;
+        live.wait_for(|l| *l == Liveness::AtRisk).await.unwrap();
+        lost.clone().lost().await;
+        let at = Instant::now() - last;
+        // Margin: a quarter of 8 s, at most 2 s.
+        assert_eq!(at, TTL - Duration::from_secs(2), "lost {at:?} after the last renewal was sent");
+        assert_eq!(*c.liveness().borrow(), Liveness::Lost);
+        assert!(!lock.is_held());
+        // Renewals succeed again: alive, and the lock stays given up.
+        mem.beat_mode.store(0, Ordering::SeqCst);
+        live.wait_for(|l| *l == Liveness::Alive).await.unwrap();
+        assert!(!lock.is_held());
+        c.stop().await.unwrap();
+    }
+
+    /// A configured margin moves the deadline; the at-risk-is-lost policy makes
+    /// the first failed renewal a loss.
+    #[tokio::test(start_paused = true)]
+    async fn margin_and_policy_are_honoured() {
+        let mem = Arc::new(Mem::default());
+        let mut config = crate::CoordinatorConfig::default();
+        config.loss_margin = Some(Duration::from_millis(300));
+        let c = beating(&mem, false, config).await;
+        let t0 = Instant::now();
+        c.heartbeat().await.unwrap();
+        assert_eq!(c.loss_margin(), Some(Duration::from_millis(300)));
+        let mut live = c.liveness();
+        live.wait_for(|l| *l == Liveness::Lost).await.unwrap();
+        assert_eq!(Instant::now() - t0, TTL - Duration::from_millis(300));
+        c.stop().await.unwrap();
+
+        let mem = Arc::new(Mem::default());
+        let mut config = crate::CoordinatorConfig::default();
+        config.lease_policy = crate::LeasePolicy::AtRiskIsLost;
+        let c = beating(&mem, false, config).await;
+        c.heartbeat().await.unwrap();
+        let lock = c.get_lock("l").unwrap();
+        assert!(lock.acquire(Wait::No).await.unwrap());
+        let t0 = Instant::now();
+        mem.beat_mode.store(2, Ordering::SeqCst);
+        assert!(c.heartbeat().await.is_err());
+        lock.lost().unwrap().lost().await;
+        assert_eq!(Instant::now(), t0, "lost as soon as a renewal failed");
+        c.stop().await.unwrap();
+    }
+
+    /// Without the heartbeat task, manual heartbeats keep the lease: a failure is
+    /// `AtRisk`, the deadline of the last success is `Lost`.
+    #[tokio::test(start_paused = true)]
+    async fn manual_heartbeats_drive_the_lease() {
+        let mem = Arc::new(Mem::default());
+        let c = beating(&mem, false, crate::CoordinatorConfig::default()).await;
+        let mut live = c.liveness();
+        let t0 = Instant::now();
+        c.heartbeat().await.unwrap();
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        mem.beat_mode.store(2, Ordering::SeqCst);
+        assert!(c.heartbeat().await.is_err());
+        live.wait_for(|l| *l == Liveness::AtRisk).await.unwrap();
+        live.wait_for(|l| *l == Liveness::Lost).await.unwrap();
+        assert_eq!(Instant::now() - t0, TTL - Duration::from_secs(2));
+        mem.beat_mode.store(0, Ordering::SeqCst);
+        c.heartbeat().await.unwrap();
+        live.wait_for(|l| *l == Liveness::Alive).await.unwrap();
+        c.stop().await.unwrap();
+    }
+
+    /// Leaderships carry a loss signal: a lease loss, a heartbeat finding the
+    /// leadership gone, standing down; a grant that arrives after `stop` began is
+    /// given back.
+    #[tokio::test(start_paused = true)]
+    async fn leaderships_signal_their_loss() {
+        let mem = Arc::new(Mem::default());
+        mem.leader_token.store(7, Ordering::SeqCst);
+        let c = beating(&mem, false, crate::CoordinatorConfig::default()).await;
+        c.heartbeat().await.unwrap();
+        let l = c.become_leader("g").await.unwrap();
+        assert_eq!(l.token(), FencingToken(7));
+        assert!(!l.is_lost());
+        // The heartbeat finds it gone.
+        mem.lost_leaders.lock().unwrap().push(GroupId::from("g"));
+        c.heartbeat().await.unwrap();
+        assert!(l.is_lost());
+        assert!(c.leadership("g").is_none());
+        // Re-elected; then the lease deadline passes.
+        let l2 = c.become_leader("g").await.unwrap();
+        let t = Instant::now();
+        l2.lost().lost().await;
+        assert!(Instant::now() - t <= TTL - Duration::from_secs(2));
+        assert!(mem.resigns.load(Ordering::SeqCst) >= 1, "the lost leadership was given back");
+        c.heartbeat().await.unwrap();
+        let mut live = c.liveness();
+        live.wait_for(|l| *l == Liveness::Alive).await.unwrap();
+        // Standing down.
+        let l3 = c.become_leader("g").await.unwrap();
+        assert!(c.stand_down_group_leader("g").await.unwrap());
+        assert!(l3.is_lost());
+        // A grant racing `stop`.
+        let resigns = mem.resigns.load(Ordering::SeqCst);
+        let gate = Arc::new(tokio::sync::Notify::new());
+        let g2 = Arc::clone(&gate);
+        *mem.hook.lock().unwrap() = Some(Arc::new(move || {
+            let g = Arc::clone(&g2);
+            Box::pin(async move { g.notified().await })
+        }));
+        let c2 = c.clone();
+        let campaign = tokio::spawn(async move { c2.try_become_leader("g").await });
+        tokio::task::yield_now().await;
+        let stopping = tokio::spawn({
+            let c = c.clone();
+            async move { c.stop().await }
+        });
+        tokio::task::yield_now().await;
+        gate.notify_one();
+        let r = campaign.await.unwrap();
+        assert!(matches!(r, Err(ToozError::Stopped)), "{r:?}");
+        stopping.await.unwrap().unwrap();
+        assert!(mem.resigns.load(Ordering::SeqCst) > resigns, "the late grant was given back");
     }
 
     /// Dropping every handle of a held lock releases it.

@@ -45,6 +45,12 @@ impl Options {
         self.values.insert(key.into(), vec![value.into()]);
     }
 
+    /// Removes an option, returning its values (for options the core reads itself
+    /// before the driver sees the rest).
+    pub fn remove(&mut self, key: &str) -> Vec<String> {
+        self.values.remove(key).unwrap_or_default()
+    }
+
     /// The last value of an option, as Python tooz's `collapse` keeps it.
     pub fn get(&self, key: &str) -> Option<&str> {
         self.values

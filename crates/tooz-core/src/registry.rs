@@ -13,6 +13,7 @@ use crate::coordinator::{Coordinator, CoordinatorConfig};
 use crate::driver::Driver;
 use crate::error::{Result, ToozError};
 use crate::ids::MemberId;
+use crate::lease::LeasePolicy;
 use crate::options::{Options, parse_backend_url, redact_url, redact_url_str};
 
 /// What a driver factory receives.
@@ -164,6 +165,7 @@ impl Registry {
         for (k, v) in &opts.options {
             options.set(k.clone(), v.clone());
         }
+        let config = core_options(&mut options, d.name, opts.config.clone())?;
         let driver = (d.connect)(&ConnectRequest {
             url: &parsed,
             member_id: &member_id,
@@ -189,7 +191,41 @@ impl Registry {
             driver,
             member_id,
             redact_url(&parsed),
-            opts.config.clone(),
+            config,
         ))
     }
+}
+
+/// The options every driver accepts, read (and removed) by the core:
+/// `loss_margin` (seconds, `0` allowed) and `lease_policy`
+/// (`standard`/`at_risk_is_lost`); see [`crate::lease`].
+fn core_options(
+    options: &mut Options,
+    driver: &str,
+    mut config: CoordinatorConfig,
+) -> Result<CoordinatorConfig> {
+    if options.contains("loss_margin") {
+        let secs = options.parse::<f64>(driver, "loss_margin", "a number of seconds")?;
+        match secs {
+            Some(v) if v.is_finite() && (0.0..=1e9).contains(&v) => {
+                config.loss_margin = Some(std::time::Duration::from_secs_f64(v));
+            }
+            Some(v) => {
+                return Err(ToozError::invalid_option(
+                    driver,
+                    "loss_margin",
+                    format!("expected a number of seconds of 0 or more, got {v}"),
+                ));
+            }
+            None => {}
+        }
+        options.remove("loss_margin");
+    }
+    if options.contains("lease_policy") {
+        if let Some(p) = options.parse::<LeasePolicy>(driver, "lease_policy", "a lease policy")? {
+            config.lease_policy = p;
+        }
+        options.remove("lease_policy");
+    }
+    Ok(config)
 }

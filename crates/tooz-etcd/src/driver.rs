@@ -11,10 +11,9 @@ use etcd_client::{
     Client, Compare, CompareOp, ConnectOptions, GetOptions, GetResponse, KeyValue,
     LeaseKeepAliveStream, LeaseKeeper, PutOptions, Txn, TxnOp, TxnOpResponse, TxnResponse,
 };
-use tokio::sync::watch;
 use tooz_core::{
     Capabilities, Characteristic, ConnectRequest, Driver, DriverEventStream, DriverInfo,
-    DriverLock, FencingToken, GroupId, Liveness, LockName, MemberId, MemberInfo, Result, ToozError,
+    DriverLock, FencingToken, GroupId, LeaseState, LockName, MemberId, MemberInfo, Result, ToozError,
 };
 
 use crate::config::EtcdConfig;
@@ -107,7 +106,8 @@ pub(crate) struct Inner {
     client: Mutex<Option<Client>>,
     lease: Mutex<Option<Lease>>,
     keeper: tokio::sync::Mutex<Option<KeepAlive>>,
-    liveness: watch::Sender<Liveness>,
+    /// The lease's state, for the coordinator (see `tooz_core::lease`).
+    lease_state: LeaseState,
     /// When this member joined each group (µs), for `updated`'s `created` time.
     joined_at: Mutex<HashMap<GroupId, u64>>,
     next_lock: AtomicU64,
@@ -369,7 +369,7 @@ impl EtcdDriver {
                 client: Mutex::new(None),
                 lease: Mutex::new(None),
                 keeper: tokio::sync::Mutex::new(None),
-                liveness: watch::channel(Liveness::Alive).0,
+                lease_state: LeaseState::new(),
                 joined_at: Mutex::new(HashMap::new()),
                 next_lock: AtomicU64::new(0),
             }),
@@ -468,10 +468,11 @@ impl Driver for EtcdDriver {
             }
         };
         *guard(&i.client) = Some(client);
+        let sent = tokio::time::Instant::now();
         match i.grant().await {
             Ok((id, _)) => {
                 *guard(&i.lease) = Some(Lease { id, epoch: 0 });
-                i.liveness.send_replace(Liveness::Alive);
+                i.lease_state.replaced(sent, i.config.lease_ttl());
                 Ok(())
             }
             Err(e) => {
@@ -509,21 +510,19 @@ impl Driver for EtcdDriver {
             lease = lease.id,
             "etcd: the coordinator's lease is gone; memberships, locks and leaderships on it were lost"
         );
-        i.liveness.send_replace(Liveness::Lost);
+        i.lease_state.lost();
+        let sent = tokio::time::Instant::now();
         let (id, _) = i.grant().await?;
         *guard(&i.lease) = Some(Lease {
             id,
             epoch: lease.epoch + 1,
         });
+        i.lease_state.replaced(sent, i.config.lease_ttl());
         Ok(i.config.lease_ttl())
     }
 
-    fn liveness(&self) -> Option<watch::Receiver<Liveness>> {
-        Some(self.inner.liveness.subscribe())
-    }
-
-    fn lease_generation(&self) -> u64 {
-        guard(&self.inner.lease).as_ref().map_or(0, |l| l.epoch)
+    fn lease(&self) -> Option<LeaseState> {
+        Some(self.inner.lease_state.clone())
     }
 
     #[tracing::instrument(level = "debug", skip_all, fields(group = %group))]

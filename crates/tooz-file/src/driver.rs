@@ -9,10 +9,9 @@ use std::time::{Duration, SystemTime};
 
 use nix::sys::stat::{UtimensatFlags, utimensat};
 use nix::sys::time::TimeSpec;
-use tokio::sync::watch;
 use tooz_core::{
     Capabilities, Characteristic, ConnectRequest, Driver, DriverEventStream, DriverInfo,
-    DriverLock, FencingToken, GroupId, Liveness, LockName, MemberId, MemberInfo, Result, ToozError,
+    DriverLock, FencingToken, GroupId, LockName, MemberId, MemberInfo, Result, ToozError,
 };
 
 use crate::config::{FileConfig, NAME};
@@ -560,10 +559,6 @@ impl Driver for FileDriver {
         })
         .await?;
         Ok(self.inner.config.timeout)
-    }
-
-    fn liveness(&self) -> Option<watch::Receiver<Liveness>> {
-        None
     }
 
     #[tracing::instrument(level = "debug", skip_all, fields(group = %group))]

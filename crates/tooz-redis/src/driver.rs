@@ -7,11 +7,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use redis::{Script, Value};
-use tokio::sync::watch;
 use tokio::time::Instant;
 use tooz_core::{
     Capabilities, Characteristic, ConnectRequest, Driver, DriverEventStream, DriverInfo,
-    DriverLock, FencingToken, GroupId, Liveness, LockName, MemberId, MemberInfo, Mode, Result,
+    DriverLock, FencingToken, GroupId, LeaseState, LockName, MemberId, MemberInfo, Mode, Result,
     ToozError,
 };
 
@@ -71,7 +70,12 @@ pub(crate) struct Inner {
     hub: Mutex<Option<Arc<Hub>>>,
     holds: Mutex<HashMap<u64, HoldEntry>>,
     leaders: Mutex<HashMap<GroupId, Leading>>,
+    /// Leaderships the heartbeat found gone, for the coordinator to signal.
+    lost_leaders: Mutex<Vec<GroupId>>,
     next_lock: AtomicU64,
+    /// The lease of every key this member writes: each is written with a TTL of
+    /// at least `heartbeat_interval()` and renewed by the heartbeat.
+    lease: LeaseState,
 }
 
 fn guard<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -392,7 +396,9 @@ impl RedisDriver {
                 hub: Mutex::new(None),
                 holds: Mutex::new(HashMap::new()),
                 leaders: Mutex::new(HashMap::new()),
+                lost_leaders: Mutex::new(Vec::new()),
                 next_lock: AtomicU64::new(0),
+                lease: LeaseState::new(),
             }),
         })
     }
@@ -433,6 +439,8 @@ impl Driver for RedisDriver {
     #[tracing::instrument(level = "debug", skip_all, fields(member = %self.inner.member))]
     async fn start(&self) -> Result<()> {
         let i = &self.inner;
+        // Every key written from now on outlives `sent + TTL` on the server.
+        let sent = tokio::time::Instant::now();
         #[cfg(not(feature = "tls"))]
         {
             let sentinel_ssl = matches!(
@@ -471,6 +479,7 @@ impl Driver for RedisDriver {
                 }
             })
             .await?;
+        i.lease.renewed(sent, i.config.heartbeat_interval());
         match parse_version(&info) {
             Some((major, _)) if major >= MIN_SERVER_MAJOR => Ok(()),
             Some((major, minor)) => Err(ToozError::backend_msg(format!(
@@ -565,6 +574,7 @@ impl Driver for RedisDriver {
                     if !ok {
                         tracing::info!(group = %g, "redis: leadership lost (the leader key expired or was taken)");
                         guard(&i.leaders).remove(&g);
+                        guard(&i.lost_leaders).push(g);
                     }
                 }
             }
@@ -572,8 +582,12 @@ impl Driver for RedisDriver {
         Ok(i.config.heartbeat_interval())
     }
 
-    fn liveness(&self) -> Option<watch::Receiver<Liveness>> {
-        None
+    fn lease(&self) -> Option<LeaseState> {
+        Some(self.inner.lease.clone())
+    }
+
+    fn lost_leaderships(&self) -> Vec<GroupId> {
+        std::mem::take(&mut *guard(&self.inner.lost_leaders))
     }
 
     #[tracing::instrument(level = "debug", skip_all, fields(group = %group))]

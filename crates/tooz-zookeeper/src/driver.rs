@@ -5,10 +5,9 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use tokio::sync::watch;
 use tooz_core::{
     Capabilities, Characteristic, ConnectRequest, Driver, DriverEventStream, DriverInfo,
-    DriverLock, FencingToken, GroupId, Liveness, LockName, MemberId, MemberInfo, Result, ToozError,
+    DriverLock, FencingToken, GroupId, LeaseState, LockName, MemberId, MemberInfo, Result, ToozError,
 };
 use zookeeper_client::{AddWatchMode, CreateMode, Error as ZkError, Stat};
 
@@ -207,12 +206,8 @@ impl Driver for ZookeeperDriver {
         Ok(i.config.timeout)
     }
 
-    fn liveness(&self) -> Option<watch::Receiver<Liveness>> {
-        Some(self.inner.sessions.liveness())
-    }
-
-    fn lease_generation(&self) -> u64 {
-        self.inner.sessions.generation()
+    fn lease(&self) -> Option<LeaseState> {
+        Some(self.inner.sessions.lease())
     }
 
     #[tracing::instrument(level = "debug", skip_all, fields(group = %group))]

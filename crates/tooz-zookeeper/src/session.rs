@@ -1,13 +1,16 @@
-//! The coordinator's lease: one ZooKeeper session at a time, watched with
-//! Curator's safe policy.
+//! The coordinator's lease: one ZooKeeper session at a time, reported to the
+//! coordinator through a [`LeaseState`]:
 //!
-//! * connected: [`Liveness::Alive`];
-//! * disconnected: [`Liveness::AtRisk`] at once; still disconnected one negotiated
-//!   session timeout later (on the local monotonic clock), or told the session
-//!   expired: [`Liveness::Lost`]. The old session is then dropped (its ephemeral
-//!   nodes go with it) and a new one is opened; once it is up, liveness is `Alive`
-//!   again and the coordinator re-joins its groups on it. Locks and leaderships
-//!   are never taken again on their own.
+//! * while connected, a probe (`exists` of the namespace node) every third of the
+//!   negotiated session timeout; each answered probe reports its *send* time, since
+//!   the server cannot expire the session before a session timeout after it last
+//!   heard from us. The coordinator declares the lease lost a margin before that
+//!   bound, whatever the connection does meanwhile;
+//! * disconnected: at risk at once; still disconnected one negotiated session
+//!   timeout later, or told the session expired: lost. The old session is then
+//!   dropped (its ephemeral nodes go with it) and a new one is opened (a replaced
+//!   lease); the coordinator re-joins its groups on it. Locks and leaderships are
+//!   never taken again on their own.
 //!
 //! Every session gets an epoch; a hold remembers the epoch it was won in and is
 //! lost when the epoch changes.
@@ -21,7 +24,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tooz_core::util::Backoff;
-use tooz_core::{Liveness, Result, ToozError};
+use tooz_core::{LeaseState, Result, ToozError};
 use zookeeper_client::{Acls, Client, CreateMode, CreateOptions, SessionState};
 
 use crate::config::ZookeeperConfig;
@@ -53,7 +56,7 @@ fn guard<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 pub(crate) struct Sessions {
     config: ZookeeperConfig,
     current: watch::Sender<Option<Arc<Session>>>,
-    liveness: watch::Sender<Liveness>,
+    lease: LeaseState,
     /// Ids of this driver's earlier sessions: their ephemeral nodes are stale.
     past: Mutex<HashSet<i64>>,
     epoch: AtomicU64,
@@ -67,7 +70,7 @@ impl Sessions {
         Arc::new(Sessions {
             config,
             current: watch::channel(None).0,
-            liveness: watch::channel(Liveness::Alive).0,
+            lease: LeaseState::new(),
             past: Mutex::new(HashSet::new()),
             epoch: AtomicU64::new(0),
             monitor: Mutex::new(None),
@@ -87,13 +90,9 @@ impl Sessions {
         mode.with_acls(self.acls())
     }
 
-    pub(crate) fn liveness(&self) -> watch::Receiver<Liveness> {
-        self.liveness.subscribe()
-    }
-
-    /// The epoch of the latest session (increased before its `Alive` is published).
-    pub(crate) fn generation(&self) -> u64 {
-        self.epoch.load(Ordering::SeqCst)
+    /// The lease state the coordinator reads.
+    pub(crate) fn lease(&self) -> LeaseState {
+        self.lease.clone()
     }
 
     /// Watches the current session (`None` while there is none).
@@ -195,20 +194,23 @@ impl Sessions {
         Ok(client)
     }
 
-    fn install(&self, client: Client) -> Arc<Session> {
+    /// Makes `client` the current session; `sent` is when its connect began (the
+    /// server cannot expire it before a session timeout after that).
+    fn install(&self, client: Client, sent: Instant) -> Arc<Session> {
         let epoch = self.epoch.fetch_add(1, Ordering::SeqCst) + 1;
         let s = Arc::new(Session { client, epoch });
         tracing::debug!(session = %s.client.session_id(), epoch, timeout = ?s.client.session_timeout(), "zookeeper: session established");
         self.current.send_replace(Some(Arc::clone(&s)));
+        self.lease.replaced(sent, s.client.session_timeout());
         s
     }
 
     /// Opens the first session and starts watching it.
     pub(crate) async fn start(self: &Arc<Self>) -> Result<()> {
+        let sent = Instant::now();
         let client = self.connect().await?;
         self.stopped.send_replace(false);
-        self.install(client);
-        self.liveness.send_replace(Liveness::Alive);
+        self.install(client, sent);
         let me = Arc::downgrade(self);
         let task = tokio::spawn(monitor(me));
         if let Some(old) = guard(&self.monitor).replace(task) {
@@ -243,7 +245,7 @@ impl Sessions {
             Some(s) => {
                 guard(&self.past).insert(s.id());
                 tracing::warn!(session = %s.client.session_id(), "zookeeper: session lost; every lock, membership and leadership on it is gone");
-                self.liveness.send_replace(Liveness::Lost);
+                self.lease.lost();
                 true
             }
             None => false,
@@ -251,12 +253,15 @@ impl Sessions {
     }
 }
 
-fn set(l: &watch::Sender<Liveness>, v: Liveness) {
-    l.send_if_modified(|cur| {
-        let changed = *cur != v;
-        *cur = v;
-        changed
-    });
+/// Sends one `exists` after `pause` and, if the server answers, reports its send
+/// time to the lease.
+async fn probe(sessions: &Sessions, s: &Session, pause: Duration) {
+    tokio::time::sleep(pause).await;
+    let sent = Instant::now();
+    match s.client.check_stat(&sessions.config.base_path()).await {
+        Ok(_) => sessions.lease.renewed(sent, s.client.session_timeout()),
+        Err(e) => tracing::debug!(error = %e, "zookeeper: lease probe failed"),
+    }
 }
 
 /// What became of a session.
@@ -271,20 +276,25 @@ async fn follow(sessions: &Sessions, s: &Session) -> Ended {
     let mut state = s.client.state();
     let timeout = s.client.session_timeout();
     let mut stopped = sessions.stopped.subscribe();
+    let mut fresh = true;
     loop {
         if *stopped.borrow_and_update() {
             return Ended::Stopped;
         }
         match state {
             SessionState::SyncConnected | SessionState::ConnectedReadOnly => {
-                set(&sessions.liveness, Liveness::Alive);
+                // Probe at once after a reconnect, then every third of the timeout.
+                let pause = if fresh { Duration::ZERO } else { timeout / 3 };
+                fresh = false;
                 tokio::select! {
                     st = states.changed() => state = st,
                     _ = stopped.changed() => {}
+                    () = probe(sessions, s, pause) => {}
                 }
             }
             SessionState::Disconnected => {
-                set(&sessions.liveness, Liveness::AtRisk);
+                fresh = true;
+                sessions.lease.at_risk();
                 tracing::warn!(session = %s.client.session_id(), ?timeout, "zookeeper: disconnected; the session is at risk");
                 let deadline = Instant::now() + timeout;
                 tokio::select! {
@@ -318,23 +328,22 @@ async fn monitor(sessions: std::sync::Weak<Sessions>) {
             return;
         }
         drop(s);
-        // `Lost` stays visible for a moment before the next session turns it into
-        // `Alive`, for whoever watches liveness. The coordinator does not depend on
-        // it: it sees the new session's epoch (`lease_generation`) even when the two
-        // values coalesce.
+        // `Lost` stays visible for a moment before the next session replaces it,
+        // for whoever watches the lease. The coordinator does not depend on it: it
+        // sees the lease's new generation even when the two coalesce.
         tokio::time::sleep(LOST_DWELL).await;
         let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
         loop {
             if *me.stopped.borrow() {
                 return;
             }
+            let sent = Instant::now();
             match me.connect().await {
                 Ok(client) => {
                     if *me.stopped.borrow() {
                         return;
                     }
-                    me.install(client);
-                    set(&me.liveness, Liveness::Alive);
+                    me.install(client, sent);
                     break;
                 }
                 Err(e) => {

@@ -238,23 +238,26 @@ pub(crate) async fn leadership_tokens_increase(h: &Harness) -> CaseResult {
     a.create_group(&g).await.ctx("create_group")?;
     let mut tokens = Vec::new();
     for (round, c) in [&a, &b, &a, &b].into_iter().enumerate() {
-        let Some(t) = c.try_become_leader(&g).await.ctx("try_become_leader")? else {
+        let Some(l) = c.try_become_leader(&g).await.ctx("try_become_leader")? else {
             fail!(
                 "round {round}: {} did not win a free election",
                 c.member_id()
             );
         };
+        let t = l.token();
         tokens.push(t.0);
         let again = c
             .try_become_leader(&g)
             .await
-            .ctx("try_become_leader while leading")?;
+            .ctx("try_become_leader while leading")?
+            .map(|l| l.token());
         ensure_eq!(again, Some(t), "token when campaigning again while leading");
         ensure_eq!(c.leadership_token(&g), Some(t), "leadership_token()");
         ensure!(
             c.stand_down_group_leader(&g).await.ctx("stand down")?,
             "stand down returned false while leading"
         );
+        ensure!(l.is_lost(), "standing down did not signal the leadership's loss");
     }
     strictly_increasing(&tokens, "leadership grants")
 }
@@ -267,7 +270,8 @@ pub(crate) async fn become_leader_takes_over_when_leader_stops(h: &Harness) -> C
     let t1 = tokio::time::timeout(PROMPT, a.become_leader(&g))
         .await
         .ctx("a become_leader on a free group")?
-        .ctx("a become_leader")?;
+        .ctx("a become_leader")?
+        .token();
     let waiter = {
         let b = b.clone();
         let g = g.clone();
@@ -284,7 +288,7 @@ pub(crate) async fn become_leader_takes_over_when_leader_stops(h: &Harness) -> C
         .await
         .ctx("b taking over after a stopped")?
         .map_err(|e| CaseError::Failed(format!("waiter task: {e}")))?;
-    let t2 = r.ctx("b become_leader")?;
+    let t2 = r.ctx("b become_leader")?.token();
     let took = at.saturating_duration_since(t0);
     ensure!(
         took < Duration::from_secs(3),

@@ -5,6 +5,7 @@
 mod check;
 
 mod cases;
+pub mod fault;
 mod harness;
 pub mod python;
 mod runner;

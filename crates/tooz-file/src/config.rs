@@ -54,7 +54,8 @@ impl FileConfig {
     ///
     /// # Errors
     /// `InvalidUrl` for another scheme, a host name or an empty path;
-    /// `InvalidOption` for an unknown option or a bad `timeout`.
+    /// `InvalidOption` for an unknown option or a bad `timeout` (not a number of
+    /// seconds, or shorter than [`tooz_core::options::MIN_LEASE`]).
     pub fn from_url_str(url: &str) -> Result<Self> {
         let parsed = Url::parse(url).map_err(|e| ToozError::invalid_url(redact_url_str(url), e))?;
         Self::from_url(&parsed, &Options::from_url(&parsed))
@@ -88,7 +89,7 @@ impl FileConfig {
         }
         options.check_known(NAME, KNOWN)?;
         let timeout = options
-            .duration_secs(NAME, "timeout")?
+            .lease_secs(NAME, "timeout")?
             .unwrap_or(DEFAULT_TIMEOUT);
         Ok(FileConfig { directory, timeout })
     }
@@ -110,6 +111,9 @@ mod tests {
             FileConfig::from_url_str("file:///tmp/a%20b?timeout=2.5&executor=threaded").unwrap();
         assert_eq!(c.directory, PathBuf::from("/tmp/a b"));
         assert_eq!(c.timeout, Duration::from_millis(2500));
+        // The lease floor is accepted.
+        let c = FileConfig::from_url_str("file:///tmp/x?timeout=1").unwrap();
+        assert_eq!(c.timeout, Duration::from_secs(1));
     }
 
     #[test]
@@ -119,11 +123,19 @@ mod tests {
             matches!(&e, ToozError::InvalidOption { option, .. } if option == "timout"),
             "{e}"
         );
-        for bad in ["file:///tmp/x?timeout=abc", "file:///tmp/x?timeout=-1"] {
-            assert!(matches!(
-                FileConfig::from_url_str(bad),
-                Err(ToozError::InvalidOption { .. })
-            ));
+        for bad in [
+            "file:///tmp/x?timeout=abc",
+            "file:///tmp/x?timeout=-1",
+            "file:///tmp/x?timeout=0.001",
+            "file:///tmp/x?timeout=0",
+        ] {
+            assert!(
+                matches!(
+                    FileConfig::from_url_str(bad),
+                    Err(ToozError::InvalidOption { .. })
+                ),
+                "{bad}"
+            );
         }
         for bad in ["file://host/tmp/x", "file:///", "redis://h/x", "not a url"] {
             assert!(

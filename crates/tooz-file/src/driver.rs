@@ -17,7 +17,7 @@ use tooz_core::{
 use crate::config::{FileConfig, NAME};
 use crate::layout::{self, Layout, LeaderState, MemberRecord};
 use crate::lock::FileLock;
-use crate::ofd::{self, Kind, io_err, is_missing, read_opt, write_atomic};
+use crate::ofd::{self, Kind, io_err, is_missing, read_opt, write_atomic, write_atomic_synced};
 use crate::watch::{GroupPaths, GroupWatch};
 
 /// How long a group operation waits for `.driver_lock` before giving up with
@@ -366,6 +366,38 @@ impl Inner {
         }
     }
 
+    /// The token of a new leadership of `group`, from the state file (called with
+    /// the leader lock held, so nobody else writes it meanwhile):
+    /// - the stored token + 1, at least the clock in µs ([`layout::next_token`];
+    ///   an error at `u64::MAX`);
+    /// - no state file (a group never led, or the file was removed): from the
+    ///   clock, as the lock counters and the Redis driver do;
+    /// - a state file that does not decode: [`layout::recovery_token`], above
+    ///   every token it can have recorded, with a warning;
+    /// - a state file that cannot be read (permissions, I/O error): an error, and
+    ///   no leadership; a token from the clock alone could go back or repeat.
+    fn next_leader_token(&self, group: &GroupId) -> Result<u64> {
+        let path = self.layout.leader_state(group);
+        let now = SystemTime::now();
+        let Some(bytes) = read_opt(&path)? else {
+            return layout::next_token(0, now);
+        };
+        match LeaderState::decode(&bytes) {
+            Ok(s) => layout::next_token(s.token, now),
+            Err(e) => {
+                let mtime = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
+                let token = layout::recovery_token(now, mtime)?;
+                tracing::warn!(
+                    path = %path.display(),
+                    error = %e,
+                    restart = token,
+                    "damaged leader state: restarting its token above every token it can have given"
+                );
+                Ok(token)
+            }
+        }
+    }
+
     /// One campaign step on a blocking thread. Returns the slot to keep and the
     /// token when leading.
     fn campaign_step(
@@ -402,14 +434,13 @@ impl Inner {
         if !ofd::same_file(&file, &path) {
             return Ok((None, None));
         }
-        let prev = self.read_leader_state(group).map_or(0, |s| s.token);
-        let token = layout::next_token(prev, SystemTime::now());
+        let token = self.next_leader_token(group)?;
         let state = LeaderState {
             group_id: group.clone(),
             leader: Some((self.member.clone(), self.alive_rel()?)),
             token,
         };
-        write_atomic(
+        write_atomic_synced(
             &self.layout,
             &self.layout.leader_state(group),
             &state.encode()?,
@@ -434,7 +465,7 @@ impl Inner {
             leader: None,
             token,
         };
-        let res = write_atomic(
+        let res = write_atomic_synced(
             &self.layout,
             &self.layout.leader_state(group),
             &state.encode()?,
@@ -534,7 +565,7 @@ impl Driver for FileDriver {
                         leader: Some((i.member.clone(), new_alive.clone())),
                         token,
                     };
-                    write_atomic(&i.layout, &i.layout.leader_state(&g), &state.encode()?)?;
+                    write_atomic_synced(&i.layout, &i.layout.leader_state(&g), &state.encode()?)?;
                 }
                 Ok(())
             })
@@ -1087,6 +1118,79 @@ mod tests {
         a.stop().await.unwrap();
         assert_eq!(b.get_leader(&g).await.unwrap(), None);
         b.stop().await.unwrap();
+        std::fs::remove_dir_all(root).unwrap();
+    }
+
+    /// The leadership token never comes from the clock alone when the state file
+    /// is damaged or unreadable, and never repeats.
+    #[tokio::test]
+    async fn leadership_tokens_survive_damaged_state() {
+        let root = temp_root();
+        let a = driver(&root, "a");
+        a.start().await.unwrap();
+        let g = GroupId::from("fence");
+        let state = Layout::new(&root).leader_state(&g);
+        let now_us = || {
+            u64::try_from(
+                SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_micros(),
+            )
+            .unwrap()
+        };
+        // Missing state (never led): from the clock.
+        let t0 = now_us();
+        let t1 = a.campaign(&g).await.unwrap().unwrap().0;
+        assert!(t1 >= t0 && t1 < t0 + 60_000_000, "{t1} vs {t0}");
+        assert!(a.resign(&g).await.unwrap());
+        // Missing state (removed): still above the previous token.
+        std::fs::remove_file(&state).unwrap();
+        let t2 = a.campaign(&g).await.unwrap().unwrap().0;
+        assert!(t2 > t1);
+        assert!(a.resign(&g).await.unwrap());
+        // Junk state: restarts above clock + margin, and counts on from there.
+        std::fs::write(&state, b"\xc1 not msgpack").unwrap();
+        let t3 = a.campaign(&g).await.unwrap().unwrap().0;
+        assert!(t3 >= t2 + layout::RECOVERY_MARGIN_US, "{t3} vs {t2}");
+        assert!(a.resign(&g).await.unwrap());
+        let t4 = a.campaign(&g).await.unwrap().unwrap().0;
+        assert_eq!(t4, t3 + 1);
+        assert!(a.resign(&g).await.unwrap());
+        // A token of the wrong type is damage too, not token 0.
+        let bad = rmpv::Value::Map(vec![(
+            rmpv::Value::from("token"),
+            rmpv::Value::from("soon"),
+        )]);
+        let mut buf = Vec::new();
+        rmpv::encode::write_value(&mut buf, &bad).unwrap();
+        std::fs::write(&state, &buf).unwrap();
+        let t5 = a.campaign(&g).await.unwrap().unwrap().0;
+        assert!(t5 >= now_us() - 60_000_000 + layout::RECOVERY_MARGIN_US);
+        assert!(a.resign(&g).await.unwrap());
+        // An unreadable state file (here a directory): an error, no leadership.
+        std::fs::remove_file(&state).unwrap();
+        std::fs::create_dir(&state).unwrap();
+        assert!(a.campaign(&g).await.is_err());
+        assert!(a.inner.leaders.lock().await.get(&g).is_none());
+        std::fs::remove_dir(&state).unwrap();
+        // u64::MAX: an error, never the same token twice; the lock is let go.
+        let full = LeaderState {
+            group_id: g.clone(),
+            leader: None,
+            token: u64::MAX,
+        };
+        std::fs::write(&state, full.encode().unwrap()).unwrap();
+        let e = a.campaign(&g).await.unwrap_err();
+        assert!(e.to_string().contains("exhausted"), "{e}");
+        let b = driver(&root, "b");
+        b.start().await.unwrap();
+        assert!(
+            b.campaign(&g).await.is_err(),
+            "the leader lock is free again"
+        );
+        b.stop().await.unwrap();
+        a.stop().await.unwrap();
         std::fs::remove_dir_all(root).unwrap();
     }
 

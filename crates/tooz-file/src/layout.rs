@@ -515,7 +515,15 @@ impl LeaderState {
             Some(Value::String(s)) => s.into_str(),
             _ => None,
         };
-        let token = take(&mut m, "token").and_then(|v| v.as_u64()).unwrap_or(0);
+        let token = match take(&mut m, "token") {
+            None => 0,
+            Some(v) => v.as_u64().ok_or_else(|| {
+                ToozError::serialization(
+                    "leader state: token is not an unsigned integer",
+                    format!("{v}"),
+                )
+            })?,
+        };
         Ok(LeaderState {
             group_id,
             leader: member.zip(alive),
@@ -526,19 +534,61 @@ impl LeaderState {
 
 // ----- fencing ----------------------------------------------------------------
 
+/// How far above the wall clock (and above the damaged file's modification time)
+/// a token restarts when its counter cannot be read: one hour, in µs.
+///
+/// Every token we hand out is `max(prev + 1, now in µs)`, so a token exceeds the
+/// wall clock of its grant only by the number of grants made faster than one per
+/// microsecond in a row, or by how far the clock was stepped back since. The margin
+/// covers a clock stepped back by up to an hour (or 3.6·10⁹ back-to-back grants)
+/// and costs nothing: at today's ~1.8·10¹⁵ µs a `u64` still has room for ten
+/// thousand times as much.
+pub(crate) const RECOVERY_MARGIN_US: u64 = 3_600_000_000;
+
+/// Microseconds since the epoch (0 before it).
+fn micros(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
 /// The next fencing token after `prev`: `max(prev + 1, now in µs since the
 /// epoch)`, so tokens keep increasing even if the counter file is lost.
-pub(crate) fn next_token(prev: u64, now: SystemTime) -> u64 {
-    let now_us = now
-        .duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX - 1))
-        .unwrap_or(0);
-    prev.saturating_add(1).max(now_us)
+///
+/// # Errors
+/// A counter at `u64::MAX` is exhausted: handing out `u64::MAX` again would give
+/// two holders the same token, so no token is given at all.
+pub(crate) fn next_token(prev: u64, now: SystemTime) -> Result<u64> {
+    let next = prev.checked_add(1).ok_or_else(|| {
+        ToozError::backend_msg(format!(
+            "fencing counter exhausted: it holds {prev} (u64::MAX), so no greater token exists"
+        ))
+    })?;
+    Ok(next.max(micros(now)))
+}
+
+/// The token that restarts a counter whose stored value is lost (a file that does
+/// not parse): [`RECOVERY_MARGIN_US`] above both the wall clock and the damaged
+/// file's modification time (which is later than the clock if the clock was
+/// stepped back since the last grant). See [`RECOVERY_MARGIN_US`] for why that
+/// is greater than any token handed out before.
+///
+/// # Errors
+/// When that would overflow a `u64` (a clock or mtime absurdly far in the future).
+pub(crate) fn recovery_token(now: SystemTime, mtime: Option<SystemTime>) -> Result<u64> {
+    let base = micros(now).max(mtime.map_or(0, micros));
+    base.checked_add(RECOVERY_MARGIN_US).ok_or_else(|| {
+        ToozError::backend_msg(format!(
+            "cannot restart a damaged fencing counter: {base} µs plus the margin overflows"
+        ))
+    })
 }
 
 /// Parses a fencing counter file (decimal text; empty means 0).
 pub(crate) fn parse_counter(bytes: &[u8]) -> Result<u64> {
-    let text = std::str::from_utf8(bytes).unwrap_or("").trim();
+    let text = std::str::from_utf8(bytes)
+        .map_err(|e| ToozError::serialization("fencing counter is not text", e))?
+        .trim();
     if text.is_empty() {
         return Ok(0);
     }
@@ -808,13 +858,33 @@ mod tests {
     #[test]
     fn tokens_and_counters() {
         let t0 = UNIX_EPOCH + Duration::from_secs(10);
-        assert_eq!(next_token(0, t0), 10_000_000);
-        assert_eq!(next_token(10_000_000, t0), 10_000_001);
-        assert_eq!(next_token(99_000_000, t0), 99_000_001);
+        assert_eq!(next_token(0, t0).unwrap(), 10_000_000);
+        assert_eq!(next_token(10_000_000, t0).unwrap(), 10_000_001);
+        assert_eq!(next_token(99_000_000, t0).unwrap(), 99_000_001);
         // The clock going back never makes tokens go back.
-        assert_eq!(next_token(5, UNIX_EPOCH), 6);
+        assert_eq!(next_token(5, UNIX_EPOCH).unwrap(), 6);
+        // An exhausted counter is an error, never a repeated token.
+        assert_eq!(next_token(u64::MAX - 1, t0).unwrap(), u64::MAX);
+        assert!(matches!(
+            next_token(u64::MAX, t0),
+            Err(ToozError::Backend { .. })
+        ));
+        // A lost counter restarts above the clock and above the file's mtime.
+        let later = t0 + Duration::from_secs(50);
+        assert_eq!(
+            recovery_token(t0, None).unwrap(),
+            10_000_000 + RECOVERY_MARGIN_US
+        );
+        assert_eq!(
+            recovery_token(t0, Some(later)).unwrap(),
+            60_000_000 + RECOVERY_MARGIN_US
+        );
+        assert!(
+            recovery_token(UNIX_EPOCH + Duration::from_secs(u64::MAX / 1_000_000), None).is_err()
+        );
         assert_eq!(parse_counter(b"").unwrap(), 0);
         assert_eq!(parse_counter(&format_counter(77)).unwrap(), 77);
         assert!(parse_counter(b"x").is_err());
+        assert!(parse_counter(b"\xff").is_err(), "not text is damage, not 0");
     }
 }

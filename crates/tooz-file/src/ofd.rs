@@ -180,6 +180,34 @@ pub(crate) fn write_atomic(layout: &Layout, path: &Path, data: &[u8]) -> Result<
     Ok(())
 }
 
+/// As [`write_atomic`], and durable once it returns: the scratch file is
+/// `fdatasync`ed before the rename and the directory after it, so after a crash
+/// the path holds the new content (never an empty or missing file where the old
+/// content was). For what must not go back: the leadership token.
+pub(crate) fn write_atomic_synced(layout: &Layout, path: &Path, data: &[u8]) -> Result<()> {
+    let tmp = layout.temp_file();
+    let res = (|| {
+        let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+        f.write_all(data)?;
+        f.sync_data()?;
+        drop(f);
+        std::fs::rename(&tmp, path)
+    })();
+    if let Err(e) = res {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(io_err("cannot write", path, e));
+    }
+    if let Some(dir) = path.parent() {
+        sync_dir(dir).map_err(|e| io_err("cannot sync", dir, e))?;
+    }
+    Ok(())
+}
+
+/// `fsync`s a directory, making the names created or renamed in it durable.
+pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
 /// Reads a whole file; `Ok(None)` when it does not exist.
 pub(crate) fn read_opt(path: &Path) -> Result<Option<Vec<u8>>> {
     match std::fs::read(path) {

@@ -87,6 +87,16 @@ impl Sessions {
         mode.with_acls(self.acls())
     }
 
+    /// How lock and election directories are made: CONTAINER znodes (deleted by
+    /// the server once empty), unless `container_parents=false`.
+    pub(crate) fn dir_mode(&self) -> CreateMode {
+        if self.config.container_parents {
+            CreateMode::Container
+        } else {
+            CreateMode::Persistent
+        }
+    }
+
     pub(crate) fn liveness(&self) -> watch::Receiver<Liveness> {
         self.liveness.subscribe()
     }

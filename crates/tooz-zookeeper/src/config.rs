@@ -28,6 +28,7 @@ pub const KNOWN_OPTIONS: &[&str] = &[
     "certfile",
     "keyfile",
     "keyfile_password",
+    "container_parents",
 ];
 
 /// Python tooz's default `timeout`: the session timeout asked of the server and
@@ -73,6 +74,10 @@ pub struct ZookeeperConfig {
     /// `USER:PASS` from the URL: digest authentication, and znodes created with an
     /// ACL that grants everything to that user only.
     pub digest: Option<(String, String)>,
+    /// Whether lock and election directories are made as CONTAINER znodes, which
+    /// the server deletes once they are empty (`container_parents`, default
+    /// `true`); `false` makes them persistent, as Python's kazoo does.
+    pub container_parents: bool,
 }
 
 impl std::fmt::Debug for ZookeeperConfig {
@@ -83,6 +88,7 @@ impl std::fmt::Debug for ZookeeperConfig {
             .field("namespace", &self.namespace)
             .field("timeout", &self.timeout)
             .field("digest", &self.digest.as_ref().map(|(u, _)| (u, "***")))
+            .field("container_parents", &self.container_parents)
             .finish()
     }
 }
@@ -222,7 +228,7 @@ impl ZookeeperConfig {
         };
 
         let timeout = options
-            .duration_secs(NAME, "timeout")?
+            .lease_secs(NAME, "timeout")?
             .unwrap_or(DEFAULT_TIMEOUT);
         let namespace = options
             .get("namespace")
@@ -260,6 +266,8 @@ impl ZookeeperConfig {
             ));
         }
 
+        let container_parents = options.bool(NAME, "container_parents")?.unwrap_or(true);
+
         let digest = match (url.username(), url.password()) {
             ("", _) | (_, None) => None,
             (u, Some(p)) => Some((decode(u), decode(p))),
@@ -270,6 +278,7 @@ impl ZookeeperConfig {
             namespace,
             timeout,
             digest,
+            container_parents,
         })
     }
 
@@ -295,6 +304,9 @@ mod tests {
         assert_eq!(c.base_path(), "/tooz");
         assert_eq!(c.timeout, DEFAULT_TIMEOUT);
         assert!(c.digest.is_none());
+        assert!(c.container_parents);
+        let p = ZookeeperConfig::from_url_str("zookeeper://h?container_parents=false").unwrap();
+        assert!(!p.container_parents);
         let k = ZookeeperConfig::from_url_str("kazoo://127.0.0.1:2182").unwrap();
         assert_eq!(k.hosts, ["127.0.0.1:2182"]);
     }
@@ -323,6 +335,11 @@ mod tests {
         assert!(matches!(e, ToozError::InvalidOption { ref option, .. } if option == "bogus"));
         let e = ZookeeperConfig::from_url_str("zookeeper://h?timeout=abc").unwrap_err();
         assert!(matches!(e, ToozError::InvalidOption { ref option, .. } if option == "timeout"));
+        // A session shorter than tooz_core::options::MIN_LEASE is refused.
+        let e = ZookeeperConfig::from_url_str("zookeeper://h?timeout=0.001").unwrap_err();
+        assert!(matches!(e, ToozError::InvalidOption { ref option, .. } if option == "timeout"));
+        let c = ZookeeperConfig::from_url_str("zookeeper://h?timeout=1").unwrap();
+        assert_eq!(c.timeout, tooz_core::options::MIN_LEASE);
         let e = ZookeeperConfig::from_url_str("zookeeper://h?handler=gevent").unwrap_err();
         assert!(matches!(e, ToozError::InvalidOption { ref option, .. } if option == "handler"));
         let e = ZookeeperConfig::from_url_str("zookeeper://h?hosts=x:notaport").unwrap_err();

@@ -102,21 +102,59 @@ pub(crate) struct Spot {
     pub(crate) parent: Parent,
 }
 
+/// Creates a lock or election directory (a CONTAINER znode unless configured
+/// otherwise; an existing one, persistent from Python's `makepath` or a
+/// container, is used as it is).
 async fn ensure_dir(sessions: &Sessions, s: &Session, spot: &Spot) -> Result<()> {
-    let opts = sessions.options(CreateMode::Persistent);
-    match &spot.parent {
-        Parent::Make => s
+    let create = |mode| async move {
+        let r = s
             .client
-            .mkdir(&spot.dir, &opts)
-            .await
-            .map_err(|e| zk_err("creating a lock directory", e)),
-        Parent::GroupChild(g) => match s.client.create(&spot.dir, &[], &opts).await {
+            .create(&spot.dir, &[], &sessions.options(mode))
+            .await;
+        match r {
+            // A server without containers (before 3.5.3): make it persistent.
+            Err(ZkError::Unimplemented) if mode == CreateMode::Container => {
+                s.client
+                    .create(&spot.dir, &[], &sessions.options(CreateMode::Persistent))
+                    .await
+            }
+            other => other,
+        }
+    };
+    let mode = sessions.dir_mode();
+    match &spot.parent {
+        Parent::Make => {
+            for _ in 0..2 {
+                match create(mode).await {
+                    Ok(_) | Err(ZkError::NodeExists) => return Ok(()),
+                    // `<namespace>/locks` (persistent, as Python makes it) is missing.
+                    Err(ZkError::NoNode) => {
+                        let parent = spot.dir.rsplit_once('/').map_or("", |(p, _)| p);
+                        s.client
+                            .mkdir(parent, &sessions.options(CreateMode::Persistent))
+                            .await
+                            .map_err(|e| zk_err("creating the lock tree", e))?;
+                    }
+                    Err(e) => return Err(zk_err("creating a lock directory", e)),
+                }
+            }
+            Err(ToozError::backend_msg(format!(
+                "zookeeper: the parent of the lock directory {} vanished while creating it",
+                spot.dir
+            )))
+        }
+        Parent::GroupChild(g) => match create(mode).await {
             Ok(_) | Err(ZkError::NodeExists) => Ok(()),
             Err(ZkError::NoNode) => Err(ToozError::GroupNotCreated(g.clone())),
             Err(e) => Err(zk_err("creating the election directory", e)),
         },
     }
 }
+
+/// How many times a contender's create that finds its directory gone (a
+/// container the server removed once it was empty, or a directory never made)
+/// makes the directory again before giving up.
+const DIR_TRIES: u32 = 5;
 
 /// Creates a contender node and lists the directory, in one round trip.
 /// The intent is recorded in `slot` before the create is sent, the new node as soon
@@ -135,7 +173,7 @@ async fn enqueue(
     });
     let path_prefix = format!("{}/{prefix}", spot.dir);
     let opts = sessions.options(CreateMode::EphemeralSequential);
-    let mut made_dir = false;
+    let mut made_dir = 0;
     loop {
         let create = s.client.create(&path_prefix, &spot.data, &opts);
         let list = s.client.get_children(&spot.dir);
@@ -152,9 +190,9 @@ async fn enqueue(
                 let children = listed.map_err(|e| zk_err("listing lock contenders", e))?.0;
                 return Ok((node, name, children));
             }
-            Err(ZkError::NoNode) if !made_dir => {
+            Err(ZkError::NoNode) if made_dir < DIR_TRIES => {
                 ensure_dir(sessions, s, spot).await?;
-                made_dir = true;
+                made_dir += 1;
             }
             Err(ZkError::ConnectionLoss) => {
                 // The create may have happened: look for our prefix (kazoo's trick,
@@ -213,9 +251,12 @@ where
 
 /// Our node in `dir`, by its unique prefix, with its czxid.
 async fn find_by_prefix(s: &Session, dir: &str, prefix: &str) -> Result<Option<(String, u64)>> {
-    let (children, _) = retry_transient(|| s.client.get_children(dir))
-        .await
-        .map_err(|e| zk_err("looking for a lock node after a connection loss", e))?;
+    let children = match retry_transient(|| s.client.get_children(dir)).await {
+        Ok((c, _)) => c,
+        // The directory (an empty container) went away: no node of ours is in it.
+        Err(ZkError::NoNode) => return Ok(None),
+        Err(e) => return Err(zk_err("looking for a lock node after a connection loss", e)),
+    };
     let Some(name) = children.into_iter().find(|c| c.starts_with(prefix)) else {
         return Ok(None);
     };

@@ -472,8 +472,22 @@ impl Driver for ZookeeperDriver {
             }
             guard(&i.leaders).remove(group);
         }
+        // A campaign that would lose writes nothing: while a contender's node
+        // exists (the leader, or a candidate about to find that it is not), look
+        // and go away. Creating and deleting a node per losing campaign would wake
+        // every watcher of the group each time; a read wakes nobody. The leader's
+        // node going away is a change of the group that wakes waiting candidates
+        // (the recursive group watch covers the election directory).
+        let dir = i.layout.leader_dir(group);
+        let s = i.session().await?;
+        match s.client.get_children(&dir).await {
+            Ok((kids, _)) if !contenders(&kids).is_empty() => return Ok(None),
+            Ok(_) | Err(ZkError::NoNode) => {}
+            Err(e) => return Err(zk_err("listing the election candidates", e)),
+        }
+        drop(s);
         let spot = Spot {
-            dir: i.layout.leader_dir(group),
+            dir,
             shared: false,
             data: i.member.as_bytes().to_vec(),
             parent: Parent::GroupChild(group.clone()),

@@ -5,7 +5,10 @@
 //! <chroot>/<namespace>                          persistent, made by start
 //! <chroot>/<namespace>/<group>                  persistent, no data
 //! <chroot>/<namespace>/<group>/<member>         ephemeral, msgpack capabilities
+//! <chroot>/<namespace>/<group>/leader                      container (Python: persistent)
 //! <chroot>/<namespace>/<group>/leader/<uuid>__lock__<seq>   kazoo Lock, data = member id
+//! <chroot>/<namespace>/locks                               persistent
+//! <chroot>/<namespace>/locks/<name>                        container (Python: persistent)
 //! <chroot>/<namespace>/locks/<name>/<uuid>__lock__<seq>     exclusive holder or waiter
 //! <chroot>/<namespace>/locks/<name>/<uuid>__rlock__<seq>    shared (kazoo ReadLock)
 //! ```
@@ -137,63 +140,62 @@ pub(crate) fn is_member_child(name: &str) -> bool {
 pub(crate) struct Contender<'a> {
     /// The full child name.
     pub(crate) name: &'a str,
-    /// The sequence suffix as text (kazoo compares the text).
-    pub(crate) seq: &'a str,
+    /// The sequence suffix: the parent's child version when the node was made,
+    /// a signed 32-bit counter that wraps (see [`precedes`]).
+    pub(crate) seq: i32,
     /// `__rlock__` (shared) or `__lock__`.
     pub(crate) shared: bool,
 }
 
-/// Parses a lock-directory child the way kazoo's contender regex does:
-/// `(__lock__|__rlock__)(-?\d{10})$`.
+/// Parses a sequence suffix as ZooKeeper writes it: the parent's signed 32-bit
+/// child version formatted with `%010d` (`0000000007`, `2147483647`, and after
+/// the counter wrapped `-2147483648` or `-000000005`). Any other text is not a
+/// sequence (kazoo accepts only `-?\d{10}`, so it misses `-000000005`).
+pub(crate) fn parse_seq(text: &str) -> Option<i32> {
+    let v: i32 = text.parse().ok()?;
+    (format!("{v:010}") == text).then_some(v)
+}
+
+/// Whether sequence `a` was made before `b`: serial-number arithmetic on the
+/// wrapping 32-bit counter (RFC 1982 style), `b - a` taken modulo 2^32 is
+/// positive as a signed number. Right whenever the live contenders of one
+/// directory span fewer than 2^31 child changes, which holds across the wrap
+/// from `2147483647` to `-2147483648`, where comparing the text (kazoo) or the
+/// plain integers gives the wrong order.
+pub(crate) fn precedes(a: i32, b: i32) -> bool {
+    b.wrapping_sub(a) > 0
+}
+
+/// Parses a lock-directory child: `<anything>(__lock__|__rlock__)<seq>` with a
+/// sequence as [`parse_seq`] reads it (kazoo's contender regex, extended to the
+/// negative sequences of a wrapped counter).
 pub(crate) fn contender(name: &str) -> Option<Contender<'_>> {
-    let b = name.as_bytes();
-    if b.len() < 10 {
-        return None;
-    }
-    let digits_start = b.len() - 10;
-    if !b[digits_start..].iter().all(u8::is_ascii_digit) {
-        return None;
-    }
-    let seq_start = if digits_start > 0 && b[digits_start - 1] == b'-' {
-        digits_start - 1
-    } else {
-        digits_start
-    };
-    let head = &name[..seq_start];
-    let (head, seq_start) = if head.ends_with(SHARED_MARK) || head.ends_with(EXCLUSIVE_MARK) {
-        (head, seq_start)
-    } else if seq_start != digits_start {
-        // The '-' was not a sign: try without it.
-        let h = &name[..digits_start];
-        (h, digits_start)
-    } else {
-        return None;
-    };
-    let shared = if head.ends_with(SHARED_MARK) {
-        true
-    } else if head.ends_with(EXCLUSIVE_MARK) {
-        false
-    } else {
-        return None;
-    };
+    let mark = [(SHARED_MARK, true), (EXCLUSIVE_MARK, false)]
+        .into_iter()
+        .filter_map(|(m, shared)| name.rfind(m).map(|i| (i + m.len(), shared)))
+        .max_by_key(|(end, _)| *end)?;
+    let (end, shared) = mark;
     Some(Contender {
         name,
-        seq: &name[seq_start..],
+        seq: parse_seq(&name[end..])?,
         shared,
     })
 }
 
-/// The contenders of a lock directory, in kazoo's order (by sequence text).
+/// The contenders of a lock directory, first made first (by [`precedes`],
+/// relative to one of them, so the order is total even across the wrap).
 pub(crate) fn contenders(children: &[String]) -> Vec<Contender<'_>> {
     let mut v: Vec<Contender<'_>> = children.iter().filter_map(|c| contender(c)).collect();
-    v.sort_by(|a, b| a.seq.cmp(b.seq));
+    if let Some(reference) = v.first().map(|c| c.seq) {
+        v.sort_by_key(|c| c.seq.wrapping_sub(reference));
+    }
     v
 }
 
-/// The node `me` must wait for, as kazoo's `_get_predecessor`: the contender
-/// with the largest sequence below ours among those that exclude us (every
-/// contender for an exclusive node, exclusive ones for a shared node).
-/// `Err(())` when `me` is not among the children (its node is gone).
+/// The node `me` must wait for, as kazoo's `_get_predecessor` (but ordered by
+/// [`precedes`]): the closest contender made before ours among those that
+/// exclude us (every contender for an exclusive node, exclusive ones for a
+/// shared node). `Err(())` when `me` is not among the children (its node is gone).
 pub(crate) fn predecessor<'a>(
     children: &'a [String],
     me: &str,
@@ -208,8 +210,8 @@ pub(crate) fn predecessor<'a>(
     Ok(children
         .iter()
         .filter_map(|c| contender(c))
-        .filter(|c| c.seq < mine.seq && (!mine.shared || !c.shared))
-        .max_by(|a, b| a.seq.cmp(b.seq))
+        .filter(|c| precedes(c.seq, mine.seq) && (!mine.shared || !c.shared))
+        .min_by_key(|c| mine.seq.wrapping_sub(c.seq))
         .map(|c| c.name))
 }
 
@@ -301,11 +303,14 @@ mod tests {
     #[test]
     fn kazoo_contenders() {
         let c = contender("0123abcd__lock__0000000007").unwrap();
-        assert_eq!((c.seq, c.shared), ("0000000007", false));
+        assert_eq!((c.seq, c.shared), (7, false));
         let c = contender("ff__rlock__0000000012").unwrap();
-        assert_eq!((c.seq, c.shared), ("0000000012", true));
+        assert_eq!((c.seq, c.shared), (12, true));
         assert!(contender("leader").is_none());
         assert!(contender("x__lock__12").is_none());
+        assert!(contender("x__lock__+000000012").is_none());
+        assert!(contender("x__lock__00000000012").is_none());
+        assert!(contender("x__lock__2147483648").is_none());
         assert!(contender("member0000000001").is_none());
         let kids: Vec<String> = [
             "a__lock__0000000003",
@@ -348,5 +353,119 @@ mod tests {
         assert!(check_member_id(&"leader2".into()).is_ok());
         assert!(check_group_id(&"locks".into()).is_err());
         assert!(!is_member_child("leader"));
+    }
+
+    const WRAP: [i32; 4] = [2_147_483_646, 2_147_483_647, -2_147_483_648, -2_147_483_647];
+
+    #[test]
+    fn sequences_as_zookeeper_writes_them() {
+        for (text, v) in [
+            ("0000000000", 0),
+            ("0000000007", 7),
+            ("2147483646", 2_147_483_646),
+            ("2147483647", i32::MAX),
+            ("-2147483648", i32::MIN),
+            ("-2147483647", -2_147_483_647),
+            ("-000000005", -5),
+            ("-999999999", -999_999_999),
+        ] {
+            assert_eq!(parse_seq(text), Some(v), "{text}");
+            assert_eq!(format!("{v:010}"), text);
+        }
+        for bad in [
+            "",
+            "7",
+            "-5",
+            "-0000000005",
+            "00000000007",
+            "2147483648",
+            "abcdefghij",
+        ] {
+            assert_eq!(parse_seq(bad), None, "{bad}");
+        }
+        let c = contender("ab__lock__-000000005").unwrap();
+        assert_eq!((c.seq, c.shared), (-5, false));
+        let c = contender("ab__rlock__-2147483648").unwrap();
+        assert_eq!((c.seq, c.shared), (i32::MIN, true));
+        // A marker inside the prefix does not confuse the parser.
+        let c = contender("x__rlock__y__lock__0000000003").unwrap();
+        assert_eq!((c.seq, c.shared), (3, false));
+    }
+
+    #[test]
+    fn order_survives_the_wrap() {
+        // Made in this order: each precedes every later one.
+        for (i, a) in WRAP.iter().enumerate() {
+            assert!(!precedes(*a, *a));
+            for b in &WRAP[i + 1..] {
+                assert!(precedes(*a, *b), "{a} before {b}");
+                assert!(!precedes(*b, *a), "{b} not before {a}");
+            }
+        }
+        assert!(precedes(-1, 0));
+        assert!(precedes(0, 1));
+        // Listed in any order, the contenders come out in creation order.
+        let kids: Vec<String> = [
+            "d__lock__-2147483647",
+            "b__lock__2147483647",
+            "c__lock__-2147483648",
+            "a__lock__2147483646",
+        ]
+        .map(String::from)
+        .to_vec();
+        let order: Vec<i32> = contenders(&kids).iter().map(|c| c.seq).collect();
+        assert_eq!(order, WRAP);
+        let mut rev = kids.clone();
+        rev.reverse();
+        let order: Vec<i32> = contenders(&rev).iter().map(|c| c.seq).collect();
+        assert_eq!(order, WRAP);
+    }
+
+    #[test]
+    fn predecessor_across_the_wrap() {
+        let kids: Vec<String> = [
+            "c__lock__-2147483648",
+            "a__lock__2147483646",
+            "d__rlock__-2147483647",
+            "b__rlock__2147483647",
+            "e__lock__-000000005",
+        ]
+        .map(String::from)
+        .to_vec();
+        // Only the first made holds; nobody else thinks it does.
+        assert_eq!(predecessor(&kids, "a__lock__2147483646"), Ok(None));
+        assert_eq!(
+            predecessor(&kids, "b__rlock__2147483647"),
+            Ok(Some("a__lock__2147483646"))
+        );
+        assert_eq!(
+            predecessor(&kids, "c__lock__-2147483648"),
+            Ok(Some("b__rlock__2147483647"))
+        );
+        // A shared node waits only for the exclusive one before it.
+        assert_eq!(
+            predecessor(&kids, "d__rlock__-2147483647"),
+            Ok(Some("c__lock__-2147483648"))
+        );
+        assert_eq!(
+            predecessor(&kids, "e__lock__-000000005"),
+            Ok(Some("d__rlock__-2147483647"))
+        );
+        // The text order (kazoo's) would have let the wrapped node hold.
+        let mut by_text: Vec<&str> = kids
+            .iter()
+            .map(|k| &k[k.rfind("__").unwrap() + 2..])
+            .collect();
+        by_text.sort_unstable();
+        assert_eq!(by_text[0], "-000000005");
+        // Once the old ones are gone, the wrapped one holds.
+        let later: Vec<String> = ["c__lock__-2147483648", "e__lock__-000000005"]
+            .map(String::from)
+            .to_vec();
+        assert_eq!(predecessor(&later, "c__lock__-2147483648"), Ok(None));
+        assert_eq!(
+            predecessor(&later, "e__lock__-000000005"),
+            Ok(Some("c__lock__-2147483648"))
+        );
     }
 }

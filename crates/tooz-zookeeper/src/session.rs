@@ -95,6 +95,16 @@ impl Sessions {
         self.lease.clone()
     }
 
+    /// How lock and election directories are made: CONTAINER znodes (deleted by
+    /// the server once empty), unless `container_parents=false`.
+    pub(crate) fn dir_mode(&self) -> CreateMode {
+        if self.config.container_parents {
+            CreateMode::Container
+        } else {
+            CreateMode::Persistent
+        }
+    }
+
     /// Watches the current session (`None` while there is none).
     pub(crate) fn subscribe(&self) -> watch::Receiver<Option<Arc<Session>>> {
         self.current.subscribe()

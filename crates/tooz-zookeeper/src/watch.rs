@@ -141,6 +141,15 @@ mod tests {
             c(EventType::NodeCreated, "/tooz/g/leader/x__lock__0000000001"),
             Some(DriverEvent::Changed)
         );
+        // The leader resigning (or its session ending) wakes waiting candidates.
+        assert_eq!(
+            c(EventType::NodeDeleted, "/tooz/g/leader/x__lock__0000000001"),
+            Some(DriverEvent::Changed)
+        );
+        assert_eq!(
+            c(EventType::NodeDeleted, "/tooz/g/leader/x__lock__-000000005"),
+            Some(DriverEvent::Changed)
+        );
         assert_eq!(
             c(EventType::NodeCreated, "/tooz/g/leader"),
             Some(DriverEvent::Changed)

@@ -15,9 +15,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{broadcast, watch};
-use tooz_core::{Coordinator, GroupEvent, Liveness, MemberId, Registry, ToozError, Wait};
+use tooz_core::{
+    Coordinator, CoordinatorConfig, GroupEvent, Liveness, MemberId, Registry, ToozError, Wait,
+};
 use tooz_zookeeper::{ZookeeperConfig, ZookeeperDriver};
-use zookeeper_client::Client;
+use zookeeper_client::{AddWatchMode, Client, CreateMode};
 
 const URL_ENV: &str = "TOOZ_TEST_ZOOKEEPER_URL";
 
@@ -250,6 +252,25 @@ struct Proxy {
     up: Arc<AtomicBool>,
     cut: broadcast::Sender<()>,
     requests: Arc<AtomicU64>,
+    creates: Creates,
+}
+
+/// The create requests relayed: opcode and path.
+type Creates = Arc<std::sync::Mutex<Vec<(i32, String)>>>;
+
+/// ZooKeeper's opcode of a CONTAINER create.
+const OP_CREATE_CONTAINER: i32 = 19;
+
+/// The opcode and, for a create request (`create`, `create2`,
+/// `createContainer`, `createTTL`), the path of a request frame.
+fn create_request(frame: &[u8]) -> Option<(i32, String)> {
+    let op = i32::from_be_bytes(frame.get(4..8)?.try_into().ok()?);
+    if ![1, 15, OP_CREATE_CONTAINER, 21].contains(&op) {
+        return None;
+    }
+    let len = usize::try_from(i32::from_be_bytes(frame.get(8..12)?.try_into().ok()?)).ok()?;
+    let path = String::from_utf8(frame.get(12..12 + len)?.to_vec()).ok()?;
+    Some((op, path))
 }
 
 /// Relays client bytes upstream, counting request frames.
@@ -257,6 +278,7 @@ async fn relay_counting(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
     requests: Arc<AtomicU64>,
+    creates: Creates,
 ) {
     let mut buf = vec![0u8; 64 * 1024];
     let mut pending = Vec::new();
@@ -276,6 +298,9 @@ async fn relay_counting(
             if handshake_seen {
                 if frame.get(..4) != Some(&(-2i32).to_be_bytes()[..]) {
                     requests.fetch_add(1, Ordering::SeqCst);
+                    if let Some(c) = create_request(frame) {
+                        creates.lock().unwrap().push(c);
+                    }
                 }
             } else {
                 handshake_seen = true;
@@ -296,7 +321,9 @@ impl Proxy {
         let up = Arc::new(AtomicBool::new(true));
         let requests = Arc::new(AtomicU64::new(0));
         let (cut, _) = broadcast::channel(4);
+        let creates = Creates::default();
         let (up2, cut2, requests2) = (Arc::clone(&up), cut.clone(), Arc::clone(&requests));
+        let creates2 = Arc::clone(&creates);
         tokio::spawn(async move {
             loop {
                 let Ok((mut inbound, _)) = listener.accept().await else {
@@ -309,6 +336,7 @@ impl Proxy {
                 let target = target.clone();
                 let mut stop = cut2.subscribe();
                 let requests = Arc::clone(&requests2);
+                let creates = Arc::clone(&creates2);
                 tokio::spawn(async move {
                     let Ok(outbound) = TcpStream::connect(&target).await else {
                         return;
@@ -316,7 +344,7 @@ impl Proxy {
                     let (in_r, mut in_w) = inbound.into_split();
                     let (mut out_r, out_w) = outbound.into_split();
                     tokio::select! {
-                        () = relay_counting(in_r, out_w, requests) => {}
+                        () = relay_counting(in_r, out_w, requests, creates) => {}
                         _ = tokio::io::copy(&mut out_r, &mut in_w) => {}
                         _ = stop.recv() => {}
                     }
@@ -328,6 +356,7 @@ impl Proxy {
             up,
             cut,
             requests,
+            creates,
         }
     }
 
@@ -339,6 +368,17 @@ impl Proxy {
 
     fn restore(&self) {
         self.up.store(true, Ordering::SeqCst);
+    }
+
+    /// The opcodes of the create requests relayed for `path`.
+    fn creates_of(&self, path: &str) -> Vec<i32> {
+        self.creates
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, p)| p == path)
+            .map(|(op, _)| *op)
+            .collect()
     }
 
     /// ZooKeeper requests relayed so far.
@@ -650,4 +690,239 @@ async fn cancelled_driver_acquires_leave_no_node() {
     assert!(lo.release().await.unwrap());
     holder.stop().await.unwrap();
     other.stop().await.unwrap();
+}
+
+/// Campaigns that lose while someone leads write nothing: no node created and
+/// deleted, so no watch event for the members of the group (who would each
+/// re-read the group on every one).
+#[tokio::test]
+async fn losing_campaigns_write_nothing() {
+    let Some(base) = server_url("losing_campaigns_write_nothing") else {
+        return;
+    };
+    let ns = unique_ns("quiet");
+    let url = with_query(&base, &format!("namespace={ns}&timeout=10"));
+    let (leader, _) = coordinator(&url, "boss");
+    leader.start(false).await.unwrap();
+    leader.create_group("g").await.unwrap();
+    assert!(leader.try_become_leader("g").await.unwrap().is_some());
+    let candidates: Vec<Coordinator> = (0..4)
+        .map(|i| coordinator(&url, &format!("c{i}")).0)
+        .collect();
+    for c in &candidates {
+        c.start(false).await.unwrap();
+    }
+
+    let zk = raw(&base).await;
+    let group = format!("/{ns}/g");
+    let dir = format!("{group}/leader");
+    let mut watcher = zk
+        .watch(&group, AddWatchMode::PersistentRecursive)
+        .await
+        .unwrap();
+    let before = zk.check_stat(&dir).await.unwrap().unwrap();
+    let rounds = 5;
+    for _ in 0..rounds {
+        for c in &candidates {
+            assert!(c.try_become_leader("g").await.unwrap().is_none());
+        }
+    }
+    let after = zk.check_stat(&dir).await.unwrap().unwrap();
+    assert_eq!(
+        (after.cversion, after.pzxid),
+        (before.cversion, before.pzxid),
+        "{} losing campaigns changed the election directory",
+        rounds * candidates.len()
+    );
+    assert_eq!(after.num_children, 1);
+
+    // No watch event before the sentinel the test writes afterwards.
+    let sentinel = format!("{group}/sentinel");
+    zk.create(
+        &sentinel,
+        &[],
+        &CreateMode::Ephemeral.with_acls(zookeeper_client::Acls::anyone_all()),
+    )
+    .await
+    .unwrap();
+    let mut seen = Vec::new();
+    loop {
+        let ev = tokio::time::timeout(Duration::from_secs(10), watcher.changed())
+            .await
+            .expect("the sentinel's event did not arrive");
+        if ev.path == sentinel {
+            break;
+        }
+        seen.push((ev.event_type, ev.path));
+    }
+    assert!(
+        seen.is_empty(),
+        "losing campaigns made watch events: {seen:?}"
+    );
+    assert_eq!(
+        candidates[0].get_leader("g").await.unwrap(),
+        Some(MemberId::from("boss"))
+    );
+    for c in candidates.iter().chain([&leader]) {
+        c.stop().await.unwrap();
+    }
+}
+
+/// A candidate waiting in `become_leader` is elected as soon as the leader
+/// resigns: woken by the group's event stream (the leader node's deletion), not
+/// by polling (its polling interval here is a minute). While it waits it sends
+/// nothing.
+#[tokio::test]
+async fn waiting_candidate_is_elected_when_the_leader_resigns() {
+    let Some(base) = server_url("waiting_candidate_is_elected_when_the_leader_resigns") else {
+        return;
+    };
+    let proxy = Proxy::start(host_port(&base)).await;
+    let ns = unique_ns("wake");
+    let direct = with_query(&base, &format!("namespace={ns}&timeout=10"));
+    let counted = format!(
+        "zookeeper://127.0.0.1:{}?namespace={ns}&timeout=10",
+        proxy.port
+    );
+    let (leader, _) = coordinator(&direct, "boss");
+    leader.start(false).await.unwrap();
+    leader.create_group("g").await.unwrap();
+    assert!(leader.try_become_leader("g").await.unwrap().is_some());
+
+    let member = MemberId::from("waiter");
+    let config = ZookeeperConfig::from_url_str(&counted).unwrap();
+    let driver = ZookeeperDriver::new(config, member.clone()).unwrap();
+    let mut tuning = CoordinatorConfig::default();
+    tuning.poll_interval = Duration::from_secs(60);
+    let waiter = Coordinator::with_config(Arc::new(driver), member, &counted, tuning);
+    waiter.start(false).await.unwrap();
+    // The group's event stream is up (become_leader shares it) and a first
+    // campaign lost.
+    let _events = waiter.events("g").await.unwrap();
+    assert!(waiter.try_become_leader("g").await.unwrap().is_none());
+
+    let quiet = proxy.requests();
+    let w = waiter.clone();
+    let campaign = tokio::spawn(async move { w.become_leader("g").await });
+    // Its first campaign: one listing, then it waits.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while proxy.requests() == quiet {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no campaign was sent"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        leader.get_leader("g").await.unwrap(),
+        Some(MemberId::from("boss"))
+    );
+    assert_eq!(proxy.requests(), quiet + 1, "a losing campaign is one read");
+    assert!(!campaign.is_finished());
+
+    let resigned = std::time::Instant::now();
+    assert!(leader.stand_down_group_leader("g").await.unwrap());
+    let token = tokio::time::timeout(Duration::from_secs(10), campaign)
+        .await
+        .expect("the waiting candidate was not elected within 10 s")
+        .unwrap()
+        .unwrap();
+    let took = resigned.elapsed();
+    eprintln!("waiting candidate elected {took:?} after the resignation");
+    assert!(took < Duration::from_secs(5), "elected after {took:?}");
+    assert_eq!(waiter.leadership_token("g"), Some(token.token()));
+    assert_eq!(
+        leader.get_leader("g").await.unwrap(),
+        Some(MemberId::from("waiter"))
+    );
+    waiter.stop().await.unwrap();
+    leader.stop().await.unwrap();
+}
+
+/// Lock directories and election directories are made as CONTAINER znodes (the
+/// server removes them once empty; a client cannot tell a container from its
+/// stat, so the test reads the create requests through the proxy), groups and
+/// the lock tree persistent; a directory that went away (as a container does)
+/// is made again, and one Python made persistent (with makepath) serves as well.
+#[tokio::test]
+async fn lock_and_election_directories_are_containers() {
+    let Some(base) = server_url("lock_and_election_directories_are_containers") else {
+        return;
+    };
+    let proxy = Proxy::start(host_port(&base)).await;
+    let ns = unique_ns("container");
+    let url = format!(
+        "zookeeper://127.0.0.1:{}?namespace={ns}&timeout=10",
+        proxy.port
+    );
+    let (a, _) = coordinator(&url, "a");
+    a.start(false).await.unwrap();
+    a.create_group("g").await.unwrap();
+    let zk = raw(&base).await;
+
+    let lock = a.get_lock("res").unwrap();
+    assert!(lock.acquire(Wait::No).await.unwrap());
+    assert!(lock.release().await.unwrap());
+    assert!(a.try_become_leader("g").await.unwrap().is_some());
+    for dir in [format!("/{ns}/locks/res"), format!("/{ns}/g/leader")] {
+        let ops = proxy.creates_of(&dir);
+        assert!(
+            !ops.is_empty() && ops.iter().all(|op| *op == OP_CREATE_CONTAINER),
+            "{dir}: {ops:?}"
+        );
+    }
+    for persistent in [format!("/{ns}/locks"), format!("/{ns}/g")] {
+        let ops = proxy.creates_of(&persistent);
+        assert!(
+            !ops.is_empty() && !ops.contains(&OP_CREATE_CONTAINER),
+            "{persistent}: {ops:?}"
+        );
+    }
+
+    // The server removed the empty containers: they are made again.
+    assert!(a.stand_down_group_leader("g").await.unwrap());
+    zk.delete(&format!("/{ns}/g/leader"), None).await.unwrap();
+    zk.delete(&format!("/{ns}/locks/res"), None).await.unwrap();
+    assert!(lock.acquire(Wait::No).await.unwrap());
+    assert!(a.try_become_leader("g").await.unwrap().is_some());
+    assert!(lock.release().await.unwrap());
+    assert!(a.stand_down_group_leader("g").await.unwrap());
+    // Even the lock tree itself.
+    zk.delete(&format!("/{ns}/locks/res"), None).await.unwrap();
+    zk.delete(&format!("/{ns}/locks"), None).await.unwrap();
+    assert!(lock.acquire(Wait::No).await.unwrap());
+    assert!(lock.release().await.unwrap());
+    // A group that is gone is still GroupNotCreated.
+    assert!(matches!(
+        a.try_become_leader("nope").await,
+        Err(ToozError::GroupNotCreated(_))
+    ));
+
+    // A directory Python made (persistent, with makepath) is used as it is.
+    let persistent = CreateMode::Persistent.with_acls(zookeeper_client::Acls::anyone_all());
+    zk.create(&format!("/{ns}/locks/py"), &[], &persistent)
+        .await
+        .unwrap();
+    let py = a.get_lock("py").unwrap();
+    assert!(py.acquire(Wait::No).await.unwrap());
+    assert!(py.release().await.unwrap());
+    assert!(proxy.creates_of(&format!("/{ns}/locks/py")).is_empty());
+
+    // `container_parents=false` makes them persistent, as Python does.
+    let (b, _) = coordinator(&with_query(&url, "container_parents=false"), "b");
+    b.start(false).await.unwrap();
+    b.create_group("h").await.unwrap();
+    let l = b.get_lock("res-b").unwrap();
+    assert!(l.acquire(Wait::No).await.unwrap());
+    assert!(l.release().await.unwrap());
+    assert!(b.try_become_leader("h").await.unwrap().is_some());
+    for dir in [format!("/{ns}/locks/res-b"), format!("/{ns}/h/leader")] {
+        let ops = proxy.creates_of(&dir);
+        assert!(
+            !ops.is_empty() && !ops.contains(&OP_CREATE_CONTAINER),
+            "{dir}: {ops:?}"
+        );
+    }
+    b.stop().await.unwrap();
+    a.stop().await.unwrap();
 }

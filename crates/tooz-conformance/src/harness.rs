@@ -207,6 +207,42 @@ impl Harness {
         Ok(c)
     }
 
+    /// Whether the backend is reached over TCP (its URL names a `host:port`), so
+    /// that the `faults::` cases can put a [`FaultProxy`](crate::fault::FaultProxy)
+    /// between a coordinator and it.
+    pub fn networked(&self) -> bool {
+        crate::fault::url_target(self.url()).is_ok()
+    }
+
+    /// A fault-injecting proxy in front of the backend, and a coordinator started
+    /// with heartbeats that reaches the backend through it (stopped when the case
+    /// ends; the proxy goes when its last handle is dropped).
+    ///
+    /// # Errors
+    /// A backend that is not reached over TCP (see [`Harness::networked`]), or a
+    /// failed connect or start.
+    pub async fn started_behind_proxy(
+        &self,
+        member: impl Into<MemberId>,
+    ) -> Result<(Coordinator, crate::fault::FaultProxy), CaseError> {
+        let member = member.into();
+        let target = crate::fault::url_target(self.url())
+            .map_err(|e| CaseError::Unsupported(format!("no TCP address in the URL: {e}")))?;
+        let proxy = crate::fault::FaultProxy::start(target)
+            .await
+            .ctx("starting the fault proxy")?;
+        let url = crate::fault::proxied_url(self.url(), &proxy).ctx("proxied URL")?;
+        let c = self
+            .registry()
+            .connect_with(&url, member.clone(), &self.connect_options())
+            .ctx(&format!("connect as {member} through the proxy"))?;
+        lock(&self.scope.coords).push(c.clone());
+        c.start(true)
+            .await
+            .ctx(&format!("start as {member} through the proxy"))?;
+        Ok((c, proxy))
+    }
+
     /// A coordinator started without heartbeats (`start(false)`).
     ///
     /// # Errors

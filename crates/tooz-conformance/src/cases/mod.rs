@@ -10,6 +10,7 @@ mod capabilities;
 mod contention;
 mod events;
 mod expiry;
+mod faults;
 mod groups;
 mod heartbeat;
 mod hooks;
@@ -172,6 +173,12 @@ pub static CASES: &[Case] = case_table![
     expiry::crashed_member_leaves,
     expiry::crashed_holder_frees_lock,
     expiry::silent_member_matches_timeout_characteristic,
+    // lease safety through network faults (backends reached over TCP)
+    faults::lock_loss_is_signalled_before_another_holder_gets_it,
+    faults::leadership_loss_is_signalled_before_another_leader_is_elected,
+    faults::acquire_whose_reply_was_lost_leaves_no_hold,
+    faults::release_whose_reply_was_lost_frees_the_lock,
+    faults::short_cut_within_the_margin_loses_nothing,
     // bad input
     input::empty_group_id_is_invalid_id,
     input::empty_member_id_is_invalid_id,

@@ -103,7 +103,8 @@ impl EtcdConfig {
             Some(url::Host::Ipv4(a)) => a.to_string(),
             Some(url::Host::Ipv6(a)) => a.to_string(),
         };
-        let secs = |key: &str| options.duration_secs(NAME, key);
+        // Every one of them is (also) the TTL of the coordinator's lease.
+        let secs = |key: &str| options.lease_secs(NAME, key);
         let timeout = secs("timeout")?.unwrap_or(DEFAULT_TIMEOUT);
         let path_opt = |key: &str| options.get(key).map(PathBuf::from);
         Ok(EtcdConfig {
@@ -169,6 +170,16 @@ mod tests {
             EtcdConfig::from_url_str("etcd3+http://h?bogus=1"),
             Err(ToozError::InvalidOption { .. })
         ));
+        for key in ["timeout", "lock_timeout", "membership_timeout"] {
+            assert!(
+                matches!(
+                    EtcdConfig::from_url_str(&format!("etcd3+http://h?{key}=0.001")),
+                    Err(ToozError::InvalidOption { .. })
+                ),
+                "{key}=0.001 is shorter than the lease floor"
+            );
+        }
+        assert!(EtcdConfig::from_url_str("etcd3+http://h?timeout=1").is_ok());
         assert!(matches!(
             EtcdConfig::from_url_str("redis://h"),
             Err(ToozError::InvalidUrl { .. })

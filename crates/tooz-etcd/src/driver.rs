@@ -4,13 +4,14 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use etcd_client::{
     Client, Compare, CompareOp, ConnectOptions, GetOptions, GetResponse, KeyValue,
     LeaseKeepAliveStream, LeaseKeeper, PutOptions, Txn, TxnOp, TxnOpResponse, TxnResponse,
 };
+use tooz_core::util::Backoff;
 use tooz_core::{
     Capabilities, Characteristic, ConnectRequest, Driver, DriverEventStream, DriverInfo,
     DriverLock, FencingToken, GroupId, LeaseState, LockName, MemberId, MemberInfo, Result, ToozError,
@@ -110,6 +111,10 @@ pub(crate) struct Inner {
     lease_state: LeaseState,
     /// When this member joined each group (µs), for `updated`'s `created` time.
     joined_at: Mutex<HashMap<GroupId, u64>>,
+    /// Leaderships reported to the coordinator: group → (lease, create revision of
+    /// the leader key). A leader key of ours that is not here was granted by a
+    /// campaign whose reply was lost.
+    leading: Mutex<HashMap<GroupId, (i64, i64)>>,
     next_lock: AtomicU64,
 }
 
@@ -145,6 +150,109 @@ impl Inner {
     ) -> Result<GetResponse> {
         let mut c = self.client()?;
         c.get(key, opts).await.map_err(|e| map_err(what, e))
+    }
+
+    /// Whether `lease` is still the coordinator's lease (everything on an older
+    /// one went with it: revoked on stop, expired, replaced).
+    pub(crate) fn on_lease(&self, lease: i64) -> bool {
+        self.lease().is_ok_and(|l| l.id == lease)
+    }
+
+    /// Runs `op` (an ownership-checked cleanup: of a hold whose grant was never
+    /// confirmed, or whose release failed) in a task of its own, retrying with
+    /// backoff until it goes through. Stops early once `lease` is gone (so is
+    /// whatever hung on it), the driver is dropped, or after a few errors that
+    /// retrying cannot help with.
+    pub(crate) fn spawn_cleanup<F, Fut>(self: &Arc<Self>, lease: i64, what: &'static str, op: F)
+    where
+        F: Fn(Arc<Inner>) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = Result<()>> + Send + 'static,
+    {
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let weak: Weak<Inner> = Arc::downgrade(self);
+        rt.spawn(async move {
+            let mut backoff = Backoff::new(Duration::from_millis(20), Duration::from_secs(2));
+            let mut hopeless = 0;
+            loop {
+                let Some(inner) = weak.upgrade() else { return };
+                if !inner.on_lease(lease) {
+                    tracing::debug!(what, "etcd: cleanup not needed: the lease is gone");
+                    return;
+                }
+                match op(inner).await {
+                    Ok(()) => {
+                        tracing::debug!(what, "etcd: cleanup done");
+                        return;
+                    }
+                    Err(e) => {
+                        if !e.is_retryable() {
+                            hopeless += 1;
+                            if hopeless >= 5 {
+                                tracing::warn!(what, error = %e, "etcd: giving up a cleanup; what it would free stays until the lease ends");
+                                return;
+                            }
+                        }
+                        tracing::debug!(what, error = %e, "etcd: cleanup failed; retrying");
+                        tokio::time::sleep(backoff.next_delay()).await;
+                    }
+                }
+            }
+        });
+    }
+
+    /// Deletes the leader key of `group` if it is ours (`member`, on `lease`)
+    /// and, when given, was created at `created`.
+    async fn drop_leader_key(
+        &self,
+        group: &GroupId,
+        lease: i64,
+        created: Option<i64>,
+    ) -> Result<bool> {
+        let lk = keys::leader(group.as_bytes());
+        let mut when = vec![
+            Compare::value(
+                lk.clone(),
+                CompareOp::Equal,
+                self.member.as_bytes().to_vec(),
+            ),
+            Compare::lease(lk.clone(), CompareOp::Equal, lease),
+        ];
+        if let Some(c) = created {
+            when.push(Compare::create_revision(lk.clone(), CompareOp::Equal, c));
+        }
+        let r = self
+            .txn(
+                "stand_down_group_leader",
+                Txn::new()
+                    .when(when)
+                    .and_then(vec![TxnOp::delete(lk, None)]),
+            )
+            .await?;
+        Ok(r.succeeded())
+    }
+
+    /// After a campaign whose outcome is unknown: frees the leader key if a grant
+    /// of ours that the coordinator never heard of holds it.
+    async fn resolve_campaign(&self, group: &GroupId, lease: i64) -> Result<()> {
+        let r = self
+            .get("resolving a campaign", keys::leader(group.as_bytes()), None)
+            .await?;
+        let Some(kv) = r.kvs().first() else {
+            return Ok(());
+        };
+        if kv.value() != self.member.as_bytes() || kv.lease() != lease {
+            return Ok(());
+        }
+        let known = guard(&self.leading).get(group).copied();
+        if known == Some((lease, kv.create_revision())) {
+            // Another campaign reported this grant: it is the coordinator's.
+            return Ok(());
+        }
+        self.drop_leader_key(group, lease, Some(kv.create_revision()))
+            .await
+            .map(|_| ())
     }
 
     async fn grant(&self) -> Result<(i64, Duration)> {
@@ -371,6 +479,7 @@ impl EtcdDriver {
                 keeper: tokio::sync::Mutex::new(None),
                 lease_state: LeaseState::new(),
                 joined_at: Mutex::new(HashMap::new()),
+                leading: Mutex::new(HashMap::new()),
                 next_lock: AtomicU64::new(0),
             }),
         }
@@ -494,6 +603,7 @@ impl Driver for EtcdDriver {
             }
         }
         guard(&i.joined_at).clear();
+        guard(&i.leading).clear();
         *guard(&i.client) = None;
         Ok(())
     }
@@ -710,7 +820,7 @@ impl Driver for EtcdDriver {
         let i = &self.inner;
         let lease = i.lease()?;
         let lk = keys::leader(group.as_bytes());
-        let r = i
+        let res = i
             .txn(
                 "campaign",
                 Txn::new()
@@ -726,15 +836,46 @@ impl Driver for EtcdDriver {
                     )])
                     .or_else(vec![TxnOp::get(lk, None)]),
             )
-            .await?;
-        if r.succeeded() {
-            return Ok(Some(FencingToken(revision(&r).max(0) as u64)));
-        }
-        match got(&gets(&r), 0) {
-            Some(kv) if kv.value() == i.member.as_bytes() && kv.lease() == lease.id => {
-                Ok(Some(FencingToken(kv.create_revision().max(0) as u64)))
+            .await;
+        let r = match res {
+            Ok(r) => r,
+            Err(e) => {
+                // The grant may have been applied with its reply lost: on the
+                // coordinator's lease it would block the group until the process
+                // exits. Free it unless it is a leadership the coordinator knows.
+                let known = guard(&i.leading)
+                    .get(group)
+                    .is_some_and(|(l, _)| *l == lease.id);
+                if !known {
+                    let g = group.clone();
+                    i.spawn_cleanup(lease.id, "unconfirmed leadership", move |i| {
+                        let g = g.clone();
+                        async move { i.resolve_campaign(&g, lease.id).await }
+                    });
+                }
+                return Err(e);
             }
-            _ => Ok(None),
+        };
+        let created = if r.succeeded() {
+            Some(revision(&r))
+        } else {
+            match got(&gets(&r), 0) {
+                Some(kv) if kv.value() == i.member.as_bytes() && kv.lease() == lease.id => {
+                    Some(kv.create_revision())
+                }
+                _ => None,
+            }
+        };
+        let mut leading = guard(&i.leading);
+        match created {
+            Some(c) => {
+                leading.insert(group.clone(), (lease.id, c));
+                Ok(Some(FencingToken(c.max(0) as u64)))
+            }
+            None => {
+                leading.remove(group);
+                Ok(None)
+            }
         }
     }
 
@@ -743,19 +884,25 @@ impl Driver for EtcdDriver {
         check_group(group)?;
         let i = &self.inner;
         let lease = i.lease()?;
-        let lk = keys::leader(group.as_bytes());
-        let r = i
-            .txn(
-                "stand_down_group_leader",
-                Txn::new()
-                    .when(vec![
-                        Compare::value(lk.clone(), CompareOp::Equal, i.member.as_bytes().to_vec()),
-                        Compare::lease(lk.clone(), CompareOp::Equal, lease.id),
-                    ])
-                    .and_then(vec![TxnOp::delete(lk, None)]),
-            )
-            .await?;
-        Ok(r.succeeded())
+        let known = guard(&i.leading)
+            .remove(group)
+            .filter(|(l, _)| *l == lease.id)
+            .map(|(_, c)| c);
+        match i.drop_leader_key(group, lease.id, known).await {
+            Ok(led) => Ok(led),
+            Err(e) => {
+                // Retried (guarded on the key's creation, so never a later grant)
+                // instead of leaving the leadership on the lease for ever.
+                if let Some(c) = known {
+                    let g = group.clone();
+                    i.spawn_cleanup(lease.id, "leadership release", move |i| {
+                        let g = g.clone();
+                        async move { i.drop_leader_key(&g, lease.id, Some(c)).await.map(|_| ()) }
+                    });
+                }
+                Err(e)
+            }
+        }
     }
 
     #[tracing::instrument(level = "debug", skip_all, fields(group = %group))]

@@ -1,18 +1,33 @@
 //! Lock handles: one transaction to acquire (create-if-absent, the create
 //! revision is the fencing token), one to release guarded on that revision;
 //! blocked acquirers wake on an etcd watch of the lock's keys.
+//!
+//! Every attempt writes something only it can recognise (a random value in the
+//! lock key, or a reader key of its own), so an attempt whose reply is lost is
+//! undone, owner-checked, in a task that retries until it goes through: otherwise
+//! the hold would sit on the coordinator's lease, kept alive for as long as the
+//! process runs. A failed release is retried the same way.
+//!
+//! While Rust readers hold a lock in shared mode the lock key holds
+//! [`keys::SHARED_MARKER`] (which makes a Python exclusive acquirer wait). The
+//! marker is kept on a remaining reader's lease: a reader that releases while
+//! others remain moves it, in the same transaction, to a remaining reader's lease;
+//! and every reader watches it and re-creates it on its own lease if it vanishes
+//! (its lease died) while the reader still reads.
 
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use etcd_client::{
-    Compare, CompareOp, DeleteOptions, PutOptions, Txn, TxnOp, TxnOpResponse, WatchFilterType,
-    WatchOptions,
+    Compare, CompareOp, DeleteOptions, EventType, GetOptions, KeyValue, PutOptions, Txn, TxnOp,
+    TxnOpResponse, TxnResponse, WatchFilterType, WatchOptions,
 };
+use tokio::task::AbortHandle;
 use tokio::time::Instant;
-use tooz_core::util::deadline_of;
+use tooz_core::util::{Backoff, deadline_of};
 use tooz_core::{DriverLock, FencingToken, LockName, Mode, Result, ToozError, Wait};
 
-use crate::driver::{Inner, gets, got, guard, map_err, revision};
+use crate::driver::{Inner, Lease, gets, got, guard, map_err, revision};
 use crate::keys;
 
 #[derive(Debug, Clone)]
@@ -21,8 +36,10 @@ struct Hold {
     token: i64,
     /// Our reader key (shared holds).
     reader: Option<Vec<u8>>,
-    /// The lease epoch the hold was taken on.
-    epoch: u64,
+    /// The lease the hold was taken on.
+    lease: Lease,
+    /// The task keeping the shared marker on a live lease (shared holds).
+    keeper: Option<AbortHandle>,
 }
 
 /// The outcome of one attempt.
@@ -49,24 +66,35 @@ fn random_value() -> Vec<u8> {
     b.to_vec()
 }
 
-/// One acquire attempt (one transaction).
-async fn attempt(
-    inner: &Inner,
-    key: &[u8],
-    readers: &[u8],
-    reader: &[u8],
+fn nested(r: &TxnResponse) -> Option<TxnResponse> {
+    r.op_responses().into_iter().find_map(|o| match o {
+        TxnOpResponse::Txn(t) => Some(t),
+        _ => None,
+    })
+}
+
+/// What one attempt writes: `value` into the lock key (exclusive) or the reader
+/// key `reader` (shared), on `lease`. Both are this attempt's own.
+#[derive(Debug, Clone)]
+struct Write {
     mode: Mode,
-) -> Result<(Attempt, u64)> {
-    let lease = inner.lease()?;
-    let put = || Some(PutOptions::new().with_lease(lease.id));
-    let txn = match mode {
+    value: Vec<u8>,
+    reader: Vec<u8>,
+    lease: Lease,
+}
+
+/// One acquire attempt (one transaction).
+async fn attempt(inner: &Inner, key: &[u8], readers: &[u8], w: &Write) -> Result<Attempt> {
+    let put = || Some(PutOptions::new().with_lease(w.lease.id));
+    let reader = &w.reader;
+    let txn = match w.mode {
         Mode::Exclusive => Txn::new()
             .when(vec![
                 Compare::create_revision(key.to_vec(), CompareOp::Equal, 0),
                 Compare::version(readers.to_vec(), CompareOp::Equal, 0)
                     .with_range(keys::prefix_end(readers)),
             ])
-            .and_then(vec![TxnOp::put(key.to_vec(), random_value(), put())]),
+            .and_then(vec![TxnOp::put(key.to_vec(), w.value.clone(), put())]),
         Mode::Shared => Txn::new()
             .when(vec![Compare::create_revision(
                 key.to_vec(),
@@ -75,7 +103,7 @@ async fn attempt(
             )])
             .and_then(vec![
                 TxnOp::put(key.to_vec(), keys::SHARED_MARKER.to_vec(), put()),
-                TxnOp::put(reader.to_vec(), Vec::new(), put()),
+                TxnOp::put(reader.clone(), Vec::new(), put()),
             ])
             .or_else(vec![TxnOp::txn(
                 Txn::new()
@@ -84,112 +112,355 @@ async fn attempt(
                         CompareOp::Equal,
                         keys::SHARED_MARKER.to_vec(),
                     )])
-                    .and_then(vec![TxnOp::put(reader.to_vec(), Vec::new(), put())]),
+                    .and_then(vec![TxnOp::put(reader.clone(), Vec::new(), put())]),
             )]),
     };
     let r = inner.txn("acquire", txn).await?;
     let rev = revision(&r);
-    if r.succeeded() {
-        return Ok((Attempt::Acquired(rev), lease.epoch));
-    }
-    let nested = r.op_responses().into_iter().any(|o| match o {
-        TxnOpResponse::Txn(t) => t.succeeded(),
-        _ => false,
-    });
-    if nested {
-        Ok((Attempt::Acquired(rev), lease.epoch))
+    if r.succeeded() || nested(&r).is_some_and(|t| t.succeeded()) {
+        Ok(Attempt::Acquired(rev))
     } else {
-        Ok((Attempt::Held(rev), lease.epoch))
+        Ok(Attempt::Held(rev))
+    }
+}
+
+/// After an attempt whose outcome is unknown: removes what it wrote, if it was
+/// applied. `Ok` once nothing of it is left (freed, or never there).
+async fn undo_attempt(inner: &Inner, key: &[u8], readers: &[u8], w: &Write) -> Result<()> {
+    match w.mode {
+        Mode::Exclusive => {
+            // Our value on our lease: only this attempt wrote it.
+            inner
+                .txn(
+                    "undoing an unconfirmed acquire",
+                    Txn::new()
+                        .when(vec![
+                            Compare::value(key.to_vec(), CompareOp::Equal, w.value.clone()),
+                            Compare::lease(key.to_vec(), CompareOp::Equal, w.lease.id),
+                        ])
+                        .and_then(vec![TxnOp::delete(key.to_vec(), None)]),
+                )
+                .await?;
+            Ok(())
+        }
+        Mode::Shared => {
+            let r = inner
+                .get(
+                    "undoing an unconfirmed acquire",
+                    w.reader.clone(),
+                    Some(GetOptions::new().with_keys_only()),
+                )
+                .await?;
+            match r.kvs().first() {
+                Some(kv) if kv.lease() == w.lease.id => {
+                    let token = kv.create_revision();
+                    release_reader(inner, key, readers, &w.reader, token, w.lease.id).await?;
+                    Ok(())
+                }
+                _ => Ok(()),
+            }
+        }
     }
 }
 
 /// Releases a hold, guarded on its revision: never frees a newer holder's key.
 async fn release_hold(inner: &Inner, key: &[u8], readers: &[u8], hold: &Hold) -> Result<bool> {
-    let txn = match &hold.reader {
-        None => Txn::new()
-            .when(vec![Compare::create_revision(
-                key.to_vec(),
-                CompareOp::Equal,
-                hold.token,
-            )])
-            .and_then(vec![TxnOp::delete(key.to_vec(), None)]),
-        Some(me) => {
-            let mut after = me.clone();
-            after.push(0);
-            // The last reader also removes the marker, in the same transaction.
-            Txn::new()
-                .when(vec![
-                    Compare::create_revision(me.clone(), CompareOp::Equal, hold.token),
-                    Compare::version(readers.to_vec(), CompareOp::Equal, 0).with_range(me.clone()),
-                    Compare::version(after, CompareOp::Equal, 0)
-                        .with_range(keys::prefix_end(readers)),
-                    Compare::value(key.to_vec(), CompareOp::Equal, keys::SHARED_MARKER.to_vec()),
-                ])
-                .and_then(vec![
-                    TxnOp::delete(me.clone(), None),
-                    TxnOp::delete(key.to_vec(), None),
-                ])
-                .or_else(vec![TxnOp::txn(
+    match &hold.reader {
+        None => {
+            let r = inner
+                .txn(
+                    "release",
                     Txn::new()
                         .when(vec![Compare::create_revision(
-                            me.clone(),
+                            key.to_vec(),
                             CompareOp::Equal,
                             hold.token,
                         )])
-                        .and_then(vec![TxnOp::delete(me.clone(), None)]),
-                )])
+                        .and_then(vec![TxnOp::delete(key.to_vec(), None)]),
+                )
+                .await?;
+            Ok(r.succeeded())
         }
-    };
-    let r = inner.txn("release", txn).await?;
-    if r.succeeded() {
-        return Ok(true);
-    }
-    Ok(r.op_responses().into_iter().any(|o| match o {
-        TxnOpResponse::Txn(t) => t.succeeded(),
-        _ => false,
-    }))
-}
-
-fn owner_compare(key: &[u8], hold: &Hold) -> Compare {
-    match &hold.reader {
-        None => Compare::create_revision(key.to_vec(), CompareOp::Equal, hold.token),
-        Some(me) => Compare::create_revision(me.clone(), CompareOp::Equal, hold.token),
+        Some(me) => release_reader(inner, key, readers, me, hold.token, hold.lease.id).await,
     }
 }
 
-struct Won {
+/// How many times a reader's release re-reads the lock after a concurrent change
+/// before it just removes its reader key (the remaining readers' keepers then
+/// re-create the marker if it goes).
+const RELEASE_ROUNDS: usize = 8;
+
+/// Releases the reader key `me` (created at `token`, on `lease`). The last reader
+/// also removes the marker; a reader on whose lease the marker sits while others
+/// remain moves it to a remaining reader's lease, in the same transaction.
+async fn release_reader(
+    inner: &Inner,
+    key: &[u8],
+    readers: &[u8],
+    me: &[u8],
+    token: i64,
+    lease: i64,
+) -> Result<bool> {
+    let mine = || Compare::create_revision(me.to_vec(), CompareOp::Equal, token);
+    let delete_me = || TxnOp::delete(me.to_vec(), None);
+    let mut after = me.to_vec();
+    after.push(0);
+    for _ in 0..RELEASE_ROUNDS {
+        // The common cases in one transaction: the last reader removes the marker;
+        // a reader the marker does not hang on just leaves. Otherwise read it all.
+        let r = inner
+            .txn(
+                "release",
+                Txn::new()
+                    .when(vec![
+                        mine(),
+                        Compare::version(readers.to_vec(), CompareOp::Equal, 0)
+                            .with_range(me.to_vec()),
+                        Compare::version(after.clone(), CompareOp::Equal, 0)
+                            .with_range(keys::prefix_end(readers)),
+                        Compare::value(
+                            key.to_vec(),
+                            CompareOp::Equal,
+                            keys::SHARED_MARKER.to_vec(),
+                        ),
+                    ])
+                    .and_then(vec![delete_me(), TxnOp::delete(key.to_vec(), None)])
+                    .or_else(vec![TxnOp::txn(
+                        Txn::new()
+                            .when(vec![
+                                mine(),
+                                Compare::lease(key.to_vec(), CompareOp::NotEqual, lease),
+                            ])
+                            .and_then(vec![delete_me()])
+                            .or_else(vec![
+                                TxnOp::get(me.to_vec(), Some(GetOptions::new().with_keys_only())),
+                                TxnOp::get(key.to_vec(), None),
+                                TxnOp::get(
+                                    readers.to_vec(),
+                                    Some(GetOptions::new().with_prefix().with_keys_only()),
+                                ),
+                            ]),
+                    )]),
+            )
+            .await?;
+        if r.succeeded() {
+            return Ok(true);
+        }
+        let Some(n) = nested(&r) else {
+            return Err(ToozError::backend_msg("etcd: release: malformed reply"));
+        };
+        if n.succeeded() {
+            return Ok(true);
+        }
+        let state = gets(&n);
+        match got(&state, 0) {
+            Some(kv) if kv.create_revision() == token => {}
+            // Our reader key is gone (expired, broken) or is another hold's.
+            _ => return Ok(false),
+        }
+        let marker = got(&state, 1);
+        let others: Vec<KeyValue> = state
+            .get(2)
+            .and_then(|g| g.as_ref())
+            .map(|g| g.kvs().to_vec())
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|kv| kv.key() != me)
+            .collect();
+        let Some(m) = marker.filter(|m| {
+            m.lease() == lease && m.value() == keys::SHARED_MARKER && !others.is_empty()
+        }) else {
+            // Changed since the first transaction: go round again.
+            continue;
+        };
+        let unchanged = Compare::mod_revision(key.to_vec(), CompareOp::Equal, m.mod_revision());
+        let txn = if let Some(o) = others.iter().find(|o| o.lease() == lease) {
+            // Another reader on our lease stays: the marker can stay too.
+            Txn::new()
+                .when(vec![
+                    mine(),
+                    unchanged,
+                    Compare::create_revision(
+                        o.key().to_vec(),
+                        CompareOp::Equal,
+                        o.create_revision(),
+                    ),
+                ])
+                .and_then(vec![delete_me()])
+        } else {
+            let Some(o) = others.first() else { continue };
+            Txn::new()
+                .when(vec![
+                    mine(),
+                    unchanged,
+                    Compare::create_revision(
+                        o.key().to_vec(),
+                        CompareOp::Equal,
+                        o.create_revision(),
+                    ),
+                ])
+                .and_then(vec![
+                    delete_me(),
+                    TxnOp::put(
+                        key.to_vec(),
+                        keys::SHARED_MARKER.to_vec(),
+                        Some(PutOptions::new().with_lease(o.lease())),
+                    ),
+                ])
+        };
+        let mut c = inner.client()?;
+        match c.txn(txn).await {
+            Ok(r) if r.succeeded() => return Ok(true),
+            Ok(_) => continue,
+            // The chosen reader's lease ended meanwhile (its key went with it).
+            Err(etcd_client::Error::GRpcStatus(s)) if s.message().contains("lease not found") => {
+                continue;
+            }
+            Err(e) => return Err(map_err("release", e)),
+        }
+    }
+    // Still contended: leave; the remaining readers' keepers restore the marker.
+    let r = inner
+        .txn(
+            "release",
+            Txn::new().when(vec![mine()]).and_then(vec![delete_me()]),
+        )
+        .await?;
+    Ok(r.succeeded())
+}
+
+/// Keeps the shared marker in the lock key while our reader key `me` (created at
+/// `token`) exists: watches the lock key from `from` and, when the marker is
+/// deleted (its lease ended), re-creates it on our lease. Ends when we no
+/// longer read or the lease is gone.
+async fn keep_marker(
     inner: Arc<Inner>,
     key: Vec<u8>,
-    readers: Vec<u8>,
-    hold: Hold,
-}
-
-async fn release_abandoned(w: Won) {
-    if let Err(e) = release_hold(&w.inner, &w.key, &w.readers, &w.hold).await {
-        tracing::warn!(error = %e, "etcd: releasing a lock won after its acquirer went away failed");
+    me: Vec<u8>,
+    token: i64,
+    lease: i64,
+    from: i64,
+) {
+    let mut backoff = Backoff::new(Duration::from_millis(20), Duration::from_secs(2));
+    let mut from = from;
+    loop {
+        if !inner.on_lease(lease) {
+            return;
+        }
+        let changed = async {
+            let mut c = inner.client()?;
+            let opts = WatchOptions::new()
+                .with_start_revision(from)
+                .with_filters([WatchFilterType::NoPut]);
+            let mut w = c
+                .watch(key.clone(), Some(opts))
+                .await
+                .map_err(|e| map_err("watching the shared marker", e))?;
+            loop {
+                match w.message().await {
+                    Ok(Some(m))
+                        if m.canceled()
+                            || m.events()
+                                .iter()
+                                .any(|e| e.event_type() == EventType::Delete) =>
+                    {
+                        return Ok(());
+                    }
+                    Ok(Some(_)) => continue,
+                    Ok(None) => return Err(ToozError::backend_msg("etcd: the watch ended")),
+                    Err(e) => return Err(map_err("watching the shared marker", e)),
+                }
+            }
+        };
+        if let Err(e) = changed.await {
+            tracing::debug!(error = %e, "etcd: shared marker watch broke; checking the marker");
+            tokio::time::sleep(backoff.next_delay()).await;
+        }
+        // The marker may be gone: put it back on our lease while we still read.
+        let r = inner
+            .txn(
+                "keeping the shared marker",
+                Txn::new()
+                    .when(vec![
+                        Compare::create_revision(me.clone(), CompareOp::Equal, token),
+                        Compare::create_revision(key.clone(), CompareOp::Equal, 0),
+                    ])
+                    .and_then(vec![TxnOp::put(
+                        key.clone(),
+                        keys::SHARED_MARKER.to_vec(),
+                        Some(PutOptions::new().with_lease(lease)),
+                    )])
+                    .or_else(vec![TxnOp::get(
+                        me.clone(),
+                        Some(GetOptions::new().with_keys_only()),
+                    )]),
+            )
+            .await;
+        match r {
+            Ok(r) if r.succeeded() => {
+                tracing::info!(
+                    "etcd: the shared-lock marker vanished with another reader's lease; re-created it on ours"
+                );
+                backoff.reset();
+                from = revision(&r) + 1;
+            }
+            Ok(r) => {
+                if got(&gets(&r), 0).is_none_or(|kv| kv.create_revision() != token) {
+                    return;
+                }
+                backoff.reset();
+                from = revision(&r) + 1;
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "etcd: checking the shared marker failed");
+                tokio::time::sleep(backoff.next_delay()).await;
+            }
+        }
     }
 }
 
-type AttemptResult = Result<(Attempt, u64)>;
+/// Releases `hold` in a task, retried until it goes through or its lease is gone
+/// (a lock won after its acquirer went away, or a release that failed).
+fn spawn_release(inner: &Arc<Inner>, key: &[u8], readers: &[u8], hold: Hold) {
+    if let Some(k) = &hold.keeper {
+        k.abort();
+    }
+    let (key, readers) = (key.to_vec(), readers.to_vec());
+    let lease = hold.lease.id;
+    inner.spawn_cleanup(lease, "lock release", move |i| {
+        let (key, readers, hold) = (key.clone(), readers.clone(), hold.clone());
+        async move { release_hold(&i, &key, &readers, &hold).await.map(|_| ()) }
+    });
+}
+
+type AttemptResult = Result<Attempt>;
 
 /// The receiving end of an attempt run in a task. Dropped before it read the
 /// outcome (the acquire future was cancelled), it releases a lock the attempt won.
 struct Pending {
     rx: Option<tokio::sync::oneshot::Receiver<AttemptResult>>,
-    won: Option<Won>,
+    inner: Arc<Inner>,
+    key: Vec<u8>,
+    readers: Vec<u8>,
+    write: Write,
+}
+
+fn won_hold(w: &Write, rev: i64) -> Hold {
+    Hold {
+        token: rev,
+        reader: (w.mode == Mode::Shared).then(|| w.reader.clone()),
+        lease: w.lease,
+        keeper: None,
+    }
 }
 
 impl Drop for Pending {
     fn drop(&mut self) {
         let Some(mut rx) = self.rx.take() else { return };
         rx.close();
-        if let Ok(Ok((Attempt::Acquired(rev), epoch))) = rx.try_recv()
-            && let Some(mut w) = self.won.take()
-            && let Ok(rt) = tokio::runtime::Handle::try_current()
-        {
-            w.hold.token = rev;
-            w.hold.epoch = epoch;
-            rt.spawn(release_abandoned(w));
+        if let Ok(Ok(Attempt::Acquired(rev))) = rx.try_recv() {
+            let hold = won_hold(&self.write, rev);
+            spawn_release(&self.inner, &self.key, &self.readers, hold);
         }
     }
 }
@@ -207,39 +478,36 @@ impl EtcdLock {
     }
 
     /// One attempt in a task of its own, so that a cancelled acquire never leaks
-    /// a lock won while the caller was gone.
-    async fn attempt(&self, mode: Mode, reader: &[u8]) -> AttemptResult {
+    /// a lock won while the caller was gone, and an attempt whose outcome is
+    /// unknown is undone.
+    async fn attempt(&self, write: Write) -> AttemptResult {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let won = |rev: i64, epoch: u64| Won {
-            inner: Arc::clone(&self.inner),
-            key: self.key.clone(),
-            readers: self.readers.clone(),
-            hold: Hold {
-                token: rev,
-                reader: (mode == Mode::Shared).then(|| reader.to_vec()),
-                epoch,
-            },
-        };
-        let template = won(0, 0);
-        let task_won = won(0, 0);
-        let (inner, key, readers, rd) = (
+        let (inner, key, readers, w) = (
             Arc::clone(&self.inner),
             self.key.clone(),
             self.readers.clone(),
-            reader.to_vec(),
+            write.clone(),
         );
         tokio::spawn(async move {
-            let res = attempt(&inner, &key, &readers, &rd, mode).await;
-            if let Err(Ok((Attempt::Acquired(rev), epoch))) = tx.send(res) {
-                let mut w = task_won;
-                w.hold.token = rev;
-                w.hold.epoch = epoch;
-                release_abandoned(w).await;
+            let res = attempt(&inner, &key, &readers, &w).await;
+            let unknown = res.is_err();
+            if let Err(Ok(Attempt::Acquired(rev))) = tx.send(res) {
+                spawn_release(&inner, &key, &readers, won_hold(&w, rev));
+            } else if unknown {
+                // Applied with the reply lost (or not at all): free what only this
+                // attempt could have written, if it is there.
+                inner.spawn_cleanup(w.lease.id, "unconfirmed acquire", move |i| {
+                    let (key, readers, w) = (key.clone(), readers.clone(), w.clone());
+                    async move { undo_attempt(&i, &key, &readers, &w).await }
+                });
             }
         });
         let mut pending = Pending {
             rx: Some(rx),
-            won: Some(template),
+            inner: Arc::clone(&self.inner),
+            key: self.key.clone(),
+            readers: self.readers.clone(),
+            write,
         };
         let res = match pending.rx.as_mut() {
             Some(rx) => rx.await.unwrap_or(Err(ToozError::Stopped)),
@@ -251,6 +519,14 @@ impl EtcdLock {
 
     fn current(&self) -> Option<Hold> {
         guard(&self.hold).clone()
+    }
+}
+
+impl Drop for EtcdLock {
+    fn drop(&mut self) {
+        if let Some(k) = guard(&self.hold).as_ref().and_then(|h| h.keeper.as_ref()) {
+            k.abort();
+        }
     }
 }
 
@@ -269,16 +545,34 @@ impl DriverLock for EtcdLock {
         reader.extend_from_slice(hex::encode(random_value()).as_bytes());
         let mut watch: Option<etcd_client::WatchStream> = None;
         loop {
-            let rev = match self.attempt(mode, &reader).await? {
-                (Attempt::Acquired(rev), epoch) => {
-                    *guard(&self.hold) = Some(Hold {
-                        token: rev,
-                        reader: (mode == Mode::Shared).then(|| reader.clone()),
-                        epoch,
-                    });
+            let write = Write {
+                mode,
+                value: random_value(),
+                reader: reader.clone(),
+                lease: self.inner.lease()?,
+            };
+            let rev = match self.attempt(write.clone()).await? {
+                Attempt::Acquired(rev) => {
+                    let mut hold = won_hold(&write, rev);
+                    if mode == Mode::Shared {
+                        let task = tokio::spawn(keep_marker(
+                            Arc::clone(&self.inner),
+                            self.key.clone(),
+                            reader.clone(),
+                            rev,
+                            write.lease.id,
+                            rev + 1,
+                        ));
+                        hold.keeper = Some(task.abort_handle());
+                    }
+                    if let Some(old) = guard(&self.hold).replace(hold)
+                        && let Some(k) = old.keeper
+                    {
+                        k.abort();
+                    }
                     return Ok(Some(FencingToken(rev.max(0) as u64)));
                 }
-                (Attempt::Held(rev), _) => rev,
+                Attempt::Held(rev) => rev,
             };
             if wait == Wait::No || deadline.is_some_and(|d| d <= Instant::now()) {
                 return Ok(None);
@@ -328,7 +622,18 @@ impl DriverLock for EtcdLock {
         let Some(hold) = guard(&self.hold).take() else {
             return Ok(false);
         };
-        release_hold(&self.inner, &self.key, &self.readers, &hold).await
+        if let Some(k) = &hold.keeper {
+            k.abort();
+        }
+        match release_hold(&self.inner, &self.key, &self.readers, &hold).await {
+            Ok(released) => Ok(released),
+            Err(e) => {
+                // On the coordinator's lease the hold would outlive this error for
+                // as long as the process runs: keep trying, owner-checked.
+                spawn_release(&self.inner, &self.key, &self.readers, hold);
+                Err(e)
+            }
+        }
     }
 
     async fn heartbeat(&self) -> Result<bool> {
@@ -337,19 +642,23 @@ impl DriverLock for EtcdLock {
         let Some(hold) = self.current() else {
             return Ok(false);
         };
-        Ok(self.inner.lease().is_ok_and(|l| l.epoch == hold.epoch))
+        Ok(self
+            .inner
+            .lease()
+            .is_ok_and(|l| l.epoch == hold.lease.epoch && l.id == hold.lease.id))
     }
 
     async fn is_still_owner(&self) -> Result<bool> {
         let Some(hold) = self.current() else {
             return Ok(false);
         };
+        let owner = match &hold.reader {
+            None => Compare::create_revision(self.key.clone(), CompareOp::Equal, hold.token),
+            Some(me) => Compare::create_revision(me.clone(), CompareOp::Equal, hold.token),
+        };
         let r = self
             .inner
-            .txn(
-                "is_still_owner",
-                Txn::new().when(vec![owner_compare(&self.key, &hold)]),
-            )
+            .txn("is_still_owner", Txn::new().when(vec![owner]))
             .await?;
         Ok(r.succeeded())
     }

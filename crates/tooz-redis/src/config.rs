@@ -237,9 +237,11 @@ impl RedisConfig {
         };
 
         let secs = |key: &str| options.duration_secs(NAME, key);
-        let timeout = secs("timeout")?.unwrap_or(DEFAULT_TIMEOUT);
-        let membership_timeout = secs("membership_timeout")?.unwrap_or(timeout);
-        let lock_timeout = secs("lock_timeout")?.unwrap_or(timeout);
+        // The TTLs of the beat, lock and leader keys: at least the lease floor.
+        let lease = |key: &str| options.lease_secs(NAME, key);
+        let timeout = lease("timeout")?.unwrap_or(DEFAULT_TIMEOUT);
+        let membership_timeout = lease("membership_timeout")?.unwrap_or(timeout);
+        let lock_timeout = lease("lock_timeout")?.unwrap_or(timeout);
         let socket_timeout = secs("socket_timeout")?.unwrap_or(timeout);
         let connect_timeout = secs("socket_connect_timeout")?.unwrap_or(socket_timeout);
         let health_check_interval = match options.get("health_check_interval") {
@@ -552,6 +554,17 @@ mod tests {
         assert_eq!(invalid_option("redis://h?bogus=1"), "bogus");
         assert_eq!(invalid_option("redis://h?timeout=abc"), "timeout");
         assert_eq!(invalid_option("redis://h?timeout=-1"), "timeout");
+        // Lease-like options have a floor; socket timeouts do not.
+        assert_eq!(invalid_option("redis://h?timeout=0.001"), "timeout");
+        assert_eq!(invalid_option("redis://h?lock_timeout=0.5"), "lock_timeout");
+        assert_eq!(
+            invalid_option("redis://h?membership_timeout=0.001"),
+            "membership_timeout"
+        );
+        assert_eq!(
+            cfg("redis://h?timeout=1&socket_timeout=0.2").socket_timeout,
+            Duration::from_millis(200)
+        );
         assert_eq!(invalid_option("redis://h?db=x"), "db");
         assert_eq!(invalid_option("redis://h?ssl=maybe"), "ssl");
         assert_eq!(invalid_option("redis://h?executor=forked"), "executor");

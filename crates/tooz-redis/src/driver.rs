@@ -8,6 +8,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use redis::{Script, Value};
 use tokio::time::Instant;
+use tooz_core::util::{Backoff, sleep_within};
 use tooz_core::{
     Capabilities, Characteristic, ConnectRequest, Driver, DriverEventStream, DriverInfo,
     DriverLock, FencingToken, GroupId, LeaseState, LockName, MemberId, MemberInfo, Mode, Result,
@@ -129,6 +130,74 @@ impl Inner {
 
     pub(crate) fn lock_ttl(&self) -> Duration {
         self.config.lock_timeout
+    }
+
+    /// Runs an ownership-checked release (`op`) of a hold this coordinator may
+    /// have without knowing it (an acquire or campaign whose reply was lost) or
+    /// that a failed release left behind, in a task of its own: retried with
+    /// backoff while the server cannot be reached, until it went through (freed
+    /// or found the key gone or someone else's) or the hold would have expired
+    /// on its own (`lock_timeout` from now: nobody renews it).
+    pub(crate) fn spawn_cleanup<F, Fut>(self: &Arc<Self>, what: &'static str, op: F)
+    where
+        F: Fn(Arc<Inner>) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = Result<bool>> + Send + 'static,
+    {
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let inner = Arc::clone(self);
+        let deadline = Instant::now() + self.config.lock_timeout;
+        rt.spawn(async move {
+            let mut backoff = Backoff::new(Duration::from_millis(20), Duration::from_secs(1));
+            loop {
+                match op(Arc::clone(&inner)).await {
+                    Ok(freed) => {
+                        tracing::debug!(what, freed, "redis: cleanup of an unconfirmed hold done");
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::debug!(what, error = %e, "redis: cleanup of an unconfirmed hold failed; retrying");
+                        if !sleep_within(backoff.next_delay(), Some(deadline)).await {
+                            tracing::warn!(what, error = %e, "redis: giving up cleaning up an unconfirmed hold; it expires with its TTL");
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+    }
+
+    /// Spawns the owner-checked release of lock token `token` (see
+    /// [`Inner::spawn_cleanup`]).
+    pub(crate) fn spawn_release(self: &Arc<Self>, keys: &LockKeys, mode: Mode, token: &str) {
+        let (keys, token) = (keys.clone(), token.to_string());
+        self.spawn_cleanup("lock release", move |i| {
+            let (keys, token) = (keys.clone(), token.clone());
+            async move { i.release_token(&keys, mode, &token).await }
+        });
+    }
+
+    /// Gives up the leadership of `group` if `token` holds it (one script call).
+    async fn resign_token(&self, group: &GroupId, token: &str) -> Result<bool> {
+        let n = self
+            .eval_int(
+                "stand_down_group_leader",
+                &self.scripts.resign,
+                &[&self.keys.leader(group), &self.keys.leader_owner(group)],
+                &[token.as_bytes(), &self.keys.group(group)],
+            )
+            .await?;
+        Ok(n == 1)
+    }
+
+    /// Spawns the owner-checked resignation of `token` (see [`Inner::spawn_cleanup`]).
+    fn spawn_resign(self: &Arc<Self>, group: &GroupId, token: &str) {
+        let (group, token) = (group.clone(), token.to_string());
+        self.spawn_cleanup("leadership release", move |i| {
+            let (group, token) = (group.clone(), token.clone());
+            async move { i.resign_token(&group, &token).await }
+        });
     }
 
     pub(crate) fn hub(&self) -> Arc<Hub> {
@@ -763,7 +832,7 @@ impl Driver for RedisDriver {
         let token = current.as_ref().map_or_else(new_token, |l| l.token.clone());
         let ttl = ms(i.config.lock_timeout).to_string();
         let fttl = FENCE_TTL_MS.to_string();
-        let v = i
+        let res = i
             .eval(
                 "campaign",
                 &i.scripts.campaign,
@@ -780,7 +849,20 @@ impl Driver for RedisDriver {
                     fttl.as_bytes(),
                 ],
             )
-            .await?;
+            .await;
+        let v = match res {
+            Ok(v) => v,
+            Err(e) => {
+                // The script may have run with the reply lost: a fresh grant nobody
+                // knows of would keep the group leaderless for others until it
+                // expires. Free it if it is ours. (A leadership already held stays:
+                // the coordinator still counts it and the heartbeat renews it.)
+                if current.is_none() {
+                    i.spawn_resign(group, &token);
+                }
+                return Err(e);
+            }
+        };
         let a = array(&v).ok_or_else(|| unexpected("campaign", &v))?;
         match a.first().and_then(int) {
             Some(1) => {
@@ -807,15 +889,14 @@ impl Driver for RedisDriver {
         let Some(l) = guard(&i.leaders).remove(group) else {
             return Ok(false);
         };
-        let n = i
-            .eval_int(
-                "stand_down_group_leader",
-                &i.scripts.resign,
-                &[&i.keys.leader(group), &i.keys.leader_owner(group)],
-                &[l.token.as_bytes(), &i.keys.group(group)],
-            )
-            .await?;
-        Ok(n == 1)
+        match i.resign_token(group, &l.token).await {
+            Ok(led) => Ok(led),
+            Err(e) => {
+                // Not renewed any more, but not left to its TTL either.
+                i.spawn_resign(group, &l.token);
+                Err(e)
+            }
+        }
     }
 
     #[tracing::instrument(level = "debug", skip_all, fields(group = %group))]

@@ -99,8 +99,14 @@ impl RedisLock {
         let t = token.to_string();
         tokio::spawn(async move {
             let res = inner.acquire_once(&keys, mode, &t).await;
+            // An error leaves the outcome unknown: the script may have run with its
+            // reply lost. The token is this acquire's own, so an owner-checked
+            // release frees exactly what it may have taken, and nothing else.
+            let unknown = res.is_err();
             if let Err(Ok(Attempt::Acquired(_))) = tx.send(res) {
-                release_abandoned(inner, keys, mode, t).await;
+                release_abandoned(inner, keys, mode, t);
+            } else if unknown {
+                inner.spawn_release(&keys, mode, &t);
             }
         });
         let mut pending = PendingAttempt {
@@ -131,10 +137,9 @@ impl RedisLock {
     }
 }
 
-async fn release_abandoned(inner: Arc<Inner>, keys: LockKeys, mode: Mode, token: String) {
-    if let Err(e) = inner.release_token(&keys, mode, &token).await {
-        tracing::warn!(error = %e, "releasing a lock won after its acquirer went away failed");
-    }
+/// Releases (in a task, retried) a lock won after its acquirer went away.
+fn release_abandoned(inner: Arc<Inner>, keys: LockKeys, mode: Mode, token: String) {
+    inner.spawn_release(&keys, mode, &token);
 }
 
 /// The receiving end of an attempt. Dropped before it read the outcome (the
@@ -153,15 +158,13 @@ impl Drop for PendingAttempt {
         // After close() a late send fails (and the task releases); a value sent
         // before it is still here to be found.
         rx.close();
-        if let Ok(Ok(Attempt::Acquired(_))) = rx.try_recv()
-            && let Ok(rt) = tokio::runtime::Handle::try_current()
-        {
-            rt.spawn(release_abandoned(
+        if let Ok(Ok(Attempt::Acquired(_))) = rx.try_recv() {
+            release_abandoned(
                 Arc::clone(&self.inner),
                 self.keys.clone(),
                 self.mode,
                 std::mem::take(&mut self.token),
-            ));
+            );
         }
     }
 }
@@ -235,9 +238,20 @@ impl DriverLock for RedisLock {
             return Ok(false);
         };
         self.inner.unregister_hold(self.id);
-        self.inner
+        match self
+            .inner
             .release_token(&self.keys, hold.mode, &hold.token)
             .await
+        {
+            Ok(released) => Ok(released),
+            Err(e) => {
+                // The request may not have reached the server (or its reply was
+                // lost): keep trying, owner-checked, instead of leaving the hold
+                // to its TTL.
+                self.inner.spawn_release(&self.keys, hold.mode, &hold.token);
+                Err(e)
+            }
+        }
     }
 
     async fn heartbeat(&self) -> Result<bool> {

@@ -1,6 +1,7 @@
 //! Redis-specific behaviour: the key layout shared with Python tooz (simulated with
 //! raw commands as Python's driver issues them), requests per operation, wake-up
-//! latency, a server restart and Redis Sentinel.
+//! latency, a server restart, replies lost after the server applied a request (a
+//! test-local proxy swallows them) and Redis Sentinel.
 //!
 //! Tests needing the shared server read `TOOZ_TEST_REDIS_URL`; the restart and
 //! sentinel tests start their own `redis-server` on free loopback ports. Without
@@ -681,4 +682,225 @@ async fn tls_with_client_certificate() {
         "{e:?}"
     );
     let _ = std::fs::remove_dir_all(&certs);
+}
+
+// ----- lost replies ------------------------------------------------------------
+
+/// Forward everything.
+const FORWARD: u8 = 0;
+/// Forward requests, drop the server's replies.
+const SWALLOW: u8 = 1;
+/// Close new connections at once.
+const REFUSE: u8 = 2;
+
+/// A TCP proxy in front of the server that can lose replies: in `SWALLOW` mode a
+/// request reaches the server but its reply never comes back; `cut` then breaks
+/// every open connection.
+struct LossyProxy {
+    port: u16,
+    mode: std::sync::Arc<std::sync::atomic::AtomicU8>,
+    conns: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl LossyProxy {
+    async fn start(target: (String, u16)) -> LossyProxy {
+        use std::sync::atomic::Ordering;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let mode = std::sync::Arc::new(std::sync::atomic::AtomicU8::new(FORWARD));
+        let conns = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (m, cs) = (std::sync::Arc::clone(&mode), std::sync::Arc::clone(&conns));
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                if m.load(Ordering::SeqCst) == REFUSE {
+                    continue;
+                }
+                let (target, m) = (target.clone(), std::sync::Arc::clone(&m));
+                let conn = tokio::spawn(async move {
+                    let Ok(server) =
+                        tokio::net::TcpStream::connect((target.0.as_str(), target.1)).await
+                    else {
+                        return;
+                    };
+                    let (mut cr, mut cw) = client.into_split();
+                    let (mut sr, mut sw) = server.into_split();
+                    let up = tokio::io::copy(&mut cr, &mut sw);
+                    let down = async {
+                        let mut buf = vec![0u8; 64 * 1024];
+                        loop {
+                            let n = match sr.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => n,
+                            };
+                            if m.load(Ordering::SeqCst) == FORWARD
+                                && cw.write_all(&buf[..n]).await.is_err()
+                            {
+                                return;
+                            }
+                        }
+                    };
+                    tokio::select! { _ = up => {}, _ = down => {} }
+                });
+                cs.lock().unwrap().push(conn.abort_handle());
+            }
+        });
+        LossyProxy {
+            port,
+            mode,
+            conns,
+            task,
+        }
+    }
+
+    fn set(&self, mode: u8) {
+        self.mode.store(mode, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Breaks every open connection (and refuses new ones until `set(FORWARD)`).
+    fn cut(&self) {
+        self.set(REFUSE);
+        for c in self.conns.lock().unwrap().drain(..) {
+            c.abort();
+        }
+    }
+}
+
+impl Drop for LossyProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+        self.cut();
+    }
+}
+
+/// Polls observable server state until `f` holds (at most `limit`).
+async fn eventually<F, Fut>(what: &str, limit: Duration, mut f: F) -> Duration
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let t0 = Instant::now();
+    while !f().await {
+        assert!(t0.elapsed() < limit, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    t0.elapsed()
+}
+
+async fn key_exists(r: &mut redis::aio::MultiplexedConnection, key: &str) -> bool {
+    r.exists::<_, bool>(key).await.unwrap()
+}
+
+/// Runs `op` with the server's reply swallowed, breaks the connection once `key`
+/// shows that the server applied the request, and returns what `op` returned.
+async fn with_lost_reply<T: Send + 'static>(
+    proxy: &LossyProxy,
+    r: &mut redis::aio::MultiplexedConnection,
+    key: &str,
+    op: impl std::future::Future<Output = T> + Send + 'static,
+) -> T {
+    proxy.set(SWALLOW);
+    let task = tokio::spawn(op);
+    eventually("the request to be applied", Duration::from_secs(10), || {
+        let (mut r, key) = (r.clone(), key.to_string());
+        async move { key_exists(&mut r, &key).await }
+    })
+    .await;
+    proxy.cut();
+    let out = task.await.unwrap();
+    proxy.set(FORWARD);
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_replies_leave_no_hold_behind() {
+    let Some(base) = server_url("lost_replies_leave_no_hold_behind") else {
+        return;
+    };
+    let ns = unique_ns("lost");
+    let proxy = LossyProxy::start(host_port(&base)).await;
+    // A 30 s TTL: whatever is gone within a few seconds was freed, not expired.
+    let opts = format!("namespace={ns}&timeout=30");
+    let url = format!("redis://127.0.0.1:{}?{opts}", proxy.port);
+    let direct = with_query(&base, &opts);
+    let a = coordinator(&url, "a");
+    a.start(false).await.unwrap();
+    let b = coordinator(&direct, "b");
+    b.start(false).await.unwrap();
+    let mut r = raw(&base).await;
+    let gone_within = Duration::from_secs(5);
+    let r0 = r.clone();
+    let gone = |key: String| {
+        let r = r0.clone();
+        move || {
+            let (mut r, key) = (r.clone(), key.clone());
+            async move { !key_exists(&mut r, &key).await }
+        }
+    };
+
+    // Exclusive lock.
+    let key = format!("{ns}_x_lock");
+    let lock = a.get_lock("x").unwrap();
+    let l = lock.clone();
+    let res = with_lost_reply(
+        &proxy,
+        &mut r,
+        &key,
+        async move { l.acquire(Wait::No).await },
+    )
+    .await;
+    assert!(res.is_err(), "{res:?}");
+    assert!(!lock.is_held());
+    let took = eventually("the exclusive hold to be freed", gone_within, gone(key)).await;
+    eprintln!("exclusive hold freed {took:?} after the acquire failed");
+    let theirs = b.get_lock("x").unwrap();
+    assert!(theirs.acquire(Wait::No).await.unwrap());
+    assert!(theirs.release().await.unwrap());
+
+    // Shared lock: the reader entry and the marker.
+    let key = format!("{ns}_s_lock:readers");
+    let lock = a.get_lock("s").unwrap();
+    let l = lock.clone();
+    let res = with_lost_reply(&proxy, &mut r, &key, async move {
+        l.acquire_shared(Wait::No).await
+    })
+    .await;
+    assert!(res.is_err(), "{res:?}");
+    eventually("the reader entry to be freed", gone_within, gone(key)).await;
+    eventually(
+        "the shared marker to be freed",
+        gone_within,
+        gone(format!("{ns}_s_lock")),
+    )
+    .await;
+    let theirs = b.get_lock("s").unwrap();
+    assert!(theirs.acquire(Wait::No).await.unwrap());
+    assert!(theirs.release().await.unwrap());
+
+    // Leadership.
+    let key = format!("{ns}_leader_of_g_lock");
+    let c = a.clone();
+    let res = with_lost_reply(&proxy, &mut r, &key, async move {
+        c.try_become_leader("g").await
+    })
+    .await;
+    assert!(res.is_err(), "{res:?}");
+    eventually("the leadership to be freed", gone_within, gone(key)).await;
+    assert!(b.try_become_leader("g").await.unwrap().is_some());
+    assert!(b.stand_down_group_leader("g").await.unwrap());
+
+    // A release whose request cannot be sent is retried until it goes through.
+    let key = format!("{ns}_x_lock");
+    let lock = a.get_lock("x").unwrap();
+    assert!(lock.acquire(Wait::No).await.unwrap());
+    proxy.cut();
+    assert!(lock.release().await.is_err());
+    assert!(key_exists(&mut r, &key).await);
+    proxy.set(FORWARD);
+    eventually("the failed release to be retried", gone_within, gone(key)).await;
+
+    a.stop().await.unwrap();
+    b.stop().await.unwrap();
+    purge(&base, &ns).await;
 }

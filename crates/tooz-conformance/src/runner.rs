@@ -438,7 +438,10 @@ async fn run_main(setup: Setup, args: Args) -> i32 {
         harness.namespace()
     ));
     if !harness.networked() {
-        let n = CASES.iter().filter(|c| c.name.starts_with("faults::")).count();
+        let n = CASES
+            .iter()
+            .filter(|c| c.name.starts_with("faults::"))
+            .count();
         out(&format!(
             "the {n} faults:: cases (network faults through a proxy) do not apply: this backend is not reached over TCP\n"
         ));

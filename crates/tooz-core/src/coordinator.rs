@@ -15,10 +15,10 @@ use tokio_util::sync::CancellationToken;
 use crate::capabilities::{Capabilities, MemberInfo};
 use crate::characteristic::Characteristic;
 use crate::driver::{Driver, DriverEvent, DriverInfo, Liveness};
-use crate::lease::{LeasePolicy, LeaseState, LeaseView, effective_margin, judge};
 use crate::error::{Result, ToozError};
 use crate::events::{EventStream, GroupEvent, WatchId};
 use crate::ids::{GroupId, LockName, MemberId};
+use crate::lease::{LeasePolicy, LeaseState, LeaseView, effective_margin, judge};
 use crate::lock::{FencingToken, Leadership, Lock, LockInner};
 use crate::partitioner::{Partitioner, PartitionerState};
 
@@ -905,10 +905,8 @@ impl Coordinator {
                     .leading
                     .get(g)
                     .is_some_and(|l| l.token == tok);
-                if !known {
-                    if let Err(e) = self.shared.driver.resign(g).await {
-                        tracing::debug!(group = %g, error = %e, "giving back a late leadership failed");
-                    }
+                if !known && let Err(e) = self.shared.driver.resign(g).await {
+                    tracing::debug!(group = %g, error = %e, "giving back a late leadership failed");
                 }
                 return Err(err);
             }
@@ -1037,7 +1035,10 @@ impl Coordinator {
     /// campaign).
     pub fn leadership(&self, group: impl Into<GroupId>) -> Option<Leadership> {
         let g = group.into();
-        lock(&self.shared.watchers).leading.get(&g).map(|l| l.handle(&g))
+        lock(&self.shared.watchers)
+            .leading
+            .get(&g)
+            .map(|l| l.handle(&g))
     }
 
     /// The group's leader, if any.
@@ -1405,7 +1406,11 @@ async fn lease_monitor(shared: Weak<Shared>, lease: LeaseState, stop: Cancellati
             s.spawn_rejoin();
         }
         drop(s);
-        let wake = if now == Liveness::Lost { None } else { deadline };
+        let wake = if now == Liveness::Lost {
+            None
+        } else {
+            deadline
+        };
         tokio::select! {
             r = rx.changed() => if r.is_err() { return },
             () = sleep_until_opt(wake) => {}

@@ -17,14 +17,14 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
-use futures_util::Stream;
 use crate::capabilities::{Capabilities, MemberInfo};
 use crate::characteristic::Characteristic;
 use crate::error::Result;
 use crate::ids::{GroupId, LockName, MemberId};
 use crate::lease::LeaseState;
 use crate::lock::{FencingToken, Mode, Wait};
+use async_trait::async_trait;
+use futures_util::Stream;
 
 /// A boxed, `'static` stream of driver events.
 pub type DriverEventStream = Pin<Box<dyn Stream<Item = DriverEvent> + Send + 'static>>;

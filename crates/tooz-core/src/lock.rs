@@ -494,7 +494,10 @@ impl LockInner {
     }
 
     pub(crate) fn is_held(&self) -> bool {
-        self.state().hold.as_ref().is_some_and(|h| !*h.lost.borrow())
+        self.state()
+            .hold
+            .as_ref()
+            .is_some_and(|h| !*h.lost.borrow())
     }
 
     /// Releases the hold. `all`: drop every shared count at once (stop).
@@ -975,8 +978,7 @@ mod tests {
     const TTL: Duration = Duration::from_secs(8);
 
     async fn beating(mem: &Arc<Mem>, heart: bool, config: crate::CoordinatorConfig) -> Coordinator {
-        mem.ttl_ms
-            .store(TTL.as_millis() as u64, Ordering::SeqCst);
+        mem.ttl_ms.store(TTL.as_millis() as u64, Ordering::SeqCst);
         let c = Coordinator::with_config(
             Arc::new(MemDriver(Arc::clone(mem), true)),
             "m".into(),
@@ -1008,7 +1010,11 @@ mod tests {
         lost.clone().lost().await;
         let at = Instant::now() - last;
         // Margin: a quarter of 8 s, at most 2 s.
-        assert_eq!(at, TTL - Duration::from_secs(2), "lost {at:?} after the last renewal was sent");
+        assert_eq!(
+            at,
+            TTL - Duration::from_secs(2),
+            "lost {at:?} after the last renewal was sent"
+        );
         assert_eq!(*c.liveness().borrow(), Liveness::Lost);
         assert!(!lock.is_held());
         // Renewals succeed again: alive, and the lock stays given up.
@@ -1023,8 +1029,10 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn margin_and_policy_are_honoured() {
         let mem = Arc::new(Mem::default());
-        let mut config = crate::CoordinatorConfig::default();
-        config.loss_margin = Some(Duration::from_millis(300));
+        let config = crate::CoordinatorConfig {
+            loss_margin: Some(Duration::from_millis(300)),
+            ..Default::default()
+        };
         let c = beating(&mem, false, config).await;
         let t0 = Instant::now();
         c.heartbeat().await.unwrap();
@@ -1035,8 +1043,10 @@ mod tests {
         c.stop().await.unwrap();
 
         let mem = Arc::new(Mem::default());
-        let mut config = crate::CoordinatorConfig::default();
-        config.lease_policy = crate::LeasePolicy::AtRiskIsLost;
+        let config = crate::CoordinatorConfig {
+            lease_policy: crate::LeasePolicy::AtRiskIsLost,
+            ..Default::default()
+        };
         let c = beating(&mem, false, config).await;
         c.heartbeat().await.unwrap();
         let lock = c.get_lock("l").unwrap();
@@ -1092,7 +1102,10 @@ mod tests {
         let t = Instant::now();
         l2.lost().lost().await;
         assert!(Instant::now() - t <= TTL - Duration::from_secs(2));
-        assert!(mem.resigns.load(Ordering::SeqCst) >= 1, "the lost leadership was given back");
+        assert!(
+            mem.resigns.load(Ordering::SeqCst) >= 1,
+            "the lost leadership was given back"
+        );
         c.heartbeat().await.unwrap();
         let mut live = c.liveness();
         live.wait_for(|l| *l == Liveness::Alive).await.unwrap();
@@ -1120,7 +1133,10 @@ mod tests {
         let r = campaign.await.unwrap();
         assert!(matches!(r, Err(ToozError::Stopped)), "{r:?}");
         stopping.await.unwrap().unwrap();
-        assert!(mem.resigns.load(Ordering::SeqCst) > resigns, "the late grant was given back");
+        assert!(
+            mem.resigns.load(Ordering::SeqCst) > resigns,
+            "the late grant was given back"
+        );
     }
 
     /// Dropping every handle of a held lock releases it.

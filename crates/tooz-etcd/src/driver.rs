@@ -14,7 +14,8 @@ use etcd_client::{
 use tooz_core::util::Backoff;
 use tooz_core::{
     Capabilities, Characteristic, ConnectRequest, Driver, DriverEventStream, DriverInfo,
-    DriverLock, FencingToken, GroupId, LeaseState, LockName, MemberId, MemberInfo, Result, ToozError,
+    DriverLock, FencingToken, GroupId, LeaseState, LockName, MemberId, MemberInfo, Result,
+    ToozError,
 };
 
 use crate::config::EtcdConfig;

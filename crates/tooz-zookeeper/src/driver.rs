@@ -7,7 +7,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tooz_core::{
     Capabilities, Characteristic, ConnectRequest, Driver, DriverEventStream, DriverInfo,
-    DriverLock, FencingToken, GroupId, LeaseState, LockName, MemberId, MemberInfo, Result, ToozError,
+    DriverLock, FencingToken, GroupId, LeaseState, LockName, MemberId, MemberInfo, Result,
+    ToozError,
 };
 use zookeeper_client::{AddWatchMode, CreateMode, Error as ZkError, Stat};
 

@@ -257,7 +257,10 @@ pub(crate) async fn leadership_tokens_increase(h: &Harness) -> CaseResult {
             c.stand_down_group_leader(&g).await.ctx("stand down")?,
             "stand down returned false while leading"
         );
-        ensure!(l.is_lost(), "standing down did not signal the leadership's loss");
+        ensure!(
+            l.is_lost(),
+            "standing down did not signal the leadership's loss"
+        );
     }
     strictly_increasing(&tokens, "leadership grants")
 }

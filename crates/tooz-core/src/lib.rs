@@ -7,6 +7,7 @@ pub mod coordinator;
 pub mod driver;
 pub mod error;
 pub mod events;
+pub mod fencing;
 pub mod hashring;
 pub mod ids;
 pub mod lease;

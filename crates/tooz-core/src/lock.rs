@@ -527,19 +527,22 @@ impl LockInner {
             }
             st.releasing = true;
         }
+        // From here on the lock object no longer holds (its guard's `lost()` fires),
+        // whatever the backend answers; `releasing` keeps new acquisitions out until
+        // the backend release is over.
+        let was_lost = match self.state().hold.take() {
+            Some(h) => h.lost.send_replace(true),
+            None => false,
+        };
         let me = Arc::clone(self);
         let task = async move {
             // Clears `releasing` and wakes waiters even if the release panics.
             let _releasing = Releasing(&me);
-            let res = me.driver.release().await;
-            let hold = me.state().hold.take();
-            if let Some(h) = hold {
-                h.lost.send_replace(true);
-            }
-            res
+            me.driver.release().await
         };
         match tokio::spawn(task).await {
-            Ok(res) => res,
+            // A hold already reported lost is not reported released.
+            Ok(res) => res.map(|released| released && !was_lost),
             Err(e) => Err(ToozError::backend_msg(format!(
                 "releasing lock {} failed: {e}",
                 self.name

@@ -406,10 +406,17 @@ const TAKEN: u8 = 1;
 /// The request was written to the server: the next server bytes fire the fault.
 const SENT: u8 = 2;
 
+/// How long a connection whose doomed request went out waits for the server's
+/// reply before it is cut anyway (the request may have been a frame the server
+/// does not answer, such as an HTTP/2 window update).
+const REPLY_GRACE: Duration = Duration::from_millis(200);
+
 #[derive(Debug)]
 struct Conn {
     doom: AtomicU8,
     fire: Notify,
+    /// Notified when the doomed request was written to the server.
+    sent: Notify,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -468,6 +475,7 @@ async fn serve(shared: Arc<Shared>, mut client: TcpStream, gen0: u64) {
     let conn = Conn {
         doom: AtomicU8::new(NORMAL),
         fire: Notify::new(),
+        sent: Notify::new(),
     };
     let end = {
         let (cr, cw) = client.split();
@@ -478,6 +486,10 @@ async fn serve(shared: Arc<Shared>, mut client: TcpStream, gen0: u64) {
             biased;
             () = wait_cut(ctl.clone(), gen0) => End::Cut,
             () = conn.fire.notified() => End::Fired,
+            () = async {
+                conn.sent.notified().await;
+                tokio::time::sleep(REPLY_GRACE).await;
+            } => End::Fired,
             res = async { tokio::try_join!(up, down) } => match res {
                 Ok(_) => End::Closed,
                 Err(()) => End::Failed,
@@ -578,6 +590,7 @@ async fn pump(
             counter.fetch_add(data.len() as u64, Ordering::Relaxed);
             if doomed {
                 conn.doom.store(SENT, Ordering::SeqCst);
+                conn.sent.notify_one();
             }
         }
         // End of stream: pass the half-close on.

@@ -8,6 +8,8 @@ use std::ffi::OsString;
 
 use clap::{Parser, Subcommand};
 
+use crate::exit;
+
 /// Distributed coordination from the shell: locks, leader election, groups,
 /// watches and partitioning over any tooz backend.
 ///
@@ -15,7 +17,7 @@ use clap::{Parser, Subcommand};
 /// (`file:///var/lib/app/tooz`, ...). Without --url or $TOOZ_URL, `tooz` uses the
 /// directory `.tooz` of the working directory (created if needed).
 #[derive(Debug, Parser)]
-#[command(name = "tooz", version, max_term_width = 100)]
+#[command(name = "tooz", version, max_term_width = 100, after_help = exit::HELP)]
 pub(crate) struct Cli {
     /// Backend URL [default: file://<working directory>/.tooz]
     #[arg(long, env = "TOOZ_URL", global = true, value_name = "URL")]
@@ -42,17 +44,33 @@ pub(crate) enum Command {
     /// Hold a lock while a command runs (like flock(1))
     ///
     /// The command gets the lock's fencing token in $TOOZ_FENCING_TOKEN (and the
-    /// backend URL in $TOOZ_URL). If the
-    /// lock is lost while it runs, it gets SIGTERM and `tooz` exits with status 1.
-    /// Otherwise `tooz` exits with the command's status (128 + N if signal N
-    /// killed it). If the lock is not acquired the command does not run and the
-    /// status is 1.
+    /// backend URL in $TOOZ_URL). It runs in a process group of its own, which
+    /// gets the signals `tooz` forwards (INT, TERM, HUP).
+    ///
+    /// If the lock is lost while the command runs (the lease cannot be renewed:
+    /// `tooz` declares the loss a margin before the server can free the lock),
+    /// the whole group gets SIGTERM at once and SIGKILL after --grace, and `tooz`
+    /// exits with status 123. A lock not acquired within --wait: the command
+    /// does not run, status 124. Otherwise `tooz` exits with the command's status
+    /// (128 + N if signal N killed it).
+    ///
+    /// The command gets SIGKILL if `tooz` dies (Linux parent-death signal). That
+    /// does not reach the processes it started: `tooz` kills its group on every
+    /// way out it controls (exit, error, panic) and stops leftovers of the group
+    /// before releasing the lock, but if `tooz` itself is killed with SIGKILL,
+    /// processes started by the command keep running.
+    #[command(after_help = exit::HELP)]
     Lock {
         /// The lock name
         name: OsString,
         /// Wait at most this many seconds for the lock (0: try once) [default: forever]
         #[arg(long, value_name = "SECONDS", value_parser = parse_wait)]
         wait: Option<f64>,
+        /// After a loss, SIGKILL the command this long after SIGTERM [default:
+        /// half the loss margin (a quarter of the lease TTL, at most 2 s); 1 s
+        /// without a lease]. Longer than the margin: the command may outlive the lock
+        #[arg(long, value_name = "SECONDS", value_parser = parse_grace)]
+        grace: Option<f64>,
         /// The command to run while holding the lock
         #[arg(last = true, required = true, value_name = "CMD")]
         command: Vec<OsString>,
@@ -61,13 +79,21 @@ pub(crate) enum Command {
     /// Run a command while this process leads a group
     ///
     /// Campaigns until elected, then runs the command with the leadership's
-    /// fencing token in $TOOZ_FENCING_TOKEN (and the backend URL in $TOOZ_URL).
-    /// Leadership is re-checked every
-    /// second; if it is lost the command gets SIGTERM and `tooz` exits with
-    /// status 1. The group is created if needed.
+    /// fencing token in $TOOZ_FENCING_TOKEN (and the backend URL in $TOOZ_URL),
+    /// in a process group of its own. The group is created if needed.
+    ///
+    /// The leadership is lost when the lease is lost, or when the check made every
+    /// second finds another leader or another token: the command's group then gets
+    /// SIGTERM at once and SIGKILL after --grace, and `tooz` exits with status
+    /// 123. Processes, signals and `tooz`'s death are handled as for `lock`.
+    #[command(after_help = exit::HELP)]
     Leader {
         /// The group
         group: OsString,
+        /// After a loss, SIGKILL the command this long after SIGTERM [default:
+        /// half the loss margin; 1 s without a lease]
+        #[arg(long, value_name = "SECONDS", value_parser = parse_grace)]
+        grace: Option<f64>,
         /// The command to run while leading
         #[arg(last = true, required = true, value_name = "CMD")]
         command: Vec<OsString>,
@@ -144,6 +170,15 @@ fn parse_wait(text: &str) -> Result<f64, String> {
     }
 }
 
+fn parse_grace(text: &str) -> Result<f64, String> {
+    match text.trim().parse::<f64>() {
+        Ok(secs) if (0.0..=86400.0).contains(&secs) => Ok(secs),
+        _ => Err(format!(
+            "expected a number of seconds (0 to 86400), got {text:?}"
+        )),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -161,6 +196,9 @@ mod tests {
         assert!(parse_wait("-1").is_err());
         assert!(parse_wait("nan").is_err());
         assert!(parse_wait("soon").is_err());
+        assert_eq!(parse_grace("0.25"), Ok(0.25));
+        assert!(parse_grace("-1").is_err());
+        assert!(parse_grace("inf").is_err());
     }
 
     #[test]
@@ -171,10 +209,12 @@ mod tests {
             Command::Lock {
                 name,
                 wait,
+                grace,
                 command,
             } => {
                 assert_eq!(name, "x");
                 assert_eq!(wait, Some(0.0));
+                assert_eq!(grace, None);
                 assert_eq!(command, ["ls", "-l"]);
             }
             other => panic!("{other:?}"),

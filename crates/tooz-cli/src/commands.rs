@@ -6,10 +6,11 @@ use std::os::unix::ffi::OsStrExt;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use tooz::{Coordinator, GroupEvent, GroupId, Liveness, LockName, Partitioner, ToozError, Wait};
+use tooz::{Coordinator, GroupEvent, GroupId, Leadership, LockName, Partitioner, ToozError, Wait};
 
 use crate::child::{self, Outcome, Signals};
 use crate::cli::{Command, GroupCommand};
+use crate::exit;
 use crate::failure::Failure;
 
 /// How often `leader` re-checks that it still leads.
@@ -97,9 +98,20 @@ pub(crate) async fn dispatch(
         Command::Lock {
             name,
             wait,
+            grace,
             command,
-        } => lock(coord, url, &name, wait, &command, signals).await,
-        Command::Leader { group, command } => leader(coord, url, &group, &command, signals).await,
+        } => {
+            let grace = Grace::new(coord, grace);
+            lock(coord, url, &name, wait, &grace, &command, signals).await
+        }
+        Command::Leader {
+            group,
+            grace,
+            command,
+        } => {
+            let grace = Grace::new(coord, grace);
+            leader(coord, url, &group, &grace, &command, signals).await
+        }
         Command::Watch { group } => watch(coord, &group, json, signals).await,
         Command::Partition {
             group,
@@ -111,6 +123,44 @@ pub(crate) async fn dispatch(
 
 fn group_id(group: &OsStr) -> GroupId {
     GroupId::from(group.as_bytes())
+}
+
+/// How long a command stopped after a loss gets between SIGTERM and SIGKILL:
+/// `--grace`, else half the coordinator's loss margin (read when needed: the lease
+/// TTL may change), else [`child::DEFAULT_GRACE`].
+struct Grace {
+    coord: Coordinator,
+    requested: Option<Duration>,
+}
+
+impl Grace {
+    /// Warns (on stderr) when the requested grace exceeds the loss margin: the
+    /// command may then run on after the server freed the lock.
+    fn new(coord: &Coordinator, requested_secs: Option<f64>) -> Self {
+        let requested = requested_secs.map(Duration::from_secs_f64);
+        if let (Some(grace), Some(margin)) = (requested, coord.loss_margin())
+            && grace > margin
+        {
+            let _ = writeln!(
+                io::stderr(),
+                "tooz: warning: --grace {}s exceeds the loss margin ({}s): after a loss the command may outlive the lock",
+                grace.as_secs_f64(),
+                margin.as_secs_f64()
+            );
+        }
+        Grace {
+            coord: coord.clone(),
+            requested,
+        }
+    }
+
+    fn now(&self) -> Duration {
+        self.requested.unwrap_or_else(|| {
+            self.coord
+                .loss_margin()
+                .map_or(child::DEFAULT_GRACE, |m| m / 2)
+        })
+    }
 }
 
 async fn join(
@@ -137,9 +187,14 @@ async fn join(
         return Ok(0);
     }
     let env = [("TOOZ_URL", url.to_string())];
-    match child::run(command, &env, signals, std::future::pending()).await? {
+    let grace = Grace::new(coord, None);
+    match child::run(command, &env, signals, std::future::pending(), &|| {
+        grace.now()
+    })
+    .await?
+    {
         Outcome::Exited(code) => Ok(code),
-        Outcome::Aborted { reason } => Err(Failure::new(reason)),
+        Outcome::Aborted { reason } => Err(Failure::with_code(exit::LOST, reason)),
     }
 }
 
@@ -148,6 +203,7 @@ async fn lock(
     url: &str,
     name: &OsStr,
     wait_secs: Option<f64>,
+    grace: &Grace,
     command: &[OsString],
     signals: &mut Signals,
 ) -> Result<i32, Failure> {
@@ -159,31 +215,49 @@ async fn lock(
         Some(secs) => Wait::For(Duration::from_secs_f64(secs)),
     };
     let Some(guard) = signals.interruptible(lock.guard(wait)).await?? else {
-        return Err(Failure::new(format!(
-            "lock {lock_name} not acquired within {}s",
-            wait_secs.unwrap_or_default()
-        )));
+        return Err(Failure::with_code(
+            exit::NOT_ACQUIRED,
+            format!(
+                "lock {lock_name} not acquired within {}s",
+                wait_secs.unwrap_or_default()
+            ),
+        ));
     };
     let token = guard.token();
     let lost = guard.lost();
+    if lost.is_lost() {
+        return Err(Failure::with_code(
+            exit::LOST,
+            format!("lock {lock_name} was lost before the command started"),
+        ));
+    }
     let abort = {
         let lock_name = lock_name.clone();
         async move {
             lost.lost().await;
-            format!("lock {lock_name} was lost; the command was sent SIGTERM")
+            format!("lock {lock_name} was lost; the command was stopped")
         }
     };
     let env = [
         ("TOOZ_FENCING_TOKEN", token.to_string()),
         ("TOOZ_URL", url.to_string()),
     ];
-    match child::run(command, &env, signals, abort).await {
-        Ok(Outcome::Exited(code)) => match guard.release().await {
-            Ok(_) => Ok(code),
-            Err(e) => Err(Failure::from(e).keeping_status(code)),
-        },
-        Ok(Outcome::Aborted { reason }) => Err(Failure::new(reason)),
-        Err(e) => Err(e),
+    match child::run(command, &env, signals, abort, &|| grace.now()).await? {
+        Outcome::Exited(code) => {
+            let lost_meanwhile = guard.lost().is_lost();
+            match guard.release().await {
+                Ok(true) if !lost_meanwhile => Ok(code),
+                // Gone by the time the command exited: it may have run without it.
+                Ok(_) => Err(Failure::with_code(
+                    exit::LOST,
+                    format!(
+                        "lock {lock_name} was lost before the command exited (with status {code})"
+                    ),
+                )),
+                Err(e) => Err(Failure::from(e).keeping_status(code)),
+            }
+        }
+        Outcome::Aborted { reason } => Err(Failure::with_code(exit::LOST, reason)),
     }
 }
 
@@ -191,22 +265,39 @@ async fn leader(
     coord: &Coordinator,
     url: &str,
     group: &OsStr,
+    grace: &Grace,
     command: &[OsString],
     signals: &mut Signals,
 ) -> Result<i32, Failure> {
     let g = group_id(group);
-    let token = signals.interruptible(campaign(coord, &g)).await??.token();
-    let abort = leadership_lost(coord.clone(), g.clone(), token);
+    let leadership = signals.interruptible(campaign(coord, &g)).await??;
+    let token = leadership.token();
+    if leadership.is_lost() {
+        return Err(Failure::with_code(
+            exit::LOST,
+            format!("leadership of group {g} was lost before the command started"),
+        ));
+    }
+    let abort = leadership_lost(coord.clone(), leadership.clone());
     let env = [
         ("TOOZ_FENCING_TOKEN", token.to_string()),
         ("TOOZ_URL", url.to_string()),
     ];
-    match child::run(command, &env, signals, abort).await? {
-        Outcome::Exited(code) => match coord.stand_down_group_leader(g).await {
-            Ok(_) => Ok(code),
-            Err(e) => Err(Failure::from(e).keeping_status(code)),
-        },
-        Outcome::Aborted { reason } => Err(Failure::new(reason)),
+    match child::run(command, &env, signals, abort, &|| grace.now()).await? {
+        Outcome::Exited(code) => {
+            let lost_meanwhile = leadership.is_lost();
+            match coord.stand_down_group_leader(&g).await {
+                Ok(true) if !lost_meanwhile => Ok(code),
+                Ok(_) => Err(Failure::with_code(
+                    exit::LOST,
+                    format!(
+                        "leadership of group {g} was lost before the command exited (with status {code})"
+                    ),
+                )),
+                Err(e) => Err(Failure::from(e).keeping_status(code)),
+            }
+        }
+        Outcome::Aborted { reason } => Err(Failure::with_code(exit::LOST, reason)),
     }
 }
 
@@ -225,38 +316,47 @@ async fn campaign(coord: &Coordinator, g: &GroupId) -> Result<tooz::Leadership, 
     }
 }
 
-/// Resolves (with the reason) once this member no longer leads `g` under
-/// `token`: another member leads, the leadership was re-granted with another
-/// token (so the command's token is stale), or the coordinator's lease is lost.
-async fn leadership_lost(coord: Coordinator, g: GroupId, token: tooz::FencingToken) -> String {
-    let mut liveness = coord.liveness();
-    let lease_lost = async {
-        if liveness.wait_for(|l| *l == Liveness::Lost).await.is_err() {
-            std::future::pending::<()>().await;
-        }
-    };
-    tokio::pin!(lease_lost);
-    let mut tick = tokio::time::interval(LEADER_CHECK);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    tick.tick().await;
-    loop {
-        tokio::select! {
-            () = &mut lease_lost => {
-                return format!(
-                    "the lease of this member was lost, and with it the leadership of group {g}; the command was sent SIGTERM"
-                );
-            }
-            _ = tick.tick() => match coord.try_become_leader(&g).await {
-                Ok(Some(t)) if t.token() == token => {}
-                Ok(_) => {
+/// Resolves (with the reason) once this member no longer leads under
+/// `leadership`'s token: its loss signal fired (the lease was lost, a heartbeat
+/// found it gone), or the check made every second finds another leader or
+/// another token (the command's token is then stale).
+///
+/// The check runs as its own branch of the `select!`: a check stuck on an
+/// unreachable backend never delays the loss signal, which the coordinator fires
+/// from its lease timer.
+async fn leadership_lost(coord: Coordinator, leadership: Leadership) -> String {
+    let g = leadership.group().clone();
+    let token = leadership.token();
+    let lost = leadership.lost();
+    let recheck = async {
+        let mut tick = tokio::time::interval(LEADER_CHECK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            match coord.try_become_leader(&g).await {
+                Ok(Some(l)) if l.token() == token => {}
+                Ok(Some(l)) => {
                     return format!(
-                        "leadership of group {g} was lost; the command was sent SIGTERM"
+                        "leadership of group {g} was granted again with token {} (the command's {token} is stale); the command was stopped",
+                        l.token()
                     );
                 }
-                // A backend hiccup: the heartbeat's liveness decides when it is a loss.
+                Ok(None) => {
+                    return format!(
+                        "leadership of group {g} was lost (another member leads); the command was stopped"
+                    );
+                }
+                // A backend hiccup: the lease timer decides when it is a loss.
                 Err(_) => {}
-            },
+            }
         }
+    };
+    tokio::select! {
+        () = lost.lost() => format!(
+            "leadership of group {g} was lost (lease lost or leadership gone); the command was stopped"
+        ),
+        reason = recheck => reason,
     }
 }
 

@@ -4,6 +4,8 @@ use std::fmt::Write as _;
 
 use tooz::ToozError;
 
+use crate::exit;
+
 /// A failure of the `tooz` command: an optional message (printed as one line,
 /// prefixed `tooz: `) and the exit status.
 #[derive(Debug)]
@@ -13,9 +15,9 @@ pub(crate) struct Failure {
 }
 
 impl Failure {
-    /// A failure with status 1.
+    /// A failure of `tooz` itself ([`exit::ERROR`]).
     pub(crate) fn new(message: impl Into<String>) -> Self {
-        Failure::with_code(1, message)
+        Failure::with_code(exit::ERROR, message)
     }
 
     /// A failure with an explicit status.
@@ -91,7 +93,7 @@ mod tests {
     fn tooz_errors_use_display_and_causes() {
         let e = ToozError::connection("redis at h:1", std::io::Error::other("refused"));
         let f = Failure::from(e);
-        assert_eq!(f.code, 1);
+        assert_eq!(f.code, exit::ERROR);
         let line = f.line().unwrap();
         assert!(line.starts_with("tooz: cannot reach the backend"), "{line}");
         assert!(line.contains("refused"), "{line}");
@@ -100,6 +102,6 @@ mod tests {
     #[test]
     fn command_status_wins_when_non_zero() {
         assert_eq!(Failure::new("x").keeping_status(7).code, 7);
-        assert_eq!(Failure::new("x").keeping_status(0).code, 1);
+        assert_eq!(Failure::new("x").keeping_status(0).code, exit::ERROR);
     }
 }

@@ -10,9 +10,9 @@
 //!   partition G OBJECT... [--replicas N]
 //! ```
 //!
-//! Errors are one line on stderr, prefixed `tooz: `; the exit status is the
-//! command's own (128 + N when signal N killed it), 1 for a failure of `tooz`
-//! itself and 2 for a usage error.
+//! Errors are one line on stderr, prefixed `tooz: `; the exit statuses are in
+//! [`exit`] (the command's own, or 123 lost, 124 not acquired, 125 a failure of
+//! `tooz` itself, 2 a usage error).
 
 use std::io::Write as _;
 use std::path::Path;
@@ -24,6 +24,7 @@ use clap::error::ErrorKind;
 mod child;
 mod cli;
 mod commands;
+mod exit;
 mod failure;
 
 use child::Signals;
@@ -31,6 +32,20 @@ use cli::Cli;
 use failure::Failure;
 
 fn main() -> ExitCode {
+    // A panic must not leave the command's process group running.
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        child::kill_leftovers();
+        report(info);
+    }));
+    let code = tooz_main();
+    // Every way out: nothing of the command may outlive `tooz` (normally it is
+    // gone already and this does nothing).
+    child::kill_leftovers();
+    code
+}
+
+fn tooz_main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => return usage_error(&e),
@@ -115,7 +130,7 @@ fn usage_error(e: &clap::Error) -> ExitCode {
         }
     }
     let message = format!("{} (see 'tooz --help')", parts.join(" "));
-    fail(&Failure::with_code(2, message))
+    fail(&Failure::with_code(exit::USAGE, message))
 }
 
 fn fail(f: &Failure) -> ExitCode {
@@ -126,5 +141,6 @@ fn fail(f: &Failure) -> ExitCode {
 }
 
 fn exit_code(code: i32) -> ExitCode {
-    ExitCode::from(u8::try_from(code).unwrap_or(1))
+    let fallback = u8::try_from(exit::ERROR).unwrap_or(1);
+    ExitCode::from(u8::try_from(code).unwrap_or(fallback))
 }

@@ -18,6 +18,12 @@ use serde_json::Value;
 
 const BIN: &str = env!("CARGO_BIN_EXE_tooz");
 
+/// The documented exit statuses (src/exit.rs, `tooz --help`, the README).
+const LOST: i32 = 123;
+const NOT_ACQUIRED: i32 = 124;
+const ERROR: i32 = 125;
+const USAGE: i32 = 2;
+
 /// Far longer than anything here should take; only a hang reaches it.
 const PATIENCE: Duration = Duration::from_secs(30);
 
@@ -353,13 +359,14 @@ fn lock_excludes_a_second_holder() {
         "-c",
         &touch,
     ]);
-    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(o.status.code(), Some(NOT_ACQUIRED));
     assert_one_line_error(&o, "lock shared-resource not acquired within 0s");
     assert!(!marker.exists(), "the command ran without the lock");
 
     // A bounded wait that runs out says so too.
     let o = s.run(["lock", "shared-resource", "--wait", "0.2", "--", "true"]);
     assert_one_line_error(&o, "not acquired within 0.2s");
+    assert_eq!(o.status.code(), Some(NOT_ACQUIRED));
 
     std::fs::write(&release, b"").unwrap();
     assert!(wait_within(&mut first, PATIENCE).success());
@@ -452,13 +459,13 @@ fn bad_urls_are_one_line_errors() {
     for url in ["bogus://x", "not a url", "file://relative/dir?timeout=abc"] {
         let o = s.run(["--url", url, "group", "list"]);
         assert_one_line_error(&o, "");
-        assert_eq!(o.status.code(), Some(1), "{url}: {}", stderr(&o));
+        assert_eq!(o.status.code(), Some(ERROR), "{url}: {}", stderr(&o));
     }
     let o = s.run(["--url", "bogus://x", "group", "list"]);
     assert_one_line_error(&o, "bogus");
     // Usage errors are one line too, with status 2.
     let o = s.run(["lock", "x"]);
-    assert_eq!(o.status.code(), Some(2));
+    assert_eq!(o.status.code(), Some(USAGE));
     assert_one_line_error(&o, "CMD");
     let o = s.run(["lock", "x", "--wait", "soon", "--", "true"]);
     assert_one_line_error(&o, "soon");
@@ -664,4 +671,435 @@ fn watch_prints_joins_and_exits_on_ctrl_c() {
 fn watch_of_a_missing_group_fails_clearly() {
     let s = Scratch::new("watch-missing");
     assert_one_line_error(&s.run(["watch", "nowhere"]), "nowhere");
+}
+
+// ----- exit statuses, process groups --------------------------------------------
+
+/// Whether a process of group `pgid` is running. Zombies do not count: an
+/// orphaned grandchild that died stays a zombie for as long as init does not
+/// reap it.
+fn group_running(pgid: i32) -> bool {
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let Some((_, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        if fields.get(2).and_then(|p| p.parse::<i32>().ok()) == Some(pgid)
+            && !matches!(fields.first(), Some(&("Z" | "X")))
+        {
+            return true;
+        }
+    }
+    false
+}
+
+/// Whether process `pid` runs (not a zombie).
+fn process_running(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| !matches!(state, "Z" | "X"))
+    })
+}
+
+/// Waits (up to `PATIENCE`) until `file` exists and holds a full line; returns it.
+fn read_when_written(file: &Path) -> String {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        if let Ok(text) = std::fs::read_to_string(file)
+            && text.ends_with('\n')
+        {
+            return text.trim().to_string();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} never written",
+            file.display()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + PATIENCE;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting: {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn exit_statuses_are_as_documented() {
+    let s = Scratch::new("exit-codes");
+    let help = s.run(["--help"]);
+    assert_ok(&help);
+    for needle in ["Exit status:", "123", "124", "125", "126/127"] {
+        assert!(
+            stdout(&help).contains(needle),
+            "{needle}: {}",
+            stdout(&help)
+        );
+    }
+    let lock_help = stdout(&s.run(["lock", "--help"]));
+    assert!(
+        lock_help.contains("--grace") && lock_help.contains("124"),
+        "{lock_help}"
+    );
+
+    // The command's own status.
+    let o = s.run(["lock", "x", "--", "sh", "-c", "exit 42"]);
+    assert_eq!(o.status.code(), Some(42), "{}", stderr(&o));
+    assert!(o.stderr.is_empty(), "{}", stderr(&o));
+
+    // Not acquired within --wait: the command does not run.
+    let release = s.path("release");
+    let script = format!("echo held; {}", wait_for_file(&release));
+    let mut holder = s
+        .tooz(["lock", "x", "--", "sh", "-c", &script])
+        .stdout(Stdio::piped())
+        .spawn()
+        .map(Proc)
+        .unwrap();
+    assert_eq!(
+        lines_of(&mut holder).recv_timeout(PATIENCE).unwrap(),
+        "held"
+    );
+    let marker = s.path("ran");
+    let touch = format!("touch '{}'", marker.display());
+    for wait in ["0", "0.3"] {
+        let o = s.run(["lock", "x", "--wait", wait, "--", "sh", "-c", &touch]);
+        assert_eq!(o.status.code(), Some(NOT_ACQUIRED), "{}", stderr(&o));
+        assert_one_line_error(&o, "not acquired");
+    }
+    assert!(!marker.exists(), "the command ran without the lock");
+    std::fs::write(&release, b"").unwrap();
+    assert!(wait_within(&mut holder, PATIENCE).success());
+
+    // A failure of tooz itself, and a usage error.
+    let o = s.run(["--url", "bogus://x", "lock", "x", "--", "true"]);
+    assert_eq!(o.status.code(), Some(ERROR), "{}", stderr(&o));
+    let o = s.run(["lock", "x", "--grace", "-1", "--", "true"]);
+    assert_eq!(o.status.code(), Some(USAGE), "{}", stderr(&o));
+}
+
+/// SIGTERM to `tooz` reaches the whole process group: a grandchild started by
+/// `sh -c` gets it too, and nothing of the group is left when `tooz` exits.
+#[test]
+fn signals_reach_the_grandchildren() {
+    let s = Scratch::new("group-signal");
+    let d = s.dir.display().to_string();
+    let script = format!(
+        r#"echo $$ > '{d}/pgid'
+sh -c 'trap "echo got > {d}/got-term; exit 0" TERM; echo $$ > {d}/gc; while :; do sleep 0.05; done' &
+wait"#
+    );
+    let mut child = s
+        .tooz(["lock", "sig", "--", "sh", "-c", &script])
+        .spawn()
+        .map(Proc)
+        .unwrap();
+    let pgid: i32 = read_when_written(&s.path("pgid")).parse().unwrap();
+    read_when_written(&s.path("gc"));
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
+    let status = wait_within(&mut child, PATIENCE);
+    assert_eq!(status.code(), Some(128 + 15));
+    assert_eq!(read_when_written(&s.path("got-term")), "got");
+    assert!(!group_running(pgid), "the command's group outlived tooz");
+    assert_ok(&s.run(["lock", "sig", "--wait", "0", "--", "true"]));
+}
+
+/// What the command leaves running in its group when it exits is stopped before
+/// `tooz` releases the lock and exits.
+#[test]
+fn leftovers_of_the_command_are_stopped() {
+    let s = Scratch::new("leftovers");
+    let bg = s.path("bg");
+    // The background job ignores SIGTERM: it takes the SIGKILL after the grace.
+    let script = format!(
+        "sh -c 'trap \"\" TERM; exec sleep 60' & echo $! > '{}'; exit 3",
+        bg.display()
+    );
+    let started = Instant::now();
+    let o = s.run(["lock", "left", "--grace", "0.2", "--", "sh", "-c", &script]);
+    assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
+    let pid: i32 = read_when_written(&bg).parse().unwrap();
+    assert!(!process_running(pid), "the background job outlived tooz");
+    assert!(started.elapsed() < Duration::from_secs(20));
+}
+
+/// The command dies with `tooz`, even when `tooz` is killed with SIGKILL
+/// (Linux's parent-death signal). Grandchildren are not covered by it.
+#[test]
+fn command_dies_with_tooz() {
+    let s = Scratch::new("pdeathsig");
+    let pid_file = s.path("pid");
+    let script = format!(
+        "echo $$ > '{}'; while :; do sleep 0.05; done",
+        pid_file.display()
+    );
+    let mut child = s
+        .tooz(["lock", "orphan", "--", "sh", "-c", &script])
+        .spawn()
+        .map(Proc)
+        .unwrap();
+    let pid: i32 = read_when_written(&pid_file).parse().unwrap();
+    assert!(process_running(pid));
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGKILL).unwrap();
+    let _ = wait_within(&mut child, PATIENCE);
+    wait_until("the command to die with tooz", || !process_running(pid));
+}
+
+// ----- partitions against real servers --------------------------------------------
+
+fn backends_required() -> bool {
+    std::env::var("TOOZ_REQUIRE_BACKENDS").is_ok_and(|v| v == "1")
+}
+
+/// The server URL in `$env`, or `None` (after printing why) when the test is
+/// skipped; panics when `TOOZ_REQUIRE_BACKENDS=1` and it is not set.
+fn backend_url(test: &str, env: &str) -> Option<String> {
+    match std::env::var(env) {
+        Ok(u) if !u.trim().is_empty() => Some(u.trim().to_string()),
+        _ => {
+            assert!(
+                !backends_required(),
+                "{test}: {env} is not set and TOOZ_REQUIRE_BACKENDS=1"
+            );
+            eprintln!("SKIPPED {test}: {env} is not set");
+            None
+        }
+    }
+}
+
+fn with_option(url: &str, option: &str) -> String {
+    let sep = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{sep}{option}")
+}
+
+fn wall_clock() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
+fn read_time(file: &Path) -> f64 {
+    read_when_written(file).parse().unwrap()
+}
+
+/// What a partition run measured, in seconds after the freeze.
+#[derive(Debug)]
+struct PartitionRun {
+    /// The second command started (it held the lock or leadership).
+    waiter_started: f64,
+    /// The first command's process group was gone (observed).
+    holder_stopped: f64,
+    /// The first command's grandchild got SIGTERM.
+    holder_sigterm: f64,
+}
+
+impl PartitionRun {
+    /// Both commands running at once; must be ≤ 0.
+    fn overlap(&self) -> f64 {
+        self.holder_stopped - self.waiter_started
+    }
+}
+
+/// `tooz lock` (or `leader`) through a proxy that is frozen while the command
+/// runs; a second `tooz` against the server directly must not start its command
+/// before the first command's whole process group (a `sh -c` with a grandchild
+/// that traps SIGTERM and one that ignores it) is gone. The first `tooz` exits
+/// with the "lost" status.
+fn partition_case(test: &str, url: &str, timeout: u32, leader: bool) -> PartitionRun {
+    use tooz_conformance::fault::{FaultProxy, proxied_url, url_target};
+
+    let s = Scratch::new(test);
+    let d = s.dir.display().to_string();
+    let name = format!(
+        "cli-partition-{}-{}",
+        std::process::id(),
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    );
+    let direct = with_option(url, &format!("timeout={timeout}"));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let proxy = rt
+        .block_on(FaultProxy::start(url_target(url).unwrap()))
+        .unwrap();
+    let proxied = proxied_url(&direct, &proxy).unwrap();
+
+    let holder_script = format!(
+        r#"echo $$ > '{d}/pgid'
+sh -c 'trap "date +%s.%N > {d}/term; exit 0" TERM; while :; do sleep 0.02; done' &
+sh -c 'trap "" TERM; while :; do date +%s.%N > {d}/alive.tmp && mv {d}/alive.tmp {d}/alive; sleep 0.02; done' &
+date +%s.%N > '{d}/start'
+wait"#
+    );
+    let verb: &[&str] = if leader {
+        &["leader", &name]
+    } else {
+        &["lock", &name]
+    };
+    let mut holder = s
+        .tooz(
+            [
+                &["--url", &proxied, "--member-id", "holder"][..],
+                verb,
+                &["--", "sh", "-c", &holder_script],
+            ]
+            .concat(),
+        )
+        .stderr(Stdio::piped())
+        .spawn()
+        .map(Proc)
+        .unwrap();
+    let pgid: i32 = read_when_written(&s.path("pgid")).parse().unwrap();
+    read_time(&s.path("start"));
+    // Let a renewal or two go through the proxy.
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(group_running(pgid));
+
+    // Watch the holder's group from now on.
+    let (gone_tx, gone_rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        while group_running(pgid) {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let _ = gone_tx.send(wall_clock());
+    });
+    proxy.freeze();
+    let frozen = wall_clock();
+
+    let waiter_verb: &[&str] = if leader {
+        &["leader", &name]
+    } else {
+        &["lock", &name, "--wait", "60"]
+    };
+    let waiter_script = format!("date +%s.%N > '{d}/second'");
+    let mut waiter = s
+        .tooz(
+            [
+                &["--url", &direct, "--member-id", "waiter"][..],
+                waiter_verb,
+                &["--", "sh", "-c", &waiter_script],
+            ]
+            .concat(),
+        )
+        .spawn()
+        .map(Proc)
+        .unwrap();
+    let waiter_status = wait_within(&mut waiter, Duration::from_secs(90));
+    assert!(waiter_status.success(), "waiter: {waiter_status:?}");
+    let second = read_time(&s.path("second"));
+    let stopped = gone_rx
+        .recv_timeout(PATIENCE)
+        .expect("the holder's process group never went away");
+
+    // Let the holder finish (its stop talks to the server).
+    proxy.cut_all();
+    proxy.heal();
+    let status = wait_within(&mut holder, PATIENCE);
+    let mut err = String::new();
+    if let Some(mut e) = holder.stderr.take() {
+        let _ = std::io::Read::read_to_string(&mut e, &mut err);
+    }
+    assert_eq!(
+        status.code(),
+        Some(LOST),
+        "holder: {status:?}, stderr: {err}"
+    );
+    assert!(err.contains("lost"), "{err}");
+    let term = read_time(&s.path("term"));
+    let alive = read_time(&s.path("alive"));
+    assert!(
+        alive <= stopped,
+        "recorded alive after the group was seen gone"
+    );
+    drop(proxy);
+    rt.shutdown_background();
+    PartitionRun {
+        waiter_started: second - frozen,
+        holder_stopped: stopped - frozen,
+        holder_sigterm: term - frozen,
+    }
+}
+
+fn partition_table(test: &str, env: &str, timeout: u32) {
+    let Some(url) = backend_url(test, env) else {
+        return;
+    };
+    // A grace longer than the loss margin is allowed, with a warning.
+    let s = Scratch::new(test);
+    let direct = with_option(&url, &format!("timeout={timeout}"));
+    let o = s.run([
+        "--url",
+        &direct,
+        "lock",
+        "cli-grace-warning",
+        "--grace",
+        "30",
+        "--",
+        "true",
+    ]);
+    assert_ok(&o);
+    assert!(
+        stderr(&o).contains("may outlive the lock"),
+        "{}",
+        stderr(&o)
+    );
+    for leader in [false, true] {
+        let run = partition_case(test, &url, timeout, leader);
+        eprintln!(
+            "{test} ({}, timeout={timeout}): waiter started {:.3}s after the partition, holder's command got SIGTERM at {:.3}s and was gone at {:.3}s; both running at once: {:.3}s",
+            if leader { "leader" } else { "lock" },
+            run.waiter_started,
+            run.holder_sigterm,
+            run.holder_stopped,
+            run.overlap(),
+        );
+        assert!(
+            run.overlap() <= 0.0,
+            "{test}: both commands ran at once for {:.3}s: {run:?}",
+            run.overlap()
+        );
+        assert!(run.holder_sigterm <= run.holder_stopped + 0.05, "{run:?}");
+    }
+}
+
+#[test]
+fn partition_redis() {
+    partition_table("partition_redis", "TOOZ_TEST_REDIS_URL", 2);
+}
+
+#[cfg(feature = "etcd")]
+#[test]
+fn partition_etcd() {
+    partition_table("partition_etcd", "TOOZ_TEST_ETCD_URL", 3);
+}
+
+#[cfg(not(feature = "etcd"))]
+#[test]
+fn partition_etcd() {
+    eprintln!("SKIPPED partition_etcd: built without the etcd feature");
+}
+
+#[test]
+fn partition_zookeeper() {
+    partition_table("partition_zookeeper", "TOOZ_TEST_ZOOKEEPER_URL", 4);
 }

@@ -497,6 +497,11 @@ async fn serve(shared: Arc<Shared>, mut client: TcpStream, gen0: u64) {
         }
     };
     let sent = conn.doom.load(Ordering::SeqCst) == SENT;
+    if sent {
+        // Counted before the client can see the reset, so that a client that got
+        // an error can tell the fault fired.
+        shared.dropped.send_modify(|d| *d += 1);
+    }
     match end {
         End::Closed => {}
         End::Failed | End::Cut | End::Fired => {
@@ -506,9 +511,6 @@ async fn serve(shared: Arc<Shared>, mut client: TcpStream, gen0: u64) {
         }
     }
     drop((client, server));
-    if sent {
-        shared.dropped.send_modify(|d| *d += 1);
-    }
 }
 
 /// Forwards one direction of a connection: a reader queueing chunks with the time

@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use crate::capabilities::{Capabilities, MemberInfo};
 use crate::characteristic::Characteristic;
-use crate::error::Result;
+use crate::error::{Result, ToozError};
 use crate::ids::{GroupId, LockName, MemberId};
 use crate::lease::LeaseState;
 use crate::lock::{FencingToken, Mode, Wait};
@@ -177,23 +177,109 @@ pub trait Driver: Send + Sync + fmt::Debug + 'static {
     async fn watch_group(&self, group: &GroupId) -> Result<Option<DriverEventStream>>;
 }
 
+/// The outcome of one lock attempt ([`DriverLock::try_acquire`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Attempt {
+    /// Granted, with the grant's fencing token.
+    Granted(FencingToken),
+    /// Held by someone else (or excluded by the requested mode).
+    Held {
+        /// How long the current hold can last at most without a renewal (a TTL),
+        /// if known: the core tries again no later than that.
+        expires_in: Option<Duration>,
+        /// Whether the holder announces its release through
+        /// [`DriverLock::wakeups`]; `false` for a holder that never does (a Python
+        /// process), which the core then polls for with jittered backoff.
+        notifies: bool,
+    },
+}
+
+impl Attempt {
+    /// Held by a holder that announces its release, with no expiry known.
+    pub const fn held() -> Self {
+        Attempt::Held {
+            expires_in: None,
+            notifies: true,
+        }
+    }
+}
+
+/// Wake-ups for a waiter: each item means the lock may have been released. The
+/// stream ending means wake-ups stopped (the core then polls).
+pub type WakeStream = Pin<Box<dyn Stream<Item = ()> + Send + 'static>>;
+
 /// One lock handle of a driver.
 ///
-/// The core serialises calls on one handle (it never runs two `acquire`s on the
-/// same handle at once) and never calls `acquire` on a held handle.
+/// A driver implements the lock at the level of one **attempt**:
+/// [`try_acquire`](DriverLock::try_acquire) tries once,
+/// [`release`](DriverLock::release) and [`heartbeat`](DriverLock::heartbeat) release
+/// and renew by owner, and [`wakeups`](DriverLock::wakeups) says, where the backend
+/// can, when a waiter should try again. The core owns the rest: the deadline and
+/// [`Wait`] modes, jittered backoff when there are no wake-ups, cancel safety (an
+/// attempt is never dropped in flight, and a grant that arrives after the caller gave
+/// up is released), releases that complete when the caller goes away, and the
+/// bookkeeping of what is held. A recipe that is more than an attempt (ZooKeeper's
+/// queue of sequential nodes) overrides [`acquire`](DriverLock::acquire) and
+/// returns `true` from [`queues`](DriverLock::queues) instead.
+///
+/// The core serialises calls on one handle (it never runs two acquisitions on the
+/// same handle at once) and never acquires a held handle.
 #[async_trait]
 pub trait DriverLock: Send + Sync + fmt::Debug + 'static {
     /// The lock name.
     fn name(&self) -> &LockName;
 
-    /// Acquires in `mode`, waiting as `wait` says. `Ok(Some(token))` when acquired,
-    /// `Ok(None)` when the wait ran out. A blocked acquire must wake on a release
-    /// notification where the backend offers one.
+    /// Tries once, without waiting. A driver must resolve an unknown outcome itself
+    /// (a request whose reply was lost after the backend may have granted it):
+    /// find out and give the hold back, or adopt it, before returning.
+    ///
+    /// The core awaits this future to completion (it is never dropped in flight).
+    ///
+    /// # Errors
+    /// Backend errors; the default is `NotImplemented` (for a driver that
+    /// [`queues`](DriverLock::queues)).
+    async fn try_acquire(&self, mode: Mode) -> Result<Attempt> {
+        let _ = mode;
+        Err(ToozError::NotImplemented {
+            driver: "driver".into(),
+            operation: "lock attempts".into(),
+        })
+    }
+
+    /// Subscribes to release notifications of this lock. The core calls it after a
+    /// failed attempt and tries again at once, so a release in between is not
+    /// missed. `Ok(None)` (the default): the backend cannot push; the core polls.
+    ///
+    /// # Errors
+    /// Backend errors (the core then polls).
+    async fn wakeups(&self) -> Result<Option<WakeStream>> {
+        Ok(None)
+    }
+
+    /// Whether this lock waits by itself ([`DriverLock::acquire`]) instead of
+    /// being driven attempt by attempt. Default `false`.
+    fn queues(&self) -> bool {
+        false
+    }
+
+    /// Acquires in `mode`, waiting as `wait` says, for a driver that
+    /// [`queues`](DriverLock::queues). `Ok(Some(token))` when acquired, `Ok(None)`
+    /// when the wait ran out; a blocked acquire must wake on a release notification.
     ///
     /// # Cancel safety
     /// Must be cancel-safe: the core drops this future when the coordinator stops.
     /// Dropping it must never leave the lock held.
-    async fn acquire(&self, mode: Mode, wait: Wait) -> Result<Option<FencingToken>>;
+    ///
+    /// # Errors
+    /// Backend errors; the default is `NotImplemented`.
+    async fn acquire(&self, mode: Mode, wait: Wait) -> Result<Option<FencingToken>> {
+        let _ = (mode, wait);
+        Err(ToozError::NotImplemented {
+            driver: "driver".into(),
+            operation: "queued lock acquisition".into(),
+        })
+    }
 
     /// Releases the hold of this handle. `false` if it did not hold the lock (or lost
     /// it); never frees another holder's lock.
@@ -207,82 +293,4 @@ pub trait DriverLock: Send + Sync + fmt::Debug + 'static {
 
     /// Forcibly frees the lock whoever holds it (an operator's tool). `true` if it was held.
     async fn break_lock(&self) -> Result<bool>;
-}
-
-#[async_trait]
-impl<T: Driver + ?Sized> Driver for Arc<T> {
-    fn info(&self) -> DriverInfo {
-        (**self).info()
-    }
-    async fn start(&self) -> Result<()> {
-        (**self).start().await
-    }
-    async fn stop(&self) -> Result<()> {
-        (**self).stop().await
-    }
-    async fn heartbeat(&self, joined: &[GroupId]) -> Result<Duration> {
-        (**self).heartbeat(joined).await
-    }
-    fn lease(&self) -> Option<LeaseState> {
-        (**self).lease()
-    }
-    fn lost_leaderships(&self) -> Vec<GroupId> {
-        (**self).lost_leaderships()
-    }
-    async fn create_group(&self, group: &GroupId) -> Result<()> {
-        (**self).create_group(group).await
-    }
-    async fn delete_group(&self, group: &GroupId) -> Result<()> {
-        (**self).delete_group(group).await
-    }
-    async fn get_groups(&self) -> Result<Vec<GroupId>> {
-        (**self).get_groups().await
-    }
-    async fn join_group(&self, group: &GroupId, capabilities: &Capabilities) -> Result<()> {
-        (**self).join_group(group, capabilities).await
-    }
-    async fn leave_group(&self, group: &GroupId) -> Result<()> {
-        (**self).leave_group(group).await
-    }
-    async fn get_members(&self, group: &GroupId) -> Result<BTreeSet<MemberId>> {
-        (**self).get_members(group).await
-    }
-    async fn get_member_capabilities(
-        &self,
-        group: &GroupId,
-        member: &MemberId,
-    ) -> Result<Capabilities> {
-        (**self).get_member_capabilities(group, member).await
-    }
-    async fn get_members_with_capabilities(
-        &self,
-        group: &GroupId,
-    ) -> Result<Vec<(MemberId, Capabilities)>> {
-        (**self).get_members_with_capabilities(group).await
-    }
-    async fn get_member_info(&self, group: &GroupId, member: &MemberId) -> Result<MemberInfo> {
-        (**self).get_member_info(group, member).await
-    }
-    async fn update_capabilities(
-        &self,
-        group: &GroupId,
-        capabilities: &Capabilities,
-    ) -> Result<()> {
-        (**self).update_capabilities(group, capabilities).await
-    }
-    async fn campaign(&self, group: &GroupId) -> Result<Option<FencingToken>> {
-        (**self).campaign(group).await
-    }
-    async fn resign(&self, group: &GroupId) -> Result<bool> {
-        (**self).resign(group).await
-    }
-    async fn get_leader(&self, group: &GroupId) -> Result<Option<MemberId>> {
-        (**self).get_leader(group).await
-    }
-    fn lock(&self, name: &LockName) -> Result<Arc<dyn DriverLock>> {
-        (**self).lock(name)
-    }
-    async fn watch_group(&self, group: &GroupId) -> Result<Option<DriverEventStream>> {
-        (**self).watch_group(group).await
-    }
 }

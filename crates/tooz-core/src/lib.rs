@@ -20,7 +20,9 @@ pub mod util;
 pub use capabilities::{Capabilities, MemberInfo};
 pub use characteristic::Characteristic;
 pub use coordinator::{Coordinator, CoordinatorConfig};
-pub use driver::{Driver, DriverEvent, DriverEventStream, DriverInfo, DriverLock, Liveness};
+pub use driver::{
+    Attempt, Driver, DriverEvent, DriverEventStream, DriverInfo, DriverLock, Liveness, WakeStream,
+};
 pub use error::{BoxError, Result, ToozError};
 pub use events::{EventStream, GroupEvent, WatchId};
 pub use hashring::HashRing;

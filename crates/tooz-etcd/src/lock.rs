@@ -536,6 +536,10 @@ impl DriverLock for EtcdLock {
         &self.name
     }
 
+    fn queues(&self) -> bool {
+        true
+    }
+
     #[tracing::instrument(level = "debug", skip_all, fields(lock = %self.name, ?mode))]
     async fn acquire(&self, mode: Mode, wait: Wait) -> Result<Option<FencingToken>> {
         let deadline = deadline_of(wait);

@@ -168,6 +168,10 @@ impl DriverLock for FileLock {
         &self.name
     }
 
+    fn queues(&self) -> bool {
+        true
+    }
+
     /// Try-lock, then wait for a wake-up: an inotify event on the lock file (a
     /// holder closing its descriptor, ours or Python's) or a short adaptive pause
     /// (1 ms doubling to 50 ms) for holders that send nothing.

@@ -45,6 +45,10 @@ impl DriverLock for ZkLock {
         &self.name
     }
 
+    fn queues(&self) -> bool {
+        true
+    }
+
     #[tracing::instrument(level = "debug", skip_all, fields(lock = %self.name, ?mode))]
     async fn acquire(&self, mode: Mode, wait: Wait) -> Result<Option<FencingToken>> {
         let spot = Spot {

@@ -207,6 +207,12 @@ impl Harness {
         Ok(c)
     }
 
+    /// The features the driver under test publishes (`None` if its scheme is not
+    /// in the registry).
+    pub fn features(&self) -> Option<tooz_core::Features> {
+        self.registry().driver_for(self.url()).map(|d| d.features)
+    }
+
     /// Whether the backend is reached over TCP (its URL names a `host:port`), so
     /// that the `faults::` cases can put a [`FaultProxy`](crate::fault::FaultProxy)
     /// between a coordinator and it.

@@ -210,10 +210,9 @@ impl fmt::Display for Report {
     }
 }
 
-/// Whether a case applies to the backend: the `faults::` cases inject network
-/// faults and run only where a TCP connection reaches the backend.
+/// Whether a case applies to the driver (see `cases::not_applicable`).
 fn applies(case: &Case, harness: &Harness) -> bool {
-    !case.name.starts_with("faults::") || harness.networked()
+    crate::cases::not_applicable(case.name, harness).is_none()
 }
 
 /// Which cases to run: libtest-style substring filters.
@@ -437,13 +436,15 @@ async fn run_main(setup: Setup, args: Args) -> i32 {
         harness.lease(),
         harness.namespace()
     ));
-    if !harness.networked() {
-        let n = CASES
-            .iter()
-            .filter(|c| c.name.starts_with("faults::"))
-            .count();
+    let mut skipped: std::collections::BTreeMap<&str, usize> = std::collections::BTreeMap::new();
+    for c in CASES.iter().filter(|c| args.filter.matches(c.name)) {
+        if let Some(why) = crate::cases::not_applicable(c.name, &harness) {
+            *skipped.entry(why).or_default() += 1;
+        }
+    }
+    for (why, n) in skipped {
         out(&format!(
-            "the {n} faults:: cases (network faults through a proxy) do not apply: this backend is not reached over TCP\n"
+            "{n} case(s) do not apply to this driver ({why})\n"
         ));
     }
     if let Err(e) = probe(&harness).await {

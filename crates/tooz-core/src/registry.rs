@@ -12,6 +12,7 @@ use crate::characteristic::Characteristic;
 use crate::coordinator::{Coordinator, CoordinatorConfig};
 use crate::driver::Driver;
 use crate::error::{Result, ToozError};
+use crate::features::Features;
 use crate::ids::MemberId;
 use crate::lease::LeasePolicy;
 use crate::options::{Options, parse_backend_url, redact_url, redact_url_str};
@@ -40,6 +41,8 @@ pub struct DriverDescriptor {
     pub schemes: &'static [&'static str],
     /// The factory.
     pub connect: ConnectFn,
+    /// What the driver can do (see [`crate::features`]).
+    pub features: Features,
 }
 
 impl fmt::Debug for DriverDescriptor {
@@ -47,6 +50,7 @@ impl fmt::Debug for DriverDescriptor {
         f.debug_struct("DriverDescriptor")
             .field("name", &self.name)
             .field("schemes", &self.schemes)
+            .field("features", &self.features)
             .finish()
     }
 }
@@ -120,6 +124,17 @@ impl Registry {
             .iter()
             .flat_map(|d| d.schemes.iter().copied())
             .collect()
+    }
+
+    /// Every registered driver.
+    pub fn drivers(&self) -> &[DriverDescriptor] {
+        &self.drivers
+    }
+
+    /// The driver serving `url`'s scheme, if registered.
+    pub fn driver_for(&self, url: &str) -> Option<&DriverDescriptor> {
+        let scheme = url.split_once("://").map(|(s, _)| s)?;
+        self.drivers.iter().find(|d| d.schemes.contains(&scheme))
     }
 
     /// Builds an unstarted coordinator for `url` and `member_id`.

@@ -21,4 +21,8 @@ pub const DRIVER: tooz_core::DriverDescriptor = tooz_core::DriverDescriptor {
     name: "etcd3",
     schemes: SCHEMES,
     connect: EtcdDriver::connect,
+    features: tooz_core::Features::full(
+        tooz_core::features::LeaseKind::Lease,
+        tooz_core::features::FencingSource::BackendRevision,
+    ),
 };

@@ -21,4 +21,8 @@ pub const DRIVER: tooz_core::DriverDescriptor = tooz_core::DriverDescriptor {
     name: "file",
     schemes: &["file"],
     connect: FileDriver::connect,
+    features: tooz_core::Features::full(
+        tooz_core::features::LeaseKind::Process,
+        tooz_core::features::FencingSource::Counter,
+    ),
 };

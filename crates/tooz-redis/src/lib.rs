@@ -35,4 +35,8 @@ pub const DRIVER: tooz_core::DriverDescriptor = tooz_core::DriverDescriptor {
     name: "redis",
     schemes: SCHEMES,
     connect: RedisDriver::connect,
+    features: tooz_core::Features::full(
+        tooz_core::features::LeaseKind::TtlKeys,
+        tooz_core::features::FencingSource::Counter,
+    ),
 };

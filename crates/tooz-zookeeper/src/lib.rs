@@ -28,4 +28,8 @@ pub const DRIVER: tooz_core::DriverDescriptor = tooz_core::DriverDescriptor {
     name: "zookeeper",
     schemes: SCHEMES,
     connect: ZookeeperDriver::connect,
+    features: tooz_core::Features::full(
+        tooz_core::features::LeaseKind::Session,
+        tooz_core::features::FencingSource::BackendRevision,
+    ),
 };

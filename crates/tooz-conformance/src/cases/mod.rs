@@ -38,6 +38,34 @@ mod prelude {
     pub(crate) use crate::{CaseError, CaseResult, Ctx, Harness};
 }
 
+/// Cases that need coordinators in several processes to share state (worker
+/// processes, crashes).
+const MULTI_PROCESS: &[&str] = &[
+    "locks::other_process_cannot_take_held_lock",
+    "locks::other_process_takes_released_lock",
+    "contention::processes_never_overlap",
+    "expiry::crashed_member_leaves",
+    "expiry::crashed_holder_frees_lock",
+];
+
+/// Why a case does not apply to the driver under test (by its published
+/// [`Features`](tooz_core::Features) and its URL), or `None` when it does.
+pub(crate) fn not_applicable(name: &str, h: &crate::Harness) -> Option<&'static str> {
+    let f = h.features();
+    if name.starts_with("faults::") && !h.networked() {
+        return Some("network faults: the backend is not reached over TCP");
+    }
+    if MULTI_PROCESS.contains(&name) && !f.is_some_and(|f| f.shared_across_processes) {
+        return Some("several processes: the driver's state is not shared across processes");
+    }
+    if name == "input::unreachable_backend_is_connection_error"
+        && !f.is_some_and(|f| f.external_state)
+    {
+        return Some("an unreachable backend: the driver's state lives in the process");
+    }
+    None
+}
+
 macro_rules! case_table {
     ($($module:ident :: $name:ident),* $(,)?) => {
         &[$(Case {

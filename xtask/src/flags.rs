@@ -49,6 +49,10 @@ Commands:
         backends up (only the servers the present drivers need);
         cargo test --workspace (conformance included); cargo test --workspace --doc;
         interop --driver all. Tests run with TOOZ_REQUIRE_BACKENDS=1.
+  readme
+        Regenerate the README's driver feature table from each driver's published
+        Features (`cargo test -p tooz --test readme_table` with TOOZ_BLESS_README=1; the
+        same test fails in `ci` when the table is stale).
   help
         Print this help.
 
@@ -71,6 +75,8 @@ pub(crate) enum Command {
     Bench(Bench),
     /// `ci`.
     Ci,
+    /// `readme`.
+    Readme,
 }
 
 /// Options of `cargo xtask conformance`.
@@ -174,6 +180,13 @@ pub(crate) fn parse(args: impl IntoIterator<Item = String>) -> Result<Command> {
                 Some(flag) => Err(opts.unknown(&flag)),
             }
         }
+        "readme" => {
+            let mut opts = Options::new("readme", rest);
+            match opts.next_flag()? {
+                None => Ok(Command::Readme),
+                Some(flag) => Err(opts.unknown(&flag)),
+            }
+        }
         other => bail!("unknown command `{other}`; run `cargo xtask --help` for the list"),
     }
 }
@@ -241,6 +254,8 @@ mod tests {
         assert_eq!(parse_str("--help").unwrap(), Command::Help);
         assert_eq!(parse_str("interop --help").unwrap(), Command::Help);
         assert_eq!(parse_str("ci").unwrap(), Command::Ci);
+        assert_eq!(parse_str("readme").unwrap(), Command::Readme);
+        assert!(parse_str("readme --bogus").is_err());
         assert_eq!(
             parse_str("conformance --driver file").unwrap(),
             Command::Conformance(Conformance {

@@ -36,6 +36,14 @@ fn main() -> ExitCode {
         flags::Command::Backends(args) => backends::main(&args),
         flags::Command::Bench(flags) => bench::run(&flags),
         flags::Command::Ci => ci::run(),
+        flags::Command::Readme => {
+            progress!("readme: regenerating the driver feature table");
+            process::run(
+                process::cargo()
+                    .args(["test", "-q", "-p", "tooz", "--test", "readme_table"])
+                    .env("TOOZ_BLESS_README", "1"),
+            )
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -60,7 +60,8 @@ pub fn enabled_drivers() -> &'static [DriverDescriptor] {
 /// // registry.with(my_driver::DRIVER).connect("my://...", "member-1")
 /// ```
 pub fn registry() -> Registry {
-    let mut registry = Registry::new();
+    // `memory://` lives in tooz-core: always there.
+    let mut registry = Registry::new().with(tooz_core::memory::DRIVER);
     for driver in ENABLED {
         registry.register(*driver);
     }

@@ -19,6 +19,8 @@ use tooz_core::{
 };
 
 use crate::config::EtcdConfig;
+use crate::error::lease_not_found;
+pub(crate) use crate::error::map_err;
 use crate::keys;
 use crate::lock::EtcdLock;
 use crate::watch::group_events;
@@ -33,23 +35,6 @@ const CHARACTERISTICS: &[Characteristic] = &[
 
 pub(crate) fn guard<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// Maps an etcd-client error to a tooz error.
-pub(crate) fn map_err(what: &str, e: etcd_client::Error) -> ToozError {
-    use etcd_client::Error as E;
-    let msg = format!("etcd: {what}: {e}");
-    match &e {
-        E::TransportError(_) | E::IoError(_) | E::EndpointError(_) | E::InvalidUri(_) => {
-            ToozError::connection(msg, e)
-        }
-        E::GRpcStatus(s) => match format!("{:?}", s.code()).as_str() {
-            "Unavailable" | "Cancelled" | "Unknown" => ToozError::connection(msg, e),
-            "DeadlineExceeded" => ToozError::OperationTimedOut(msg),
-            _ => ToozError::backend(msg, e),
-        },
-        _ => ToozError::backend(msg, e),
-    }
 }
 
 fn now_us() -> u64 {
@@ -277,9 +262,7 @@ impl Inner {
                     *k = Some(pair);
                     Ok(true)
                 }
-                Ok(Err(etcd_client::Error::LeaseKeepAliveError(m))) if m.contains("not found") => {
-                    Ok(false)
-                }
+                Ok(Err(e)) if lease_not_found(&e) => Ok(false),
                 Ok(Err(e)) => Err(map_err("lease keep-alive", e)),
                 Err(_) => Err(ToozError::OperationTimedOut(format!(
                     "etcd: lease keep-alive: no answer within {limit:?}"

@@ -3,6 +3,7 @@
 
 mod config;
 mod driver;
+mod error;
 pub mod keys;
 mod lock;
 mod watch;

@@ -313,7 +313,7 @@ async fn release_reader(
             Ok(r) if r.succeeded() => return Ok(true),
             Ok(_) => continue,
             // The chosen reader's lease ended meanwhile (its key went with it).
-            Err(etcd_client::Error::GRpcStatus(s)) if s.message().contains("lease not found") => {
+            Err(e) if crate::error::lease_not_found(&e) => {
                 continue;
             }
             Err(e) => return Err(map_err("release", e)),

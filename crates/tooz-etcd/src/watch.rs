@@ -7,7 +7,7 @@ use std::time::Duration;
 use etcd_client::{Client, EventType, WatchOptions, WatchResponse, WatchStream};
 use tooz_core::{DriverEvent, DriverEventStream, GroupId, MemberId, Result};
 
-use crate::driver::map_err;
+use crate::error::map_err;
 use crate::keys;
 
 struct St {

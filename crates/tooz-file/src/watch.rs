@@ -1,16 +1,21 @@
 //! inotify-driven wake-ups: for blocked lock acquisitions and for group event
 //! streams.
 //!
-//! inotify descriptors are read on blocking threads with `poll(2)` and a bounded
-//! timeout (tokio's `AsyncFd` would need `unsafe` registration, and panics on a
-//! runtime without an I/O driver). When an instance cannot be had (the per-user
-//! limit `fs.inotify.max_user_instances` is reached) callers fall back to polling.
+//! A lock waiter ([`FileWatch`]) already runs on a blocking-pool thread and waits
+//! with `poll(2)` and a bounded timeout. A group event stream ([`GroupWatch`])
+//! has no thread of its own: its non-blocking inotify descriptor is registered
+//! with tokio's reactor through `AsyncFd` and read when the stream is polled.
+//! Closing an inotify descriptor waits for an RCU grace period (milliseconds),
+//! so a dropped stream closes its descriptor on the blocking pool.
+//!
+//! When inotify cannot be had (the per-user limit `fs.inotify.max_user_instances`
+//! is reached, or the runtime has no I/O driver) callers fall back to polling.
 
 use std::collections::HashSet;
 use std::ffi::OsString;
 use std::io;
-use std::os::fd::AsFd;
-use std::os::unix::net::UnixStream;
+use std::os::fd::{AsFd, AsRawFd, RawFd};
+use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -20,7 +25,8 @@ use futures_util::Stream;
 use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, InotifyEvent, WatchDescriptor};
-use tokio::sync::mpsc;
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
 use tokio::time::{Interval, MissedTickBehavior};
 use tooz_core::DriverEvent;
 
@@ -31,13 +37,6 @@ fn new_inotify() -> Option<Inotify> {
             tracing::debug!(error = %e, "inotify unavailable; falling back to polling");
             None
         }
-    }
-}
-
-fn poll_timeout(d: Option<Duration>) -> PollTimeout {
-    match d {
-        None => PollTimeout::NONE,
-        Some(d) => PollTimeout::try_from(d).unwrap_or(PollTimeout::MAX),
     }
 }
 
@@ -85,7 +84,10 @@ impl FileWatch {
     /// passes; drains the queue. Returns whether something happened.
     pub(crate) fn wait(&self, timeout: Duration) -> bool {
         let mut fds = [PollFd::new(self.ino.as_fd(), PollFlags::POLLIN)];
-        match poll(&mut fds, poll_timeout(Some(timeout))) {
+        match poll(
+            &mut fds,
+            PollTimeout::try_from(timeout).unwrap_or(PollTimeout::MAX),
+        ) {
             Ok(n) if n > 0 => {
                 let _ = read_all(&self.ino);
                 true
@@ -124,30 +126,27 @@ const GROUP_MASK: AddWatchFlags = AddWatchFlags::IN_CREATE
 const ALIVE_MASK: AddWatchFlags = AddWatchFlags::IN_CLOSE_WRITE;
 const LEADERS_MASK: AddWatchFlags = AddWatchFlags::IN_CLOSE_WRITE.union(AddWatchFlags::IN_MOVED_TO);
 
-/// The inotify side of a group stream, owned by its thread.
-struct Watcher {
-    ino: Inotify,
+/// The watch descriptors of one group stream and what their events mean.
+#[derive(Debug)]
+struct Watches {
     paths: GroupPaths,
     group_wd: Option<WatchDescriptor>,
     alive_wd: Option<WatchDescriptor>,
     leaders_wd: Option<WatchDescriptor>,
 }
 
-impl Watcher {
+impl Watches {
     /// Adds the watches that are missing (at start, and after a watched
     /// directory was removed and maybe recreated).
-    fn arm(&mut self) {
+    fn arm(&mut self, ino: &Inotify) {
         if self.group_wd.is_none() {
-            self.group_wd = self.ino.add_watch(&self.paths.group_dir, GROUP_MASK).ok();
+            self.group_wd = ino.add_watch(&self.paths.group_dir, GROUP_MASK).ok();
         }
         if self.alive_wd.is_none() {
-            self.alive_wd = self.ino.add_watch(&self.paths.alive_dir, ALIVE_MASK).ok();
+            self.alive_wd = ino.add_watch(&self.paths.alive_dir, ALIVE_MASK).ok();
         }
         if self.leaders_wd.is_none() {
-            self.leaders_wd = self
-                .ino
-                .add_watch(&self.paths.leaders_dir, LEADERS_MASK)
-                .ok();
+            self.leaders_wd = ino.add_watch(&self.paths.leaders_dir, LEADERS_MASK).ok();
         }
     }
 
@@ -186,108 +185,155 @@ impl Watcher {
         }
         false
     }
+}
 
-    /// The thread: waits on inotify and on the stop socket; sends a (coalesced)
-    /// wake-up for every batch of relevant events. Ends when the stream is
-    /// dropped (the other end of the socket closes) or on an inotify error.
-    fn run(mut self, stop: UnixStream, tx: mpsc::Sender<()>) {
-        loop {
-            // Fully armed: wait for events only; else retry arming every second.
-            let timeout = if self.fully_armed() {
-                None
-            } else {
-                Some(Duration::from_secs(1))
-            };
-            let mut fds = [
-                PollFd::new(self.ino.as_fd(), PollFlags::POLLIN),
-                PollFd::new(stop.as_fd(), PollFlags::POLLIN),
-            ];
-            let ready = match poll(&mut fds, poll_timeout(timeout)) {
-                Ok(n) => n,
-                Err(Errno::EINTR) => continue,
-                Err(e) => {
-                    tracing::warn!(error = %e, "polling inotify failed; the group stream ends");
-                    return;
-                }
-            };
-            let stop_ready = fds[1].any().unwrap_or(true);
-            let ino_ready = fds[0].any().unwrap_or(false);
-            if stop_ready {
-                return;
-            }
-            if ready == 0 || !ino_ready {
-                let was = self.fully_armed();
-                self.arm();
-                if !was && self.fully_armed() && tx.try_send(()).is_err() && tx.is_closed() {
-                    return;
-                }
-                continue;
-            }
-            let events = match read_all(&self.ino) {
-                Ok(e) => e,
-                Err(e) => {
-                    tracing::warn!(error = %e, "reading inotify failed; the group stream ends");
-                    return;
-                }
-            };
-            let mut seen = HashSet::new();
-            let mut hit = false;
-            for ev in &events {
-                if seen.insert((ev.wd, ev.mask.bits(), ev.name.clone())) {
-                    hit |= self.relevant(ev);
-                }
-            }
-            if hit {
-                match tx.try_send(()) {
-                    // Full: a wake-up is already pending, which covers this one.
-                    Ok(()) | Err(mpsc::error::TrySendError::Full(())) => {}
-                    Err(mpsc::error::TrySendError::Closed(())) => return,
-                }
-            }
+/// An inotify descriptor as `AsyncFd` wants it (nix's `Inotify` implements
+/// `AsFd` only).
+#[derive(Debug)]
+struct InotifyFd(Inotify);
+
+impl AsRawFd for InotifyFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0.as_fd().as_raw_fd()
+    }
+}
+
+/// Registers `ino` with the current runtime's reactor, for readability only.
+/// `None` (the core polls instead) when registering fails or the runtime has no
+/// I/O driver.
+fn register(ino: Inotify) -> Option<AsyncFd<InotifyFd>> {
+    // `AsyncFd::register_with_interest` is `unsafe` and the workspace denies
+    // unsafe code, so its safe predecessor is used. Its contract holds here:
+    // `Inotify` owns its descriptor until dropped, and `as_raw_fd` always returns
+    // that one. tokio panics (rather than failing) without an I/O driver.
+    #[allow(deprecated)]
+    let registered = std::panic::catch_unwind(AssertUnwindSafe(move || {
+        AsyncFd::with_interest(InotifyFd(ino), Interest::READABLE)
+    }));
+    match registered {
+        Ok(Ok(fd)) => Some(fd),
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "cannot register inotify with the runtime; polling");
+            None
+        }
+        Err(_) => {
+            tracing::debug!("the runtime has no I/O driver; polling");
+            None
         }
     }
 }
 
+/// Closes an inotify descriptor on the blocking pool (a close waits for an RCU
+/// grace period), or here when there is no runtime.
+fn close_off_runtime(ino: Inotify) {
+    match tokio::runtime::Handle::try_current() {
+        Ok(rt) => drop(rt.spawn_blocking(move || drop(ino))),
+        Err(_) => drop(ino),
+    }
+}
+
+/// One non-blocking read: a batch of events, `WouldBlock` when none is queued.
+fn read_batch(ino: &Inotify) -> io::Result<Vec<InotifyEvent>> {
+    loop {
+        match ino.read_events() {
+            Ok(evs) if !evs.is_empty() => return Ok(evs),
+            Ok(_) | Err(Errno::EAGAIN) => return Err(io::ErrorKind::WouldBlock.into()),
+            Err(Errno::EINTR) => {}
+            Err(e) => return Err(io::Error::from(e)),
+        }
+    }
+}
+
+/// Reads per poll before yielding to other tasks (under an event flood).
+const MAX_BATCHES: usize = 32;
+
 /// The event stream of one group: `Changed` for every batch of relevant
 /// inotify events and on a timer tick (for Python members that expire by
-/// modification time without any file event). Dropping it stops its thread.
+/// modification time without any file event). Dropping it closes its inotify
+/// descriptor off the async threads.
 #[derive(Debug)]
 pub(crate) struct GroupWatch {
-    rx: mpsc::Receiver<()>,
+    /// `None` once closed (after a read error).
+    fd: Option<AsyncFd<InotifyFd>>,
+    watches: Watches,
+    /// Retries missing watches every second while any is missing.
+    rearm: Interval,
     tick: Interval,
-    _stop: UnixStream,
 }
 
 impl GroupWatch {
-    /// Starts watching; `None` when inotify or a thread is unavailable (the
-    /// core then polls).
+    /// Starts watching; `None` when inotify is unavailable (the core then
+    /// polls). Must be called on a tokio runtime.
     pub(crate) fn new(paths: GroupPaths, tick: Duration) -> Option<Self> {
-        let ino = new_inotify()?;
-        let (stop_keep, stop_thread) = UnixStream::pair()
-            .map_err(|e| tracing::debug!(error = %e, "cannot create a socket pair; polling"))
-            .ok()?;
-        let mut w = Watcher {
-            ino,
+        let fd = register(new_inotify()?)?;
+        let mut watches = Watches {
             paths,
             group_wd: None,
             alive_wd: None,
             leaders_wd: None,
         };
-        w.arm();
-        let (tx, rx) = mpsc::channel(1);
-        std::thread::Builder::new()
-            .name("tooz-file-watch".into())
-            .spawn(move || w.run(stop_thread, tx))
-            .map_err(|e| tracing::debug!(error = %e, "cannot start a watch thread; polling"))
-            .ok()?;
-        let tick = tick.max(Duration::from_millis(10));
-        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + tick, tick);
-        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        watches.arm(&fd.get_ref().0);
+        let interval = |d: Duration| {
+            let mut i = tokio::time::interval_at(tokio::time::Instant::now() + d, d);
+            i.set_missed_tick_behavior(MissedTickBehavior::Delay);
+            i
+        };
         Some(GroupWatch {
-            rx,
-            tick,
-            _stop: stop_keep,
+            fd: Some(fd),
+            watches,
+            rearm: interval(Duration::from_secs(1)),
+            tick: interval(tick.max(Duration::from_millis(10))),
         })
+    }
+
+    /// Drains the inotify queue and retries missing watches. `Ok(true)` when
+    /// something relevant happened (or a missing watch was restored).
+    fn poll_inotify(&mut self, cx: &mut Context<'_>) -> io::Result<bool> {
+        let Some(fd) = self.fd.as_ref() else {
+            return Err(io::Error::other("closed"));
+        };
+        let mut events = Vec::new();
+        let mut batches = 0;
+        loop {
+            if batches == MAX_BATCHES {
+                cx.waker().wake_by_ref();
+                break;
+            }
+            let mut ready = match fd.poll_read_ready(cx) {
+                Poll::Ready(r) => r?,
+                Poll::Pending => break,
+            };
+            // `WouldBlock` clears the readiness; the next round registers the waker.
+            if let Ok(batch) = ready.try_io(|fd| read_batch(&fd.get_ref().0)) {
+                events.extend(batch?);
+                batches += 1;
+            }
+        }
+        let mut seen = HashSet::new();
+        let mut hit = false;
+        for ev in &events {
+            if seen.insert((ev.wd, ev.mask.bits(), ev.name.clone())) {
+                hit |= self.watches.relevant(ev);
+            }
+        }
+        while !self.watches.fully_armed() && self.rearm.poll_tick(cx).is_ready() {
+            self.watches.arm(&fd.get_ref().0);
+            hit |= self.watches.fully_armed();
+        }
+        Ok(hit)
+    }
+
+    fn close(&mut self) {
+        if let Some(fd) = self.fd.take() {
+            // Leaves the reactor here; the close itself goes to the blocking pool.
+            close_off_runtime(fd.into_inner().0);
+        }
+    }
+}
+
+impl Drop for GroupWatch {
+    fn drop(&mut self) {
+        self.close();
     }
 }
 
@@ -296,11 +342,18 @@ impl Stream for GroupWatch {
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<DriverEvent>> {
         let this = self.get_mut();
-        match this.rx.poll_recv(cx) {
-            Poll::Ready(Some(())) => return Poll::Ready(Some(DriverEvent::Changed)),
-            // The thread ended (inotify failed): end, so the core polls instead.
-            Poll::Ready(None) => return Poll::Ready(None),
-            Poll::Pending => {}
+        if this.fd.is_none() {
+            return Poll::Ready(None);
+        }
+        match this.poll_inotify(cx) {
+            Ok(true) => return Poll::Ready(Some(DriverEvent::Changed)),
+            Ok(false) => {}
+            // End, so the core polls instead.
+            Err(e) => {
+                tracing::warn!(error = %e, "reading inotify failed; the group stream ends");
+                this.close();
+                return Poll::Ready(None);
+            }
         }
         match this.tick.poll_tick(cx) {
             Poll::Ready(_) => Poll::Ready(Some(DriverEvent::Changed)),
@@ -403,6 +456,35 @@ mod tests {
             next_within(&mut w, Duration::from_secs(5)).await,
             Some(DriverEvent::Changed)
         );
+        drop(w);
+        std::fs::remove_dir_all(root).unwrap();
+    }
+
+    #[test]
+    fn group_stream_without_io_driver_is_none() {
+        let root = std::env::temp_dir().join(format!("tooz-file-watch-{}", uuid::Uuid::new_v4()));
+        let p = paths(&root);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        rt.block_on(async { assert!(GroupWatch::new(p, Duration::from_secs(1)).is_none()) });
+        std::fs::remove_dir_all(root).unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn group_stream_on_a_multi_thread_runtime() {
+        let root = std::env::temp_dir().join(format!("tooz-file-watch-{}", uuid::Uuid::new_v4()));
+        let mut w = GroupWatch::new(paths(&root), Duration::from_secs(3600)).unwrap();
+        let writer = tokio::task::spawn_blocking({
+            let f = root.join("g/c.raw");
+            move || std::fs::write(f, b"x").unwrap()
+        });
+        assert_eq!(
+            next_within(&mut w, Duration::from_secs(5)).await,
+            Some(DriverEvent::Changed)
+        );
+        writer.await.unwrap();
         drop(w);
         std::fs::remove_dir_all(root).unwrap();
     }

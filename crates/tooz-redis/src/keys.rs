@@ -1,4 +1,5 @@
-//! The one place for key names, channel names, tokens and Lua scripts.
+//! The one place for key names, channel names, tokens and Lua scripts (each script
+//! is a file in `src/lua/`, documented at its top).
 //!
 //! # Keys shared with Python tooz (namespace `ns`, default `_tooz`)
 //!
@@ -206,381 +207,69 @@ pub fn new_token() -> String {
     format!("{TOKEN_PREFIX}{}", hex::encode(bytes))
 }
 
-/// Lua helpers prepended to every script.
-const PRELUDE: &str = r#"
-local GROUP_EXISTS = '__created__'
-local MARKER = 'tooz-rs:shared'
-local PREFIX = 'tooz-rs:'
-local function now_us()
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000000 + tonumber(t[2])
-end
-local function is_rs(v)
-  if v and string.sub(v, 1, #PREFIX) == PREFIX then return 1 end
-  return 0
-end
-local function next_fence(fkey, now, ttl)
-  local prev = tonumber(redis.call('GET', fkey) or '0') or 0
-  local f = prev + 1
-  if now > f then f = now end
-  redis.call('SET', fkey, string.format('%.0f', f), 'PX', ttl)
-  return f
-end
-local function cur_fence(fkey)
-  return tonumber(redis.call('GET', fkey) or '0') or 0
-end
--- Points the marker (and the readers set) at the latest reader expiry; removes
--- both when no reader is left. Only called when the plain key is absent or the marker.
-local function refresh_marker(k, r, now_ms)
-  local top = redis.call('ZRANGE', r, -1, -1, 'WITHSCORES')
-  if #top == 0 then
-    if redis.call('GET', k) == MARKER then redis.call('DEL', k) end
-    redis.call('DEL', r)
-    return 0
-  end
-  local left = math.floor(tonumber(top[2]) - now_ms)
-  if left < 1 then left = 1 end
-  redis.call('SET', k, MARKER, 'PX', left)
-  redis.call('PEXPIRE', r, left)
-  return 1
-end
--- Renews (renew = true) or checks one hold. 1 when still held.
-local function renew_lock(k, r, mode, token, ttl, now_ms, renew)
-  if mode == 'x' then
-    if redis.call('GET', k) ~= token then return 0 end
-    if renew then redis.call('PEXPIRE', k, ttl) end
-    return 1
-  end
-  local s = redis.call('ZSCORE', r, token)
-  if (not s) or tonumber(s) < now_ms then
-    if s then redis.call('ZREM', r, token) end
-    return 0
-  end
-  local cur = redis.call('GET', k)
-  if cur and cur ~= MARKER then
-    -- an exclusive holder got in (the marker was broken): this hold is lost
-    redis.call('ZREM', r, token)
-    return 0
-  end
-  if renew then
-    redis.call('ZADD', r, 'XX', now_ms + ttl, token)
-    redis.call('ZREMRANGEBYSCORE', r, '-inf', now_ms)
-    refresh_marker(k, r, now_ms)
-  end
-  return 1
-end
--- Removes members of a group whose beat key is gone (except `self`), publishing
--- their departure. Returns nothing.
-local function prune_one(g, times, m)
-  redis.call('HDEL', g, m)
-  redis.call('HDEL', times, m)
-  redis.call('PUBLISH', g, 'L' .. m)
-end
-"#;
+/// Declares [`Scripts`]: one field per `lua/<name>.lua` file, each run with
+/// `lua/prelude.lua` (shared helpers) in front of it. What a script does, its KEYS,
+/// ARGV and reply are described at the top of its file.
+macro_rules! scripts {
+    ($($(#[$doc:meta])* $name:ident),* $(,)?) => {
+        /// Every script the driver runs, loaded once per driver (`EVALSHA`, falling
+        /// back to `EVAL` after a server restart).
+        #[derive(Debug)]
+        pub(crate) struct Scripts {
+            $($(#[$doc])* pub(crate) $name: Script,)*
+            sources: Vec<&'static str>,
+        }
 
-/// Builds a script with the prelude and records its source (for `SCRIPT LOAD`).
-macro_rules! script {
-    ($sources:ident, $body:literal) => {{
-        let code = format!("{PRELUDE}{}", $body);
-        let s = Script::new(&code);
-        $sources.push(code);
-        s
-    }};
+        impl Scripts {
+            /// Builds the scripts (no I/O).
+            pub(crate) fn new() -> Self {
+                $(let $name: &'static str = concat!(
+                    include_str!("lua/prelude.lua"),
+                    include_str!(concat!("lua/", stringify!($name), ".lua")),
+                );)*
+                Scripts {
+                    $($name: Script::new($name),)*
+                    sources: vec![$($name),*],
+                }
+            }
+        }
+    };
 }
 
-/// Every script the driver runs, loaded once per driver (`EVALSHA`, falling
-/// back to `EVAL` after a server restart).
-#[derive(Debug)]
-pub(crate) struct Scripts {
-    /// KEYS: lock, readers, fence. ARGV: token, ttl ms, mode (`x`/`s`), fence ttl ms.
-    /// `{1, fence}` when acquired (or already acquired by this token: a replayed
-    /// request), `{0, wait_ms, rust_holder}` when held by someone else.
-    pub lock_acquire: Script,
-    /// KEYS: lock, readers. ARGV: token, mode. 1 when this token held it.
-    /// Publishes `released` on the lock's channel when the lock became free.
-    pub lock_release: Script,
-    /// KEYS: lock, readers. ARGV: token, mode, ttl ms, renew (`1`/`0`). 1 when held.
-    pub lock_renew: Script,
-    /// KEYS: lock, readers. 1 when anything was deleted. Publishes `broken`.
-    pub lock_break: Script,
-    /// KEYS: beat key, then two keys per hold (lock + readers, or leader + owner).
-    /// ARGV: membership ms, lock ttl ms, then kind (`x`/`s`/`l`) and token per hold.
-    /// Returns one 0/1 per hold.
-    pub heartbeat: Script,
-    /// KEYS: group, groups. ARGV: group id. 1 created, 0 exists.
-    pub create_group: Script,
-    /// KEYS: group, groups, joined times. ARGV: group id, beat prefix, self.
-    /// 1 deleted, -1/-2 not created, -3 not empty, -4 set removal failed.
-    pub delete_group: Script,
-    /// KEYS: group, joined times. ARGV: member, caps. 1, -1 no group, -2 exists.
-    pub join: Script,
-    /// KEYS: group, joined times. ARGV: member. 1, -1 no group, -2 not joined.
-    pub leave: Script,
-    /// KEYS: group, joined times. ARGV: member, caps. 1, -1 no group, -2 not joined.
-    pub update: Script,
-    /// KEYS: group, joined times. ARGV: beat prefix, self, with caps (`0`/`1`).
-    /// `{-1}` no group, else `{1, member, [caps,] ...}` of live members (dead ones
-    /// are removed and their departure published).
-    pub members: Script,
-    /// KEYS: group, joined times. ARGV: beat prefix, self, member.
-    /// `{-1}` no group, `{-2}` not joined (or dead), `{1, caps, times|nil}`.
-    pub member: Script,
-    /// KEYS: leader, owner, fence. ARGV: token, member, ttl ms, channel, fence ttl.
-    /// `{1, fence, new}` leading (`new` = 1 for a fresh grant, 0 when still
-    /// leading), `{0}` someone else leads.
-    pub campaign: Script,
-    /// KEYS: leader, owner. ARGV: token, channel. 1 when this token led.
-    pub resign: Script,
-    sources: Vec<String>,
+scripts! {
+    /// Exclusive or shared acquire with a fencing token.
+    lock_acquire,
+    /// Release of one hold; publishes `released` when the lock became free.
+    lock_release,
+    /// Renewal (or check) of one hold.
+    lock_renew,
+    /// Break of a lock; publishes `broken`.
+    lock_break,
+    /// Beat key refresh plus the renewal of every hold.
+    heartbeat,
+    /// Group creation.
+    create_group,
+    /// Deletion of an empty group.
+    delete_group,
+    /// Member join.
+    join,
+    /// Member leave.
+    leave,
+    /// Capabilities update.
+    update,
+    /// Live members of a group (dead ones pruned).
+    members,
+    /// One member of a group (pruned when dead).
+    member,
+    /// Leadership campaign with a fencing token.
+    campaign,
+    /// Leadership resignation.
+    resign,
 }
 
 impl Scripts {
-    /// Builds the scripts (no I/O).
-    pub fn new() -> Self {
-        let mut src = Vec::new();
-        Scripts {
-            lock_acquire: script!(
-                src,
-                r#"
-local k, r, f = KEYS[1], KEYS[2], KEYS[3]
-local token, ttl, mode, fttl = ARGV[1], tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4])
-local now = now_us()
-local now_ms = math.floor(now / 1000)
-local cur = redis.call('GET', k)
-if mode == 'x' then
-  if cur == token then return {1, cur_fence(f)} end
-  if cur then return {0, redis.call('PTTL', k), is_rs(cur)} end
-  redis.call('ZREMRANGEBYSCORE', r, '-inf', now_ms)
-  local top = redis.call('ZRANGE', r, -1, -1, 'WITHSCORES')
-  if #top > 0 then return {0, math.floor(tonumber(top[2]) - now_ms), 1} end
-  redis.call('SET', k, token, 'PX', ttl)
-  return {1, next_fence(f, now, fttl)}
-end
-if redis.call('ZSCORE', r, token) then return {1, cur_fence(f)} end
-if cur and cur ~= MARKER then return {0, redis.call('PTTL', k), is_rs(cur)} end
-redis.call('ZREMRANGEBYSCORE', r, '-inf', now_ms)
-redis.call('ZADD', r, now_ms + ttl, token)
-refresh_marker(k, r, now_ms)
-return {1, next_fence(f, now, fttl)}
-"#
-            ),
-            lock_release: script!(
-                src,
-                r#"
-local k, r = KEYS[1], KEYS[2]
-local token, mode = ARGV[1], ARGV[2]
-if mode == 'x' then
-  if redis.call('GET', k) ~= token then return 0 end
-  redis.call('DEL', k)
-  redis.call('PUBLISH', k, 'released')
-  return 1
-end
-local now_ms = math.floor(now_us() / 1000)
-local s = redis.call('ZSCORE', r, token)
-if not s then return 0 end
-redis.call('ZREM', r, token)
-if tonumber(s) < now_ms then return 0 end
-redis.call('ZREMRANGEBYSCORE', r, '-inf', now_ms)
-local cur = redis.call('GET', k)
-if (not cur) or cur == MARKER then
-  if refresh_marker(k, r, now_ms) == 0 then redis.call('PUBLISH', k, 'released') end
-  return 1
-end
-return 0
-"#
-            ),
-            lock_renew: script!(
-                src,
-                r#"
-local now_ms = math.floor(now_us() / 1000)
-return renew_lock(KEYS[1], KEYS[2], ARGV[2], ARGV[1], tonumber(ARGV[3]), now_ms, ARGV[4] == '1')
-"#
-            ),
-            lock_break: script!(
-                src,
-                r#"
-local n = redis.call('DEL', KEYS[1], KEYS[2])
-redis.call('PUBLISH', KEYS[1], 'broken')
-if n > 0 then return 1 end
-return 0
-"#
-            ),
-            heartbeat: script!(
-                src,
-                r#"
-redis.call('SET', KEYS[1], 'Not dead!', 'PX', tonumber(ARGV[1]))
-local ttl = tonumber(ARGV[2])
-local now_ms = math.floor(now_us() / 1000)
-local out = {}
-local n = (#KEYS - 1) / 2
-for i = 1, n do
-  local k, r = KEYS[2 * i], KEYS[2 * i + 1]
-  local kind, token = ARGV[1 + 2 * i], ARGV[2 + 2 * i]
-  if kind == 'l' then
-    if redis.call('GET', k) == token then
-      redis.call('PEXPIRE', k, ttl)
-      redis.call('PEXPIRE', r, ttl)
-      out[i] = 1
-    else
-      out[i] = 0
-    end
-  else
-    out[i] = renew_lock(k, r, kind, token, ttl, now_ms, true)
-  end
-end
-return out
-"#
-            ),
-            create_group: script!(
-                src,
-                r#"
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-redis.call('SADD', KEYS[2], ARGV[1])
-redis.call('HSET', KEYS[1], GROUP_EXISTS, '1')
-return 1
-"#
-            ),
-            delete_group: script!(
-                src,
-                r#"
-local g, groups, times = KEYS[1], KEYS[2], KEYS[3]
-local gid, prefix, self = ARGV[1], ARGV[2], ARGV[3]
-if redis.call('EXISTS', g) == 0 then return -1 end
-if redis.call('SISMEMBER', groups, gid) == 0 then return -2 end
-local fields = redis.call('HKEYS', g)
-local live = 0
-for _, m in ipairs(fields) do
-  if m ~= GROUP_EXISTS then
-    if m == self or redis.call('EXISTS', prefix .. m) == 1 then
-      live = live + 1
-    else
-      prune_one(g, times, m)
-    end
-  end
-end
-if live > 0 then return -3 end
-if redis.call('SREM', groups, gid) == 0 then return -4 end
-redis.call('DEL', g, times)
-redis.call('PUBLISH', g, 'D')
-return 1
-"#
-            ),
-            join: script!(
-                src,
-                r#"
-local g, times = KEYS[1], KEYS[2]
-local m, caps = ARGV[1], ARGV[2]
-if redis.call('EXISTS', g) == 0 then return -1 end
-if redis.call('HSETNX', g, m, caps) == 0 then return -2 end
-local t = string.format('%.0f', now_us())
-redis.call('HSET', times, m, t .. ' ' .. t)
-redis.call('PUBLISH', g, 'J' .. m)
-return 1
-"#
-            ),
-            leave: script!(
-                src,
-                r#"
-local g, times = KEYS[1], KEYS[2]
-local m = ARGV[1]
-if redis.call('EXISTS', g) == 0 then return -1 end
-if redis.call('HDEL', g, m) == 0 then return -2 end
-redis.call('HDEL', times, m)
-redis.call('PUBLISH', g, 'L' .. m)
-return 1
-"#
-            ),
-            update: script!(
-                src,
-                r#"
-local g, times = KEYS[1], KEYS[2]
-local m, caps = ARGV[1], ARGV[2]
-if redis.call('EXISTS', g) == 0 then return -1 end
-if redis.call('HEXISTS', g, m) == 0 then return -2 end
-redis.call('HSET', g, m, caps)
-local t = string.format('%.0f', now_us())
-local old = redis.call('HGET', times, m)
-local created = t
-if old then
-  local sp = string.find(old, ' ', 1, true)
-  if sp then created = string.sub(old, 1, sp - 1) end
-end
-redis.call('HSET', times, m, created .. ' ' .. t)
-redis.call('PUBLISH', g, 'U' .. m)
-return 1
-"#
-            ),
-            members: script!(
-                src,
-                r#"
-local g, times = KEYS[1], KEYS[2]
-local prefix, self, with_caps = ARGV[1], ARGV[2], ARGV[3] == '1'
-if redis.call('EXISTS', g) == 0 then return {-1} end
-local all = redis.call('HGETALL', g)
-local out = {1}
-for i = 1, #all, 2 do
-  local m = all[i]
-  if m ~= GROUP_EXISTS then
-    if m == self or redis.call('EXISTS', prefix .. m) == 1 then
-      out[#out + 1] = m
-      if with_caps then out[#out + 1] = all[i + 1] end
-    else
-      prune_one(g, times, m)
-    end
-  end
-end
-return out
-"#
-            ),
-            member: script!(
-                src,
-                r#"
-local g, times = KEYS[1], KEYS[2]
-local prefix, self, m = ARGV[1], ARGV[2], ARGV[3]
-if redis.call('EXISTS', g) == 0 then return {-1} end
-local caps = redis.call('HGET', g, m)
-if not caps then return {-2} end
-if m ~= self and redis.call('EXISTS', prefix .. m) == 0 then
-  prune_one(g, times, m)
-  return {-2}
-end
-return {1, caps, redis.call('HGET', times, m)}
-"#
-            ),
-            campaign: script!(
-                src,
-                r#"
-local l, o, f = KEYS[1], KEYS[2], KEYS[3]
-local token, member, ttl, chan, fttl = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5])
-local cur = redis.call('GET', l)
-if cur == token then
-  redis.call('PEXPIRE', l, ttl)
-  redis.call('SET', o, token .. ' ' .. member, 'PX', ttl)
-  return {1, cur_fence(f), 0}
-end
-if cur then return {0} end
-redis.call('SET', l, token, 'PX', ttl)
-redis.call('SET', o, token .. ' ' .. member, 'PX', ttl)
-local fence = next_fence(f, now_us(), fttl)
-redis.call('PUBLISH', chan, 'E')
-return {1, fence, 1}
-"#
-            ),
-            resign: script!(
-                src,
-                r#"
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-redis.call('DEL', KEYS[1], KEYS[2])
-redis.call('PUBLISH', ARGV[2], 'E')
-return 1
-"#
-            ),
-            sources: src,
-        }
-    }
-
     /// The source of every script, for preloading with `SCRIPT LOAD`.
-    pub fn sources(&self) -> &[String] {
+    pub(crate) fn sources(&self) -> &[&'static str] {
         &self.sources
     }
 }
@@ -688,5 +377,18 @@ mod tests {
     fn scripts_share_the_prelude() {
         let s = Scripts::new();
         assert_ne!(s.join.get_hash(), s.leave.get_hash());
+        let prelude = include_str!("lua/prelude.lua");
+        let hashes: std::collections::HashSet<_> = s
+            .sources()
+            .iter()
+            .map(|src| {
+                assert!(src.starts_with(prelude));
+                // Each script's own text opens with its header comment.
+                assert!(src[prelude.len()..].starts_with("-- "), "{src}");
+                Script::new(src).get_hash().to_string()
+            })
+            .collect();
+        assert_eq!(hashes.len(), 14);
+        assert!(hashes.contains(s.lock_acquire.get_hash()));
     }
 }

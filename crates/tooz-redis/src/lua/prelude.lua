@@ -1,0 +1,77 @@
+-- Prelude: helpers prepended to every other script in this directory (the
+-- driver sends prelude + script as one EVAL body; this file is never run alone).
+--   now_us()          server TIME in microseconds
+--   is_rs(v)          1 when a lock value is a tooz-rs token (`tooz-rs:` prefix)
+--   next_fence(...)   advances a fencing counter to max(stored + 1, now)
+--   cur_fence(fkey)   the stored fencing counter (0 when absent)
+--   refresh_marker    points the shared marker at the latest reader expiry
+--   renew_lock(...)   renews or checks one exclusive or shared hold
+--   prune_one(...)    removes a dead member from a group and publishes `L<member>`
+local GROUP_EXISTS = '__created__'
+local MARKER = 'tooz-rs:shared'
+local PREFIX = 'tooz-rs:'
+local function now_us()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
+local function is_rs(v)
+  if v and string.sub(v, 1, #PREFIX) == PREFIX then return 1 end
+  return 0
+end
+local function next_fence(fkey, now, ttl)
+  local prev = tonumber(redis.call('GET', fkey) or '0') or 0
+  local f = prev + 1
+  if now > f then f = now end
+  redis.call('SET', fkey, string.format('%.0f', f), 'PX', ttl)
+  return f
+end
+local function cur_fence(fkey)
+  return tonumber(redis.call('GET', fkey) or '0') or 0
+end
+-- Points the marker (and the readers set) at the latest reader expiry; removes
+-- both when no reader is left. Only called when the plain key is absent or the marker.
+local function refresh_marker(k, r, now_ms)
+  local top = redis.call('ZRANGE', r, -1, -1, 'WITHSCORES')
+  if #top == 0 then
+    if redis.call('GET', k) == MARKER then redis.call('DEL', k) end
+    redis.call('DEL', r)
+    return 0
+  end
+  local left = math.floor(tonumber(top[2]) - now_ms)
+  if left < 1 then left = 1 end
+  redis.call('SET', k, MARKER, 'PX', left)
+  redis.call('PEXPIRE', r, left)
+  return 1
+end
+-- Renews (renew = true) or checks one hold. 1 when still held.
+local function renew_lock(k, r, mode, token, ttl, now_ms, renew)
+  if mode == 'x' then
+    if redis.call('GET', k) ~= token then return 0 end
+    if renew then redis.call('PEXPIRE', k, ttl) end
+    return 1
+  end
+  local s = redis.call('ZSCORE', r, token)
+  if (not s) or tonumber(s) < now_ms then
+    if s then redis.call('ZREM', r, token) end
+    return 0
+  end
+  local cur = redis.call('GET', k)
+  if cur and cur ~= MARKER then
+    -- an exclusive holder got in (the marker was broken): this hold is lost
+    redis.call('ZREM', r, token)
+    return 0
+  end
+  if renew then
+    redis.call('ZADD', r, 'XX', now_ms + ttl, token)
+    redis.call('ZREMRANGEBYSCORE', r, '-inf', now_ms)
+    refresh_marker(k, r, now_ms)
+  end
+  return 1
+end
+-- Removes members of a group whose beat key is gone (except `self`), publishing
+-- their departure. Returns nothing.
+local function prune_one(g, times, m)
+  redis.call('HDEL', g, m)
+  redis.call('HDEL', times, m)
+  redis.call('PUBLISH', g, 'L' .. m)
+end

@@ -1,6 +1,7 @@
 //! Lock handles: one transaction to acquire (create-if-absent, the create
 //! revision is the fencing token), one to release guarded on that revision;
-//! blocked acquirers wake on an etcd watch of the lock's keys.
+//! waiters wake on an etcd watch of the lock's keys (the core drives the
+//! attempts).
 //!
 //! Every attempt writes something only it can recognise (a random value in the
 //! lock key, or a reader key of its own), so an attempt whose reply is lost is
@@ -20,12 +21,11 @@ use std::time::Duration;
 
 use etcd_client::{
     Compare, CompareOp, DeleteOptions, EventType, GetOptions, KeyValue, PutOptions, Txn, TxnOp,
-    TxnOpResponse, TxnResponse, WatchFilterType, WatchOptions,
+    TxnOpResponse, TxnResponse, WatchFilterType, WatchOptions, WatchStream,
 };
 use tokio::task::AbortHandle;
-use tokio::time::Instant;
-use tooz_core::util::{Backoff, deadline_of};
-use tooz_core::{DriverLock, FencingToken, LockName, Mode, Result, ToozError, Wait};
+use tooz_core::util::Backoff;
+use tooz_core::{Attempt, DriverLock, FencingToken, LockName, Mode, Result, ToozError, WakeStream};
 
 use crate::driver::{Inner, Lease, gets, got, guard, map_err, revision};
 use crate::keys;
@@ -42,13 +42,9 @@ struct Hold {
     keeper: Option<AbortHandle>,
 }
 
-/// The outcome of one attempt.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Attempt {
-    Acquired(i64),
-    /// Held by someone else, as of this revision.
-    Held(i64),
-}
+/// The outcome of one attempt: granted (at this revision), or held by someone
+/// else (as of this revision).
+type Outcome = std::result::Result<i64, i64>;
 
 /// One lock handle.
 #[derive(Debug)]
@@ -59,6 +55,9 @@ pub(crate) struct EtcdLock {
     readers: Vec<u8>,
     inner: Arc<Inner>,
     hold: Mutex<Option<Hold>>,
+    /// The revision at which the last attempt found the lock held, and its mode:
+    /// wake-ups watch from the next revision, so nothing after it is missed.
+    held_at: Mutex<(i64, Mode)>,
 }
 
 fn random_value() -> Vec<u8> {
@@ -84,7 +83,7 @@ struct Write {
 }
 
 /// One acquire attempt (one transaction).
-async fn attempt(inner: &Inner, key: &[u8], readers: &[u8], w: &Write) -> Result<Attempt> {
+async fn attempt(inner: &Inner, key: &[u8], readers: &[u8], w: &Write) -> Result<Outcome> {
     let put = || Some(PutOptions::new().with_lease(w.lease.id));
     let reader = &w.reader;
     let txn = match w.mode {
@@ -118,9 +117,9 @@ async fn attempt(inner: &Inner, key: &[u8], readers: &[u8], w: &Write) -> Result
     let r = inner.txn("acquire", txn).await?;
     let rev = revision(&r);
     if r.succeeded() || nested(&r).is_some_and(|t| t.succeeded()) {
-        Ok(Attempt::Acquired(rev))
+        Ok(Ok(rev))
     } else {
-        Ok(Attempt::Held(rev))
+        Ok(Err(rev))
     }
 }
 
@@ -433,35 +432,73 @@ fn spawn_release(inner: &Arc<Inner>, key: &[u8], readers: &[u8], hold: Hold) {
     });
 }
 
-type AttemptResult = Result<Attempt>;
-
-/// The receiving end of an attempt run in a task. Dropped before it read the
-/// outcome (the acquire future was cancelled), it releases a lock the attempt won.
-struct Pending {
-    rx: Option<tokio::sync::oneshot::Receiver<AttemptResult>>,
+/// A waiter's watch of the deletes in the lock key (and the reader keys).
+struct Wakes {
     inner: Arc<Inner>,
     key: Vec<u8>,
-    readers: Vec<u8>,
-    write: Write,
+    readers: Option<Vec<u8>>,
+    /// The first revision not seen yet.
+    from: i64,
+    watch: Option<WatchStream>,
 }
 
-fn won_hold(w: &Write, rev: i64) -> Hold {
-    Hold {
-        token: rev,
-        reader: (w.mode == Mode::Shared).then(|| w.reader.clone()),
-        lease: w.lease,
-        keeper: None,
-    }
-}
-
-impl Drop for Pending {
-    fn drop(&mut self) {
-        let Some(mut rx) = self.rx.take() else { return };
-        rx.close();
-        if let Ok(Ok(Attempt::Acquired(rev))) = rx.try_recv() {
-            let hold = won_hold(&self.write, rev);
-            spawn_release(&self.inner, &self.key, &self.readers, hold);
+impl Wakes {
+    async fn open(&self) -> Result<WatchStream> {
+        let mut c = self.inner.client()?;
+        let opts = WatchOptions::new()
+            .with_start_revision(self.from)
+            .with_filters([WatchFilterType::NoPut]);
+        let mut w = c
+            .watch(self.key.clone(), Some(opts.clone()))
+            .await
+            .map_err(|e| map_err("watching the lock", e))?;
+        if let Some(r) = &self.readers {
+            w.watch(r.clone(), Some(opts.with_range(keys::prefix_end(r))))
+                .await
+                .map_err(|e| map_err("watching the lock's readers", e))?;
         }
+        Ok(w)
+    }
+
+    /// Waits for the next delete; `true` for one (or for a watch that broke and
+    /// was re-opened: something may have been missed), `false` when the watch
+    /// cannot be re-opened.
+    async fn next(&mut self) -> bool {
+        let Some(w) = self.watch.as_mut() else {
+            return false;
+        };
+        loop {
+            match w.message().await {
+                Ok(Some(m)) if m.canceled() => {
+                    if m.compact_revision() == 0 {
+                        tracing::debug!(reason = m.cancel_reason(), "etcd: lock watch cancelled");
+                        return false;
+                    }
+                    // Compacted past `from`: what is left starts there.
+                    self.from = self.from.max(m.compact_revision());
+                    break;
+                }
+                Ok(Some(m)) if m.events().is_empty() => {}
+                Ok(Some(m)) => {
+                    let last = m
+                        .events()
+                        .iter()
+                        .filter_map(|e| e.kv())
+                        .map(KeyValue::mod_revision);
+                    self.from = self.from.max(last.max().unwrap_or(0) + 1);
+                    return true;
+                }
+                Ok(None) | Err(_) => break,
+            }
+        }
+        self.watch = match self.open().await {
+            Ok(w) => Some(w),
+            Err(e) => {
+                tracing::debug!(error = %e, "etcd: re-opening a lock watch failed");
+                None
+            }
+        };
+        self.watch.is_some()
     }
 }
 
@@ -474,47 +511,8 @@ impl EtcdLock {
             name,
             inner,
             hold: Mutex::new(None),
+            held_at: Mutex::new((0, Mode::Exclusive)),
         }
-    }
-
-    /// One attempt in a task of its own, so that a cancelled acquire never leaks
-    /// a lock won while the caller was gone, and an attempt whose outcome is
-    /// unknown is undone.
-    async fn attempt(&self, write: Write) -> AttemptResult {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let (inner, key, readers, w) = (
-            Arc::clone(&self.inner),
-            self.key.clone(),
-            self.readers.clone(),
-            write.clone(),
-        );
-        tokio::spawn(async move {
-            let res = attempt(&inner, &key, &readers, &w).await;
-            let unknown = res.is_err();
-            if let Err(Ok(Attempt::Acquired(rev))) = tx.send(res) {
-                spawn_release(&inner, &key, &readers, won_hold(&w, rev));
-            } else if unknown {
-                // Applied with the reply lost (or not at all): free what only this
-                // attempt could have written, if it is there.
-                inner.spawn_cleanup(w.lease.id, "unconfirmed acquire", move |i| {
-                    let (key, readers, w) = (key.clone(), readers.clone(), w.clone());
-                    async move { undo_attempt(&i, &key, &readers, &w).await }
-                });
-            }
-        });
-        let mut pending = Pending {
-            rx: Some(rx),
-            inner: Arc::clone(&self.inner),
-            key: self.key.clone(),
-            readers: self.readers.clone(),
-            write,
-        };
-        let res = match pending.rx.as_mut() {
-            Some(rx) => rx.await.unwrap_or(Err(ToozError::Stopped)),
-            None => Err(ToozError::Stopped),
-        };
-        pending.rx = None;
-        res
     }
 
     fn current(&self) -> Option<Hold> {
@@ -536,89 +534,79 @@ impl DriverLock for EtcdLock {
         &self.name
     }
 
-    fn queues(&self) -> bool {
-        true
-    }
-
     #[tracing::instrument(level = "debug", skip_all, fields(lock = %self.name, ?mode))]
-    async fn acquire(&self, mode: Mode, wait: Wait) -> Result<Option<FencingToken>> {
-        let deadline = deadline_of(wait);
+    async fn try_acquire(&self, mode: Mode) -> Result<Attempt> {
         let lease = self.inner.lease()?;
         let mut reader = self.readers.clone();
         reader.extend_from_slice(format!("{:x}-{:x}", lease.id, self.id).as_bytes());
         reader.extend_from_slice(hex::encode(random_value()).as_bytes());
-        let mut watch: Option<etcd_client::WatchStream> = None;
-        loop {
-            let write = Write {
-                mode,
-                value: random_value(),
-                reader: reader.clone(),
-                lease: self.inner.lease()?,
-            };
-            let rev = match self.attempt(write.clone()).await? {
-                Attempt::Acquired(rev) => {
-                    let mut hold = won_hold(&write, rev);
-                    if mode == Mode::Shared {
-                        let task = tokio::spawn(keep_marker(
-                            Arc::clone(&self.inner),
-                            self.key.clone(),
-                            reader.clone(),
-                            rev,
-                            write.lease.id,
-                            rev + 1,
-                        ));
-                        hold.keeper = Some(task.abort_handle());
-                    }
-                    if let Some(old) = guard(&self.hold).replace(hold)
-                        && let Some(k) = old.keeper
-                    {
-                        k.abort();
-                    }
-                    return Ok(Some(FencingToken(rev.max(0) as u64)));
-                }
-                Attempt::Held(rev) => rev,
-            };
-            if wait == Wait::No || deadline.is_some_and(|d| d <= Instant::now()) {
-                return Ok(None);
+        let w = Write {
+            mode,
+            value: random_value(),
+            reader,
+            lease,
+        };
+        let rev = match attempt(&self.inner, &self.key, &self.readers, &w).await {
+            Ok(Ok(rev)) => rev,
+            Ok(Err(rev)) => {
+                *guard(&self.held_at) = (rev, mode);
+                // Every release is a delete the watch reports: the holder's
+                // (Python's too) and its lease's expiry.
+                return Ok(Attempt::held());
             }
-            if watch.is_none() {
-                // Deletes after the revision the attempt saw: nothing is missed.
-                let mut c = self.inner.client()?;
-                let opts = WatchOptions::new()
-                    .with_start_revision(rev + 1)
-                    .with_filters([WatchFilterType::NoPut]);
-                let mut w = c
-                    .watch(self.key.clone(), Some(opts.clone()))
-                    .await
-                    .map_err(|e| map_err("watching the lock", e))?;
-                if mode == Mode::Exclusive {
-                    w.watch(
-                        self.readers.clone(),
-                        Some(opts.with_range(keys::prefix_end(&self.readers))),
-                    )
-                    .await
-                    .map_err(|e| map_err("watching the lock's readers", e))?;
-                }
-                watch = Some(w);
+            Err(e) => {
+                // Applied with the reply lost (or not at all): free what only this
+                // attempt could have written, if it is there.
+                let (key, readers) = (self.key.clone(), self.readers.clone());
+                self.inner
+                    .spawn_cleanup(w.lease.id, "unconfirmed acquire", move |i| {
+                        let (key, readers, w) = (key.clone(), readers.clone(), w.clone());
+                        async move { undo_attempt(&i, &key, &readers, &w).await }
+                    });
+                return Err(e);
             }
-            let Some(w) = watch.as_mut() else { continue };
-            let next = async {
-                loop {
-                    match w.message().await {
-                        Ok(Some(m)) if m.events().is_empty() && !m.canceled() => continue,
-                        Ok(Some(_)) => return true,
-                        Ok(None) | Err(_) => return false,
-                    }
-                }
-            };
-            let alive = match deadline {
-                Some(d) => tokio::time::timeout_at(d, next).await.unwrap_or(true),
-                None => next.await,
-            };
-            if !alive {
-                watch = None;
-            }
+        };
+        let mut hold = Hold {
+            token: rev,
+            reader: None,
+            lease: w.lease,
+            keeper: None,
+        };
+        if mode == Mode::Shared {
+            let task = tokio::spawn(keep_marker(
+                Arc::clone(&self.inner),
+                self.key.clone(),
+                w.reader.clone(),
+                rev,
+                w.lease.id,
+                rev + 1,
+            ));
+            hold.reader = Some(w.reader);
+            hold.keeper = Some(task.abort_handle());
         }
+        if let Some(old) = guard(&self.hold).replace(hold)
+            && let Some(k) = old.keeper
+        {
+            k.abort();
+        }
+        Ok(Attempt::Granted(FencingToken(rev.max(0) as u64)))
+    }
+
+    async fn wakeups(&self) -> Result<Option<WakeStream>> {
+        let (rev, mode) = *guard(&self.held_at);
+        let mut st = Wakes {
+            inner: Arc::clone(&self.inner),
+            key: self.key.clone(),
+            // An exclusive waiter also waits for readers to leave.
+            readers: (mode == Mode::Exclusive).then(|| self.readers.clone()),
+            from: rev + 1,
+            watch: None,
+        };
+        st.watch = Some(st.open().await?);
+        Ok(Some(Box::pin(futures_util::stream::unfold(
+            st,
+            |mut st| async move { st.next().await.then_some(((), st)) },
+        ))))
     }
 
     #[tracing::instrument(level = "debug", skip_all, fields(lock = %self.name))]

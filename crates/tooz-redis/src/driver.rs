@@ -10,7 +10,7 @@ use redis::{Script, Value};
 use tokio::time::Instant;
 use tooz_core::util::{Backoff, sleep_within};
 use tooz_core::{
-    Capabilities, Characteristic, ConnectRequest, Driver, DriverEventStream, DriverInfo,
+    Attempt, Capabilities, Characteristic, ConnectRequest, Driver, DriverEventStream, DriverInfo,
     DriverLock, FencingToken, GroupId, LeaseState, LockName, MemberId, MemberInfo, Mode, Result,
     ToozError,
 };
@@ -21,7 +21,7 @@ use crate::keys::{
     self, FENCE_TTL_MS, Keys, PYTHON_LEADER, STILL_ALIVE, Scripts, check_lock_name,
     check_member_id, new_token,
 };
-use crate::lock::{Attempt, RedisLock, acquire_args, mode_arg, parse_acquire};
+use crate::lock::{RedisLock, acquire_args, mode_arg, parse_acquire};
 use crate::watch::{Hub, group_events};
 
 const CHARACTERISTICS: &[Characteristic] = &[

@@ -1,29 +1,15 @@
-//! Lock handles: one script call to acquire, one to release; blocked acquirers
-//! wake on the lock's pub/sub channel.
+//! Lock handles: one script call per attempt, one to release; waiters wake on
+//! the lock's pub/sub channel (the core drives the attempts).
 
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use redis::Value;
-use tokio::time::Instant;
-use tooz_core::util::{Backoff, deadline_of};
-use tooz_core::{DriverLock, FencingToken, LockName, Mode, Result, ToozError, Wait};
+use tooz_core::{Attempt, DriverLock, FencingToken, LockName, Mode, Result, ToozError, WakeStream};
 
 use crate::driver::{Inner, LockKeys};
 use crate::keys::{FENCE_TTL_MS, new_token};
 use crate::watch::{Signal, Subscription};
-
-/// The outcome of one acquire attempt.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Attempt {
-    Acquired(u64),
-    /// Held by someone else: how long the holder's key still lives (ms, `<= 0`
-    /// unknown) and whether the holder is ours (publishes its release).
-    Held {
-        wait_ms: i64,
-        rust: bool,
-    },
-}
 
 #[derive(Debug, Clone)]
 struct Hold {
@@ -57,18 +43,25 @@ fn as_i64(v: &Value) -> Option<i64> {
     }
 }
 
-fn parse_attempt(v: &Value) -> Result<Attempt> {
+/// The `lock_acquire` reply: `{1, fence}` or `{0, ttl_ms, rust_holder}`.
+pub(crate) fn parse_acquire(v: &Value) -> Result<Attempt> {
     let bad = || ToozError::backend_msg(format!("redis: unexpected acquire reply {v:?}"));
     let Value::Array(a) = v else {
         return Err(bad());
     };
     match a.first().and_then(as_i64) {
-        Some(1) => Ok(Attempt::Acquired(
+        Some(1) => Ok(Attempt::Granted(FencingToken(
             a.get(1).and_then(as_i64).unwrap_or(0).max(0) as u64,
-        )),
+        ))),
+        // Held: how long the holder's key still lives (ms, `<= 0` unknown) and
+        // whether the holder is ours (publishes its release).
         Some(0) => Ok(Attempt::Held {
-            wait_ms: a.get(1).and_then(as_i64).unwrap_or(-1),
-            rust: a.get(2).and_then(as_i64) == Some(1),
+            expires_in: a
+                .get(1)
+                .and_then(as_i64)
+                .filter(|ms| *ms > 0)
+                .map(|ms| Duration::from_millis(ms as u64)),
+            notifies: a.get(2).and_then(as_i64) == Some(1),
         }),
         _ => Err(bad()),
     }
@@ -89,84 +82,6 @@ impl RedisLock {
     fn hold(&self) -> MutexGuard<'_, Option<Hold>> {
         self.hold.lock().unwrap_or_else(|p| p.into_inner())
     }
-
-    /// One attempt, run in a task of its own: if the caller goes away while the
-    /// request is in flight and the lock was won, it is released, never leaked.
-    async fn attempt(&self, mode: Mode, token: &str) -> Result<Attempt> {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let inner = Arc::clone(&self.inner);
-        let keys = self.keys.clone();
-        let t = token.to_string();
-        tokio::spawn(async move {
-            let res = inner.acquire_once(&keys, mode, &t).await;
-            // An error leaves the outcome unknown: the script may have run with its
-            // reply lost. The token is this acquire's own, so an owner-checked
-            // release frees exactly what it may have taken, and nothing else.
-            let unknown = res.is_err();
-            if let Err(Ok(Attempt::Acquired(_))) = tx.send(res) {
-                release_abandoned(inner, keys, mode, t);
-            } else if unknown {
-                inner.spawn_release(&keys, mode, &t);
-            }
-        });
-        let mut pending = PendingAttempt {
-            rx: Some(rx),
-            inner: Arc::clone(&self.inner),
-            keys: self.keys.clone(),
-            mode,
-            token: token.to_string(),
-        };
-        let res = match pending.rx.as_mut() {
-            Some(rx) => rx.await.unwrap_or(Err(ToozError::Stopped)),
-            None => Err(ToozError::Stopped),
-        };
-        // Received: nothing left for the drop guard to clean up.
-        pending.rx = None;
-        res
-    }
-
-    /// Subscribes to the lock's channel; `None` (and polling) if pub/sub fails.
-    async fn subscribe(&self) -> Option<Subscription> {
-        match self.inner.hub().subscribe(&self.keys.lock).await {
-            Ok(s) => Some(s),
-            Err(e) => {
-                tracing::debug!(lock = %self.name, error = %e, "cannot subscribe to release notifications; polling");
-                None
-            }
-        }
-    }
-}
-
-/// Releases (in a task, retried) a lock won after its acquirer went away.
-fn release_abandoned(inner: Arc<Inner>, keys: LockKeys, mode: Mode, token: String) {
-    inner.spawn_release(&keys, mode, &token);
-}
-
-/// The receiving end of an attempt. Dropped before it read the outcome (the
-/// acquire future was cancelled), it releases a lock the attempt won.
-struct PendingAttempt {
-    rx: Option<tokio::sync::oneshot::Receiver<Result<Attempt>>>,
-    inner: Arc<Inner>,
-    keys: LockKeys,
-    mode: Mode,
-    token: String,
-}
-
-impl Drop for PendingAttempt {
-    fn drop(&mut self) {
-        let Some(mut rx) = self.rx.take() else { return };
-        // After close() a late send fails (and the task releases); a value sent
-        // before it is still here to be found.
-        rx.close();
-        if let Ok(Ok(Attempt::Acquired(_))) = rx.try_recv() {
-            release_abandoned(
-                Arc::clone(&self.inner),
-                self.keys.clone(),
-                self.mode,
-                std::mem::take(&mut self.token),
-            );
-        }
-    }
 }
 
 #[tooz_core::async_trait]
@@ -175,65 +90,33 @@ impl DriverLock for RedisLock {
         &self.name
     }
 
-    fn queues(&self) -> bool {
-        true
-    }
-
     #[tracing::instrument(level = "debug", skip_all, fields(lock = %self.name, ?mode))]
-    async fn acquire(&self, mode: Mode, wait: Wait) -> Result<Option<FencingToken>> {
-        let deadline = deadline_of(wait);
+    async fn try_acquire(&self, mode: Mode) -> Result<Attempt> {
         let token = new_token();
-        let mut sub: Option<Subscription> = None;
-        // Polls only while a Python process holds the lock (it never publishes).
-        let mut backoff = Backoff::new(Duration::from_millis(5), Duration::from_millis(250));
-        loop {
-            let (wait_ms, rust) = match self.attempt(mode, &token).await? {
-                Attempt::Acquired(fence) => {
-                    *self.hold() = Some(Hold {
-                        token: token.clone(),
-                        mode,
-                    });
-                    self.inner.register_hold(self.id, &self.keys, mode, &token);
-                    return Ok(Some(FencingToken(fence)));
-                }
-                Attempt::Held { wait_ms, rust } => (wait_ms, rust),
-            };
-            if wait == Wait::No || deadline.is_some_and(|d| d <= Instant::now()) {
-                return Ok(None);
+        match self.inner.acquire_once(&self.keys, mode, &token).await {
+            Ok(Attempt::Granted(fence)) => {
+                *self.hold() = Some(Hold {
+                    token: token.clone(),
+                    mode,
+                });
+                self.inner.register_hold(self.id, &self.keys, mode, &token);
+                Ok(Attempt::Granted(fence))
             }
-            if sub.is_none() {
-                sub = self.subscribe().await;
-                if sub.is_some() {
-                    // Subscribed: a release from now on is seen. Try again at once in
-                    // case it happened before the subscription.
-                    continue;
-                }
-            }
-            let ttl_hint = (wait_ms > 0).then(|| Duration::from_millis(wait_ms as u64 + 1));
-            let pause = match (rust, &sub, ttl_hint) {
-                // Our holder publishes its release; otherwise the key expires.
-                (true, Some(_), Some(t)) => t,
-                (_, _, Some(t)) => backoff.next_delay().min(t),
-                (_, _, None) => backoff.next_delay(),
-            };
-            let until = match deadline {
-                Some(d) => (Instant::now() + pause).min(d),
-                None => Instant::now() + pause,
-            };
-            match sub.as_mut() {
-                Some(s) => {
-                    tokio::select! {
-                        sig = s.recv() => {
-                            if sig == Signal::Reset && s.resubscribe().await.is_err() {
-                                sub = None;
-                            }
-                        }
-                        _ = tokio::time::sleep_until(until) => {}
-                    }
-                }
-                None => tokio::time::sleep_until(until).await,
+            Ok(held) => Ok(held),
+            Err(e) => {
+                // The outcome is unknown: the script may have run with its reply
+                // lost. The token is this attempt's own, so an owner-checked
+                // release (retried until it goes through) frees exactly what it
+                // may have taken, and nothing else.
+                self.inner.spawn_release(&self.keys, mode, &token);
+                Err(e)
             }
         }
+    }
+
+    async fn wakeups(&self) -> Result<Option<WakeStream>> {
+        let sub = self.inner.hub().subscribe(&self.keys.lock).await?;
+        Ok(Some(wake_stream(sub)))
     }
 
     #[tracing::instrument(level = "debug", skip_all, fields(lock = %self.name))]
@@ -306,8 +189,18 @@ pub(crate) fn acquire_args(ttl_ms: u64, mode: Mode) -> [String; 3] {
     ]
 }
 
-pub(crate) fn parse_acquire(v: &Value) -> Result<Attempt> {
-    parse_attempt(v)
+/// An item per message on the lock's channel (a release) and per reset of the
+/// subscription (a message may have been missed); ends when resubscribing fails.
+fn wake_stream(sub: Subscription) -> WakeStream {
+    Box::pin(futures_util::stream::unfold(sub, |mut sub| async move {
+        if sub.recv().await == Signal::Reset
+            && let Err(e) = sub.resubscribe().await
+        {
+            tracing::debug!(error = %e, "re-subscribing to lock releases failed");
+            return None;
+        }
+        Some(((), sub))
+    }))
 }
 
 #[cfg(test)]
@@ -318,25 +211,25 @@ mod tests {
     fn acquire_replies() {
         let ok = Value::Array(vec![Value::Int(1), Value::Int(1_700_000_000_000_000)]);
         assert_eq!(
-            parse_attempt(&ok).unwrap(),
-            Attempt::Acquired(1_700_000_000_000_000)
+            parse_acquire(&ok).unwrap(),
+            Attempt::Granted(FencingToken(1_700_000_000_000_000))
         );
         let held = Value::Array(vec![Value::Int(0), Value::Int(1500), Value::Int(1)]);
         assert_eq!(
-            parse_attempt(&held).unwrap(),
+            parse_acquire(&held).unwrap(),
             Attempt::Held {
-                wait_ms: 1500,
-                rust: true
+                expires_in: Some(Duration::from_millis(1500)),
+                notifies: true
             }
         );
         let py = Value::Array(vec![Value::Int(0), Value::Int(-1), Value::Int(0)]);
         assert_eq!(
-            parse_attempt(&py).unwrap(),
+            parse_acquire(&py).unwrap(),
             Attempt::Held {
-                wait_ms: -1,
-                rust: false
+                expires_in: None,
+                notifies: false
             }
         );
-        assert!(parse_attempt(&Value::Nil).is_err());
+        assert!(parse_acquire(&Value::Nil).is_err());
     }
 }

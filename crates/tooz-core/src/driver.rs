@@ -257,6 +257,14 @@ pub trait DriverLock: Send + Sync + fmt::Debug + 'static {
         Ok(None)
     }
 
+    /// Whether the wake-ups [`wakeups`](DriverLock::wakeups) returns cover every
+    /// release since the last failed attempt (an etcd watch from that attempt's
+    /// revision), so the core need not try again right after subscribing. Default
+    /// `false`.
+    fn wakeups_cover_last_attempt(&self) -> bool {
+        false
+    }
+
     /// Whether this lock waits by itself ([`DriverLock::acquire`]) instead of
     /// being driven attempt by attempt. Default `false`.
     fn queues(&self) -> bool {

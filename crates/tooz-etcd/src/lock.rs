@@ -592,6 +592,12 @@ impl DriverLock for EtcdLock {
         Ok(Attempt::Granted(FencingToken(rev.max(0) as u64)))
     }
 
+    /// The watch starts at the revision after the failed attempt: every release
+    /// since is replayed.
+    fn wakeups_cover_last_attempt(&self) -> bool {
+        true
+    }
+
     async fn wakeups(&self) -> Result<Option<WakeStream>> {
         let (rev, mode) = *guard(&self.held_at);
         let mut st = Wakes {

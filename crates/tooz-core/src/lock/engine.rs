@@ -60,9 +60,12 @@ pub(crate) async fn acquire<L: DriverLock + ?Sized>(
             match lock.wakeups().await {
                 Ok(Some(w)) => {
                     // Subscribed: a release from now on wakes us. Try again at once
-                    // in case it came before the subscription.
+                    // in case it came before the subscription (unless the wake-ups
+                    // start from the failed attempt).
                     wakes = Some(w);
-                    continue;
+                    if !lock.wakeups_cover_last_attempt() {
+                        continue;
+                    }
                 }
                 Ok(None) => {}
                 Err(e) => {

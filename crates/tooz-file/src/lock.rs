@@ -1,26 +1,54 @@
 //! Lock files: `DIRECTORY/<name>`, OFD-locked, with fencing counters.
+//!
+//! The driver implements one attempt ([`DriverLock::try_acquire`]): a non-blocking
+//! OFD try-lock (`F_OFD_SETLK`, never `SETLKW`), and on a grant the fencing
+//! counter's advance. The core waits between attempts, woken by
+//! [`DriverLock::wakeups`]: inotify on the lock file, read through tokio's
+//! [`AsyncFd`].
 
 use std::fs::File;
-use std::path::PathBuf;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, RawFd};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
-use tokio::time::Instant;
-use tooz_core::util::{Backoff, deadline_of, sleep_within};
-use tooz_core::{DriverLock, FencingToken, LockName, Mode, Result, ToozError, Wait};
+use nix::errno::Errno;
+use nix::fcntl::{FcntlArg, fcntl};
+use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
+use tooz_core::{Attempt, DriverLock, FencingToken, LockName, Mode, Result, ToozError, WakeStream};
 
 use crate::layout::{self, Layout};
 use crate::ofd::{self, Kind, io_err};
-use crate::watch::FileWatch;
 
 /// How long a fencing counter update may wait for the counter's own lock (held
 /// for microseconds by whoever updates it).
 const COUNTER_WAIT: Duration = Duration::from_secs(10);
 
+/// How many times one attempt reopens a lock file replaced under it.
+const REOPENS: usize = 4;
+
 #[derive(Debug)]
 struct Held {
     file: File,
     mode: Mode,
+}
+
+/// A file's identity: device and inode.
+type FileId = (u64, u64);
+
+/// What a handle shares with the wake-up stream of its current wait.
+#[derive(Debug, Default)]
+struct Waiting {
+    /// The lock file the stream watches, while it does.
+    watched: Option<FileId>,
+    /// The file of the last failed attempt, kept open while subscribed: closing a
+    /// descriptor opened for writing is an inotify event, which would wake every
+    /// other waiter for nothing (and their closes would wake us).
+    idle: Option<File>,
 }
 
 /// One lock handle. Each handle acquires through its own open file description,
@@ -31,6 +59,11 @@ pub(crate) struct FileLock {
     path: PathBuf,
     fence: PathBuf,
     held: Mutex<Option<Held>>,
+    waiting: Arc<Mutex<Waiting>>,
+}
+
+fn lock_of<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl FileLock {
@@ -41,24 +74,17 @@ impl FileLock {
             fence: layout.lock_fence(&rel),
             path,
             held: Mutex::new(None),
+            waiting: Arc::default(),
         })
     }
 
     fn held(&self) -> MutexGuard<'_, Option<Held>> {
-        self.held.lock().unwrap_or_else(|p| p.into_inner())
+        lock_of(&self.held)
     }
 }
 
-/// The outcome of one synchronous attempt.
-enum Attempt {
-    Got(File, u64),
-    Busy(File),
-    /// The file we locked was removed or replaced meanwhile: reopen and retry.
-    Stale,
-}
-
 /// Opens the lock file, creating it and its parent directories.
-fn open(path: &std::path::Path) -> Result<File> {
+fn open(path: &Path) -> Result<File> {
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent)
             .map_err(|e| io_err("cannot create lock directory", parent, e))?;
@@ -66,32 +92,32 @@ fn open(path: &std::path::Path) -> Result<File> {
     ofd::open_lock_file(path).map_err(|e| io_err("cannot open lock file", path, e))
 }
 
-/// One attempt, run on a blocking thread: take the lock, check the file is still
-/// the one at `path`, and advance the fencing counter. The file travels in and
-/// out, so if the caller is gone the result (and the lock) is dropped.
-fn attempt(
-    file: File,
-    mode: Mode,
-    path: &std::path::Path,
-    fence: &std::path::Path,
-) -> Result<Attempt> {
-    let kind = match mode {
-        Mode::Exclusive => Kind::Write,
-        Mode::Shared => Kind::Read,
+/// The identity of `file` if it is still the file at `path` (not removed or replaced).
+fn id_at(file: &File, path: &Path) -> Option<FileId> {
+    let (a, b) = (file.metadata().ok()?, std::fs::metadata(path).ok()?);
+    ((a.dev(), a.ino()) == (b.dev(), b.ino())).then_some((a.dev(), a.ino()))
+}
+
+/// Whether the lock that keeps `kind` out is an open file description lock (a
+/// Rust holder, whose release closes its descriptor: an inotify event on the
+/// file) rather than a process-associated one (Python's `lockf`, which can be
+/// released without a close of that file). `F_OFD_GETLK` reports `l_pid == -1`
+/// for the former; `false` when nothing conflicts any more.
+fn held_by_ofd(file: &File, kind: Kind) -> io::Result<bool> {
+    let l_type = match kind {
+        Kind::Read => libc::F_RDLCK,
+        Kind::Write => libc::F_WRLCK,
     };
-    // A file replaced by `break_lock` (or removed) is not the lock any more:
-    // waiting on it would wait for the broken holder.
-    if !ofd::same_file(&file, path) {
-        return Ok(Attempt::Stale);
-    }
-    if !ofd::try_lock(&file, kind).map_err(|e| io_err("cannot lock", path, e))? {
-        return Ok(Attempt::Busy(file));
-    }
-    if !ofd::same_file(&file, path) {
-        return Ok(Attempt::Stale);
-    }
-    let token = bump_counter(fence)?;
-    Ok(Attempt::Got(file, token))
+    let mut fl = libc::flock {
+        // The constants fit in a c_short on every Linux target.
+        l_type: l_type as libc::c_short,
+        l_whence: libc::SEEK_SET as libc::c_short,
+        l_start: 0,
+        l_len: 0,
+        l_pid: 0,
+    };
+    fcntl(file, FcntlArg::F_OFD_GETLK(&mut fl)).map_err(io::Error::from)?;
+    Ok(i32::from(fl.l_type) != libc::F_UNLCK && fl.l_pid == -1)
 }
 
 /// Advances a fencing counter file under its own short exclusive lock and
@@ -153,12 +179,139 @@ pub(crate) fn bump_counter(path: &std::path::Path) -> Result<u64> {
     Ok(next)
 }
 
-/// Closes an inotify instance off the async threads: closing one waits for an
-/// RCU grace period in the kernel (often 10-30 ms), which would stall the
-/// runtime and delay the very acquisition it served.
-fn drop_watch(watch: Option<Arc<FileWatch>>) {
-    if let Some(w) = watch {
-        tokio::task::spawn_blocking(move || drop(w));
+/// Drops `x` on a blocking thread: closing an inotify instance waits for an RCU
+/// grace period in the kernel (often 10-30 ms), which would stall the runtime and
+/// delay the very acquisition it served.
+fn close_off_runtime<T: Send + 'static>(x: T) {
+    match tokio::runtime::Handle::try_current() {
+        Ok(rt) => drop(rt.spawn_blocking(move || drop(x))),
+        Err(_) => drop(x),
+    }
+}
+
+/// An inotify instance, for [`AsyncFd`].
+#[derive(Debug)]
+struct Ino(Inotify);
+
+impl AsRawFd for Ino {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0.as_fd().as_raw_fd()
+    }
+}
+
+/// The inotify watch of one wait on the lock file, which sees a holder close it
+/// (a release, or its process dying), or the file replaced or removed.
+#[derive(Debug)]
+struct LockWatch {
+    fd: Option<AsyncFd<Ino>>,
+    waiting: Arc<Mutex<Waiting>>,
+}
+
+impl LockWatch {
+    /// Watches the file at `path`; `None` when inotify is unavailable (the
+    /// per-user limit `fs.inotify.max_user_instances` is reached), the file is
+    /// gone, or the runtime has no I/O driver: the core then polls.
+    fn stream(path: &Path, waiting: Arc<Mutex<Waiting>>) -> Option<WakeStream> {
+        let ino = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)
+            .map_err(|e| tracing::debug!(error = %e, "inotify unavailable; polling"))
+            .ok()?;
+        let id = |p: &Path| std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
+        let before = id(path);
+        let mask = AddWatchFlags::IN_CLOSE_WRITE
+            | AddWatchFlags::IN_CLOSE_NOWRITE
+            | AddWatchFlags::IN_ATTRIB
+            | AddWatchFlags::IN_DELETE_SELF
+            | AddWatchFlags::IN_MOVE_SELF;
+        if let Err(e) = ino.add_watch(path, mask) {
+            tracing::debug!(path = %path.display(), error = %e, "cannot watch lock file; polling");
+            close_off_runtime(ino);
+            return None;
+        }
+        // `AsyncFd` panics on a runtime built without I/O.
+        let fd = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| register(Ino(ino))))
+            .map_err(|_| tracing::debug!("no I/O driver in this runtime; polling"))
+            .ok()?
+            .map_err(|e| tracing::debug!(error = %e, "cannot register inotify; polling"))
+            .ok()?;
+        // The file the watch is on, unless it was replaced meanwhile.
+        lock_of(&waiting).watched = before.filter(|b| id(path) == Some(*b));
+        let watch = LockWatch {
+            fd: Some(fd),
+            waiting,
+        };
+        Some(Box::pin(futures_util::stream::unfold(
+            watch,
+            |mut w| async { w.next().await.map(|()| ((), w)) },
+        )))
+    }
+
+    /// Waits for a batch of events. `None` when the watch is gone (the file was
+    /// deleted) or on an error: the stream ends and the core polls.
+    async fn next(&mut self) -> Option<()> {
+        let fd = self.fd.as_ref()?;
+        let res = loop {
+            match fd.readable().await {
+                Ok(mut ready) => match ready.try_io(|ino| drain(&ino.get_ref().0)) {
+                    Ok(res) => break res,
+                    Err(_would_block) => {}
+                },
+                Err(e) => break Err(e),
+            }
+        };
+        match res {
+            Ok(gone) => (!gone).then_some(()),
+            Err(e) => {
+                tracing::debug!(error = %e, "reading inotify failed; polling");
+                None
+            }
+        }
+    }
+}
+
+impl Drop for LockWatch {
+    /// The wait is over: closes the watch and the idle file, off the runtime.
+    fn drop(&mut self) {
+        let idle = {
+            let mut w = lock_of(&self.waiting);
+            w.watched = None;
+            w.idle.take()
+        };
+        close_off_runtime((self.fd.take().map(AsyncFd::into_inner), idle));
+    }
+}
+
+/// Registers an inotify instance with the runtime's reactor.
+///
+/// tokio deprecated its safe constructors because, for an arbitrary `T`, they
+/// cannot promise that the descriptor stays open and the same while registered
+/// (the `unsafe` ones put that on the caller, and this workspace denies `unsafe`).
+/// Here it holds: `Ino` owns its descriptor and never changes it, and the `AsyncFd`
+/// owns the `Ino` until it is dropped or `into_inner` deregisters it.
+#[expect(
+    deprecated,
+    reason = "the safe constructor; its condition holds for Ino"
+)]
+fn register(ino: Ino) -> io::Result<AsyncFd<Ino>> {
+    AsyncFd::with_interest(ino, Interest::READABLE)
+}
+
+/// Reads every queued event. `Ok(gone)` when there were some, `gone` when the
+/// watch was removed (the file deleted); `WouldBlock` when there were none.
+fn drain(ino: &Inotify) -> io::Result<bool> {
+    let (mut any, mut gone) = (false, false);
+    loop {
+        match ino.read_events() {
+            Ok(evs) if !evs.is_empty() => {
+                any = true;
+                gone |= evs
+                    .iter()
+                    .any(|e| e.mask.contains(AddWatchFlags::IN_IGNORED));
+            }
+            Ok(_) | Err(Errno::EAGAIN) if any => return Ok(gone),
+            Ok(_) | Err(Errno::EAGAIN) => return Err(io::ErrorKind::WouldBlock.into()),
+            Err(Errno::EINTR) => {}
+            Err(e) => return Err(e.into()),
+        }
     }
 }
 
@@ -168,91 +321,66 @@ impl DriverLock for FileLock {
         &self.name
     }
 
-    fn queues(&self) -> bool {
-        true
+    /// One non-blocking try-lock on the lock file, then, when granted, the fencing
+    /// counter's advance on a blocking thread (it waits for the counter's lock and
+    /// syncs the counter to disk). A refused attempt runs on the caller's thread.
+    ///
+    /// A holder "notifies" when it is a Rust holder (an OFD lock), whose release
+    /// closes its descriptor, and this handle watches that very file; a Python
+    /// holder (a process-associated lock) is polled for, inotify still waking the
+    /// waiter early when Python closes the file.
+    #[tracing::instrument(level = "debug", skip(self), fields(lock = %self.name))]
+    async fn try_acquire(&self, mode: Mode) -> Result<Attempt> {
+        let kind = match mode {
+            Mode::Exclusive => Kind::Write,
+            Mode::Shared => Kind::Read,
+        };
+        let mut file = lock_of(&self.waiting).idle.take();
+        for _ in 0..REOPENS {
+            let f = match file.take() {
+                Some(f) => f,
+                None => open(&self.path)?,
+            };
+            // A file replaced by `break_lock` (or removed) is not the lock any more:
+            // waiting on it would wait for the broken holder.
+            let Some(id) = id_at(&f, &self.path) else {
+                continue;
+            };
+            if !ofd::try_lock(&f, kind).map_err(|e| io_err("cannot lock", &self.path, e))? {
+                let ofd_holder =
+                    held_by_ofd(&f, kind).map_err(|e| io_err("cannot probe", &self.path, e))?;
+                let mut w = lock_of(&self.waiting);
+                let notifies = ofd_holder && w.watched == Some(id);
+                if w.watched.is_some() {
+                    w.idle = Some(f);
+                }
+                return Ok(Attempt::Held {
+                    expires_in: None,
+                    notifies,
+                });
+            }
+            if id_at(&f, &self.path).is_none() {
+                continue; // locked a file replaced meanwhile; closing it unlocks it
+            }
+            let fence = self.fence.clone();
+            // Not cancelled in flight (the core awaits attempts); if it were, `f`
+            // would be dropped here and the lock with it.
+            let token = tokio::task::spawn_blocking(move || bump_counter(&fence))
+                .await
+                .map_err(|e| ToozError::backend("fencing counter task failed", e))??;
+            *self.held() = Some(Held { file: f, mode });
+            return Ok(Attempt::Granted(FencingToken(token)));
+        }
+        // Replaced again and again: let the core try later.
+        Ok(Attempt::Held {
+            expires_in: None,
+            notifies: false,
+        })
     }
 
-    /// Try-lock, then wait for a wake-up: an inotify event on the lock file (a
-    /// holder closing its descriptor, ours or Python's) or a short adaptive pause
-    /// (1 ms doubling to 50 ms) for holders that send nothing.
-    ///
-    /// Cancel-safe: each attempt takes the lock in one step on a blocking thread
-    /// and hands it back by value; if this future is dropped the result, and with
-    /// it the lock, is dropped.
-    #[tracing::instrument(level = "debug", skip(self), fields(lock = %self.name))]
-    async fn acquire(&self, mode: Mode, wait: Wait) -> Result<Option<FencingToken>> {
-        if self.held().is_some() {
-            return Ok(None);
-        }
-        let deadline = deadline_of(wait);
-        let mut backoff = Backoff::new(Duration::from_millis(1), Duration::from_millis(50));
-        let mut watch: Option<Arc<FileWatch>> = None;
-        let mut watch_tried = false;
-        let mut file: Option<File> = None;
-        loop {
-            let remaining = deadline.map(|d| d.saturating_duration_since(Instant::now()));
-            // With a watch, the pause happens on the blocking thread right after a
-            // failed attempt; without one, on the runtime below.
-            let pause = match (&watch, remaining) {
-                (None, _) => Duration::ZERO,
-                (Some(_), None) => backoff.next_delay(),
-                (Some(_), Some(r)) => backoff.next_delay().min(r),
-            };
-            let (path, fence, prev, w) = (
-                self.path.clone(),
-                self.fence.clone(),
-                file.take(),
-                watch.clone(),
-            );
-            let res = tokio::task::spawn_blocking(move || {
-                let f = match prev {
-                    Some(f) => f,
-                    None => open(&path)?,
-                };
-                let res = attempt(f, mode, &path, &fence)?;
-                if let (Attempt::Busy(_), Some(w)) = (&res, w)
-                    && !pause.is_zero()
-                {
-                    w.wait(pause);
-                }
-                Ok::<_, ToozError>(res)
-            })
-            .await
-            .map_err(|e| ToozError::backend("lock attempt task failed", e))??;
-            match res {
-                Attempt::Got(f, token) => {
-                    *self.held() = Some(Held { file: f, mode });
-                    drop_watch(watch);
-                    return Ok(Some(FencingToken(token)));
-                }
-                Attempt::Stale => {
-                    drop_watch(watch.take());
-                    watch_tried = false;
-                    continue;
-                }
-                Attempt::Busy(f) => file = Some(f),
-            }
-            if wait == Wait::No {
-                drop_watch(watch);
-                return Ok(None);
-            }
-            if remaining.is_some_and(|r| r.is_zero()) {
-                drop_watch(watch);
-                return Ok(None);
-            }
-            if !watch_tried {
-                // Watch, then try again at once, so a release between the failed
-                // attempt and the watch is not missed.
-                watch_tried = true;
-                watch = FileWatch::new(&self.path).map(Arc::new);
-                continue;
-            }
-            if watch.is_none() {
-                // No inotify: plain polling. At the deadline, loop once more for a
-                // last attempt (remaining is then zero and ends the loop).
-                sleep_within(backoff.next_delay(), deadline).await;
-            }
-        }
+    /// An inotify watch on the lock file; see [`LockWatch`].
+    async fn wakeups(&self) -> Result<Option<WakeStream>> {
+        Ok(LockWatch::stream(&self.path, Arc::clone(&self.waiting)))
     }
 
     /// Unlocks and closes the descriptor (which wakes inotify waiters).
@@ -343,6 +471,52 @@ fn break_file(path: &std::path::Path) -> Result<bool> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use futures_util::StreamExt;
+    use tokio::time::Instant;
+    use tooz_core::Wait;
+
+    /// The core's wait loop, reduced to what these tests need: try; subscribe and
+    /// try again at once; then wait for a wake-up (or, for a holder that does not
+    /// notify, 20 ms) and try again, with a last try at the deadline.
+    async fn acquire(l: &FileLock, mode: Mode, wait: Wait) -> Result<Option<FencingToken>> {
+        let deadline = wait.deadline();
+        let mut wakes: Option<WakeStream> = None;
+        let mut subscribed = false;
+        loop {
+            let notifies = match l.try_acquire(mode).await? {
+                Attempt::Granted(t) => return Ok(Some(t)),
+                Attempt::Held { notifies, .. } => notifies,
+                a => panic!("unexpected {a:?}"),
+            };
+            let now = Instant::now();
+            if wait == Wait::No || deadline.is_some_and(|d| now >= d) {
+                return Ok(None);
+            }
+            if !subscribed {
+                subscribed = true;
+                wakes = l.wakeups().await?;
+                if wakes.is_some() {
+                    continue;
+                }
+            }
+            let pause = if notifies && wakes.is_some() {
+                Duration::from_secs(3600)
+            } else {
+                Duration::from_millis(20)
+            };
+            let until = deadline.map_or(now + pause, |d| d.min(now + pause));
+            let woke = async {
+                match wakes.as_mut() {
+                    Some(w) => w.next().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                w = woke => if w.is_none() { wakes = None },
+                () = tokio::time::sleep_until(until) => {}
+            }
+        }
+    }
 
     fn root() -> PathBuf {
         let p = std::env::temp_dir().join(format!("tooz-file-lock-{}", uuid::Uuid::new_v4()));
@@ -442,18 +616,18 @@ mod tests {
         let fence = layout.lock_fence(&rel);
         std::fs::write(&fence, format!("{}\n", u64::MAX - 1)).unwrap();
         assert_eq!(
-            a.acquire(Mode::Exclusive, Wait::No).await.unwrap(),
+            acquire(&a, Mode::Exclusive, Wait::No).await.unwrap(),
             Some(FencingToken(u64::MAX))
         );
         assert!(a.release().await.unwrap());
-        let e = a.acquire(Mode::Exclusive, Wait::No).await.unwrap_err();
+        let e = acquire(&a, Mode::Exclusive, Wait::No).await.unwrap_err();
         assert!(matches!(e, ToozError::Backend { .. }), "{e}");
         assert!(e.to_string().contains("exhausted"), "{e}");
         assert!(a.held().is_none());
         // Nothing is left held: another handle can take the lock (and fails the same way
         // at the token), and the counter was not touched.
         let b = FileLock::new(&layout, &"max".into()).unwrap();
-        assert!(b.acquire(Mode::Exclusive, Wait::No).await.is_err());
+        assert!(acquire(&b, Mode::Exclusive, Wait::No).await.is_err());
         assert_eq!(
             std::fs::read(&fence).unwrap(),
             layout::format_counter(u64::MAX)
@@ -480,18 +654,19 @@ mod tests {
         let layout = Arc::new(Layout::new(&r));
         let a = FileLock::new(&layout, &"sub/dir/l".into()).unwrap();
         let b = FileLock::new(&layout, &"sub/dir/l".into()).unwrap();
-        let t1 = a.acquire(Mode::Exclusive, Wait::No).await.unwrap().unwrap();
+        let t1 = acquire(&a, Mode::Exclusive, Wait::No)
+            .await
+            .unwrap()
+            .unwrap();
         assert!(r.join("sub/dir/l").is_file());
-        assert_eq!(b.acquire(Mode::Exclusive, Wait::No).await.unwrap(), None);
-        assert_eq!(b.acquire(Mode::Shared, Wait::No).await.unwrap(), None);
+        assert_eq!(acquire(&b, Mode::Exclusive, Wait::No).await.unwrap(), None);
+        assert_eq!(acquire(&b, Mode::Shared, Wait::No).await.unwrap(), None);
         assert!(a.is_still_owner().await.unwrap());
         assert!(a.heartbeat().await.unwrap());
         assert!(!b.is_still_owner().await.unwrap());
         // A waiter is woken by the release.
         let waiter = tokio::spawn(async move {
-            let t = b
-                .acquire(Mode::Exclusive, Wait::For(Duration::from_secs(10)))
-                .await;
+            let t = acquire(&b, Mode::Exclusive, Wait::For(Duration::from_secs(10))).await;
             (b, t)
         });
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -503,19 +678,19 @@ mod tests {
         assert!(b.release().await.unwrap());
         assert!(!a.break_lock().await.unwrap(), "nobody holds it");
         // Shared holders coexist and exclude exclusive ones.
-        let t3 = a.acquire(Mode::Shared, Wait::No).await.unwrap().unwrap();
-        let t4 = b.acquire(Mode::Shared, Wait::No).await.unwrap().unwrap();
+        let t3 = acquire(&a, Mode::Shared, Wait::No).await.unwrap().unwrap();
+        let t4 = acquire(&b, Mode::Shared, Wait::No).await.unwrap().unwrap();
         assert!(t4 > t3 && t3 > t2);
         let c = FileLock::new(&layout, &"sub/dir/l".into()).unwrap();
         assert_eq!(
-            c.acquire(Mode::Exclusive, Wait::For(Duration::from_millis(50)))
+            acquire(&c, Mode::Exclusive, Wait::For(Duration::from_millis(50)))
                 .await
                 .unwrap(),
             None
         );
         assert!(a.release().await.unwrap() && b.release().await.unwrap());
         assert!(
-            c.acquire(Mode::Exclusive, Wait::No)
+            acquire(&c, Mode::Exclusive, Wait::No)
                 .await
                 .unwrap()
                 .is_some()
@@ -529,12 +704,13 @@ mod tests {
         let layout = Arc::new(Layout::new(&r));
         let new = || FileLock::new(&layout, &"b".into()).unwrap();
         let (a, b, c) = (new(), new(), new());
-        let t1 = a.acquire(Mode::Exclusive, Wait::No).await.unwrap().unwrap();
+        let t1 = acquire(&a, Mode::Exclusive, Wait::No)
+            .await
+            .unwrap()
+            .unwrap();
         // A waiter queued before the break moves over to the new file.
         let waiter = tokio::spawn(async move {
-            let t = c
-                .acquire(Mode::Exclusive, Wait::For(Duration::from_secs(10)))
-                .await;
+            let t = acquire(&c, Mode::Exclusive, Wait::For(Duration::from_secs(10))).await;
             (c, t)
         });
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -544,20 +720,20 @@ mod tests {
         assert!(t2 > t1, "tokens keep increasing across a break");
         assert!(!a.is_still_owner().await.unwrap());
         assert!(!a.heartbeat().await.unwrap());
-        assert_eq!(b.acquire(Mode::Exclusive, Wait::No).await.unwrap(), None);
+        assert_eq!(acquire(&b, Mode::Exclusive, Wait::No).await.unwrap(), None);
         assert!(
             !a.release().await.unwrap(),
             "a broken hold releases as false"
         );
         assert_eq!(
-            b.acquire(Mode::Exclusive, Wait::No).await.unwrap(),
+            acquire(&b, Mode::Exclusive, Wait::No).await.unwrap(),
             None,
             "c still holds"
         );
         assert!(c.release().await.unwrap());
         assert!(!b.break_lock().await.unwrap(), "nothing held");
         // Shared holders can be broken too.
-        assert!(a.acquire(Mode::Shared, Wait::No).await.unwrap().is_some());
+        assert!(acquire(&a, Mode::Shared, Wait::No).await.unwrap().is_some());
         assert!(b.break_lock().await.unwrap());
         assert!(!a.is_still_owner().await.unwrap());
         let leftovers: Vec<_> = std::fs::read_dir(&r)
@@ -578,7 +754,7 @@ mod tests {
         let new = || FileLock::new(&layout, &name.as_str().into()).unwrap();
         let (a, b) = (new(), new());
         assert!(
-            a.acquire(Mode::Exclusive, Wait::No)
+            acquire(&a, Mode::Exclusive, Wait::No)
                 .await
                 .unwrap()
                 .is_some()
@@ -586,7 +762,7 @@ mod tests {
         assert!(b.break_lock().await.unwrap());
         assert!(!a.is_still_owner().await.unwrap());
         assert!(
-            b.acquire(Mode::Exclusive, Wait::No)
+            acquire(&b, Mode::Exclusive, Wait::No)
                 .await
                 .unwrap()
                 .is_some()
@@ -612,7 +788,7 @@ mod tests {
         for i in 0..2200 {
             let t = std::time::Instant::now();
             assert!(
-                l.acquire(Mode::Exclusive, Wait::No)
+                acquire(&l, Mode::Exclusive, Wait::No)
                     .await
                     .unwrap()
                     .is_some()
@@ -634,27 +810,160 @@ mod tests {
         std::fs::remove_dir_all(base).unwrap();
     }
 
+    /// The core never drops an attempt in flight, but if one were dropped (at the
+    /// counter's blocking step) the lock would go with it.
     #[tokio::test]
-    async fn dropping_an_acquire_never_leaks_the_lock() {
+    async fn dropping_an_attempt_never_leaks_the_lock() {
         let r = root();
         let layout = Arc::new(Layout::new(&r));
         let a = FileLock::new(&layout, &"x".into()).unwrap();
         for _ in 0..50 {
-            let fut = a.acquire(Mode::Exclusive, Wait::Forever);
             // Poll once or twice, then drop.
+            let fut = a.try_acquire(Mode::Exclusive);
             let _ = tokio::time::timeout(Duration::from_micros(50), fut).await;
             if a.held().is_some() {
                 assert!(a.release().await.unwrap());
             }
             let probe = FileLock::new(&layout, &"x".into()).unwrap();
-            // Give a still-running attempt time to finish and drop its file.
-            let got = probe
-                .acquire(Mode::Exclusive, Wait::For(Duration::from_secs(5)))
-                .await
-                .unwrap();
+            let got = acquire(&probe, Mode::Exclusive, Wait::No).await.unwrap();
             assert!(got.is_some());
             assert!(probe.release().await.unwrap());
         }
+        std::fs::remove_dir_all(r).unwrap();
+    }
+
+    fn held(notifies: bool) -> Attempt {
+        Attempt::Held {
+            expires_in: None,
+            notifies,
+        }
+    }
+
+    async fn next_within(w: &mut WakeStream, d: Duration) -> Option<()> {
+        tokio::time::timeout(d, w.next()).await.ok().flatten()
+    }
+
+    /// A Rust holder notifies once the waiter watches the file; the watch wakes on
+    /// its release, and the waiter's own refused attempts do not wake other waiters.
+    #[tokio::test]
+    async fn rust_holders_notify_through_inotify() {
+        let r = root();
+        let layout = Arc::new(Layout::new(&r));
+        let new = || FileLock::new(&layout, &"n".into()).unwrap();
+        let (a, b, c) = (new(), new(), new());
+        assert!(matches!(
+            a.try_acquire(Mode::Exclusive).await.unwrap(),
+            Attempt::Granted(_)
+        ));
+        // Not watching yet: the core would poll.
+        assert_eq!(b.try_acquire(Mode::Shared).await.unwrap(), held(false));
+        let mut wb = b.wakeups().await.unwrap().unwrap();
+        let mut wc = c.wakeups().await.unwrap().unwrap();
+        assert_eq!(b.try_acquire(Mode::Shared).await.unwrap(), held(true));
+        assert_eq!(c.try_acquire(Mode::Exclusive).await.unwrap(), held(true));
+        for _ in 0..3 {
+            assert_eq!(c.try_acquire(Mode::Exclusive).await.unwrap(), held(true));
+        }
+        let quiet = Duration::from_millis(100);
+        assert_eq!(
+            next_within(&mut wb, quiet).await,
+            None,
+            "c's attempts kept quiet"
+        );
+        assert!(a.release().await.unwrap());
+        let soon = Duration::from_secs(5);
+        assert_eq!(next_within(&mut wb, soon).await, Some(()));
+        assert_eq!(next_within(&mut wc, soon).await, Some(()));
+        assert!(matches!(
+            b.try_acquire(Mode::Shared).await.unwrap(),
+            Attempt::Granted(_)
+        ));
+        // The wait is over: dropping the stream forgets the watch and closes the
+        // idle file (another wake-up for c, whose watch is still on).
+        drop(wb);
+        assert!(lock_of(&b.waiting).watched.is_none());
+        assert_eq!(
+            next_within(&mut wc, quiet).await,
+            None,
+            "b's file is held, not idle"
+        );
+        assert_eq!(c.try_acquire(Mode::Exclusive).await.unwrap(), held(true));
+        drop(wc);
+        assert!(lock_of(&c.waiting).idle.is_none());
+        assert!(b.release().await.unwrap());
+        std::fs::remove_dir_all(r).unwrap();
+    }
+
+    /// A process-associated (POSIX, Python's `lockf`) holder is polled for.
+    #[tokio::test]
+    async fn posix_holders_do_not_notify() {
+        let r = root();
+        let layout = Arc::new(Layout::new(&r));
+        let b = FileLock::new(&layout, &"p".into()).unwrap();
+        let posix = open(&b.path).unwrap();
+        let fl = libc::flock {
+            l_type: libc::F_WRLCK as libc::c_short,
+            l_whence: libc::SEEK_SET as libc::c_short,
+            l_start: 0,
+            l_len: 0,
+            l_pid: 0,
+        };
+        fcntl(&posix, FcntlArg::F_SETLK(&fl)).unwrap();
+        // Subscribed first: the attempts keep their file open, which would drop a
+        // POSIX lock of this very process (any close of the file does).
+        let mut wb = b.wakeups().await.unwrap().unwrap();
+        assert_eq!(b.try_acquire(Mode::Exclusive).await.unwrap(), held(false));
+        assert_eq!(b.try_acquire(Mode::Shared).await.unwrap(), held(false));
+        // The holder closing the file still wakes the waiter early.
+        drop(posix);
+        assert_eq!(next_within(&mut wb, Duration::from_secs(5)).await, Some(()));
+        assert!(matches!(
+            b.try_acquire(Mode::Exclusive).await.unwrap(),
+            Attempt::Granted(_)
+        ));
+        assert!(b.release().await.unwrap());
+        std::fs::remove_dir_all(r).unwrap();
+    }
+
+    /// A waiter whose file was replaced (broken) watches the old file: polled for,
+    /// and a deleted file ends the stream.
+    #[tokio::test]
+    async fn replaced_or_deleted_files_are_polled() {
+        let r = root();
+        let layout = Arc::new(Layout::new(&r));
+        let new = || FileLock::new(&layout, &"r".into()).unwrap();
+        let (a, b, c) = (new(), new(), new());
+        assert!(
+            acquire(&a, Mode::Exclusive, Wait::No)
+                .await
+                .unwrap()
+                .is_some()
+        );
+        let mut wc = c.wakeups().await.unwrap().unwrap();
+        assert_eq!(c.try_acquire(Mode::Exclusive).await.unwrap(), held(true));
+        assert!(b.break_lock().await.unwrap());
+        assert_eq!(next_within(&mut wc, Duration::from_secs(5)).await, Some(()));
+        assert!(matches!(
+            c.try_acquire(Mode::Exclusive).await.unwrap(),
+            Attempt::Granted(_)
+        ));
+        assert_eq!(b.try_acquire(Mode::Exclusive).await.unwrap(), held(false));
+        let mut wb = b.wakeups().await.unwrap().unwrap();
+        assert_eq!(b.try_acquire(Mode::Exclusive).await.unwrap(), held(true));
+        // Removed while watched (and no descriptor left open on it but c's and b's
+        // idle one): the old inode goes once both are closed.
+        std::fs::remove_file(&b.path).unwrap();
+        drop(lock_of(&b.waiting).idle.take());
+        assert!(!c.release().await.unwrap(), "removed under c");
+        assert!(
+            tokio::time::timeout(Duration::from_secs(5), wb.next())
+                .await
+                .unwrap()
+                .is_none(),
+            "a deleted file ends the stream"
+        );
+        assert!(lock_of(&b.waiting).watched.is_none());
+        drop(wc);
         std::fs::remove_dir_all(r).unwrap();
     }
 }

@@ -10,7 +10,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdin, ChildStdout};
 use tokio::task::JoinHandle;
-use tooz_core::{ConnectOptions, Coordinator, GroupId, LockName, MemberId, Registry};
+use tooz_core::{
+    ConnectOptions, Coordinator, CoordinatorConfig, GroupId, LockName, MemberId, Registry,
+};
 
 use crate::check::{CaseError, CaseResult, Ctx};
 use crate::{Setup, WORKER_ENV, WORKER_URL_ENV};
@@ -32,6 +34,12 @@ struct Scope {
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
+
+/// The core's polling interval (`CoordinatorConfig::poll_interval`) of the
+/// coordinators [`Harness::pushing`] connects: far longer than any case, so that an
+/// event a push case waits for can only come from the driver's push, never from the
+/// core's polling fallback.
+pub const PUSH_CASE_POLL_INTERVAL: Duration = Duration::from_secs(3600);
 
 /// What a case gets: coordinators on the backend under test, unique names, worker
 /// processes and the lease length.
@@ -191,6 +199,49 @@ impl Harness {
             .registry()
             .connect_with(self.url(), member, &self.connect_options())?;
         lock(&self.scope.coords).push(c.clone());
+        Ok(c)
+    }
+
+    /// The options of the coordinators [`Harness::pushing`] connects: those of
+    /// [`Harness::connect_options`] with the core's polling fallback slowed to
+    /// [`PUSH_CASE_POLL_INTERVAL`].
+    pub fn push_connect_options(&self) -> ConnectOptions {
+        let mut config = CoordinatorConfig::default();
+        config.poll_interval = PUSH_CASE_POLL_INTERVAL;
+        self.connect_options().config(config)
+    }
+
+    /// A coordinator started with heartbeats whose core polls only every
+    /// [`PUSH_CASE_POLL_INTERVAL`] (an hour): what a *push case* observes with.
+    ///
+    /// The push cases (event streams delivering another member's joins, leaves,
+    /// crash and leadership changes; `become_leader` taking over; a blocked lock
+    /// waiter waking on the release) connect their observing coordinators here, and
+    /// keep their limits at a second or two. They then pass only when the driver
+    /// pushes: the core's polling fallback (every `poll_interval`, 500 ms by
+    /// default) would take an hour. A driver that cannot push fails them; that is
+    /// intended, the README's "pushed by ..." column is what they check.
+    ///
+    /// Lock waits are the driver's own (`DriverLock::acquire` with a `Wait`), not
+    /// the core's polling; for them this coordinator is the same as
+    /// [`Harness::started`], and the waking case bounds the wake-up instead.
+    ///
+    /// This is the hook for gating on capabilities: once drivers publish whether
+    /// they push, this method is where a driver that declares no push turns the
+    /// case into [`CaseError::Unsupported`] instead of a failure.
+    ///
+    /// # Errors
+    /// A failed connect or start, as a [`CaseError`].
+    pub async fn pushing(&self, member: impl Into<MemberId>) -> Result<Coordinator, CaseError> {
+        let member = member.into();
+        let c = self
+            .registry()
+            .connect_with(self.url(), member.clone(), &self.push_connect_options())
+            .ctx(&format!("connect as {member} (push case)"))?;
+        lock(&self.scope.coords).push(c.clone());
+        c.start(true)
+            .await
+            .ctx(&format!("start as {member} (push case)"))?;
         Ok(c)
     }
 

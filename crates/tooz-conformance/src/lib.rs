@@ -17,7 +17,7 @@ use tooz_core::Registry;
 
 pub use cases::CASES;
 pub use check::{CaseError, CaseResult, Ctx};
-pub use harness::{Harness, Worker, WorkerExit};
+pub use harness::{Harness, PUSH_CASE_POLL_INTERVAL, Worker, WorkerExit};
 pub use runner::{
     CASE_TIMEOUT, Case, DEFAULT_CONCURRENCY, Filter, Outcome, Report, Row, main, run,
 };

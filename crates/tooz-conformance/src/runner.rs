@@ -2,10 +2,11 @@
 
 use std::fmt;
 use std::io::Write;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
+use libtest_mimic::{Arguments, Completion, FormatSetting, Trial};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tooz_core::ToozError;
@@ -241,9 +242,48 @@ impl Filter {
     }
 }
 
+/// Runs one case in its own scope of `harness` under [`CASE_TIMEOUT`], then
+/// cleans the scope up.
+async fn run_case(harness: &Harness, idx: usize, case: Case) -> Row {
+    let h = harness.scoped(&format!("{idx:03}"));
+    let t0 = Instant::now();
+    let body = {
+        let h = h.clone();
+        tokio::spawn(async move { (case.run)(&h).await })
+    };
+    let abort = body.abort_handle();
+    let outcome = match tokio::time::timeout(CASE_TIMEOUT, body).await {
+        Ok(Ok(r)) => Outcome::from(r),
+        Ok(Err(e)) if e.is_panic() => {
+            let p = e.into_panic();
+            let msg = p
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_string())
+                .or_else(|| p.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "non-text panic payload".into());
+            Outcome::Failed(format!("panicked: {msg}"))
+        }
+        Ok(Err(e)) => Outcome::Failed(format!("case task failed: {e}")),
+        Err(_) => {
+            abort.abort();
+            Outcome::Failed(format!("timed out after {CASE_TIMEOUT:?}"))
+        }
+    };
+    let duration = t0.elapsed();
+    h.cleanup().await;
+    Row {
+        name: case.name,
+        outcome,
+        duration,
+    }
+}
+
 /// Runs the selected cases against `harness`'s backend, at most `concurrency` at
 /// once, each in its own scope and under [`CASE_TIMEOUT`]. Rows follow the table
 /// order of [`CASES`]. Progress goes to stderr.
+///
+/// This is the library entry point (no command line); [`main`] runs the same
+/// cases through libtest-mimic instead.
 pub async fn run(harness: &Harness, filter: &Filter, concurrency: usize) -> Report {
     let selected: Vec<(usize, Case)> = CASES
         .iter()
@@ -257,49 +297,21 @@ pub async fn run(harness: &Harness, filter: &Filter, concurrency: usize) -> Repo
     let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut handles = Vec::with_capacity(total);
     for (idx, case) in selected {
-        let h = harness.scoped(&format!("{idx:03}"));
+        let harness = harness.clone();
         let sem = Arc::clone(&sem);
         let done = Arc::clone(&done);
         handles.push(tokio::spawn(async move {
             let _permit = sem.acquire_owned().await;
-            let t0 = Instant::now();
-            let body = {
-                let h = h.clone();
-                tokio::spawn(async move { (case.run)(&h).await })
-            };
-            let abort = body.abort_handle();
-            let outcome = match tokio::time::timeout(CASE_TIMEOUT, body).await {
-                Ok(Ok(r)) => Outcome::from(r),
-                Ok(Err(e)) if e.is_panic() => {
-                    let p = e.into_panic();
-                    let msg = p
-                        .downcast_ref::<&str>()
-                        .map(|s| (*s).to_string())
-                        .or_else(|| p.downcast_ref::<String>().cloned())
-                        .unwrap_or_else(|| "non-text panic payload".into());
-                    Outcome::Failed(format!("panicked: {msg}"))
-                }
-                Ok(Err(e)) => Outcome::Failed(format!("case task failed: {e}")),
-                Err(_) => {
-                    abort.abort();
-                    Outcome::Failed(format!("timed out after {CASE_TIMEOUT:?}"))
-                }
-            };
-            let duration = t0.elapsed();
-            h.cleanup().await;
+            let row = run_case(&harness, idx, case).await;
             let n = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
             let _ = writeln!(
                 std::io::stderr().lock(),
                 "[{n:>3}/{total}] {:<11} {} ({:.2}s)",
-                outcome.label(),
-                case.name,
-                duration.as_secs_f64()
+                row.outcome.label(),
+                row.name,
+                row.duration.as_secs_f64()
             );
-            Row {
-                name: case.name,
-                outcome,
-                duration,
-            }
+            row
         }));
     }
     let mut rows = Vec::with_capacity(total);
@@ -319,46 +331,29 @@ pub async fn run(harness: &Harness, filter: &Filter, concurrency: usize) -> Repo
     }
 }
 
-/// The command line, as libtest (and cargo-nextest) would pass it.
-#[derive(Debug, Default)]
-struct Args {
-    list: bool,
-    ignored: bool,
-    threads: Option<usize>,
-    filter: Filter,
+/// The command line, parsed by libtest-mimic as libtest (and cargo-nextest) would
+/// pass it: `--list`, `--format terse`, one substring filter, `--exact`, `--skip`
+/// (repeatable), `--test-threads`, `--ignored`, `--include-ignored`, `--nocapture`
+/// and the rest of what libtest-mimic accepts. Unknown flags are an error, as
+/// with libtest.
+fn parse_args(args: impl IntoIterator<Item = String>) -> Arguments {
+    let mut a = Arguments::from_iter(args);
+    // Cases mostly wait on the backend, so more run at once than there are cores.
+    if a.test_threads.is_none() {
+        a.test_threads = Some(DEFAULT_CONCURRENCY);
+    }
+    a
 }
 
-impl Args {
-    fn parse(args: impl IntoIterator<Item = String>) -> Args {
-        let mut a = Args::default();
-        let mut it = args.into_iter();
-        while let Some(arg) = it.next() {
-            let (flag, inline) = match arg.split_once('=') {
-                Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(v.to_string())),
-                _ => (arg.clone(), None),
-            };
-            let mut value = |inline: Option<String>| inline.or_else(|| it.next());
-            match flag.as_str() {
-                "--list" => a.list = true,
-                "--exact" => a.filter.exact = true,
-                "--ignored" => a.ignored = true,
-                "--include-ignored" => a.ignored = false,
-                "--skip" => {
-                    if let Some(v) = value(inline) {
-                        a.filter.skip.push(v);
-                    }
-                }
-                "--test-threads" => a.threads = value(inline).and_then(|v| v.parse().ok()),
-                // Flags with a value we accept and ignore.
-                "--format" | "--color" | "--logfile" | "-Z" | "--shuffle-seed" => {
-                    let _ = value(inline);
-                }
-                f if f.starts_with('-') => {}
-                _ => a.filter.patterns.push(arg),
-            }
-        }
-        a
-    }
+/// A trial standing for `name` in listings and filtering (libtest-mimic's
+/// filter semantics: a substring of the name, or the whole name with `--exact`).
+fn placeholder(name: &str) -> Trial {
+    Trial::test(name, || Ok(()))
+}
+
+/// Whether the command line selects the case `name`.
+fn selects(args: &Arguments, name: &str) -> bool {
+    !args.is_filtered_out(&placeholder(name))
 }
 
 fn out(text: &str) {
@@ -379,13 +374,24 @@ fn is_unreachable(e: &ToozError) -> bool {
 ///
 /// - With `TOOZ_CONFORMANCE_WORKER` set, acts as a worker process for a
 ///   multi-process case and exits.
-/// - `--list [--format terse]` prints `<case>: test` per case (cargo-nextest lists
-///   tests this way); positional arguments filter by substring (`--exact` for whole
-///   names, `--skip S` to exclude); `--test-threads N` bounds concurrency; other
-///   libtest flags are accepted and ignored.
-/// - Otherwise checks the backend is reachable, runs the cases, prints the table and
-///   the closing line `N passed, N failed, N unsupported`, writes the JSON report to
-///   `$TOOZ_CONFORMANCE_JSON` if set, and exits 0 iff nothing failed.
+/// - The command line is libtest's, parsed by [libtest-mimic](libtest_mimic):
+///   `--list [--format terse]` prints `<case>: test` per case that applies to the
+///   backend (cargo-nextest lists tests this way and then runs each with `--exact
+///   <case>`); a positional argument filters by substring (`--exact` for a whole
+///   name, `--skip S` to exclude, repeatable); `--test-threads N` bounds how many
+///   cases run at once ([`DEFAULT_CONCURRENCY`] unless given); `--ignored` runs
+///   nothing (no case is ignored). Unlike libtest, only one filter is accepted.
+/// - Otherwise checks the backend is reachable, then runs the cases through
+///   libtest-mimic, which prints `test <case> ... ok` lines and its own summary
+///   (an unsupported case shows as `ignored, <reason>`), and then prints our table
+///   and the closing line `N passed, N failed, N unsupported`, writes the JSON
+///   report to `$TOOZ_CONFORMANCE_JSON` if set, and exits 0 iff nothing failed.
+///
+/// How the cases run: libtest-mimic's worker threads (one per `--test-threads`)
+/// each take a case and block on one shared multi-threaded tokio runtime, where
+/// the case body runs as a task under [`CASE_TIMEOUT`] and its scope is cleaned up
+/// after; so up to `--test-threads` cases run concurrently on that one runtime,
+/// and worker processes are this binary re-run with `TOOZ_CONFORMANCE_WORKER`.
 ///
 /// An unreachable backend fails every case when `TOOZ_REQUIRE_BACKENDS=1`; otherwise
 /// the run is skipped with a message and exits 0.
@@ -394,21 +400,17 @@ pub fn main(setup: Setup) -> ! {
         let code = crate::worker::main(setup);
         std::process::exit(code);
     }
-    let args = Args::parse(std::env::args().skip(1));
+    let args = parse_args(std::env::args());
+    let harness = Harness::new(setup);
+    let cases: Vec<(usize, Case)> = CASES
+        .iter()
+        .copied()
+        .enumerate()
+        .filter(|(_, c)| applies(c, &harness))
+        .collect();
     if args.list {
-        if !args.ignored {
-            let mut s = String::new();
-            for c in CASES.iter().filter(|c| args.filter.matches(c.name)) {
-                s.push_str(c.name);
-                s.push_str(": test\n");
-            }
-            out(&s);
-        }
-        std::process::exit(0);
-    }
-    if args.ignored {
-        // No case is #[ignore]d.
-        out("0 passed, 0 failed, 0 unsupported\n");
+        let trials = cases.iter().map(|(_, c)| placeholder(c.name)).collect();
+        let _listed = libtest_mimic::run(&args, trials);
         std::process::exit(0);
     }
     let rt = match tokio::runtime::Builder::new_multi_thread()
@@ -421,14 +423,76 @@ pub fn main(setup: Setup) -> ! {
             std::process::exit(1);
         }
     };
-    let code = rt.block_on(run_main(setup, args));
+    let selected = cases.iter().filter(|(_, c)| selects(&args, c.name)).count();
+    let require = std::env::var(REQUIRE_BACKENDS_ENV).is_ok_and(|v| v == "1");
+    let mut cannot_run = None;
+    if selected > 0 {
+        announce(&harness);
+        if let Err(e) = rt.block_on(probe(&harness)) {
+            if is_unreachable(&e) && !require {
+                out(&format!(
+                    "SKIPPED: the {} backend at {} is unreachable ({e}); none of the {selected} cases ran. \
+                     Start it (cargo xtask backends up) or set {REQUIRE_BACKENDS_ENV}=1 to make this a failure.\n",
+                    harness.driver(),
+                    harness.url(),
+                ));
+                std::process::exit(0);
+            }
+            cannot_run = Some(if is_unreachable(&e) {
+                format!("backend unreachable: {e}")
+            } else {
+                format!("cannot start a coordinator: {e}")
+            });
+        }
+    }
+    let rows: Arc<Mutex<Vec<(usize, Row)>>> = Arc::default();
+    let trials = cases
+        .iter()
+        .map(|&(idx, case)| {
+            let (handle, harness, rows) = (rt.handle().clone(), harness.clone(), Arc::clone(&rows));
+            let cannot_run = cannot_run.clone();
+            Trial::ignorable_test(case.name, move || {
+                let row = match cannot_run {
+                    Some(why) => Row {
+                        name: case.name,
+                        outcome: Outcome::Failed(why),
+                        duration: Duration::ZERO,
+                    },
+                    None => handle.block_on(run_case(&harness, idx, case)),
+                };
+                let outcome = row.outcome.clone();
+                lock(&rows).push((idx, row));
+                match outcome {
+                    Outcome::Passed => Ok(Completion::Completed),
+                    Outcome::Unsupported(m) => Ok(Completion::ignored_with(format!(
+                        "unsupported: {}",
+                        one_line(&m, 100)
+                    ))),
+                    Outcome::Failed(m) => Err(m.into()),
+                }
+            })
+        })
+        .collect();
+    let conclusion = libtest_mimic::run(&args, trials);
+    let mut rows = std::mem::take(&mut *lock(&rows));
+    rows.sort_by_key(|(idx, _)| *idx);
+    let report = Report {
+        driver: harness.driver().to_string(),
+        rows: rows.into_iter().map(|(_, r)| r).collect(),
+    };
+    let json_output = matches!(args.format, Some(FormatSetting::Json));
+    finish(&report, json_output);
+    let code = i32::from(conclusion.has_failed() || !report.is_success());
     let _ = std::io::stdout().flush();
     std::process::exit(code)
 }
 
-async fn run_main(setup: Setup, args: Args) -> i32 {
-    let require = std::env::var(REQUIRE_BACKENDS_ENV).is_ok_and(|v| v == "1");
-    let harness = Harness::new(setup);
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The header: what the suite runs against, and which cases do not apply.
+fn announce(harness: &Harness) {
     out(&format!(
         "tooz conformance: driver {} at {} (lease {:?}, namespace {})\n",
         harness.driver(),
@@ -447,52 +511,16 @@ async fn run_main(setup: Setup, args: Args) -> i32 {
             "{n} case(s) do not apply to this driver ({why})\n"
         ));
     }
-    if let Err(e) = probe(&harness).await {
-        let selected: Vec<&Case> = CASES
-            .iter()
-            .filter(|c| args.filter.matches(c.name))
-            .collect();
-        if is_unreachable(&e) && !require {
-            out(&format!(
-                "SKIPPED: the {} backend at {} is unreachable ({e}); none of the {} cases ran. \
-                 Start it (cargo xtask backends up) or set {REQUIRE_BACKENDS_ENV}=1 to make this a failure.\n",
-                harness.driver(),
-                harness.url(),
-                selected.len()
-            ));
-            return 0;
-        }
-        let why = if is_unreachable(&e) {
-            format!("backend unreachable: {e}")
-        } else {
-            format!("cannot start a coordinator: {e}")
-        };
-        let report = Report {
-            driver: harness.driver().to_string(),
-            rows: selected
-                .iter()
-                .map(|c| Row {
-                    name: c.name,
-                    outcome: Outcome::Failed(why.clone()),
-                    duration: Duration::ZERO,
-                })
-                .collect(),
-        };
-        finish(&report);
-        return 1;
-    }
-    let report = run(
-        &harness,
-        &args.filter,
-        args.threads.unwrap_or(DEFAULT_CONCURRENCY),
-    )
-    .await;
-    finish(&report);
-    i32::from(!report.is_success())
 }
 
-fn finish(report: &Report) {
-    out(&format!("\n{report}"));
+/// Prints the table and closing line (to stderr when stdout carries
+/// libtest-mimic's JSON) and writes the JSON report if asked.
+fn finish(report: &Report, json_output: bool) {
+    if json_output {
+        let _ = write!(std::io::stderr().lock(), "\n{report}");
+    } else {
+        out(&format!("\n{report}"));
+    }
     if let Ok(path) = std::env::var(JSON_REPORT_ENV)
         && let Err(e) = std::fs::write(&path, report.to_json().to_string())
     {
@@ -521,30 +549,42 @@ async fn probe(h: &Harness) -> tooz_core::Result<()> {
 mod tests {
     use super::*;
 
-    fn args(v: &[&str]) -> Args {
-        Args::parse(v.iter().map(|s| s.to_string()))
+    fn args(v: &[&str]) -> Arguments {
+        parse_args(
+            std::iter::once("conformance")
+                .chain(v.iter().copied())
+                .map(String::from),
+        )
     }
 
     #[test]
     fn libtest_flags() {
+        // What cargo-nextest passes to list, then to run one case.
         let a = args(&["--list", "--format", "terse"]);
         assert!(a.list);
-        assert!(a.filter.patterns.is_empty());
-        let a = args(&[
-            "locks::",
-            "--exact",
-            "--nocapture",
-            "--test-threads",
-            "2",
-            "-q",
-        ]);
-        assert_eq!(a.filter.patterns, ["locks::"]);
-        assert!(a.filter.exact);
-        assert_eq!(a.threads, Some(2));
-        let a = args(&["--test-threads=3", "--skip", "slow", "x"]);
-        assert_eq!(a.threads, Some(3));
-        assert_eq!(a.filter.skip, ["slow"]);
-        assert_eq!(a.filter.patterns, ["x"]);
+        assert!(a.filter.is_none());
+        assert!(selects(&a, "locks::a"));
+        let a = args(&["--list", "--format", "terse", "--ignored"]);
+        assert!(a.list && a.ignored);
+        assert!(!selects(&a, "locks::a"), "no case is ignored");
+        let a = args(&["--exact", "locks::a", "--nocapture"]);
+        assert!(selects(&a, "locks::a"));
+        assert!(!selects(&a, "locks::ab"));
+        // What cargo test passes.
+        let a = args(&["locks::", "--test-threads", "2", "-q"]);
+        assert_eq!(a.filter.as_deref(), Some("locks::"));
+        assert_eq!(a.test_threads, Some(2));
+        assert!(selects(&a, "locks::a"));
+        assert!(!selects(&a, "groups::a"));
+        let a = args(&["--test-threads=3", "--skip", "slow", "--skip", "b::", "x"]);
+        assert_eq!(a.test_threads, Some(3));
+        assert_eq!(a.skip, ["slow", "b::"]);
+        assert!(selects(&a, "a::x"));
+        assert!(!selects(&a, "a::x_slow"));
+        assert!(!selects(&a, "b::x"));
+        assert!(!selects(&a, "a::y"));
+        // Without --test-threads, six cases at once.
+        assert_eq!(args(&[]).test_threads, Some(DEFAULT_CONCURRENCY));
     }
 
     #[test]

@@ -206,7 +206,14 @@ pub(crate) async fn waiter_on_same_object_acquires_after_release(h: &Harness) ->
         let l = l.clone();
         tokio::spawn(async move { l.acquire(Wait::Forever).await })
     };
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The waiter gets 300 ms to start waiting; meanwhile the object stays held: a
+    // timed acquire on it waits them out and returns false.
+    ensure!(
+        !l.acquire(Wait::For(Duration::from_millis(300)))
+            .await
+            .ctx("timed acquire on the held object")?,
+        "a timed acquire on the held lock object returned true"
+    );
     ensure!(
         !waiter.is_finished(),
         "a blocking acquire on the held lock object returned before the release"
@@ -386,11 +393,12 @@ pub(crate) async fn release_inside_guard_then_drop_is_harmless(h: &Harness) -> C
         "b could not take the released lock"
     );
     drop(g);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // A dropped guard releases in the background within GUARD_DROP_RELEASE (see
+    // lifecycle::guard_drop_releases): for that long b's lock must stay b's.
     ensure!(
         !c.get_lock(&name)
             .ctx("get_lock")?
-            .acquire(Wait::No)
+            .acquire(Wait::For(GUARD_DROP_RELEASE))
             .await
             .ctx("c acquire")?,
         "dropping the already-released guard freed b's lock"

@@ -7,13 +7,23 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tooz_core::{Coordinator, EventStream, GroupEvent};
 
-use crate::check::{CaseError, Ctx};
+use crate::check::{CaseError, CaseResult, Ctx};
 
 /// How often polling helpers look again.
 pub(crate) const POLL: Duration = Duration::from_millis(50);
 
-/// A generous bound for things that should be prompt (push, handoff).
+/// A generous bound for things that should be prompt (a reply, a handoff that
+/// needs no push).
 pub(crate) const PROMPT: Duration = Duration::from_secs(5);
+
+/// How long a push may take: what the push cases wait for an event before they
+/// fail. Their observers poll only every
+/// [`PUSH_CASE_POLL_INTERVAL`](crate::PUSH_CASE_POLL_INTERVAL) (an hour), so only
+/// a push meets it.
+pub(crate) const PUSH_LATENCY: Duration = Duration::from_secs(2);
+
+/// How long the release a dropped guard starts (in the background) may take.
+pub(crate) const GUARD_DROP_RELEASE: Duration = Duration::from_secs(2);
 
 /// Polls `check` until it returns `Ok(true)`, or fails after `timeout` saying `what`.
 pub(crate) async fn wait_until<F, Fut>(
@@ -34,6 +44,27 @@ where
             fail!("{what}: still not true after {timeout:?}");
         }
         tokio::time::sleep(POLL).await;
+    }
+}
+
+/// Checks `check` every [`POLL`] for `period`, failing (saying `what`) the first time
+/// it is false: how a case shows that something does *not* happen within a stated
+/// bound, where a bare sleep would only assume it.
+pub(crate) async fn stays_true<F, Fut>(period: Duration, what: &str, mut check: F) -> CaseResult
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<bool, CaseError>>,
+{
+    let t0 = Instant::now();
+    loop {
+        if !check().await? {
+            fail!("{what}: stopped being true after {:?}", t0.elapsed());
+        }
+        let left = period.saturating_sub(t0.elapsed());
+        if left.is_zero() {
+            return Ok(());
+        }
+        tokio::time::sleep(left.min(POLL)).await;
     }
 }
 

@@ -92,6 +92,94 @@ impl DriverInfo {
     }
 }
 
+/// What a heartbeat renews: everything the coordinator holds.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct Held<'a> {
+    /// The groups this member joined.
+    pub joined: &'a [GroupId],
+    /// The locks held, with their mode and grant.
+    pub locks: &'a [HeldLock],
+    /// The leaderships held, with their grant.
+    pub leading: &'a [(GroupId, FencingToken)],
+}
+
+impl<'a> Held<'a> {
+    /// Describes what is held.
+    pub fn new(
+        joined: &'a [GroupId],
+        locks: &'a [HeldLock],
+        leading: &'a [(GroupId, FencingToken)],
+    ) -> Self {
+        Held {
+            joined,
+            locks,
+            leading,
+        }
+    }
+}
+
+/// One held lock, as the heartbeat sees it.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct HeldLock {
+    /// The driver's handle (downcast it to the driver's own type, through
+    /// `&dyn Any`, to reach what renewing it needs).
+    pub lock: Arc<dyn DriverLock>,
+    /// The mode of the hold.
+    pub mode: Mode,
+    /// The grant's fencing token.
+    pub token: FencingToken,
+}
+
+impl HeldLock {
+    /// Describes a hold.
+    pub fn new(lock: Arc<dyn DriverLock>, mode: Mode, token: FencingToken) -> Self {
+        HeldLock { lock, mode, token }
+    }
+
+    /// The handle as the driver's own type, if it is one.
+    pub fn downcast<T: DriverLock>(&self) -> Option<&T> {
+        let any: &dyn std::any::Any = self.lock.as_ref();
+        any.downcast_ref::<T>()
+    }
+}
+
+/// What a heartbeat found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Renewal {
+    /// The lease TTL: the time until the next heartbeat is due.
+    pub ttl: Duration,
+    /// Positions in [`Held::locks`] of the holds found lost.
+    pub lost_locks: Vec<usize>,
+    /// Leaderships found lost.
+    pub lost_leaderships: Vec<GroupId>,
+}
+
+impl Renewal {
+    /// Everything renewed; the lease lasts `ttl`.
+    pub fn new(ttl: Duration) -> Self {
+        Renewal {
+            ttl,
+            lost_locks: Vec::new(),
+            lost_leaderships: Vec::new(),
+        }
+    }
+
+    /// Marks the hold at `index` of [`Held::locks`] lost.
+    pub fn lose_lock(&mut self, index: usize) -> &mut Self {
+        self.lost_locks.push(index);
+        self
+    }
+
+    /// Marks the leadership of `group` lost.
+    pub fn lose_leadership(&mut self, group: GroupId) -> &mut Self {
+        self.lost_leaderships.push(group);
+        self
+    }
+}
+
 /// A coordination backend, bound to one member id.
 ///
 /// Ids handed to a driver have passed the core's validation (non-empty, at most
@@ -108,9 +196,15 @@ pub trait Driver: Send + Sync + fmt::Debug + 'static {
     /// already left the joined groups and released the locks it knows about.
     async fn stop(&self) -> Result<()>;
 
-    /// Renews liveness for this member in `joined` groups and for held locks the
-    /// driver tracks; returns the time until the next heartbeat is due (the lease TTL).
-    async fn heartbeat(&self, joined: &[GroupId]) -> Result<Duration>;
+    /// Renews everything this coordinator holds, in as few requests as the backend
+    /// allows (one, where it can): its membership in `held.joined`, the locks in
+    /// `held.locks` and the leaderships in `held.leading`. Returns the lease TTL
+    /// (the time until the next heartbeat is due) and what it found lost (a lock
+    /// key expired or taken, a leader key gone), which the core signals.
+    ///
+    /// # Errors
+    /// Backend errors (the core reports the lease at risk and retries).
+    async fn heartbeat(&self, held: &Held<'_>) -> Result<Renewal>;
 
     /// The state of the lease this driver's memberships and holds hang on, for a
     /// driver that feeds it itself (see [`crate::lease`]): a driver with a session of
@@ -121,13 +215,6 @@ pub trait Driver: Send + Sync + fmt::Debug + 'static {
     /// from heartbeats alone. Return the same state (a clone) on every call.
     fn lease(&self) -> Option<LeaseState> {
         None
-    }
-
-    /// Leaderships this driver found lost since it was last asked (a heartbeat saw
-    /// the leader key gone or taken by another member). The coordinator asks after
-    /// each heartbeat and signals their loss. Default: none.
-    fn lost_leaderships(&self) -> Vec<GroupId> {
-        Vec::new()
     }
 
     /// Creates a group. `GroupAlreadyExist` if present.
@@ -226,7 +313,7 @@ pub type WakeStream = Pin<Box<dyn Stream<Item = ()> + Send + 'static>>;
 /// The core serialises calls on one handle (it never runs two acquisitions on the
 /// same handle at once) and never acquires a held handle.
 #[async_trait]
-pub trait DriverLock: Send + Sync + fmt::Debug + 'static {
+pub trait DriverLock: std::any::Any + Send + Sync + fmt::Debug + 'static {
     /// The lock name.
     fn name(&self) -> &LockName;
 
@@ -293,7 +380,9 @@ pub trait DriverLock: Send + Sync + fmt::Debug + 'static {
     /// it); never frees another holder's lock.
     async fn release(&self) -> Result<bool>;
 
-    /// Renews the hold where the backend needs it. `false` if not held (any more).
+    /// Renews this one hold where the backend needs it (`Lock::heartbeat`; the
+    /// coordinator's heartbeat renews every hold at once through
+    /// [`Driver::heartbeat`]). `false` if not held (any more).
     async fn heartbeat(&self) -> Result<bool>;
 
     /// Whether this handle still holds the lock, according to the backend.

@@ -23,7 +23,8 @@ pub use capabilities::{Capabilities, MemberInfo};
 pub use characteristic::Characteristic;
 pub use coordinator::{Coordinator, CoordinatorConfig};
 pub use driver::{
-    Attempt, Driver, DriverEvent, DriverEventStream, DriverInfo, DriverLock, Liveness, WakeStream,
+    Attempt, Driver, DriverEvent, DriverEventStream, DriverInfo, DriverLock, Held, HeldLock,
+    Liveness, Renewal, WakeStream,
 };
 pub use error::{BoxError, Result, ToozError};
 pub use events::{EventStream, GroupEvent, WatchId};

@@ -42,7 +42,8 @@ use tokio::sync::{broadcast, watch};
 use crate::capabilities::{Capabilities, MemberInfo};
 use crate::characteristic::Characteristic;
 use crate::driver::{
-    Attempt, Driver, DriverEvent, DriverEventStream, DriverInfo, DriverLock, WakeStream,
+    Attempt, Driver, DriverEvent, DriverEventStream, DriverInfo, DriverLock, Held, Renewal,
+    WakeStream,
 };
 use crate::error::{Result, ToozError};
 use crate::features::{Features, FencingSource, LeaseKind};
@@ -254,8 +255,9 @@ impl Driver for MemoryDriver {
         Ok(())
     }
 
-    async fn heartbeat(&self, _joined: &[GroupId]) -> Result<Duration> {
-        Ok(self.interval)
+    /// Nothing expires in memory: every hold is still there unless released.
+    async fn heartbeat(&self, _held: &Held<'_>) -> Result<Renewal> {
+        Ok(Renewal::new(self.interval))
     }
 
     async fn create_group(&self, group: &GroupId) -> Result<()> {

@@ -14,8 +14,8 @@ use etcd_client::{
 use tooz_core::util::Backoff;
 use tooz_core::{
     Capabilities, Characteristic, ConnectRequest, Driver, DriverEventStream, DriverInfo,
-    DriverLock, FencingToken, GroupId, LeaseState, LockName, MemberId, MemberInfo, Result,
-    ToozError,
+    DriverLock, FencingToken, GroupId, Held, LeaseState, LockName, MemberId, MemberInfo, Renewal,
+    Result, ToozError,
 };
 
 use crate::config::EtcdConfig;
@@ -593,11 +593,13 @@ impl Driver for EtcdDriver {
     }
 
     #[tracing::instrument(level = "debug", skip_all)]
-    async fn heartbeat(&self, _joined: &[GroupId]) -> Result<Duration> {
+    /// One keep-alive renews every membership, lock and leadership: they all hang
+    /// on the coordinator's lease.
+    async fn heartbeat(&self, _held: &Held<'_>) -> Result<Renewal> {
         let i = &self.inner;
         let lease = i.lease()?;
         if i.keep_alive(lease.id).await? {
-            return Ok(i.config.lease_ttl());
+            return Ok(Renewal::new(i.config.lease_ttl()));
         }
         // The lease expired or was revoked: everything on it is gone.
         tracing::warn!(
@@ -612,7 +614,7 @@ impl Driver for EtcdDriver {
             epoch: lease.epoch + 1,
         });
         i.lease_state.replaced(sent, i.config.lease_ttl());
-        Ok(i.config.lease_ttl())
+        Ok(Renewal::new(i.config.lease_ttl()))
     }
 
     fn lease(&self) -> Option<LeaseState> {

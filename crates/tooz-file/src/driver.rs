@@ -11,7 +11,8 @@ use nix::sys::stat::{UtimensatFlags, utimensat};
 use nix::sys::time::TimeSpec;
 use tooz_core::{
     Capabilities, Characteristic, ConnectRequest, Driver, DriverEventStream, DriverInfo,
-    DriverLock, FencingToken, GroupId, LockName, MemberId, MemberInfo, Result, ToozError,
+    DriverLock, FencingToken, GroupId, Held, LockName, MemberId, MemberInfo, Renewal, Result,
+    ToozError,
 };
 
 use crate::config::{FileConfig, NAME};
@@ -530,9 +531,9 @@ impl Driver for FileDriver {
     /// Touches this member's record in every joined group (so Python readers see
     /// it alive) and returns `timeout`.
     #[tracing::instrument(level = "debug", skip_all)]
-    async fn heartbeat(&self, joined: &[GroupId]) -> Result<Duration> {
+    async fn heartbeat(&self, held: &Held<'_>) -> Result<Renewal> {
         let healed = self.blocking(Inner::heal_alive).await?;
-        let groups = joined.to_vec();
+        let groups = held.joined.to_vec();
         if let Some((old, new)) = healed {
             let groups = groups.clone();
             let new_alive = new.clone();
@@ -589,7 +590,8 @@ impl Driver for FileDriver {
             Ok(())
         })
         .await?;
-        Ok(self.inner.config.timeout)
+        // Locks and leaderships are open-file-description locks: nothing to renew.
+        Ok(Renewal::new(self.inner.config.timeout))
     }
 
     #[tracing::instrument(level = "debug", skip_all, fields(group = %group))]
@@ -1216,8 +1218,10 @@ mod tests {
         assert!(d.get_members(&g).await.unwrap().is_empty());
         assert_eq!(d.get_leader(&g).await.unwrap(), None);
         assert_eq!(
-            d.heartbeat(std::slice::from_ref(&g)).await.unwrap(),
-            Duration::from_secs(2)
+            d.heartbeat(&Held::new(std::slice::from_ref(&g), &[], &[]))
+                .await
+                .unwrap(),
+            Renewal::new(Duration::from_secs(2))
         );
         let age = SystemTime::now()
             .duration_since(std::fs::metadata(&path).unwrap().modified().unwrap())

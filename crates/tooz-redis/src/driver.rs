@@ -2,7 +2,6 @@
 //! out as Python tooz lays them out.
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -11,8 +10,8 @@ use tokio::time::Instant;
 use tooz_core::util::{Backoff, sleep_within};
 use tooz_core::{
     Attempt, Capabilities, Characteristic, ConnectRequest, Driver, DriverEventStream, DriverInfo,
-    DriverLock, FencingToken, GroupId, LeaseState, LockName, MemberId, MemberInfo, Mode, Result,
-    ToozError,
+    DriverLock, FencingToken, GroupId, Held, LeaseState, LockName, MemberId, MemberInfo, Mode,
+    Renewal, Result, ToozError,
 };
 
 use crate::config::RedisConfig;
@@ -43,16 +42,6 @@ pub(crate) struct LockKeys {
     pub(crate) fence: Vec<u8>,
 }
 
-/// A hold the driver heartbeat renews.
-#[derive(Debug)]
-struct HoldEntry {
-    keys: LockKeys,
-    mode: Mode,
-    token: String,
-    ok: bool,
-    renewed: Instant,
-}
-
 /// A leadership this coordinator holds.
 #[derive(Debug, Clone)]
 struct Leading {
@@ -69,11 +58,7 @@ pub(crate) struct Inner {
     scripts: Scripts,
     connector: Arc<Connector>,
     hub: Mutex<Option<Arc<Hub>>>,
-    holds: Mutex<HashMap<u64, HoldEntry>>,
     leaders: Mutex<HashMap<GroupId, Leading>>,
-    /// Leaderships the heartbeat found gone, for the coordinator to signal.
-    lost_leaders: Mutex<Vec<GroupId>>,
-    next_lock: AtomicU64,
     /// The lease of every key this member writes: each is written with a TTL of
     /// at least `heartbeat_interval()` and renewed by the heartbeat.
     lease: LeaseState,
@@ -126,10 +111,6 @@ impl Inner {
             readers: self.keys.lock_readers(name),
             fence: self.keys.lock_fence(name),
         }
-    }
-
-    pub(crate) fn lock_ttl(&self) -> Duration {
-        self.config.lock_timeout
     }
 
     /// Runs an ownership-checked release (`op`) of a hold this coordinator may
@@ -320,35 +301,6 @@ impl Inner {
         Ok(n == 1)
     }
 
-    pub(crate) fn register_hold(&self, id: u64, keys: &LockKeys, mode: Mode, token: &str) {
-        guard(&self.holds).insert(
-            id,
-            HoldEntry {
-                keys: keys.clone(),
-                mode,
-                token: token.to_string(),
-                ok: true,
-                renewed: Instant::now(),
-            },
-        );
-    }
-
-    pub(crate) fn unregister_hold(&self, id: u64) {
-        guard(&self.holds).remove(&id);
-    }
-
-    /// Whether the hold survived the last renewal, and when that was.
-    pub(crate) fn hold_status(&self, id: u64) -> Option<(bool, Instant)> {
-        guard(&self.holds).get(&id).map(|h| (h.ok, h.renewed))
-    }
-
-    pub(crate) fn note_renewal(&self, id: u64, ok: bool) {
-        if let Some(h) = guard(&self.holds).get_mut(&id) {
-            h.ok = ok;
-            h.renewed = Instant::now();
-        }
-    }
-
     // ----- group helpers ---------------------------------------------------------
 
     fn member_args(&self) -> (Vec<u8>, Vec<u8>) {
@@ -463,10 +415,7 @@ impl RedisDriver {
                 keys,
                 scripts: Scripts::new(),
                 hub: Mutex::new(None),
-                holds: Mutex::new(HashMap::new()),
                 leaders: Mutex::new(HashMap::new()),
-                lost_leaders: Mutex::new(Vec::new()),
-                next_lock: AtomicU64::new(0),
                 lease: LeaseState::new(),
             }),
         })
@@ -566,7 +515,6 @@ impl Driver for RedisDriver {
     #[tracing::instrument(level = "debug", skip_all, fields(member = %self.inner.member))]
     async fn stop(&self) -> Result<()> {
         let i = &self.inner;
-        guard(&i.holds).clear();
         guard(&i.leaders).clear();
         let beat = i.keys.beat(&i.member);
         let res = i
@@ -592,12 +540,13 @@ impl Driver for RedisDriver {
         Ok(())
     }
 
+    /// Everything in one script call: the beat key, every lock hold (from the
+    /// coordinator's held set) and every leadership.
     #[tracing::instrument(level = "debug", skip_all)]
-    async fn heartbeat(&self, _joined: &[GroupId]) -> Result<Duration> {
+    async fn heartbeat(&self, held: &Held<'_>) -> Result<Renewal> {
         let i = &self.inner;
-        // Everything in one request: the beat key, every lock hold, every leadership.
         enum Item {
-            Lock(u64),
+            Lock(usize),
             Leader(GroupId),
         }
         let mut keys: Vec<Vec<u8>> = vec![i.keys.beat(&i.member)];
@@ -606,12 +555,16 @@ impl Driver for RedisDriver {
             ms(i.config.lock_timeout).to_string().into_bytes(),
         ];
         let mut items = Vec::new();
-        for (id, h) in guard(&i.holds).iter() {
-            keys.push(h.keys.lock.clone());
-            keys.push(h.keys.readers.clone());
-            args.push(mode_arg(h.mode).as_bytes().to_vec());
-            args.push(h.token.clone().into_bytes());
-            items.push(Item::Lock(*id));
+        for (n, h) in held.locks.iter().enumerate() {
+            let Some((lk, mode, token)) = h.downcast::<RedisLock>().and_then(RedisLock::renewal)
+            else {
+                continue;
+            };
+            keys.push(lk.lock.clone());
+            keys.push(lk.readers.clone());
+            args.push(mode_arg(mode).as_bytes().to_vec());
+            args.push(token.into_bytes());
+            items.push(Item::Lock(n));
         }
         for (g, l) in guard(&i.leaders).iter() {
             keys.push(i.keys.leader(g));
@@ -627,36 +580,28 @@ impl Driver for RedisDriver {
             Some(a) => a.iter().map(|x| int(x) == Some(1)).collect(),
             None => return Err(unexpected("heartbeat", &v)),
         };
-        let now = Instant::now();
+        let mut renewal = Renewal::new(i.config.heartbeat_interval());
         for (item, ok) in items
             .into_iter()
             .zip(results.into_iter().chain(std::iter::repeat(false)))
         {
-            match item {
-                Item::Lock(id) => {
-                    if let Some(h) = guard(&i.holds).get_mut(&id) {
-                        h.ok = ok;
-                        h.renewed = now;
-                    }
+            match (item, ok) {
+                (_, true) => {}
+                (Item::Lock(n), false) => {
+                    renewal.lose_lock(n);
                 }
-                Item::Leader(g) => {
-                    if !ok {
-                        tracing::info!(group = %g, "redis: leadership lost (the leader key expired or was taken)");
-                        guard(&i.leaders).remove(&g);
-                        guard(&i.lost_leaders).push(g);
-                    }
+                (Item::Leader(g), false) => {
+                    tracing::info!(group = %g, "redis: leadership lost (the leader key expired or was taken)");
+                    guard(&i.leaders).remove(&g);
+                    renewal.lose_leadership(g);
                 }
             }
         }
-        Ok(i.config.heartbeat_interval())
+        Ok(renewal)
     }
 
     fn lease(&self) -> Option<LeaseState> {
         Some(self.inner.lease.clone())
-    }
-
-    fn lost_leaderships(&self) -> Vec<GroupId> {
-        std::mem::take(&mut *guard(&self.inner.lost_leaders))
     }
 
     #[tracing::instrument(level = "debug", skip_all, fields(group = %group))]
@@ -922,11 +867,9 @@ impl Driver for RedisDriver {
 
     fn lock(&self, name: &LockName) -> Result<Arc<dyn DriverLock>> {
         check_lock_name(name)?;
-        let id = self.inner.next_lock.fetch_add(1, Ordering::Relaxed);
         Ok(Arc::new(RedisLock::new(
             Arc::clone(&self.inner),
             name.clone(),
-            id,
         )))
     }
 

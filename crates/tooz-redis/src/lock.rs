@@ -20,7 +20,6 @@ struct Hold {
 /// One lock handle.
 #[derive(Debug)]
 pub(crate) struct RedisLock {
-    id: u64,
     name: LockName,
     keys: LockKeys,
     inner: Arc<Inner>,
@@ -68,10 +67,16 @@ pub(crate) fn parse_acquire(v: &Value) -> Result<Attempt> {
 }
 
 impl RedisLock {
-    pub(crate) fn new(inner: Arc<Inner>, name: LockName, id: u64) -> Self {
+    /// What the driver heartbeat renews: the keys, mode and owner token of the
+    /// current hold.
+    pub(crate) fn renewal(&self) -> Option<(&LockKeys, Mode, String)> {
+        let hold = self.hold().clone()?;
+        Some((&self.keys, hold.mode, hold.token))
+    }
+
+    pub(crate) fn new(inner: Arc<Inner>, name: LockName) -> Self {
         let keys = inner.lock_keys(&name);
         RedisLock {
-            id,
             name,
             keys,
             inner,
@@ -99,7 +104,6 @@ impl DriverLock for RedisLock {
                     token: token.clone(),
                     mode,
                 });
-                self.inner.register_hold(self.id, &self.keys, mode, &token);
                 Ok(Attempt::Granted(fence))
             }
             Ok(held) => Ok(held),
@@ -124,7 +128,6 @@ impl DriverLock for RedisLock {
         let Some(hold) = self.hold().take() else {
             return Ok(false);
         };
-        self.inner.unregister_hold(self.id);
         match self
             .inner
             .release_token(&self.keys, hold.mode, &hold.token)
@@ -145,19 +148,9 @@ impl DriverLock for RedisLock {
         let Some(hold) = self.hold().clone() else {
             return Ok(false);
         };
-        // The driver heartbeat renews every hold in one request just before the
-        // coordinator calls this; answer from its result unless it is stale.
-        match self.inner.hold_status(self.id) {
-            Some((ok, renewed)) if !ok || renewed.elapsed() < self.inner.lock_ttl() / 3 => Ok(ok),
-            _ => {
-                let ok = self
-                    .inner
-                    .renew_token(&self.keys, hold.mode, &hold.token, true)
-                    .await?;
-                self.inner.note_renewal(self.id, ok);
-                Ok(ok)
-            }
-        }
+        self.inner
+            .renew_token(&self.keys, hold.mode, &hold.token, true)
+            .await
     }
 
     async fn is_still_owner(&self) -> Result<bool> {
@@ -171,12 +164,6 @@ impl DriverLock for RedisLock {
 
     async fn break_lock(&self) -> Result<bool> {
         self.inner.break_lock(&self.keys).await
-    }
-}
-
-impl Drop for RedisLock {
-    fn drop(&mut self) {
-        self.inner.unregister_hold(self.id);
     }
 }
 

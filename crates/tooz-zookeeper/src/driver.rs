@@ -7,8 +7,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tooz_core::{
     Capabilities, Characteristic, ConnectRequest, Driver, DriverEventStream, DriverInfo,
-    DriverLock, FencingToken, GroupId, LeaseState, LockName, MemberId, MemberInfo, Result,
-    ToozError,
+    DriverLock, FencingToken, GroupId, Held, LeaseState, LockName, MemberId, MemberInfo, Renewal,
+    Result, ToozError,
 };
 use zookeeper_client::{AddWatchMode, CreateMode, Error as ZkError, Stat};
 
@@ -197,14 +197,16 @@ impl Driver for ZookeeperDriver {
     }
 
     #[tracing::instrument(level = "debug", skip_all)]
-    async fn heartbeat(&self, _joined: &[GroupId]) -> Result<Duration> {
+    /// One `exists`: everything hangs on the session, which this keeps busy.
+    async fn heartbeat(&self, _held: &Held<'_>) -> Result<Renewal> {
         let i = &self.inner;
         let s = i.session().await?;
         s.client
             .check_stat(i.layout.base())
             .await
             .map_err(|e| zk_err("heartbeat", e))?;
-        Ok(i.config.timeout)
+        // The negotiated timeout, which the server may have cut below the request.
+        Ok(Renewal::new(s.client.session_timeout()))
     }
 
     fn lease(&self) -> Option<LeaseState> {

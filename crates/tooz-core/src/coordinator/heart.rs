@@ -4,6 +4,7 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use super::*;
+use crate::driver::{Held, HeldLock};
 
 impl Shared {
     pub(super) fn ensure_started(&self) -> Result<()> {
@@ -55,13 +56,26 @@ impl Shared {
 
     pub(super) async fn beat(&self) -> Result<Duration> {
         let joined: Vec<GroupId> = lock(&self.run).joined.keys().cloned().collect();
-        let interval = self.driver.heartbeat(&joined).await?;
-        for l in self.held_locks() {
-            if let Err(e) = l.heartbeat().await {
-                tracing::warn!(error = %e, "lock heartbeat failed");
+        let inners = self.held_locks();
+        let locks: Vec<HeldLock> = inners.iter().filter_map(|l| l.held_lock()).collect();
+        let leading: Vec<(GroupId, FencingToken)> = lock(&self.watchers)
+            .leading
+            .iter()
+            .map(|(g, l)| (g.clone(), l.token))
+            .collect();
+        let renewal = self
+            .driver
+            .heartbeat(&Held::new(&joined, &locks, &leading))
+            .await?;
+        for i in &renewal.lost_locks {
+            if let Some(h) = locks.get(*i)
+                && let Some(l) = inners.iter().find(|l| l.is_hold(h))
+            {
+                tracing::info!(lock = %h.lock.name(), "lock lost (found gone by the heartbeat)");
+                l.lose();
             }
         }
-        for g in self.driver.lost_leaderships() {
+        for g in renewal.lost_leaderships {
             let gone = lock(&self.watchers).leading.remove(&g);
             if gone.is_some() {
                 tracing::info!(group = %g, "leadership lost (found gone by the heartbeat)");
@@ -73,7 +87,7 @@ impl Shared {
             }
         }
         self.beats.fetch_add(1, Ordering::Relaxed);
-        Ok(interval)
+        Ok(renewal.ttl)
     }
 
     /// Whether the lease is currently declared lost (holds granted now would have

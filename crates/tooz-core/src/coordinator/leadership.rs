@@ -136,6 +136,7 @@ impl Coordinator {
         let g = self.shared.group(group)?;
         let stop = self.shared.stop_token()?;
         let mut events = self.events(&g).await.ok();
+        let mut vacancy_pause = Duration::from_millis(5);
         loop {
             let attempt = tokio::select! {
                 r = self.campaign_once(&g) => r?.0,
@@ -144,6 +145,19 @@ impl Coordinator {
             if let Some(l) = attempt {
                 return Ok(l);
             }
+            // Lost, yet nobody leads: the leader is still letting go (a backend
+            // may announce "no leader" before its hold is free, and nothing may be
+            // announced when it is). Try again soon instead of waiting for an event.
+            let vacant = matches!(self.shared.driver.get_leader(&g).await, Ok(None));
+            if vacant {
+                let pause = vacancy_pause;
+                vacancy_pause = (vacancy_pause * 2).min(Duration::from_millis(250));
+                tokio::select! {
+                    () = tokio::time::sleep(pause) => continue,
+                    _ = stop.cancelled() => return Err(ToozError::Stopped),
+                }
+            }
+            vacancy_pause = Duration::from_millis(5);
             let wait = async {
                 match events.as_mut() {
                     Some(s) => {

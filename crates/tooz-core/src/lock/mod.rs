@@ -497,6 +497,27 @@ impl LockInner {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The current hold as the heartbeat sees it.
+    pub(crate) fn held_lock(&self) -> Option<crate::driver::HeldLock> {
+        let st = self.state();
+        let h = st.hold.as_ref().filter(|h| !*h.lost.borrow())?;
+        Some(crate::driver::HeldLock::new(
+            Arc::clone(&self.driver),
+            h.mode,
+            h.token,
+        ))
+    }
+
+    /// Whether `held` describes this lock object's current hold.
+    pub(crate) fn is_hold(&self, held: &crate::driver::HeldLock) -> bool {
+        Arc::ptr_eq(&self.driver, &held.lock)
+            && self
+                .state()
+                .hold
+                .as_ref()
+                .is_some_and(|h| h.token == held.token)
+    }
+
     pub(crate) fn is_held(&self) -> bool {
         self.state()
             .hold

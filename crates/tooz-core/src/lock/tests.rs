@@ -37,6 +37,10 @@ struct Mem {
     lost_leaders: Mutex<Vec<GroupId>>,
     /// `resign` calls.
     resigns: AtomicU64,
+    /// `heartbeat` reports every held lock lost.
+    lose_locks: std::sync::atomic::AtomicBool,
+    /// How many locks the last `heartbeat` was given.
+    beat_locks: AtomicU64,
 }
 
 /// A push source that never reports anything.
@@ -137,21 +141,31 @@ impl Driver for MemDriver {
     async fn stop(&self) -> Result<()> {
         Ok(())
     }
-    async fn heartbeat(&self, _: &[GroupId]) -> Result<Duration> {
-        match self.0.beat_mode.load(Ordering::SeqCst) {
+    async fn heartbeat(&self, held: &crate::driver::Held<'_>) -> Result<crate::driver::Renewal> {
+        let ttl = match self.0.beat_mode.load(Ordering::SeqCst) {
             1 => std::future::pending().await,
-            2 => Err(ToozError::backend_msg("unreachable")),
+            2 => return Err(ToozError::backend_msg("unreachable")),
             _ => match self.0.ttl_ms.load(Ordering::SeqCst) {
-                0 => Ok(Duration::from_millis(20)),
-                ms => Ok(Duration::from_millis(ms)),
+                0 => Duration::from_millis(20),
+                ms => Duration::from_millis(ms),
             },
+        };
+        let mut r = crate::driver::Renewal::new(ttl);
+        self.0
+            .beat_locks
+            .store(held.locks.len() as u64, Ordering::SeqCst);
+        if self.0.lose_locks.load(Ordering::SeqCst) {
+            for i in 0..held.locks.len() {
+                r.lose_lock(i);
+            }
         }
+        for g in std::mem::take(&mut *self.0.lost_leaders.lock().unwrap()) {
+            r.lose_leadership(g);
+        }
+        Ok(r)
     }
     fn lease(&self) -> Option<crate::lease::LeaseState> {
         self.0.lease.lock().unwrap().clone()
-    }
-    fn lost_leaderships(&self) -> Vec<GroupId> {
-        std::mem::take(&mut *self.0.lost_leaders.lock().unwrap())
     }
     async fn create_group(&self, _: &GroupId) -> Result<()> {
         nope()
@@ -388,6 +402,33 @@ async fn manual_heartbeats_drive_the_lease() {
     mem.beat_mode.store(0, Ordering::SeqCst);
     c.heartbeat().await.unwrap();
     live.wait_for(|l| *l == Liveness::Alive).await.unwrap();
+    c.stop().await.unwrap();
+}
+
+/// The heartbeat is handed every hold at once; a hold it reports lost is
+/// signalled and given up.
+#[tokio::test(start_paused = true)]
+async fn heartbeat_renews_every_hold_and_reports_losses() {
+    let mem = Arc::new(Mem::default());
+    let c = beating(&mem, false, crate::CoordinatorConfig::default()).await;
+    let locks: Vec<Lock> = (0..3)
+        .map(|i| c.get_lock(format!("l{i}")).unwrap())
+        .collect();
+    for l in &locks {
+        assert!(l.acquire(Wait::No).await.unwrap());
+    }
+    c.heartbeat().await.unwrap();
+    assert_eq!(
+        mem.beat_locks.load(Ordering::SeqCst),
+        3,
+        "one call with every hold"
+    );
+    assert!(locks.iter().all(Lock::is_held));
+    mem.lose_locks.store(true, Ordering::SeqCst);
+    c.heartbeat().await.unwrap();
+    for l in &locks {
+        assert!(!l.is_held(), "a hold the heartbeat found gone is given up");
+    }
     c.stop().await.unwrap();
 }
 

@@ -180,6 +180,18 @@ impl Renewal {
     }
 }
 
+/// An id handed to [`Driver::check_id`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum IdRef<'a> {
+    /// A group id.
+    Group(&'a GroupId),
+    /// A member id (this coordinator's, or one asked about).
+    Member(&'a MemberId),
+    /// A lock name.
+    Lock(&'a LockName),
+}
+
 /// A coordination backend, bound to one member id.
 ///
 /// Ids handed to a driver have passed the core's validation (non-empty, at most
@@ -188,6 +200,19 @@ impl Renewal {
 pub trait Driver: Send + Sync + fmt::Debug + 'static {
     /// Name, characteristics and heartbeat requirement.
     fn info(&self) -> DriverInfo;
+
+    /// The driver's own rules for ids, beyond the core's (non-empty, at most
+    /// [`MAX_ID_LEN`](crate::ids::MAX_ID_LEN) bytes): a reserved name, a character
+    /// its layout cannot store. The core applies it once per call, before the
+    /// driver sees the id (and to this coordinator's member id when it connects),
+    /// so driver methods can take their ids as valid. Default: no further rule.
+    ///
+    /// # Errors
+    /// [`ToozError::InvalidId`] naming the id and the rule.
+    fn check_id(&self, id: IdRef<'_>) -> Result<()> {
+        let _ = id;
+        Ok(())
+    }
 
     /// Connects (and creates what the layout needs).
     async fn start(&self) -> Result<()>;

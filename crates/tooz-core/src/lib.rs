@@ -23,7 +23,7 @@ pub use capabilities::{Capabilities, MemberInfo};
 pub use characteristic::Characteristic;
 pub use coordinator::{Coordinator, CoordinatorConfig};
 pub use driver::{
-    Attempt, Driver, DriverEvent, DriverEventStream, DriverInfo, DriverLock, Held, HeldLock,
+    Attempt, Driver, DriverEvent, DriverEventStream, DriverInfo, DriverLock, Held, HeldLock, IdRef,
     Liveness, Renewal, WakeStream,
 };
 pub use error::{BoxError, Result, ToozError};

@@ -186,6 +186,7 @@ impl Registry {
             member_id: &member_id,
             options: &options,
         })?;
+        driver.check_id(crate::driver::IdRef::Member(&member_id))?;
         let info = driver.info();
         let missing: Vec<Characteristic> = opts
             .characteristics

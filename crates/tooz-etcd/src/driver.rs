@@ -14,8 +14,8 @@ use etcd_client::{
 use tooz_core::util::Backoff;
 use tooz_core::{
     Capabilities, Characteristic, ConnectRequest, Driver, DriverEventStream, DriverInfo,
-    DriverLock, FencingToken, GroupId, Held, LeaseState, LockName, MemberId, MemberInfo, Renewal,
-    Result, ToozError,
+    DriverLock, FencingToken, GroupId, Held, IdRef, LeaseState, LockName, MemberId, MemberInfo,
+    Renewal, Result, ToozError,
 };
 
 use crate::config::EtcdConfig;
@@ -326,7 +326,6 @@ impl Inner {
         capabilities: &Capabilities,
         joining: bool,
     ) -> Result<()> {
-        check_group(group)?;
         let lease = self.lease()?;
         let gk = keys::group(group.as_bytes());
         let mk = keys::member(group.as_bytes(), self.member.as_bytes());
@@ -540,6 +539,14 @@ impl Driver for EtcdDriver {
         DriverInfo::new("etcd3", CHARACTERISTICS, true)
     }
 
+    /// A `/` in a group id would make group `a` a prefix of group `a/b`.
+    fn check_id(&self, id: IdRef<'_>) -> Result<()> {
+        match id {
+            IdRef::Group(g) => check_group(g),
+            _ => Ok(()),
+        }
+    }
+
     #[tracing::instrument(level = "debug", skip_all, fields(member = %self.inner.member))]
     async fn start(&self) -> Result<()> {
         let i = &self.inner;
@@ -623,7 +630,6 @@ impl Driver for EtcdDriver {
 
     #[tracing::instrument(level = "debug", skip_all, fields(group = %group))]
     async fn create_group(&self, group: &GroupId) -> Result<()> {
-        check_group(group)?;
         let gk = keys::group(group.as_bytes());
         let r = self
             .inner
@@ -643,7 +649,6 @@ impl Driver for EtcdDriver {
 
     #[tracing::instrument(level = "debug", skip_all, fields(group = %group))]
     async fn delete_group(&self, group: &GroupId) -> Result<()> {
-        check_group(group)?;
         let gk = keys::group(group.as_bytes());
         let mut first_member = gk.clone();
         first_member.push(0);
@@ -698,7 +703,6 @@ impl Driver for EtcdDriver {
 
     #[tracing::instrument(level = "debug", skip_all, fields(group = %group))]
     async fn leave_group(&self, group: &GroupId) -> Result<()> {
-        check_group(group)?;
         let i = &self.inner;
         let gk = keys::group(group.as_bytes());
         let mk = keys::member(group.as_bytes(), i.member.as_bytes());
@@ -733,7 +737,6 @@ impl Driver for EtcdDriver {
 
     #[tracing::instrument(level = "debug", skip_all, fields(group = %group))]
     async fn get_members(&self, group: &GroupId) -> Result<BTreeSet<MemberId>> {
-        check_group(group)?;
         let gk = keys::group(group.as_bytes());
         Ok(self
             .inner
@@ -750,7 +753,6 @@ impl Driver for EtcdDriver {
         group: &GroupId,
         member: &MemberId,
     ) -> Result<Capabilities> {
-        check_group(group)?;
         let (m, _) = self.inner.member_read(group, member).await?;
         Ok(Capabilities::from_msgpack(m.value().to_vec()))
     }
@@ -760,7 +762,6 @@ impl Driver for EtcdDriver {
         &self,
         group: &GroupId,
     ) -> Result<Vec<(MemberId, Capabilities)>> {
-        check_group(group)?;
         let gk = keys::group(group.as_bytes());
         Ok(self
             .inner
@@ -780,7 +781,6 @@ impl Driver for EtcdDriver {
 
     #[tracing::instrument(level = "debug", skip_all, fields(group = %group, member = %member))]
     async fn get_member_info(&self, group: &GroupId, member: &MemberId) -> Result<MemberInfo> {
-        check_group(group)?;
         let (m, t) = self.inner.member_read(group, member).await?;
         let times = t.as_ref().and_then(|t| parse_times(t.value()));
         let at = |us: u64| UNIX_EPOCH + Duration::from_micros(us);
@@ -802,7 +802,6 @@ impl Driver for EtcdDriver {
 
     #[tracing::instrument(level = "debug", skip_all, fields(group = %group))]
     async fn campaign(&self, group: &GroupId) -> Result<Option<FencingToken>> {
-        check_group(group)?;
         let i = &self.inner;
         let lease = i.lease()?;
         let lk = keys::leader(group.as_bytes());
@@ -867,7 +866,6 @@ impl Driver for EtcdDriver {
 
     #[tracing::instrument(level = "debug", skip_all, fields(group = %group))]
     async fn resign(&self, group: &GroupId) -> Result<bool> {
-        check_group(group)?;
         let i = &self.inner;
         let lease = i.lease()?;
         let known = guard(&i.leading)
@@ -893,7 +891,6 @@ impl Driver for EtcdDriver {
 
     #[tracing::instrument(level = "debug", skip_all, fields(group = %group))]
     async fn get_leader(&self, group: &GroupId) -> Result<Option<MemberId>> {
-        check_group(group)?;
         let r = self
             .inner
             .get("get_leader", keys::leader(group.as_bytes()), None)
@@ -912,7 +909,6 @@ impl Driver for EtcdDriver {
 
     #[tracing::instrument(level = "debug", skip_all, fields(group = %group))]
     async fn watch_group(&self, group: &GroupId) -> Result<Option<DriverEventStream>> {
-        check_group(group)?;
         let i = &self.inner;
         let gk = keys::group(group.as_bytes());
         let r = i

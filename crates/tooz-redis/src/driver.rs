@@ -10,8 +10,8 @@ use tokio::time::Instant;
 use tooz_core::util::{Backoff, sleep_within};
 use tooz_core::{
     Attempt, Capabilities, Characteristic, ConnectRequest, Driver, DriverEventStream, DriverInfo,
-    DriverLock, FencingToken, GroupId, Held, LeaseState, LockName, MemberId, MemberInfo, Mode,
-    Renewal, Result, ToozError,
+    DriverLock, FencingToken, GroupId, Held, IdRef, LeaseState, LockName, MemberId, MemberInfo,
+    Mode, Renewal, Result, ToozError,
 };
 
 use crate::config::RedisConfig;
@@ -350,7 +350,6 @@ impl Inner {
         g: &GroupId,
         m: &MemberId,
     ) -> Result<(Capabilities, Option<(u64, u64)>)> {
-        check_member_id(m)?;
         let (prefix, me) = self.member_args();
         let v = self
             .eval(
@@ -452,6 +451,15 @@ fn parse_version(info: &str) -> Option<(u32, u32)> {
 impl Driver for RedisDriver {
     fn info(&self) -> DriverInfo {
         DriverInfo::new("redis", CHARACTERISTICS, true)
+    }
+
+    /// `__created__` is Python's group marker; lock names must fit Redis's key rules.
+    fn check_id(&self, id: IdRef<'_>) -> Result<()> {
+        match id {
+            IdRef::Member(m) => check_member_id(m),
+            IdRef::Lock(l) => check_lock_name(l),
+            _ => Ok(()),
+        }
     }
 
     #[tracing::instrument(level = "debug", skip_all, fields(member = %self.inner.member))]
@@ -866,7 +874,6 @@ impl Driver for RedisDriver {
     }
 
     fn lock(&self, name: &LockName) -> Result<Arc<dyn DriverLock>> {
-        check_lock_name(name)?;
         Ok(Arc::new(RedisLock::new(
             Arc::clone(&self.inner),
             name.clone(),

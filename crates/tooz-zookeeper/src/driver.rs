@@ -7,8 +7,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tooz_core::{
     Capabilities, Characteristic, ConnectRequest, Driver, DriverEventStream, DriverInfo,
-    DriverLock, FencingToken, GroupId, Held, LeaseState, LockName, MemberId, MemberInfo, Renewal,
-    Result, ToozError,
+    DriverLock, FencingToken, GroupId, Held, IdRef, LeaseState, LockName, MemberId, MemberInfo,
+    Renewal, Result, ToozError,
 };
 use zookeeper_client::{AddWatchMode, CreateMode, Error as ZkError, Stat};
 
@@ -80,8 +80,6 @@ impl Inner {
 
     /// A member's data and stat.
     async fn member_node(&self, g: &GroupId, m: &MemberId) -> Result<(Vec<u8>, Stat)> {
-        check_group_id(g)?;
-        check_member_id(m)?;
         let s = self.session().await?;
         match s.client.get_data(&self.layout.member(g, m)).await {
             Ok(r) => Ok(r),
@@ -184,6 +182,15 @@ impl Driver for ZookeeperDriver {
         DriverInfo::new("zookeeper", CHARACTERISTICS, false)
     }
 
+    /// `leader` and `locks` are Python's election and lock directories.
+    fn check_id(&self, id: IdRef<'_>) -> Result<()> {
+        match id {
+            IdRef::Group(g) => check_group_id(g),
+            IdRef::Member(m) => check_member_id(m),
+            _ => Ok(()),
+        }
+    }
+
     #[tracing::instrument(level = "debug", skip_all, fields(member = %self.inner.member))]
     async fn start(&self) -> Result<()> {
         self.inner.sessions.start().await
@@ -215,7 +222,6 @@ impl Driver for ZookeeperDriver {
 
     #[tracing::instrument(level = "debug", skip_all, fields(group = %group))]
     async fn create_group(&self, group: &GroupId) -> Result<()> {
-        check_group_id(group)?;
         let i = &self.inner;
         let s = i.session().await?;
         let path = i.layout.group(group);
@@ -244,7 +250,6 @@ impl Driver for ZookeeperDriver {
 
     #[tracing::instrument(level = "debug", skip_all, fields(group = %group))]
     async fn delete_group(&self, group: &GroupId) -> Result<()> {
-        check_group_id(group)?;
         let i = &self.inner;
         let s = i.session().await?;
         let path = i.layout.group(group);
@@ -315,7 +320,6 @@ impl Driver for ZookeeperDriver {
 
     #[tracing::instrument(level = "debug", skip_all, fields(group = %group))]
     async fn join_group(&self, group: &GroupId, capabilities: &Capabilities) -> Result<()> {
-        check_group_id(group)?;
         let i = &self.inner;
         let s = i.session().await?;
         let path = i.layout.member(group, &i.member);
@@ -358,7 +362,6 @@ impl Driver for ZookeeperDriver {
 
     #[tracing::instrument(level = "debug", skip_all, fields(group = %group))]
     async fn leave_group(&self, group: &GroupId) -> Result<()> {
-        check_group_id(group)?;
         let i = &self.inner;
         let s = i.session().await?;
         match s
@@ -374,7 +377,6 @@ impl Driver for ZookeeperDriver {
 
     #[tracing::instrument(level = "debug", skip_all, fields(group = %group))]
     async fn get_members(&self, group: &GroupId) -> Result<BTreeSet<MemberId>> {
-        check_group_id(group)?;
         let i = &self.inner;
         let s = i.session().await?;
         Ok(i.children(&s, group)
@@ -400,7 +402,6 @@ impl Driver for ZookeeperDriver {
         &self,
         group: &GroupId,
     ) -> Result<Vec<(MemberId, Capabilities)>> {
-        check_group_id(group)?;
         let i = &self.inner;
         let s = i.session().await?;
         let names: Vec<String> = i
@@ -446,7 +447,6 @@ impl Driver for ZookeeperDriver {
         group: &GroupId,
         capabilities: &Capabilities,
     ) -> Result<()> {
-        check_group_id(group)?;
         let i = &self.inner;
         let s = i.session().await?;
         match s
@@ -466,7 +466,6 @@ impl Driver for ZookeeperDriver {
 
     #[tracing::instrument(level = "debug", skip_all, fields(group = %group))]
     async fn campaign(&self, group: &GroupId) -> Result<Option<FencingToken>> {
-        check_group_id(group)?;
         let i = &self.inner;
         let held = guard(&i.leaders).get(group).cloned();
         if let Some(node) = held {
@@ -514,7 +513,6 @@ impl Driver for ZookeeperDriver {
 
     #[tracing::instrument(level = "debug", skip_all, fields(group = %group))]
     async fn get_leader(&self, group: &GroupId) -> Result<Option<MemberId>> {
-        check_group_id(group)?;
         let i = &self.inner;
         let s = i.session().await?;
         let dir = i.layout.leader_dir(group);
@@ -545,7 +543,6 @@ impl Driver for ZookeeperDriver {
 
     #[tracing::instrument(level = "debug", skip_all, fields(group = %group))]
     async fn watch_group(&self, group: &GroupId) -> Result<Option<DriverEventStream>> {
-        check_group_id(group)?;
         let i = &self.inner;
         let s = i.session().await?;
         let path = i.layout.group(group);

@@ -4,7 +4,7 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use super::*;
-use crate::driver::{Held, HeldLock};
+use crate::driver::{Held, HeldLock, IdRef};
 
 impl Shared {
     pub(super) fn ensure_started(&self) -> Result<()> {
@@ -27,8 +27,16 @@ impl Shared {
     pub(super) fn group(&self, group: impl Into<GroupId>) -> Result<GroupId> {
         let g = group.into();
         g.validate()?;
+        self.driver.check_id(IdRef::Group(&g))?;
         self.ensure_started()?;
         Ok(g)
+    }
+
+    /// Validates a member id asked about (the core's rules, then the driver's).
+    pub(super) fn member(&self, member: MemberId) -> Result<MemberId> {
+        member.validate()?;
+        self.driver.check_id(IdRef::Member(&member))?;
+        Ok(member)
     }
 
     pub(crate) fn register_lock(&self, l: &Arc<LockInner>) {

@@ -140,8 +140,7 @@ impl Coordinator {
         member: impl Into<MemberId>,
     ) -> Result<Capabilities> {
         let g = self.shared.group(group)?;
-        let m = member.into();
-        m.validate()?;
+        let m = self.shared.member(member.into())?;
         self.shared.driver.get_member_capabilities(&g, &m).await
     }
 
@@ -173,8 +172,7 @@ impl Coordinator {
         member: impl Into<MemberId>,
     ) -> Result<MemberInfo> {
         let g = self.shared.group(group)?;
-        let m = member.into();
-        m.validate()?;
+        let m = self.shared.member(member.into())?;
         self.shared.driver.get_member_info(&g, &m).await
     }
 

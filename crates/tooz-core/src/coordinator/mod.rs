@@ -415,6 +415,9 @@ impl Coordinator {
     pub fn get_lock(&self, name: impl Into<LockName>) -> Result<Lock> {
         let name = name.into();
         name.validate()?;
+        self.shared
+            .driver
+            .check_id(crate::driver::IdRef::Lock(&name))?;
         let dl = self.shared.driver.lock(&name)?;
         Ok(Lock::new(name, dl, Arc::downgrade(&self.shared)))
     }

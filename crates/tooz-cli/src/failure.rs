@@ -91,7 +91,7 @@ mod tests {
 
     #[test]
     fn tooz_errors_use_display_and_causes() {
-        let e = ToozError::connection("redis at h:1", std::io::Error::other("refused"));
+        let e = ToozError::connection("redis", "at h:1", std::io::Error::other("refused"));
         let f = Failure::from(e);
         assert_eq!(f.code, exit::ERROR);
         let line = f.line().unwrap();

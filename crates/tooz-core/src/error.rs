@@ -62,8 +62,10 @@ pub enum ToozError {
     #[error("operation timed out: {0}")]
     OperationTimedOut(String),
     /// The backend cannot be reached. Retrying later may help.
-    #[error("cannot reach the backend: {message}")]
+    #[error("cannot reach the {} backend: {message}", driver_label(driver))]
     Connection {
+        /// The driver that failed (`""` when unknown).
+        driver: &'static str,
         /// What failed.
         message: String,
         /// The underlying error.
@@ -139,8 +141,10 @@ pub enum ToozError {
         operation: String,
     },
     /// Any other backend failure.
-    #[error("backend error: {message}")]
+    #[error("{} backend error: {message}", driver_label(driver))]
     Backend {
+        /// The driver that failed (`""` when unknown).
+        driver: &'static str,
         /// What failed.
         message: String,
         /// The underlying error.
@@ -151,7 +155,25 @@ pub enum ToozError {
     },
 }
 
+/// `redis` in "cannot reach the redis backend"; nothing for an unknown driver.
+fn driver_label(driver: &str) -> &str {
+    driver
+}
+
 impl ToozError {
+    /// The driver a [`Connection`](ToozError::Connection) or
+    /// [`Backend`](ToozError::Backend) error came from, if known.
+    pub fn driver(&self) -> Option<&'static str> {
+        match self {
+            ToozError::Connection { driver, .. } | ToozError::Backend { driver, .. }
+                if !driver.is_empty() =>
+            {
+                Some(driver)
+            }
+            _ => None,
+        }
+    }
+
     /// Whether retrying the same call later can succeed.
     pub fn is_retryable(&self) -> bool {
         match self {
@@ -161,26 +183,37 @@ impl ToozError {
         }
     }
 
-    /// A [`ToozError::Connection`] from a message and a cause.
-    pub fn connection(message: impl fmt::Display, source: impl Into<BoxError>) -> Self {
+    /// A [`ToozError::Connection`] of `driver` from a message and a cause.
+    pub fn connection(
+        driver: &'static str,
+        message: impl fmt::Display,
+        source: impl Into<BoxError>,
+    ) -> Self {
         ToozError::Connection {
+            driver,
             message: message.to_string(),
             source: Some(source.into()),
         }
     }
 
-    /// A non-retryable [`ToozError::Backend`] from a message and a cause.
-    pub fn backend(message: impl fmt::Display, source: impl Into<BoxError>) -> Self {
+    /// A non-retryable [`ToozError::Backend`] of `driver` from a message and a cause.
+    pub fn backend(
+        driver: &'static str,
+        message: impl fmt::Display,
+        source: impl Into<BoxError>,
+    ) -> Self {
         ToozError::Backend {
+            driver,
             message: message.to_string(),
             source: Some(source.into()),
             retryable: false,
         }
     }
 
-    /// A [`ToozError::Backend`] carrying only a message.
-    pub fn backend_msg(message: impl fmt::Display) -> Self {
+    /// A [`ToozError::Backend`] of `driver` carrying only a message.
+    pub fn backend_msg(driver: &'static str, message: impl fmt::Display) -> Self {
         ToozError::Backend {
+            driver,
             message: message.to_string(),
             source: None,
             retryable: false,
@@ -220,6 +253,7 @@ impl ToozError {
 impl From<std::io::Error> for ToozError {
     fn from(e: std::io::Error) -> Self {
         ToozError::Backend {
+            driver: "",
             message: e.to_string(),
             source: Some(Box::new(e)),
             retryable: false,
@@ -233,7 +267,7 @@ mod tests {
 
     #[test]
     fn retryable_classification() {
-        assert!(ToozError::connection("x", std::io::Error::other("y")).is_retryable());
+        assert!(ToozError::connection("redis", "x", std::io::Error::other("y")).is_retryable());
         assert!(!ToozError::GroupNotCreated("g".into()).is_retryable());
         let msg = ToozError::MemberNotJoined {
             group: "g".into(),
@@ -241,5 +275,17 @@ mod tests {
         }
         .to_string();
         assert_eq!(msg, "member m has not joined group g");
+    }
+
+    #[test]
+    fn backend_errors_name_their_driver() {
+        let e = ToozError::connection("redis", "at h:1", std::io::Error::other("refused"));
+        assert_eq!(e.driver(), Some("redis"));
+        assert_eq!(e.to_string(), "cannot reach the redis backend: at h:1");
+        let e = ToozError::backend_msg("etcd3", "odd reply");
+        assert_eq!(e.driver(), Some("etcd3"));
+        assert_eq!(e.to_string(), "etcd3 backend error: odd reply");
+        let e = ToozError::from(std::io::Error::other("disk"));
+        assert_eq!(e.driver(), None);
     }
 }

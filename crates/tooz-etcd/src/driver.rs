@@ -277,7 +277,7 @@ impl Inner {
                 };
                 tokio::time::timeout(limit, once).await
             }
-            None => return Err(ToozError::backend_msg("etcd: keep-alive stream missing")),
+            None => return Err(ToozError::backend_msg("etcd3", "keep-alive stream missing")),
         };
         match res {
             Ok(Ok(Some(r))) if r.ttl() > 0 => Ok(true),
@@ -288,7 +288,8 @@ impl Inner {
             Ok(Ok(None)) => {
                 *k = None;
                 Err(ToozError::connection(
-                    "etcd: the lease keep-alive stream ended",
+                    "etcd3",
+                    "the lease keep-alive stream ended",
                     std::io::Error::other("stream ended"),
                 ))
             }
@@ -562,7 +563,8 @@ impl Driver for EtcdDriver {
             Ok(Err(e)) => return Err(map_err(&format!("connecting to {endpoint}"), e)),
             Err(_) => {
                 return Err(ToozError::connection(
-                    format!("etcd: connecting to {endpoint} timed out"),
+                    "etcd3",
+                    format!("connecting to {endpoint} timed out"),
                     std::io::Error::other("timeout"),
                 ));
             }

@@ -82,11 +82,12 @@ pub(crate) fn lease_not_found(e: &E) -> bool {
 
 /// Maps an etcd-client error to a tooz error; `what` names the operation.
 pub(crate) fn map_err(what: &str, e: E) -> ToozError {
-    let msg = format!("etcd: {what}: {e}");
+    let msg = format!("{what}: {e}");
     match classify(&e) {
-        Kind::Connection => ToozError::connection(msg, e),
-        Kind::Timeout => ToozError::OperationTimedOut(msg),
-        Kind::LeaseNotFound | Kind::Other => ToozError::backend(msg, e),
+        Kind::Connection => ToozError::connection("etcd3", msg, e),
+        // No driver field on timeouts: the message names it.
+        Kind::Timeout => ToozError::OperationTimedOut(format!("etcd: {msg}")),
+        Kind::LeaseNotFound | Kind::Other => ToozError::backend("etcd3", msg, e),
     }
 }
 

@@ -246,7 +246,7 @@ async fn release_reader(
             return Ok(true);
         }
         let Some(n) = nested(&r) else {
-            return Err(ToozError::backend_msg("etcd: release: malformed reply"));
+            return Err(ToozError::backend_msg("etcd3", "release: malformed reply"));
         };
         if n.succeeded() {
             return Ok(true);
@@ -366,7 +366,7 @@ async fn keep_marker(
                         return Ok(());
                     }
                     Ok(Some(_)) => continue,
-                    Ok(None) => return Err(ToozError::backend_msg("etcd: the watch ended")),
+                    Ok(None) => return Err(ToozError::backend_msg("etcd3", "the watch ended")),
                     Err(e) => return Err(map_err("watching the shared marker", e)),
                 }
             }

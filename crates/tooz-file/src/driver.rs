@@ -126,7 +126,7 @@ impl FileDriver {
             res
         })
         .await
-        .map_err(|e| ToozError::backend("file driver task failed", e))?
+        .map_err(|e| ToozError::backend("file", "file driver task failed", e))?
     }
 
     /// Runs `f` on a blocking thread without the driver lock.
@@ -138,7 +138,7 @@ impl FileDriver {
         let inner = Arc::clone(&self.inner);
         tokio::task::spawn_blocking(move || f(&inner))
             .await
-            .map_err(|e| ToozError::backend("file driver task failed", e))?
+            .map_err(|e| ToozError::backend("file", "file driver task failed", e))?
     }
 }
 
@@ -491,7 +491,11 @@ impl Driver for FileDriver {
         self.blocking(|i| {
             for d in i.layout.dirs() {
                 std::fs::create_dir_all(&d).map_err(|e| {
-                    ToozError::connection(format!("cannot create directory {}", d.display()), e)
+                    ToozError::connection(
+                        "file",
+                        format!("cannot create directory {}", d.display()),
+                        e,
+                    )
                 })?;
             }
             i.collect_dead_alive_files();
@@ -652,7 +656,7 @@ impl Driver for FileDriver {
                 dead.push(path);
             }
             if !has_meta || !unexpected.is_empty() {
-                return Err(ToozError::backend_msg(format!(
+                return Err(ToozError::backend_msg("file", format!(
                     "unexpected path(s) {unexpected:?} in group directory {} (expected only .metadata and member records{})",
                     dir.display(),
                     if has_meta { "" } else { "; .metadata is missing" }

@@ -560,9 +560,12 @@ fn micros(t: SystemTime) -> u64 {
 /// two holders the same token, so no token is given at all.
 pub(crate) fn next_token(prev: u64, now: SystemTime) -> Result<u64> {
     let next = prev.checked_add(1).ok_or_else(|| {
-        ToozError::backend_msg(format!(
-            "fencing counter exhausted: it holds {prev} (u64::MAX), so no greater token exists"
-        ))
+        ToozError::backend_msg(
+            "file",
+            format!(
+                "fencing counter exhausted: it holds {prev} (u64::MAX), so no greater token exists"
+            ),
+        )
     })?;
     Ok(next.max(micros(now)))
 }
@@ -578,9 +581,12 @@ pub(crate) fn next_token(prev: u64, now: SystemTime) -> Result<u64> {
 pub(crate) fn recovery_token(now: SystemTime, mtime: Option<SystemTime>) -> Result<u64> {
     let base = micros(now).max(mtime.map_or(0, micros));
     base.checked_add(RECOVERY_MARGIN_US).ok_or_else(|| {
-        ToozError::backend_msg(format!(
-            "cannot restart a damaged fencing counter: {base} µs plus the margin overflows"
-        ))
+        ToozError::backend_msg(
+            "file",
+            format!(
+                "cannot restart a damaged fencing counter: {base} µs plus the margin overflows"
+            ),
+        )
     })
 }
 

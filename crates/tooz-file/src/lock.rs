@@ -367,7 +367,7 @@ impl DriverLock for FileLock {
             // would be dropped here and the lock with it.
             let token = tokio::task::spawn_blocking(move || bump_counter(&fence))
                 .await
-                .map_err(|e| ToozError::backend("fencing counter task failed", e))??;
+                .map_err(|e| ToozError::backend("file", "fencing counter task failed", e))??;
             *self.held() = Some(Held { file: f, mode });
             return Ok(Attempt::Granted(FencingToken(token)));
         }
@@ -428,7 +428,7 @@ impl DriverLock for FileLock {
         let path = self.path.clone();
         tokio::task::spawn_blocking(move || break_file(&path))
             .await
-            .map_err(|e| ToozError::backend("break_lock task failed", e))?
+            .map_err(|e| ToozError::backend("file", "break_lock task failed", e))?
     }
 }
 

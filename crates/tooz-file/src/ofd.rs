@@ -225,7 +225,7 @@ pub(crate) fn is_missing(e: &io::Error) -> bool {
 
 /// A backend error naming the path.
 pub(crate) fn io_err(what: &str, path: &Path, e: io::Error) -> ToozError {
-    ToozError::backend(format!("{what} {}: {e}", path.display()), e)
+    ToozError::backend("file", format!("{what} {}: {e}", path.display()), e)
 }
 
 #[cfg(test)]

@@ -33,20 +33,22 @@ pub(crate) fn is_connection_error(e: &RedisError) -> bool {
 /// Maps a client error to ours.
 pub(crate) fn map_err(what: &str, e: RedisError) -> ToozError {
     if is_connection_error(&e) || e.is_timeout() {
-        ToozError::connection(format!("redis: {what}"), e)
+        ToozError::connection("redis", what.to_string(), e)
     } else if e.kind() == redis::ErrorKind::AuthenticationFailed {
         ToozError::Connection {
-            message: format!("redis: {what}: authentication failed ({e})"),
+            driver: "redis",
+            message: format!("{what}: authentication failed ({e})"),
             source: Some(Box::new(e)),
         }
     } else {
-        ToozError::backend(format!("redis: {what}"), e)
+        ToozError::backend("redis", what.to_string(), e)
     }
 }
 
 fn timed_out(what: &str, after: Duration) -> ToozError {
     ToozError::Connection {
-        message: format!("redis: {what}: no answer within {after:?} (socket_timeout)"),
+        driver: "redis",
+        message: format!("{what}: no answer within {after:?} (socket_timeout)"),
         source: None,
     }
 }
@@ -131,13 +133,13 @@ impl Connector {
                     *guard = Some(self.sentinel_client()?);
                 }
                 let Some(sc) = guard.as_mut() else {
-                    return Err(ToozError::backend_msg("sentinel client missing"));
+                    return Err(ToozError::backend_msg("redis", "sentinel client missing"));
                 };
                 let what = format!("asking the sentinels for master {master:?}");
                 match tokio::time::timeout(self.config.connect_timeout, sc.async_get_client()).await
                 {
                     Ok(Ok(c)) => Ok(c),
-                    Ok(Err(e)) => Err(ToozError::connection(format!("redis: {what}"), e)),
+                    Ok(Err(e)) => Err(ToozError::connection("redis", what.to_string(), e)),
                     Err(_) => Err(timed_out(&what, self.config.connect_timeout)),
                 }
             }
@@ -179,7 +181,7 @@ impl Connector {
             ssl,
         } = &self.config.target
         else {
-            return Err(ToozError::backend_msg("not a sentinel target"));
+            return Err(ToozError::backend_msg("redis", "not a sentinel target"));
         };
         let addrs = sentinels.iter().map(|(h, p)| {
             if *ssl {
@@ -326,6 +328,6 @@ impl Connector {
                 }
             }
         }
-        Err(last.unwrap_or_else(|| ToozError::backend_msg(format!("redis: {what} failed"))))
+        Err(last.unwrap_or_else(|| ToozError::backend_msg("redis", format!("{what} failed"))))
     }
 }

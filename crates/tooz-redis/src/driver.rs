@@ -97,7 +97,7 @@ fn array(v: &Value) -> Option<&[Value]> {
 }
 
 fn unexpected(what: &str, v: &Value) -> ToozError {
-    ToozError::backend_msg(format!("redis: unexpected reply to {what}: {v:?}"))
+    ToozError::backend_msg("redis", format!("unexpected reply to {what}: {v:?}"))
 }
 
 fn micros_to_time(us: u64) -> SystemTime {
@@ -508,9 +508,12 @@ impl Driver for RedisDriver {
         i.lease.renewed(sent, i.config.heartbeat_interval());
         match parse_version(&info) {
             Some((major, _)) if major >= MIN_SERVER_MAJOR => Ok(()),
-            Some((major, minor)) => Err(ToozError::backend_msg(format!(
-                "redis: the server runs Redis {major}.{minor}; this driver needs Redis {MIN_SERVER_MAJOR} or newer"
-            ))),
+            Some((major, minor)) => Err(ToozError::backend_msg(
+                "redis",
+                format!(
+                    "the server runs Redis {major}.{minor}; this driver needs Redis {MIN_SERVER_MAJOR} or newer"
+                ),
+            )),
             None => {
                 tracing::warn!(
                     "redis: INFO did not report redis_version; assuming a recent server"
@@ -650,12 +653,14 @@ impl Driver for RedisDriver {
             1 => Ok(()),
             -1 | -2 => Err(ToozError::GroupNotCreated(group.clone())),
             -3 => Err(ToozError::GroupNotEmpty(group.clone())),
-            -4 => Err(ToozError::backend_msg(format!(
-                "redis: cannot remove group {group} from the set of groups"
-            ))),
-            other => Err(ToozError::backend_msg(format!(
-                "redis: delete_group of {group} returned {other}"
-            ))),
+            -4 => Err(ToozError::backend_msg(
+                "redis",
+                format!("cannot remove group {group} from the set of groups"),
+            )),
+            other => Err(ToozError::backend_msg(
+                "redis",
+                format!("delete_group of {group} returned {other}"),
+            )),
         }
     }
 

@@ -44,7 +44,7 @@ fn as_i64(v: &Value) -> Option<i64> {
 
 /// The `lock_acquire` reply: `{1, fence}` or `{0, ttl_ms, rust_holder}`.
 pub(crate) fn parse_acquire(v: &Value) -> Result<Attempt> {
-    let bad = || ToozError::backend_msg(format!("redis: unexpected acquire reply {v:?}"));
+    let bad = || ToozError::backend_msg("redis", format!("unexpected acquire reply {v:?}"));
     let Value::Array(a) = v else {
         return Err(bad());
     };

@@ -113,7 +113,8 @@ impl Hub {
                 Ok(Err(e)) => return Err(map_err("opening the pub/sub connection", e)),
                 Err(_) => {
                     return Err(ToozError::Connection {
-                        message: "redis: opening the pub/sub connection timed out".into(),
+                        driver: "redis",
+                        message: "opening the pub/sub connection timed out".into(),
                         source: None,
                     });
                 }
@@ -134,7 +135,10 @@ impl Hub {
             return Ok(());
         }
         let Some(sink) = link.sink.as_mut() else {
-            return Err(ToozError::backend_msg("pub/sub connection missing"));
+            return Err(ToozError::backend_msg(
+                "redis",
+                "pub/sub connection missing",
+            ));
         };
         match tokio::time::timeout(limit, sink.subscribe(channel)).await {
             Ok(Ok(())) => {
@@ -150,7 +154,8 @@ impl Hub {
             Err(_) => {
                 drop_link(&mut link);
                 Err(ToozError::Connection {
-                    message: format!("redis: subscribing: no answer within {limit:?}"),
+                    driver: "redis",
+                    message: format!("subscribing: no answer within {limit:?}"),
                     source: None,
                 })
             }

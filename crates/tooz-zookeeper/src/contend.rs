@@ -138,10 +138,13 @@ async fn ensure_dir(sessions: &Sessions, s: &Session, spot: &Spot) -> Result<()>
                     Err(e) => return Err(zk_err("creating a lock directory", e)),
                 }
             }
-            Err(ToozError::backend_msg(format!(
-                "zookeeper: the parent of the lock directory {} vanished while creating it",
-                spot.dir
-            )))
+            Err(ToozError::backend_msg(
+                "zookeeper",
+                format!(
+                    "the parent of the lock directory {} vanished while creating it",
+                    spot.dir
+                ),
+            ))
         }
         Parent::GroupChild(g) => match create(mode).await {
             Ok(_) | Err(ZkError::NodeExists) => Ok(()),
@@ -215,10 +218,10 @@ async fn enqueue(
             Err(ZkError::NoNode) => {
                 return Err(match &spot.parent {
                     Parent::GroupChild(g) => ToozError::GroupNotCreated(g.clone()),
-                    Parent::Make => ToozError::backend_msg(format!(
-                        "zookeeper: the lock directory {} vanished while contending",
-                        spot.dir
-                    )),
+                    Parent::Make => ToozError::backend_msg(
+                        "zookeeper",
+                        format!("the lock directory {} vanished while contending", spot.dir),
+                    ),
                 });
             }
             Err(e) => return Err(zk_err("creating a lock contender node", e)),

@@ -242,10 +242,13 @@ impl Driver for ZookeeperDriver {
                 Err(e) => return Err(zk_err("create_group", e)),
             }
         }
-        Err(ToozError::backend_msg(format!(
-            "zookeeper: the namespace {} vanished while creating group {group}",
-            i.layout.base()
-        )))
+        Err(ToozError::backend_msg(
+            "zookeeper",
+            format!(
+                "the namespace {} vanished while creating group {group}",
+                i.layout.base()
+            ),
+        ))
     }
 
     #[tracing::instrument(level = "debug", skip_all, fields(group = %group))]

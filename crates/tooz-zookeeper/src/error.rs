@@ -8,21 +8,21 @@ pub(crate) fn zk_err(what: &str, e: Error) -> ToozError {
     match e {
         Error::Timeout => ToozError::OperationTimedOut(format!("zookeeper: {what}")),
         Error::ConnectionLoss | Error::NoHosts => {
-            ToozError::connection(format!("zookeeper: {what}"), e)
+            ToozError::connection("zookeeper", what.to_string(), e)
         }
         Error::SessionExpired | Error::ClientClosed | Error::SessionMoved => {
             ToozError::Connection {
-                message: format!(
-                    "zookeeper: {what}: the session ended ({e}); a new one is being opened"
-                ),
+                driver: "zookeeper",
+                message: format!("{what}: the session ended ({e}); a new one is being opened"),
                 source: Some(Box::new(e)),
             }
         }
         Error::Throttled => ToozError::Backend {
-            message: format!("zookeeper: {what}"),
+            driver: "zookeeper",
+            message: what.to_string(),
             source: Some(Box::new(e)),
             retryable: true,
         },
-        other => ToozError::backend(format!("zookeeper: {what}"), other),
+        other => ToozError::backend("zookeeper", what.to_string(), other),
     }
 }

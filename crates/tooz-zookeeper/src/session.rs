@@ -119,7 +119,8 @@ impl Sessions {
             .borrow()
             .clone()
             .ok_or_else(|| ToozError::Connection {
-                message: "zookeeper: no session (the last one was lost; reconnecting)".into(),
+                driver: "zookeeper",
+                message: "no session (the last one was lost; reconnecting)".into(),
                 source: None,
             })
     }
@@ -183,13 +184,15 @@ impl Sessions {
             Ok(Ok(client)) => client,
             Ok(Err(e)) => {
                 return Err(ToozError::connection(
-                    format!("zookeeper: cannot open a session with {cs}"),
+                    "zookeeper",
+                    format!("cannot open a session with {cs}"),
                     e,
                 ));
             }
             Err(_) => {
                 return Err(ToozError::Connection {
-                    message: format!("zookeeper: no session with {cs} within {:?}", c.timeout * 2),
+                    driver: "zookeeper",
+                    message: format!("no session with {cs} within {:?}", c.timeout * 2),
                     source: None,
                 });
             }

@@ -40,9 +40,10 @@ impl Coordinator {
             let refused = if stop.is_cancelled() {
                 Some(ToozError::Stopped)
             } else if self.shared.lease_lost() {
-                Some(ToozError::backend_msg(format!(
-                    "leadership of group {g} was granted on a lease already declared lost"
-                )))
+                Some(ToozError::backend_msg(
+                    self.shared.info.name,
+                    format!("leadership of group {g} was granted on a lease already declared lost"),
+                ))
             } else {
                 None
             };
@@ -136,6 +137,11 @@ impl Coordinator {
         let g = self.shared.group(group)?;
         let stop = self.shared.stop_token()?;
         let mut events = self.events(&g).await.ok();
+        // Whether the last leadership event seen said nobody leads. A backend may
+        // announce "no leader" before the old leader's hold is free, and announce
+        // nothing when it is: while vacant, a lost campaign is retried soon, with a
+        // short growing pause, instead of waiting for the next event.
+        let mut vacant = false;
         let mut vacancy_pause = Duration::from_millis(5);
         loop {
             let attempt = tokio::select! {
@@ -145,34 +151,25 @@ impl Coordinator {
             if let Some(l) = attempt {
                 return Ok(l);
             }
-            // Lost, yet nobody leads: the leader is still letting go (a backend
-            // may announce "no leader" before its hold is free, and nothing may be
-            // announced when it is). Try again soon instead of waiting for an event.
-            let vacant = matches!(self.shared.driver.get_leader(&g).await, Ok(None));
-            if vacant {
-                let pause = vacancy_pause;
+            let pause = if vacant {
+                let p = vacancy_pause;
                 vacancy_pause = (vacancy_pause * 2).min(Duration::from_millis(250));
-                tokio::select! {
-                    () = tokio::time::sleep(pause) => continue,
-                    _ = stop.cancelled() => return Err(ToozError::Stopped),
-                }
-            }
-            vacancy_pause = Duration::from_millis(5);
+                p
+            } else {
+                vacancy_pause = Duration::from_millis(5);
+                self.shared.config.poll_interval * 2
+            };
             let wait = async {
                 match events.as_mut() {
-                    Some(s) => {
-                        let next = tokio::time::timeout(
-                            self.shared.config.poll_interval * 2,
-                            s.next_event(),
-                        )
-                        .await;
-                        if let Ok(None) = next {
-                            // The stream ended: poll from now on, instead of
-                            // campaigning in a tight loop.
-                            events = None;
-                        }
-                    }
-                    None => tokio::time::sleep(self.shared.config.poll_interval).await,
+                    Some(s) => match tokio::time::timeout(pause, s.next_event()).await {
+                        Ok(Some(GroupEvent::LeadershipLost { .. })) => vacant = true,
+                        Ok(Some(GroupEvent::LeaderElected { .. })) => vacant = false,
+                        Ok(Some(_)) | Err(_) => {}
+                        // The stream ended: poll from now on, instead of
+                        // campaigning in a tight loop.
+                        Ok(None) => events = None,
+                    },
+                    None => tokio::time::sleep(pause.min(self.shared.config.poll_interval)).await,
                 }
             };
             tokio::select! {

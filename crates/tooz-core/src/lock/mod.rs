@@ -568,10 +568,10 @@ impl LockInner {
         match tokio::spawn(task).await {
             // A hold already reported lost is not reported released.
             Ok(res) => res.map(|released| released && !was_lost),
-            Err(e) => Err(ToozError::backend_msg(format!(
-                "releasing lock {} failed: {e}",
-                self.name
-            ))),
+            Err(e) => Err(ToozError::backend_msg(
+                "",
+                format!("releasing lock {} failed: {e}", self.name),
+            )),
         }
     }
 

@@ -144,7 +144,7 @@ impl Driver for MemDriver {
     async fn heartbeat(&self, held: &crate::driver::Held<'_>) -> Result<crate::driver::Renewal> {
         let ttl = match self.0.beat_mode.load(Ordering::SeqCst) {
             1 => std::future::pending().await,
-            2 => return Err(ToozError::backend_msg("unreachable")),
+            2 => return Err(ToozError::backend_msg("mem", "unreachable")),
             _ => match self.0.ttl_ms.load(Ordering::SeqCst) {
                 0 => Duration::from_millis(20),
                 ms => Duration::from_millis(ms),

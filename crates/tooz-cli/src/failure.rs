@@ -95,7 +95,10 @@ mod tests {
         let f = Failure::from(e);
         assert_eq!(f.code, exit::ERROR);
         let line = f.line().unwrap();
-        assert!(line.starts_with("tooz: cannot reach the redis backend: at h:1"), "{line}");
+        assert!(
+            line.starts_with("tooz: cannot reach the redis backend: at h:1"),
+            "{line}"
+        );
         assert!(line.contains("refused"), "{line}");
     }
 

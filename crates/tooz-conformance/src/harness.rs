@@ -204,31 +204,31 @@ impl Harness {
 
     /// The options of the coordinators [`Harness::pushing`] connects: those of
     /// [`Harness::connect_options`] with the core's polling fallback slowed to
-    /// [`PUSH_CASE_POLL_INTERVAL`].
+    /// [`PUSH_CASE_POLL_INTERVAL`] when the driver publishes pushed watches
+    /// ([`Features::push_watches`](tooz_core::Features)); unchanged otherwise.
     pub fn push_connect_options(&self) -> ConnectOptions {
+        if !self.features().is_some_and(|f| f.push_watches) {
+            return self.connect_options();
+        }
         let mut config = CoordinatorConfig::default();
         config.poll_interval = PUSH_CASE_POLL_INTERVAL;
         self.connect_options().config(config)
     }
 
-    /// A coordinator started with heartbeats whose core polls only every
-    /// [`PUSH_CASE_POLL_INTERVAL`] (an hour): what a *push case* observes with.
+    /// A coordinator started with heartbeats for a *push case*: for a driver that
+    /// publishes pushed watches ([`Features::push_watches`](tooz_core::Features)),
+    /// its core polls only every [`PUSH_CASE_POLL_INTERVAL`] (an hour).
     ///
     /// The push cases (event streams delivering another member's joins, leaves,
-    /// crash and leadership changes; `become_leader` taking over; a blocked lock
-    /// waiter waking on the release) connect their observing coordinators here, and
-    /// keep their limits at a second or two. They then pass only when the driver
-    /// pushes: the core's polling fallback (every `poll_interval`, 500 ms by
-    /// default) would take an hour. A driver that cannot push fails them; that is
-    /// intended, the README's "pushed by ..." column is what they check.
+    /// crash and leadership changes; `become_leader` taking over) connect their
+    /// observing coordinators here, and keep their limits at a second or two. For a
+    /// driver that says it pushes they pass only when it does: the core's polling
+    /// fallback would take an hour. A driver that says it polls keeps the default
+    /// poll interval (500 ms) and must meet the same limits by polling.
     ///
-    /// Lock waits are the driver's own (`DriverLock::acquire` with a `Wait`), not
-    /// the core's polling; for them this coordinator is the same as
-    /// [`Harness::started`], and the waking case bounds the wake-up instead.
-    ///
-    /// This is the hook for gating on capabilities: once drivers publish whether
-    /// they push, this method is where a driver that declares no push turns the
-    /// case into [`CaseError::Unsupported`] instead of a failure.
+    /// Lock wake-ups come from the core's wait loop over the driver's
+    /// [`DriverLock::wakeups`](tooz_core::DriverLock::wakeups); without them it polls
+    /// with a backoff capped at 250 ms, and the waking case bounds the wake-up.
     ///
     /// # Errors
     /// A failed connect or start, as a [`CaseError`].

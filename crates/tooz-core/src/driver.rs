@@ -7,8 +7,15 @@
 //! loss signals, capability encoding, partitioners) lives in
 //! [`Coordinator`](crate::Coordinator).
 //!
-//! Every method is required: a driver that cannot do something must say so with
-//! [`ToozError::NotImplemented`](crate::ToozError::NotImplemented), which the
+//! The core also owns what drivers used to repeat: the lock wait loop and its
+//! cancel safety (a driver implements one [`DriverLock::try_acquire`] attempt and,
+//! where it can, [`DriverLock::wakeups`]), the held set (handed to
+//! [`Driver::heartbeat`] so one request renews everything), the lease's loss
+//! deadline ([`crate::lease::LeaseState`]) and id rules ([`Driver::check_id`], applied
+//! once per call). Methods with a default (`lease`, `check_id`, `watch_group`,
+//! `get_member_capabilities`, the lock's `wakeups`) are optional; a driver that
+//! cannot do something required says so with
+//! [`ToozError::NotImplemented`], which the
 //! conformance suite counts as a gap.
 
 use std::collections::BTreeSet;
@@ -254,12 +261,15 @@ pub trait Driver: Send + Sync + fmt::Debug + 'static {
     async fn leave_group(&self, group: &GroupId) -> Result<()>;
     /// Live members of a group. `GroupNotCreated`.
     async fn get_members(&self, group: &GroupId) -> Result<BTreeSet<MemberId>>;
-    /// One member's capabilities. `GroupNotCreated`, `MemberNotJoined`.
+    /// One member's capabilities. `GroupNotCreated`, `MemberNotJoined`. Default:
+    /// from [`Driver::get_member_info`].
     async fn get_member_capabilities(
         &self,
         group: &GroupId,
         member: &MemberId,
-    ) -> Result<Capabilities>;
+    ) -> Result<Capabilities> {
+        Ok(self.get_member_info(group, member).await?.capabilities)
+    }
     /// Every live member with its capabilities. `GroupNotCreated`.
     async fn get_members_with_capabilities(
         &self,
@@ -286,7 +296,11 @@ pub trait Driver: Send + Sync + fmt::Debug + 'static {
 
     /// A push source of membership changes for `group`, or `None` when the backend
     /// cannot push (the core then polls). `GroupNotCreated` for an unknown group.
-    async fn watch_group(&self, group: &GroupId) -> Result<Option<DriverEventStream>>;
+    /// Default: `None` once the group is known to exist (`get_members`).
+    async fn watch_group(&self, group: &GroupId) -> Result<Option<DriverEventStream>> {
+        self.get_members(group).await?;
+        Ok(None)
+    }
 }
 
 /// The outcome of one lock attempt ([`DriverLock::try_acquire`]).

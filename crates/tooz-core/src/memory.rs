@@ -331,14 +331,6 @@ impl Driver for MemoryDriver {
             .collect())
     }
 
-    async fn get_member_capabilities(
-        &self,
-        group: &GroupId,
-        member: &MemberId,
-    ) -> Result<Capabilities> {
-        Ok(self.get_member_info(group, member).await?.capabilities)
-    }
-
     async fn get_members_with_capabilities(
         &self,
         group: &GroupId,

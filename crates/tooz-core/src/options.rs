@@ -146,6 +146,32 @@ impl Options {
         Ok(Some(d))
     }
 
+    /// Reads `timeout` (default `default`) and `membership_timeout`/`lock_timeout`
+    /// (default: `timeout`), each a lease of at least [`MIN_LEASE`].
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use tooz_core::{Options, Url};
+    /// let o = Options::from_url(&Url::parse("redis://h/?timeout=10&lock_timeout=3").unwrap());
+    /// let t = o.lease_timeouts("redis", Duration::from_secs(30)).unwrap();
+    /// assert_eq!((t.timeout, t.membership_timeout, t.lock_timeout),
+    ///            (Duration::from_secs(10), Duration::from_secs(10), Duration::from_secs(3)));
+    /// assert_eq!(t.shortest(), Duration::from_secs(3));
+    /// ```
+    ///
+    /// # Errors
+    /// [`ToozError::InvalidOption`] naming the option.
+    pub fn lease_timeouts(&self, driver: &str, default: Duration) -> Result<LeaseTimeouts> {
+        let timeout = self.lease_secs(driver, "timeout")?.unwrap_or(default);
+        Ok(LeaseTimeouts {
+            timeout,
+            membership_timeout: self
+                .lease_secs(driver, "membership_timeout")?
+                .unwrap_or(timeout),
+            lock_timeout: self.lease_secs(driver, "lock_timeout")?.unwrap_or(timeout),
+        })
+    }
+
     /// Parses a boolean the way oslo's `strutils.bool_from_string` does
     /// (`1/0`, `true/false`, `yes/no`, `on/off`, `y/n`, `t/f`).
     ///
@@ -181,6 +207,69 @@ impl Options {
             }
         }
         Ok(())
+    }
+}
+
+/// The lease options most drivers share with Python tooz: `timeout`, and
+/// `membership_timeout` and `lock_timeout` defaulting to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct LeaseTimeouts {
+    /// `timeout`.
+    pub timeout: Duration,
+    /// `membership_timeout` (default: `timeout`).
+    pub membership_timeout: Duration,
+    /// `lock_timeout` (default: `timeout`).
+    pub lock_timeout: Duration,
+}
+
+impl LeaseTimeouts {
+    /// The shortest of the membership and lock TTLs: what one heartbeat must beat.
+    pub fn shortest(&self) -> Duration {
+        self.membership_timeout.min(self.lock_timeout)
+    }
+}
+
+/// Decodes `%XX` escapes of a URL component (user, password, path), keeping any
+/// malformed escape as it is; invalid UTF-8 becomes U+FFFD.
+///
+/// ```
+/// assert_eq!(tooz_core::options::percent_decode("p%40ss%2Fw"), "p@ss/w");
+/// assert_eq!(tooz_core::options::percent_decode("100%"), "100%");
+/// ```
+pub fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%'
+            && i + 2 < b.len()
+            && let Some(v) = std::str::from_utf8(&b[i + 1..i + 3])
+                .ok()
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+        {
+            out.push(v);
+            i += 3;
+            continue;
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The host of a URL as text (IPv6 without brackets), or `None` when it has none.
+///
+/// ```
+/// let u = tooz_core::Url::parse("redis://[::1]:6379/0").unwrap();
+/// assert_eq!(tooz_core::options::host_of(&u).as_deref(), Some("::1"));
+/// ```
+pub fn host_of(url: &Url) -> Option<String> {
+    match url.host()? {
+        url::Host::Domain("") => None,
+        url::Host::Domain(d) => Some(d.to_string()),
+        url::Host::Ipv4(a) => Some(a.to_string()),
+        url::Host::Ipv6(a) => Some(a.to_string()),
     }
 }
 

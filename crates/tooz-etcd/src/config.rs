@@ -97,23 +97,17 @@ impl EtcdConfig {
         if !(path.is_empty() || path == "/") {
             return Err(bad_url("expected etcd3+http://HOST[:PORT] without a path"));
         }
-        let host = match url.host() {
-            None | Some(url::Host::Domain("")) => DEFAULT_HOST.to_string(),
-            Some(url::Host::Domain(d)) => d.to_string(),
-            Some(url::Host::Ipv4(a)) => a.to_string(),
-            Some(url::Host::Ipv6(a)) => a.to_string(),
-        };
+        let host = tooz_core::options::host_of(url).unwrap_or_else(|| DEFAULT_HOST.to_string());
         // Every one of them is (also) the TTL of the coordinator's lease.
-        let secs = |key: &str| options.lease_secs(NAME, key);
-        let timeout = secs("timeout")?.unwrap_or(DEFAULT_TIMEOUT);
+        let t = options.lease_timeouts(NAME, DEFAULT_TIMEOUT)?;
         let path_opt = |key: &str| options.get(key).map(PathBuf::from);
         Ok(EtcdConfig {
             host,
             port: url.port().unwrap_or(DEFAULT_PORT),
             https: scheme.ends_with("https"),
-            timeout,
-            membership_timeout: secs("membership_timeout")?.unwrap_or(timeout),
-            lock_timeout: secs("lock_timeout")?.unwrap_or(timeout),
+            timeout: t.timeout,
+            membership_timeout: t.membership_timeout,
+            lock_timeout: t.lock_timeout,
             ca_cert: path_opt("ca_cert"),
             cert_key: path_opt("cert_key"),
             cert_cert: path_opt("cert_cert"),

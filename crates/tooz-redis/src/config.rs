@@ -238,10 +238,12 @@ impl RedisConfig {
 
         let secs = |key: &str| options.duration_secs(NAME, key);
         // The TTLs of the beat, lock and leader keys: at least the lease floor.
-        let lease = |key: &str| options.lease_secs(NAME, key);
-        let timeout = lease("timeout")?.unwrap_or(DEFAULT_TIMEOUT);
-        let membership_timeout = lease("membership_timeout")?.unwrap_or(timeout);
-        let lock_timeout = lease("lock_timeout")?.unwrap_or(timeout);
+        let tooz_core::options::LeaseTimeouts {
+            timeout,
+            membership_timeout,
+            lock_timeout,
+            ..
+        } = options.lease_timeouts(NAME, DEFAULT_TIMEOUT)?;
         let socket_timeout = secs("socket_timeout")?.unwrap_or(timeout);
         let connect_timeout = secs("socket_connect_timeout")?.unwrap_or(socket_timeout);
         let health_check_interval = match options.get("health_check_interval") {
@@ -378,27 +380,7 @@ impl RedisConfig {
 }
 
 fn decode(s: &str) -> String {
-    percent_decode(s)
-}
-
-/// Minimal `%XX` decoding (URL user, password and path).
-fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' && i + 2 < b.len() {
-            let hex = std::str::from_utf8(&b[i + 1..i + 3]).ok();
-            if let Some(v) = hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
-                out.push(v);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    tooz_core::options::percent_decode(s)
 }
 
 fn redact_url_str(url: &str) -> String {

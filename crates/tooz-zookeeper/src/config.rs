@@ -94,10 +94,7 @@ impl std::fmt::Debug for ZookeeperConfig {
 }
 
 fn decode(s: &str) -> String {
-    match crate::layout::percent_decode(s) {
-        Some(b) => String::from_utf8_lossy(&b).into_owned(),
-        None => s.to_string(),
-    }
+    tooz_core::options::percent_decode(s)
 }
 
 /// Checks a `/`-separated znode path made of user text: no empty, `.` or `..`

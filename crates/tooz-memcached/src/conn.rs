@@ -15,9 +15,9 @@ type OpFuture<'c, T> = Pin<Box<dyn Future<Output = std::result::Result<T, McErro
 
 /// The outcome of a meta set.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Stored {
+pub(crate) enum Reply {
     /// Stored; the item's new CAS value when asked for.
-    Yes(Option<u64>),
+    Stored(Option<u64>),
     /// `add` found the key (`NS`).
     NotStored,
     /// The CAS value did not match (`EX`).
@@ -57,20 +57,20 @@ fn mc_err(what: &str, e: McError) -> ToozError {
 
 fn stored(
     v: std::result::Result<Option<MetaValue>, McError>,
-) -> std::result::Result<Stored, McError> {
+) -> std::result::Result<Reply, McError> {
     let status = match v {
-        Ok(None) => return Ok(Stored::Yes(None)),
+        Ok(None) => return Ok(Reply::Stored(None)),
         Ok(Some(mv)) => match mv.status {
-            Some(Status::Stored) | None => return Ok(Stored::Yes(mv.cas)),
+            Some(Status::Stored) | None => return Ok(Reply::Stored(mv.cas)),
             Some(s) => s,
         },
         Err(McError::Protocol(s)) => s,
         Err(e) => return Err(e),
     };
     match status {
-        Status::NotStored => Ok(Stored::NotStored),
-        Status::Exists => Ok(Stored::Exists),
-        Status::NotFound => Ok(Stored::NotFound),
+        Status::NotStored => Ok(Reply::NotStored),
+        Status::Exists => Ok(Reply::Exists),
+        Status::NotFound => Ok(Reply::NotFound),
         s => Err(McError::Protocol(s)),
     }
 }
@@ -173,7 +173,7 @@ impl Pool {
         key: &[u8],
         value: &[u8],
         flags: &[String],
-    ) -> Result<Stored> {
+    ) -> Result<Reply> {
         let (key, value, flags) = (key.to_vec(), value.to_vec(), flags.to_vec());
         self.run(what, move |c| {
             Box::pin(async move {

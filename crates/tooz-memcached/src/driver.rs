@@ -16,7 +16,7 @@ use tooz_core::{
 };
 
 use crate::config::{MemcachedConfig, NAME, ttl_arg};
-use crate::conn::{Pool, Stored};
+use crate::conn::{Pool, Reply};
 use crate::keys::{self, FLAG_MSGPACK, FLAG_RAW, GroupMap, LockValue, STILL_ALIVE};
 use crate::lock::{Hold, MemcachedLock};
 
@@ -34,7 +34,7 @@ fn guard<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn unexpected(what: &str, s: Stored) -> ToozError {
+fn unexpected(what: &str, s: Reply) -> ToozError {
     ToozError::backend_msg(NAME, format!("{what}: unexpected reply {s:?}"))
 }
 
@@ -157,8 +157,8 @@ impl Inner {
                 .set("acquire", key, self.member.as_bytes(), &flags)
                 .await
             {
-                Ok(Stored::Yes(Some(cas))) => cas,
-                Ok(Stored::NotStored) => match self.inspect(key).await? {
+                Ok(Reply::Stored(Some(cas))) => cas,
+                Ok(Reply::NotStored) => match self.inspect(key).await? {
                     Some(held) => return Ok(held),
                     None => continue,
                 },
@@ -234,13 +234,13 @@ impl Inner {
             .set("renew", key, self.member.as_bytes(), &flags)
             .await?
         {
-            Stored::Yes(Some(new)) => {
+            Reply::Stored(Some(new)) => {
                 let mut held = guard(&self.held_cas);
                 held.remove(&cas);
                 held.insert(new);
                 Ok(Some(new))
             }
-            Stored::Exists | Stored::NotFound => {
+            Reply::Exists | Reply::NotFound => {
                 self.forget_cas(cas);
                 Ok(None)
             }
@@ -364,7 +364,7 @@ impl Inner {
                 },
             };
             match res {
-                Ok(Stored::Yes(_)) => {}
+                Ok(Reply::Stored(_)) => {}
                 Ok(_) => continue,
                 Err(e) => {
                     self.spawn_release(
@@ -440,7 +440,7 @@ impl Inner {
                     self.pool
                         .set(what, key, &LockValue::readers_bytes(&readers), &flags)
                         .await?,
-                    Stored::Yes(_)
+                    Reply::Stored(_)
                 )
             };
             if done {
@@ -483,7 +483,7 @@ impl Inner {
             self.pool
                 .set(what, &keys::group(g), &map.to_bytes(), &flags)
                 .await?,
-            Stored::Yes(_)
+            Reply::Stored(_)
         ))
     }
 
@@ -542,7 +542,7 @@ impl Inner {
             let value = keys::encode(&rmpv::Value::Array(list));
             if matches!(
                 self.pool.set("group list", key, &value, &flags).await?,
-                Stored::Yes(_)
+                Reply::Stored(_)
             ) {
                 return Ok(());
             }
@@ -605,7 +605,7 @@ impl MemcachedDriver {
             )
             .await?
         {
-            Stored::Yes(_) => Ok(()),
+            Reply::Stored(_) => Ok(()),
             other => Err(unexpected("heartbeat", other)),
         }
     }
@@ -733,8 +733,8 @@ impl Driver for MemcachedDriver {
             .set("create_group", &keys::group(group), &empty, &flags)
             .await?
         {
-            Stored::Yes(_) => {}
-            Stored::NotStored => return Err(ToozError::GroupAlreadyExist(group.clone())),
+            Reply::Stored(_) => {}
+            Reply::NotStored => return Err(ToozError::GroupAlreadyExist(group.clone())),
             other => return Err(unexpected("create_group", other)),
         }
         i.edit_group_list(group, true).await
@@ -757,7 +757,7 @@ impl Driver for MemcachedDriver {
                 i.pool
                     .set("delete_group", &keys::group(group), &nil, &flags)
                     .await?,
-                Stored::Yes(_)
+                Reply::Stored(_)
             ) {
                 continue;
             }

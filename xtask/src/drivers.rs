@@ -56,7 +56,7 @@ pub(crate) const DRIVERS: &[Driver] = &[
     Driver {
         name: "memcached",
         krate: "tooz-memcached",
-        interop: false,
+        interop: true,
     },
 ];
 

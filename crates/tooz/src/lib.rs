@@ -34,6 +34,7 @@ drivers! {
     "file" => tooz_file,
     "redis" => tooz_redis,
     "zookeeper" => tooz_zookeeper,
+    "memcached" => tooz_memcached,
     "etcd" => tooz_etcd,
 }
 

@@ -16,6 +16,7 @@ fn drivers() -> Vec<(&'static str, DriverDescriptor)> {
         ("tooz-file", tooz_file::DRIVER),
         ("tooz-redis", tooz_redis::DRIVER),
         ("tooz-zookeeper", tooz_zookeeper::DRIVER),
+        ("tooz-memcached", tooz_memcached::DRIVER),
         ("tooz-etcd", tooz_etcd::DRIVER),
         ("tooz-core", tooz::memory::DRIVER),
     ]

@@ -1,4 +1,4 @@
-//! Networked drivers (redis, zookeeper, etcd): the scenario lives with the driver, as its
+//! Networked drivers (redis, zookeeper, etcd, memcached): the scenario lives with the driver, as its
 //! crate's test `tests/python_interop.rs`, which drives Python tooz 9.1.0 (with the
 //! driver's Python client library) and a Rust coordinator on one server and checks both
 //! ways what the two share (each test's header lists it). The test skips unless it is

@@ -17,6 +17,7 @@ const REQUIREMENTS: &[&str] = &[
     "redis==8.1.0",
     "kazoo==2.11.0",
     "etcd3gw==2.7.0",
+    "pymemcache==4.0.0",
 ];
 
 /// The exact tooz version the scenarios are written against.

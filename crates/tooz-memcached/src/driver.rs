@@ -1,0 +1,949 @@
+//! The [`MemcachedDriver`]: groups, membership, leadership and locks in
+//! memcached, laid out as Python tooz lays them out (see [`crate::keys`]).
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures_util::future::join_all;
+use tokio::time::Instant;
+use tooz_core::util::Backoff;
+use tooz_core::{
+    Capabilities, Characteristic, ConnectRequest, Driver, DriverEventStream, DriverInfo,
+    DriverLock, FencingToken, GroupId, Held, IdRef, LeaseState, LockName, MemberId, MemberInfo,
+    Renewal, Result, ToozError,
+};
+
+use crate::config::{MemcachedConfig, NAME, ttl_arg};
+use crate::conn::{Pool, Reply};
+use crate::keys::{self, FLAG_MSGPACK, FLAG_RAW, GroupMap, LockValue, STILL_ALIVE};
+use crate::lock::{Hold, MemcachedLock};
+
+const CHARACTERISTICS: &[Characteristic] = &[
+    Characteristic::DistributedAcrossThreads,
+    Characteristic::DistributedAcrossProcesses,
+    Characteristic::DistributedAcrossHosts,
+    Characteristic::Causal,
+];
+
+/// How many times a compare-and-swap loop retries on a concurrent change.
+const CAS_TRIES: usize = 100;
+
+fn guard<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn unexpected(what: &str, s: Reply) -> ToozError {
+    ToozError::backend_msg(NAME, format!("{what}: unexpected reply {s:?}"))
+}
+
+fn contention(what: &str) -> ToozError {
+    ToozError::Backend {
+        driver: NAME,
+        message: format!(
+            "{what}: the key kept changing under {CAS_TRIES} compare-and-swap attempts"
+        ),
+        source: None,
+        retryable: true,
+    }
+}
+
+/// The outcome of one attempt on a lock or leader key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Grant {
+    /// Granted: the item's CAS value and the fencing token.
+    Granted { cas: u64, fence: u64 },
+    /// Held by someone else, for at most this long without a renewal (if known).
+    Held(Option<Duration>),
+}
+
+/// A leadership this coordinator holds.
+#[derive(Debug, Clone, Copy)]
+struct Leading {
+    cas: u64,
+    fence: u64,
+}
+
+/// Shared state of a driver and its lock handles.
+#[derive(Debug)]
+pub(crate) struct Inner {
+    pub(crate) config: MemcachedConfig,
+    pub(crate) member: MemberId,
+    pub(crate) pool: Pool,
+    lease: LeaseState,
+    leaders: tokio::sync::Mutex<HashMap<GroupId, Leading>>,
+    /// CAS values of the exclusive holds of this driver (to tell them from a
+    /// hold of the same member id whose grant reply was lost).
+    held_cas: Mutex<HashSet<u64>>,
+    /// The server's clock at start (seconds) and the local instant it was read.
+    clock: Mutex<Option<(u64, Instant)>>,
+}
+
+static TOKENS: AtomicU64 = AtomicU64::new(0);
+
+/// A reader token unique to this process and attempt.
+pub(crate) fn new_token() -> Vec<u8> {
+    format!(
+        "{:x}.{:x}.{:x}",
+        std::process::id(),
+        keys::now_micros(),
+        TOKENS.fetch_add(1, Ordering::Relaxed)
+    )
+    .into_bytes()
+}
+
+impl Inner {
+    fn ttl_flags(&self, ttl: Duration, flag: u32) -> Vec<String> {
+        vec![format!("T{}", ttl_arg(ttl)), format!("F{flag}"), "c".into()]
+    }
+
+    /// The server's time in µs, as well as it is known (its `stats` clock at
+    /// start plus the local monotonic time since; the local clock without it).
+    fn server_micros(&self) -> u64 {
+        match *guard(&self.clock) {
+            Some((secs, at)) => secs
+                .saturating_mul(1_000_000)
+                .saturating_add(u64::try_from(at.elapsed().as_micros()).unwrap_or(u64::MAX)),
+            None => keys::now_micros(),
+        }
+    }
+
+    fn forget_cas(&self, cas: u64) {
+        guard(&self.held_cas).remove(&cas);
+    }
+
+    /// Advances the fencing counter of `key` (created at the server's time in
+    /// µs when absent, so that it never goes backwards after an eviction or a
+    /// restart) and checks that the hold `still` describes was held throughout.
+    async fn fence(&self, key: &[u8]) -> Result<u64> {
+        let flags = vec!["N0".to_string(), format!("J{}", self.server_micros())];
+        self.pool.incr("fence", &keys::fence(key), &flags).await
+    }
+
+    /// Members (of `members`) whose liveness key is gone.
+    async fn dead_members<'a>(
+        &self,
+        members: impl Iterator<Item = &'a [u8]>,
+    ) -> Result<HashSet<Vec<u8>>> {
+        let mut others: Vec<Vec<u8>> = members
+            .filter(|m| *m != self.member.as_bytes())
+            .map(<[u8]>::to_vec)
+            .collect();
+        others.sort();
+        others.dedup();
+        let keys: Vec<Vec<u8>> = others.iter().map(|m| keys::member(m)).collect();
+        let hits = self.pool.get_multi("liveness", &keys, &["v"]).await?;
+        let alive: HashSet<Vec<u8>> = hits.into_iter().filter_map(|h| h.key).collect();
+        Ok(others
+            .into_iter()
+            .filter(|m| !alive.contains(&keys::member(m)))
+            .collect())
+    }
+
+    // ----- exclusive holds (locks and leaderships) -------------------------------
+
+    /// One attempt at an exclusive hold of `key`.
+    pub(crate) async fn acquire_exclusive(
+        self: &Arc<Self>,
+        key: &[u8],
+        ttl: Duration,
+    ) -> Result<Grant> {
+        for _ in 0..3 {
+            let mut flags = self.ttl_flags(ttl, FLAG_RAW);
+            flags.push("ME".into());
+            let cas = match self
+                .pool
+                .set("acquire", key, self.member.as_bytes(), &flags)
+                .await
+            {
+                Ok(Reply::Stored(Some(cas))) => cas,
+                Ok(Reply::NotStored) => match self.inspect(key).await? {
+                    Some(held) => return Ok(held),
+                    None => continue,
+                },
+                Ok(other) => return Err(unexpected("acquire", other)),
+                Err(e) => {
+                    self.spawn_unknown_grant(key.to_vec());
+                    return Err(e);
+                }
+            };
+            guard(&self.held_cas).insert(cas);
+            let checked = async {
+                let fence = self.fence(key).await?;
+                let now = self.pool.get("acquire", key, &["c"]).await?;
+                Ok::<_, ToozError>((fence, now.and_then(|v| v.cas) == Some(cas)))
+            }
+            .await;
+            return match checked {
+                Ok((fence, true)) => Ok(Grant::Granted { cas, fence }),
+                // Lost before the token was drawn: no grant.
+                Ok((_, false)) => {
+                    self.forget_cas(cas);
+                    Ok(Grant::Held(None))
+                }
+                Err(e) => {
+                    self.spawn_release(key.to_vec(), Hold::Exclusive { cas });
+                    Err(e)
+                }
+            };
+        }
+        Ok(Grant::Held(None))
+    }
+
+    /// After a failed `add`: who holds `key`. `None` when it is free again (or was
+    /// freed here because all its shared holders are dead): try again.
+    async fn inspect(&self, key: &[u8]) -> Result<Option<Grant>> {
+        let Some(v) = self.pool.get("acquire", key, &["v", "c", "f", "t"]).await? else {
+            return Ok(None);
+        };
+        let expires_in = v
+            .ttl_remaining
+            .filter(|t| *t >= 0)
+            .map(|t| Duration::from_secs(t.unsigned_abs()));
+        if let LockValue::Readers(readers) =
+            LockValue::read(v.flags, v.data.as_deref().unwrap_or(&[]))?
+        {
+            let dead = self
+                .dead_members(readers.iter().map(|(_, m)| m.as_slice()))
+                .await?;
+            if readers.iter().all(|(_, m)| dead.contains(m))
+                && let Some(cas) = v.cas
+            {
+                self.pool
+                    .delete("acquire", key, &[format!("C{cas}")])
+                    .await?;
+                return Ok(None);
+            }
+        }
+        Ok(Some(Grant::Held(expires_in)))
+    }
+
+    /// Renews an exclusive hold by rewriting it under its CAS value: the new CAS
+    /// value, or `None` when the key is gone or someone else's.
+    pub(crate) async fn renew_exclusive(
+        &self,
+        key: &[u8],
+        cas: u64,
+        ttl: Duration,
+    ) -> Result<Option<u64>> {
+        let mut flags = self.ttl_flags(ttl, FLAG_RAW);
+        flags.push(format!("C{cas}"));
+        match self
+            .pool
+            .set("renew", key, self.member.as_bytes(), &flags)
+            .await?
+        {
+            Reply::Stored(Some(new)) => {
+                let mut held = guard(&self.held_cas);
+                held.remove(&cas);
+                held.insert(new);
+                Ok(Some(new))
+            }
+            Reply::Exists | Reply::NotFound => {
+                self.forget_cas(cas);
+                Ok(None)
+            }
+            other => Err(unexpected("renew", other)),
+        }
+    }
+
+    /// Frees an exclusive hold if the key still has its CAS value.
+    pub(crate) async fn release_exclusive(&self, key: &[u8], cas: u64) -> Result<bool> {
+        let freed = self
+            .pool
+            .delete("release", key, &[format!("C{cas}")])
+            .await?;
+        self.forget_cas(cas);
+        Ok(freed)
+    }
+
+    /// An `add` whose reply was lost may have granted `key`: give it back.
+    fn spawn_unknown_grant(self: &Arc<Self>, key: Vec<u8>) {
+        self.spawn_cleanup("unconfirmed grant", move |i| {
+            let key = key.clone();
+            async move {
+                let Some(v) = i.pool.get("resolve", &key, &["v", "c", "f"]).await? else {
+                    return Ok(false);
+                };
+                let ours = LockValue::read(v.flags, v.data.as_deref().unwrap_or(&[]))?
+                    == LockValue::Owner(i.member.as_bytes().to_vec());
+                match v.cas {
+                    Some(cas) if ours && !guard(&i.held_cas).contains(&cas) => {
+                        i.release_exclusive(&key, cas).await
+                    }
+                    _ => Ok(false),
+                }
+            }
+        });
+    }
+
+    /// Releases `hold` of `key` in the background (after an error left its state
+    /// unknown), retried until it went through or the hold would have expired.
+    pub(crate) fn spawn_release(self: &Arc<Self>, key: Vec<u8>, hold: Hold) {
+        self.spawn_cleanup("release", move |i| {
+            let (key, hold) = (key.clone(), hold.clone());
+            async move { i.release_hold(&key, &hold).await }
+        });
+    }
+
+    pub(crate) async fn release_hold(&self, key: &[u8], hold: &Hold) -> Result<bool> {
+        match hold {
+            Hold::Exclusive { cas } => self.release_exclusive(key, *cas).await,
+            Hold::Shared { token } => self.release_shared(key, token).await,
+        }
+    }
+
+    fn spawn_cleanup<F, Fut>(self: &Arc<Self>, what: &'static str, op: F)
+    where
+        F: Fn(Arc<Inner>) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = Result<bool>> + Send + 'static,
+    {
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let inner = Arc::clone(self);
+        let deadline = Instant::now() + self.config.lock_timeout.max(self.config.leader_timeout);
+        rt.spawn(async move {
+            let mut backoff = Backoff::new(Duration::from_millis(20), Duration::from_secs(1));
+            loop {
+                match op(Arc::clone(&inner)).await {
+                    Ok(freed) => {
+                        tracing::debug!(what, freed, "memcached: cleanup done");
+                        return;
+                    }
+                    Err(e) => {
+                        if !tooz_core::util::sleep_within(backoff.next_delay(), Some(deadline)).await {
+                            tracing::warn!(what, error = %e, "memcached: giving up a cleanup; the key expires with its TTL");
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+    }
+
+    // ----- shared holds ------------------------------------------------------------
+
+    /// One attempt at a shared hold of `key` with reader `token`.
+    pub(crate) async fn acquire_shared(
+        self: &Arc<Self>,
+        key: &[u8],
+        token: &[u8],
+    ) -> Result<Grant> {
+        let me = self.member.as_bytes().to_vec();
+        let ttl = self.config.lock_timeout;
+        for _ in 0..CAS_TRIES {
+            let res = match self.pool.get("acquire", key, &["v", "c", "f", "t"]).await? {
+                None => {
+                    let value = LockValue::readers_bytes(&[(token.to_vec(), me.clone())]);
+                    let mut flags = self.ttl_flags(ttl, FLAG_MSGPACK);
+                    flags.push("ME".into());
+                    self.pool.set("acquire", key, &value, &flags).await
+                }
+                Some(v) => match LockValue::read(v.flags, v.data.as_deref().unwrap_or(&[]))? {
+                    LockValue::Owner(_) => {
+                        return Ok(Grant::Held(
+                            v.ttl_remaining
+                                .filter(|t| *t >= 0)
+                                .map(|t| Duration::from_secs(t.unsigned_abs())),
+                        ));
+                    }
+                    LockValue::Readers(mut readers) => {
+                        let dead = self
+                            .dead_members(readers.iter().map(|(_, m)| m.as_slice()))
+                            .await?;
+                        readers.retain(|(_, m)| !dead.contains(m));
+                        readers.push((token.to_vec(), me.clone()));
+                        let mut flags = self.ttl_flags(ttl, FLAG_MSGPACK);
+                        flags.push(format!("C{}", v.cas.unwrap_or(0)));
+                        self.pool
+                            .set("acquire", key, &LockValue::readers_bytes(&readers), &flags)
+                            .await
+                    }
+                },
+            };
+            match res {
+                Ok(Reply::Stored(_)) => {}
+                Ok(_) => continue,
+                Err(e) => {
+                    self.spawn_release(
+                        key.to_vec(),
+                        Hold::Shared {
+                            token: token.to_vec(),
+                        },
+                    );
+                    return Err(e);
+                }
+            }
+            let checked = async {
+                let fence = self.fence(key).await?;
+                Ok::<_, ToozError>((fence, self.holds_shared(key, token).await?))
+            }
+            .await;
+            return match checked {
+                Ok((fence, true)) => Ok(Grant::Granted { cas: 0, fence }),
+                Ok((_, false)) => Ok(Grant::Held(None)),
+                Err(e) => {
+                    self.spawn_release(
+                        key.to_vec(),
+                        Hold::Shared {
+                            token: token.to_vec(),
+                        },
+                    );
+                    Err(e)
+                }
+            };
+        }
+        Err(contention("shared acquire"))
+    }
+
+    pub(crate) async fn holds_shared(&self, key: &[u8], token: &[u8]) -> Result<bool> {
+        let Some(v) = self.pool.get("is_still_owner", key, &["v", "f"]).await? else {
+            return Ok(false);
+        };
+        Ok(matches!(
+            LockValue::read(v.flags, v.data.as_deref().unwrap_or(&[]))?,
+            LockValue::Readers(r) if r.iter().any(|(t, _)| t == token)
+        ))
+    }
+
+    /// Rewrites the reader map of `key` with `change` applied, under its CAS
+    /// value; `false` when `token` is not a reader (any more).
+    async fn edit_readers(
+        &self,
+        key: &[u8],
+        token: &[u8],
+        what: &str,
+        change: impl Fn(&mut Vec<(Vec<u8>, Vec<u8>)>),
+    ) -> Result<bool> {
+        for _ in 0..CAS_TRIES {
+            let Some(v) = self.pool.get(what, key, &["v", "c", "f"]).await? else {
+                return Ok(false);
+            };
+            let LockValue::Readers(mut readers) =
+                LockValue::read(v.flags, v.data.as_deref().unwrap_or(&[]))?
+            else {
+                return Ok(false);
+            };
+            if !readers.iter().any(|(t, _)| t == token) {
+                return Ok(false);
+            }
+            change(&mut readers);
+            let cas = format!("C{}", v.cas.unwrap_or(0));
+            let done = if readers.is_empty() {
+                self.pool.delete(what, key, &[cas]).await?
+            } else {
+                let mut flags = self.ttl_flags(self.config.lock_timeout, FLAG_MSGPACK);
+                flags.push(cas);
+                matches!(
+                    self.pool
+                        .set(what, key, &LockValue::readers_bytes(&readers), &flags)
+                        .await?,
+                    Reply::Stored(_)
+                )
+            };
+            if done {
+                return Ok(true);
+            }
+        }
+        Err(contention(what))
+    }
+
+    pub(crate) async fn renew_shared(&self, key: &[u8], token: &[u8]) -> Result<bool> {
+        self.edit_readers(key, token, "renew", |_| {}).await
+    }
+
+    pub(crate) async fn release_shared(&self, key: &[u8], token: &[u8]) -> Result<bool> {
+        self.edit_readers(key, token, "release", |r| r.retain(|(t, _)| t != token))
+            .await
+    }
+
+    // ----- groups ------------------------------------------------------------------
+
+    /// The member map of a group and its CAS value.
+    async fn read_group(&self, what: &str, g: &GroupId) -> Result<(GroupMap, u64)> {
+        let v = self
+            .pool
+            .get(what, &keys::group(g), &["v", "c", "f"])
+            .await?;
+        let Some(v) = v else {
+            return Err(ToozError::GroupNotCreated(g.clone()));
+        };
+        let value = keys::decode(v.flags, v.data.as_deref().unwrap_or(&[]))?;
+        match GroupMap::from_value(value)? {
+            Some(map) => Ok((map, v.cas.unwrap_or(0))),
+            None => Err(ToozError::GroupNotCreated(g.clone())),
+        }
+    }
+
+    async fn write_group(&self, what: &str, g: &GroupId, map: &GroupMap, cas: u64) -> Result<bool> {
+        let flags = vec![format!("F{FLAG_MSGPACK}"), format!("C{cas}")];
+        Ok(matches!(
+            self.pool
+                .set(what, &keys::group(g), &map.to_bytes(), &flags)
+                .await?,
+            Reply::Stored(_)
+        ))
+    }
+
+    /// Reads, changes and CAS-writes a group map until the write goes through.
+    async fn edit_group<T>(
+        &self,
+        what: &str,
+        g: &GroupId,
+        change: impl Fn(&mut GroupMap) -> Result<T>,
+    ) -> Result<T> {
+        let mut backoff = Backoff::new(Duration::from_millis(2), Duration::from_millis(100));
+        for _ in 0..CAS_TRIES {
+            let (mut map, cas) = self.read_group(what, g).await?;
+            let out = change(&mut map)?;
+            if self.write_group(what, g, &map, cas).await? {
+                return Ok(out);
+            }
+            tokio::time::sleep(backoff.next_delay()).await;
+        }
+        Err(contention(what))
+    }
+
+    /// The live members of a group, pruning dead ones from the map (as Python
+    /// does; a conflicting write is left to the next reader).
+    async fn live_group(&self, g: &GroupId) -> Result<GroupMap> {
+        let (mut map, cas) = self.read_group("get_members", g).await?;
+        let dead = self.dead_members(map.members()).await?;
+        if !dead.is_empty() && map.retain(|m| !dead.contains(m)) {
+            let _ = self.write_group("get_members", g, &map, cas).await;
+        }
+        Ok(map)
+    }
+
+    async fn edit_group_list(&self, g: &GroupId, add: bool) -> Result<()> {
+        let key = keys::GROUP_LIST;
+        for _ in 0..CAS_TRIES {
+            let current = self.pool.get("group list", key, &["v", "c", "f"]).await?;
+            let (mut list, cas) = match current {
+                Some(v) => (
+                    keys::group_list(keys::decode(v.flags, v.data.as_deref().unwrap_or(&[]))?),
+                    v.cas,
+                ),
+                None => (Vec::new(), None),
+            };
+            let present = list.iter().any(|x| keys::id_bytes(x) == Some(g.as_bytes()));
+            if present == add {
+                return Ok(());
+            }
+            if add {
+                list.push(rmpv::Value::Binary(g.as_bytes().to_vec()));
+            } else {
+                list.retain(|x| keys::id_bytes(x) != Some(g.as_bytes()));
+            }
+            let mut flags = vec![format!("F{FLAG_MSGPACK}")];
+            flags.push(cas.map_or_else(|| "ME".to_string(), |c| format!("C{c}")));
+            let value = keys::encode(&rmpv::Value::Array(list));
+            if matches!(
+                self.pool.set("group list", key, &value, &flags).await?,
+                Reply::Stored(_)
+            ) {
+                return Ok(());
+            }
+        }
+        Err(contention("group list"))
+    }
+}
+
+/// A coordination backend on a memcached server (≥ 1.6, meta protocol), sharing
+/// its keys with Python tooz's memcached driver. See the crate documentation.
+///
+/// Most code connects through a [`tooz_core::Registry`] with [`crate::DRIVER`].
+#[derive(Debug, Clone)]
+pub struct MemcachedDriver {
+    inner: Arc<Inner>,
+}
+
+impl MemcachedDriver {
+    /// A driver for `member` (nothing is contacted before `start`).
+    pub fn new(config: MemcachedConfig, member: MemberId) -> Self {
+        MemcachedDriver {
+            inner: Arc::new(Inner {
+                pool: Pool::new(config.address(), config.timeout, config.max_pool_size),
+                config,
+                member,
+                lease: LeaseState::new(),
+                leaders: tokio::sync::Mutex::new(HashMap::new()),
+                held_cas: Mutex::new(HashSet::new()),
+                clock: Mutex::new(None),
+            }),
+        }
+    }
+
+    pub(crate) fn connect(req: &ConnectRequest<'_>) -> Result<Arc<dyn Driver>> {
+        let config = MemcachedConfig::from_request(req)?;
+        Ok(Arc::new(MemcachedDriver::new(
+            config,
+            req.member_id.clone(),
+        )))
+    }
+
+    /// The settings of this driver.
+    pub fn config(&self) -> &MemcachedConfig {
+        &self.inner.config
+    }
+
+    async fn set_alive(&self) -> Result<()> {
+        let i = &self.inner;
+        let flags = vec![
+            format!("T{}", ttl_arg(i.config.membership_timeout)),
+            format!("F{FLAG_RAW}"),
+        ];
+        match i
+            .pool
+            .set(
+                "heartbeat",
+                &keys::member(i.member.as_bytes()),
+                STILL_ALIVE,
+                &flags,
+            )
+            .await?
+        {
+            Reply::Stored(_) => Ok(()),
+            other => Err(unexpected("heartbeat", other)),
+        }
+    }
+}
+
+fn micros_to_time(us: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_micros(us)
+}
+
+#[tooz_core::async_trait]
+impl Driver for MemcachedDriver {
+    fn info(&self) -> DriverInfo {
+        DriverInfo::new(NAME, CHARACTERISTICS, true)
+    }
+
+    fn check_id(&self, id: IdRef<'_>) -> Result<()> {
+        keys::check_id(id)
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(member = %self.inner.member))]
+    async fn start(&self) -> Result<()> {
+        let i = &self.inner;
+        let sent = Instant::now();
+        self.set_alive().await?;
+        i.lease.renewed(sent, i.config.heartbeat_interval());
+        match i.pool.server_time().await {
+            Ok(Some(secs)) => *guard(&i.clock) = Some((secs, sent)),
+            Ok(None) => tracing::warn!(
+                "memcached: stats has no time; fencing counters are seeded from the local clock"
+            ),
+            Err(e) => {
+                tracing::warn!(error = %e, "memcached: cannot read the server's clock; fencing counters are seeded from the local clock")
+            }
+        }
+        Ok(())
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(member = %self.inner.member))]
+    async fn stop(&self) -> Result<()> {
+        let i = &self.inner;
+        let leading: Vec<(GroupId, Leading)> = i.leaders.lock().await.drain().collect();
+        for (g, l) in leading {
+            if let Err(e) = i.release_exclusive(&keys::leader(&g), l.cas).await {
+                tracing::warn!(group = %g, error = %e, "memcached: releasing a leadership on stop failed");
+            }
+        }
+        if let Err(e) = i
+            .pool
+            .delete("stop", &keys::member(i.member.as_bytes()), &[])
+            .await
+        {
+            tracing::warn!(error = %e, "memcached: deleting the liveness key on stop failed");
+        }
+        i.pool.close();
+        Ok(())
+    }
+
+    /// The liveness key, every lock and every leadership, renewed concurrently
+    /// (one round trip of latency); exclusive holds are rewritten under their CAS
+    /// value, so a renewal never touches another owner's key.
+    #[tracing::instrument(level = "debug", skip_all)]
+    async fn heartbeat(&self, held: &Held<'_>) -> Result<Renewal> {
+        let i = &self.inner;
+        let mut leaders = i.leaders.lock().await;
+        let alive = self.set_alive();
+        let locks = join_all(held.locks.iter().enumerate().map(|(n, h)| async move {
+            match h.downcast::<MemcachedLock>() {
+                Some(l) => (n, l.renew().await),
+                None => (n, Ok(true)),
+            }
+        }));
+        let leads = join_all(leaders.iter().map(|(g, l)| async move {
+            let r = i
+                .renew_exclusive(&keys::leader(g), l.cas, i.config.leader_timeout)
+                .await;
+            (g.clone(), r)
+        }));
+        let (alive, locks, leads) = tokio::join!(alive, locks, leads);
+        alive?;
+        let mut renewal = Renewal::new(i.config.heartbeat_interval());
+        let mut error = None;
+        for (n, r) in locks {
+            match r {
+                Ok(true) => {}
+                Ok(false) => {
+                    renewal.lose_lock(n);
+                }
+                Err(e) => error = Some(e),
+            }
+        }
+        for (g, r) in leads {
+            match r {
+                Ok(Some(cas)) => {
+                    if let Some(l) = leaders.get_mut(&g) {
+                        l.cas = cas;
+                    }
+                }
+                Ok(None) => {
+                    tracing::info!(group = %g, "memcached: leadership lost (the leader key expired, was evicted or taken)");
+                    leaders.remove(&g);
+                    renewal.lose_leadership(g);
+                }
+                Err(e) => error = Some(e),
+            }
+        }
+        match error {
+            Some(e) if renewal.lost_locks.is_empty() && renewal.lost_leaderships.is_empty() => {
+                Err(e)
+            }
+            _ => Ok(renewal),
+        }
+    }
+
+    fn lease(&self) -> Option<LeaseState> {
+        Some(self.inner.lease.clone())
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(group = %group))]
+    async fn create_group(&self, group: &GroupId) -> Result<()> {
+        let i = &self.inner;
+        let flags = vec![format!("F{FLAG_MSGPACK}"), "ME".to_string()];
+        let empty = keys::encode(&rmpv::Value::Map(Vec::new()));
+        match i
+            .pool
+            .set("create_group", &keys::group(group), &empty, &flags)
+            .await?
+        {
+            Reply::Stored(_) => {}
+            Reply::NotStored => return Err(ToozError::GroupAlreadyExist(group.clone())),
+            other => return Err(unexpected("create_group", other)),
+        }
+        i.edit_group_list(group, true).await
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(group = %group))]
+    async fn delete_group(&self, group: &GroupId) -> Result<()> {
+        let i = &self.inner;
+        for _ in 0..CAS_TRIES {
+            let (mut map, cas) = i.read_group("delete_group", group).await?;
+            let dead = i.dead_members(map.members()).await?;
+            map.retain(|m| !dead.contains(m));
+            if !map.is_empty() {
+                return Err(ToozError::GroupNotEmpty(group.clone()));
+            }
+            // Python's order: nil under CAS (so no join slips in), delete, unlist.
+            let flags = vec![format!("F{FLAG_MSGPACK}"), format!("C{cas}")];
+            let nil = keys::encode(&rmpv::Value::Nil);
+            if !matches!(
+                i.pool
+                    .set("delete_group", &keys::group(group), &nil, &flags)
+                    .await?,
+                Reply::Stored(_)
+            ) {
+                continue;
+            }
+            i.pool
+                .delete("delete_group", &keys::group(group), &[])
+                .await?;
+            return i.edit_group_list(group, false).await;
+        }
+        Err(contention("delete_group"))
+    }
+
+    #[tracing::instrument(level = "debug", skip_all)]
+    async fn get_groups(&self) -> Result<Vec<GroupId>> {
+        let i = &self.inner;
+        let Some(v) = i
+            .pool
+            .get("get_groups", keys::GROUP_LIST, &["v", "f"])
+            .await?
+        else {
+            return Ok(Vec::new());
+        };
+        let list = keys::group_list(keys::decode(v.flags, v.data.as_deref().unwrap_or(&[]))?);
+        Ok(list
+            .iter()
+            .filter_map(keys::id_bytes)
+            .map(GroupId::new)
+            .collect())
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(group = %group))]
+    async fn join_group(&self, group: &GroupId, capabilities: &Capabilities) -> Result<()> {
+        let i = &self.inner;
+        i.edit_group("join_group", group, |map| {
+            if map.contains(i.member.as_bytes()) {
+                return Err(ToozError::MemberAlreadyExist {
+                    group: group.clone(),
+                    member: i.member.clone(),
+                });
+            }
+            map.insert(&i.member, capabilities)
+        })
+        .await
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(group = %group))]
+    async fn leave_group(&self, group: &GroupId) -> Result<()> {
+        let i = &self.inner;
+        i.edit_group("leave_group", group, |map| {
+            if map.remove(i.member.as_bytes()) {
+                Ok(())
+            } else {
+                Err(ToozError::MemberNotJoined {
+                    group: group.clone(),
+                    member: i.member.clone(),
+                })
+            }
+        })
+        .await
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(group = %group))]
+    async fn get_members(&self, group: &GroupId) -> Result<BTreeSet<MemberId>> {
+        let map = self.inner.live_group(group).await?;
+        Ok(map.members().map(MemberId::new).collect())
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(group = %group, member = %member))]
+    async fn get_member_capabilities(
+        &self,
+        group: &GroupId,
+        member: &MemberId,
+    ) -> Result<Capabilities> {
+        Ok(self.get_member_info(group, member).await?.capabilities)
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(group = %group))]
+    async fn get_members_with_capabilities(
+        &self,
+        group: &GroupId,
+    ) -> Result<Vec<(MemberId, Capabilities)>> {
+        let map = self.inner.live_group(group).await?;
+        Ok(map
+            .members()
+            .filter_map(|m| Some((MemberId::new(m), map.entry(m)?.caps)))
+            .collect())
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(group = %group, member = %member))]
+    async fn get_member_info(&self, group: &GroupId, member: &MemberId) -> Result<MemberInfo> {
+        let map = self.inner.live_group(group).await?;
+        let e = map
+            .entry(member.as_bytes())
+            .ok_or_else(|| ToozError::MemberNotJoined {
+                group: group.clone(),
+                member: member.clone(),
+            })?;
+        Ok(MemberInfo::new(
+            e.caps,
+            e.created.map(micros_to_time),
+            e.updated.map(micros_to_time),
+        ))
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(group = %group))]
+    async fn update_capabilities(
+        &self,
+        group: &GroupId,
+        capabilities: &Capabilities,
+    ) -> Result<()> {
+        let i = &self.inner;
+        i.edit_group("update_capabilities", group, |map| {
+            if map.update(i.member.as_bytes(), capabilities)? {
+                Ok(())
+            } else {
+                Err(ToozError::MemberNotJoined {
+                    group: group.clone(),
+                    member: i.member.clone(),
+                })
+            }
+        })
+        .await
+    }
+
+    /// Python's election: a non-blocking `add` of the leader key. A leadership
+    /// already held is kept (the heartbeat renews it and reports its loss).
+    #[tracing::instrument(level = "debug", skip_all, fields(group = %group))]
+    async fn campaign(&self, group: &GroupId) -> Result<Option<FencingToken>> {
+        let i = &self.inner;
+        let mut leaders = i.leaders.lock().await;
+        if let Some(l) = leaders.get(group) {
+            return Ok(Some(FencingToken(l.fence)));
+        }
+        match i
+            .acquire_exclusive(&keys::leader(group), i.config.leader_timeout)
+            .await?
+        {
+            Grant::Granted { cas, fence } => {
+                leaders.insert(group.clone(), Leading { cas, fence });
+                Ok(Some(FencingToken(fence)))
+            }
+            Grant::Held(_) => Ok(None),
+        }
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(group = %group))]
+    async fn resign(&self, group: &GroupId) -> Result<bool> {
+        let i = &self.inner;
+        let Some(l) = i.leaders.lock().await.remove(group) else {
+            return Ok(false);
+        };
+        let key = keys::leader(group);
+        match i.release_exclusive(&key, l.cas).await {
+            Ok(led) => Ok(led),
+            Err(e) => {
+                i.spawn_release(key, Hold::Exclusive { cas: l.cas });
+                Err(e)
+            }
+        }
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(group = %group))]
+    async fn get_leader(&self, group: &GroupId) -> Result<Option<MemberId>> {
+        let i = &self.inner;
+        let Some(v) = i
+            .pool
+            .get("get_leader", &keys::leader(group), &["v", "f"])
+            .await?
+        else {
+            return Ok(None);
+        };
+        match LockValue::read(v.flags, v.data.as_deref().unwrap_or(&[]))? {
+            LockValue::Owner(m) if !m.is_empty() => Ok(Some(MemberId::new(m))),
+            _ => Ok(None),
+        }
+    }
+
+    fn lock(&self, name: &LockName) -> Result<Arc<dyn DriverLock>> {
+        Ok(Arc::new(MemcachedLock::new(
+            Arc::clone(&self.inner),
+            name.clone(),
+        )))
+    }
+
+    /// memcached cannot push: the core polls. Checks that the group exists.
+    async fn watch_group(&self, group: &GroupId) -> Result<Option<DriverEventStream>> {
+        self.inner.read_group("watch_group", group).await?;
+        Ok(None)
+    }
+}

@@ -1,0 +1,223 @@
+//! What the driver does when memcached drops its keys (eviction, a restart, an
+//! operator's delete), and the layout Python reads.
+//!
+//! Needs `TOOZ_TEST_MEMCACHED_URL`; skipped with a message otherwise (a failure with
+//! `TOOZ_REQUIRE_BACKENDS=1`).
+
+#![allow(clippy::unwrap_used)]
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_memcached::{Client, MetaProtocol};
+use tooz_core::{Coordinator, MemberId, Registry, Wait};
+
+const URL_ENV: &str = "TOOZ_TEST_MEMCACHED_URL";
+
+fn base(test: &str) -> Option<String> {
+    match std::env::var(URL_ENV) {
+        Ok(u) if !u.trim().is_empty() => Some(u.trim().to_string()),
+        _ => {
+            assert!(
+                std::env::var("TOOZ_REQUIRE_BACKENDS").as_deref() != Ok("1"),
+                "{URL_ENV} is not set and TOOZ_REQUIRE_BACKENDS=1"
+            );
+            eprintln!("SKIPPED {test}: {URL_ENV} is not set");
+            None
+        }
+    }
+}
+
+fn unique(s: &str) -> String {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    format!("{s}-{}-{nanos:x}", std::process::id())
+}
+
+async fn coordinator(base: &str, member: &str) -> Coordinator {
+    let c = Registry::new()
+        .with(tooz_memcached::DRIVER)
+        .connect(&format!("{base}?timeout=5"), member)
+        .unwrap();
+    c.start(false).await.unwrap();
+    c
+}
+
+/// A raw client on the same server, standing in for eviction.
+async fn raw(base: &str) -> Client {
+    let hostport = base
+        .trim_start_matches("memcached://")
+        .trim_end_matches('/');
+    Client::new(format!("tcp://{hostport}")).await.unwrap()
+}
+
+async fn evict(base: &str, key: &[u8]) {
+    let mut c = raw(base).await;
+    c.meta_delete(key, false, None, None).await.unwrap();
+}
+
+#[tokio::test]
+async fn an_evicted_lock_is_reported_lost_by_the_next_heartbeat() {
+    let Some(base) = base("an_evicted_lock_is_reported_lost_by_the_next_heartbeat") else {
+        return;
+    };
+    let a = coordinator(&base, &unique("a")).await;
+    let name = unique("lock");
+    let guard = a
+        .get_lock(name.as_str())
+        .unwrap()
+        .guard(Wait::No)
+        .await
+        .unwrap()
+        .unwrap();
+    a.heartbeat().await.unwrap();
+    assert!(!guard.lost().is_lost());
+    evict(&base, &tooz_memcached::keys::lock(name.as_bytes())).await;
+    a.heartbeat().await.unwrap();
+    tokio::time::timeout(Duration::from_secs(2), guard.lost().lost())
+        .await
+        .expect("the lost signal fires after the heartbeat found the key gone");
+    // Someone else may now take it; our release does not free theirs.
+    let b = coordinator(&base, &unique("b")).await;
+    let theirs = b.get_lock(name.as_str()).unwrap();
+    assert!(theirs.acquire(Wait::No).await.unwrap());
+    assert!(!guard.release().await.unwrap());
+    assert!(
+        !a.get_lock(name.as_str())
+            .unwrap()
+            .acquire(Wait::No)
+            .await
+            .unwrap()
+    );
+    assert!(theirs.release().await.unwrap());
+    a.stop().await.unwrap();
+    b.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_evicted_leader_key_loses_the_leadership() {
+    let Some(base) = base("an_evicted_leader_key_loses_the_leadership") else {
+        return;
+    };
+    let a = coordinator(&base, &unique("a")).await;
+    let g = unique("g");
+    let lead = a.try_become_leader(g.as_str()).await.unwrap().unwrap();
+    evict(&base, &tooz_memcached::keys::leader(&g.as_str().into())).await;
+    a.heartbeat().await.unwrap();
+    tokio::time::timeout(Duration::from_secs(2), lead.lost().lost())
+        .await
+        .expect("leadership loss signalled");
+    a.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_vanished_member_key_means_booted_out() {
+    let Some(base) = base("a_vanished_member_key_means_booted_out") else {
+        return;
+    };
+    let (am, bm) = (unique("a"), unique("b"));
+    let a = coordinator(&base, &am).await;
+    let b = coordinator(&base, &bm).await;
+    let g = unique("g");
+    a.create_group(g.as_str()).await.unwrap();
+    a.join_group(g.as_str(), &()).await.unwrap();
+    b.join_group(g.as_str(), &()).await.unwrap();
+    assert_eq!(b.get_members(g.as_str()).await.unwrap().len(), 2);
+    evict(&base, &tooz_memcached::keys::member(am.as_bytes())).await;
+    // b prunes a (as Python does); a's next heartbeat brings its key back, but
+    // not its membership.
+    let seen = b.get_members(g.as_str()).await.unwrap();
+    assert!(!seen.contains(&MemberId::from(am.as_str())), "{seen:?}");
+    a.heartbeat().await.unwrap();
+    let seen = a.get_members(g.as_str()).await.unwrap();
+    assert!(!seen.contains(&MemberId::from(am.as_str())), "{seen:?}");
+    b.leave_group(g.as_str()).await.unwrap();
+    a.delete_group(g.as_str()).await.unwrap();
+    a.stop().await.unwrap();
+    b.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn fencing_never_goes_backwards_when_the_counter_is_evicted() {
+    let Some(base) = base("fencing_never_goes_backwards_when_the_counter_is_evicted") else {
+        return;
+    };
+    let a = coordinator(&base, &unique("a")).await;
+    let name = unique("lock");
+    let lock = a.get_lock(name.as_str()).unwrap();
+    assert!(lock.acquire(Wait::No).await.unwrap());
+    let first = lock.fencing_token().unwrap();
+    assert!(lock.release().await.unwrap());
+    assert!(lock.acquire(Wait::No).await.unwrap());
+    let second = lock.fencing_token().unwrap();
+    assert!(second > first);
+    assert!(lock.release().await.unwrap());
+    let key = tooz_memcached::keys::fence(&tooz_memcached::keys::lock(name.as_bytes()));
+    evict(&base, &key).await;
+    // The counter restarts at the server's time in µs (at least a second later
+    // than the first seed, memcached's clock ticks in seconds).
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert!(lock.acquire(Wait::No).await.unwrap());
+    let third = lock.fencing_token().unwrap();
+    assert!(third > second, "{third:?} after {second:?}");
+    assert!(lock.release().await.unwrap());
+    a.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn keys_and_flags_are_pythons() {
+    let Some(base) = base("keys_and_flags_are_pythons") else {
+        return;
+    };
+    let m = unique("m");
+    let a = coordinator(&base, &m).await;
+    let g = unique("g");
+    a.create_group(g.as_str()).await.unwrap();
+    a.join_group(g.as_str(), &()).await.unwrap();
+    let lock = a.get_lock(g.as_str()).unwrap();
+    assert!(lock.acquire(Wait::No).await.unwrap());
+    let mut c = raw(&base).await;
+    let alive = c
+        .meta_get(
+            tooz_memcached::keys::member(m.as_bytes()),
+            false,
+            None,
+            Some(&["v", "f", "t"]),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(alive.data.as_deref(), Some(&b"It's alive!"[..]));
+    assert_eq!(alive.flags, Some(1));
+    let held = c
+        .meta_get(
+            tooz_memcached::keys::lock(g.as_bytes()),
+            false,
+            None,
+            Some(&["v", "f"]),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(held.data.as_deref(), Some(m.as_bytes()));
+    assert_eq!(held.flags, Some(1));
+    let group = c
+        .meta_get(
+            tooz_memcached::keys::group(&g.as_str().into()),
+            false,
+            None,
+            Some(&["v", "f"]),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(group.flags, Some(2));
+    // {bin(m): {bin("capabilities"): nil, ...}}
+    let data = group.data.unwrap();
+    assert_eq!(data[0], 0x81);
+    assert!(data.windows(14).any(|w| w == b"\xc4\x0ccapabilities"));
+    assert!(lock.release().await.unwrap());
+    a.leave_group(g.as_str()).await.unwrap();
+    a.delete_group(g.as_str()).await.unwrap();
+    a.stop().await.unwrap();
+}

@@ -5,7 +5,7 @@ writes {"driver": ..., "scenarios": {"<name>": {"median_us", "p99_us", "ops_per_
 "requests_per_op", "ratio_to_floor"}}, "notes": [...]} to --json-out.
 
 There is no counting proxy on this side, so requests_per_op is null; floor_rtt is a raw
-redis-py PING (Redis only), and ratio_to_floor is over that Python floor. A scenario
+redis-py PING (Redis) or a pymemcache get of a stored key (memcached), and ratio_to_floor is over that Python floor. A scenario
 Python tooz cannot run (or that takes too long to set up) has null figures and a note.
 """
 
@@ -77,6 +77,8 @@ class Bench:
 
     def floor_rtt(self):
         """One raw round trip with the driver's client library (redis-py PING)."""
+        if self.url.startswith("memcached"):
+            return self.memcached_floor()
         if not self.url.startswith("redis"):
             self.notes.append("floor_rtt: measured on the Rust side only for this driver")
             return na()
@@ -91,6 +93,31 @@ class Bench:
             assert client.ping()
             samples.append(time.perf_counter() - start)
         client.close()
+        return figures(samples)
+
+    def memcached_floor(self):
+        """One pymemcache get of a stored key (Python tooz's memcached client)."""
+        from urllib.parse import urlsplit
+
+        from pymemcache.client.base import Client
+
+        u = urlsplit(self.url)
+        client = Client((u.hostname or "localhost", u.port or 11211))
+        key = b"tooz-bench/" + self.name("floor-read")
+        client.set(key, b"x", expire=300)
+        for _ in range(10):
+            client.get(key)
+        samples = []
+        for _ in range(self.n(2000)):
+            start = time.perf_counter()
+            got = client.get(key)
+            samples.append(time.perf_counter() - start)
+            assert got == b"x", got
+        client.delete(key)
+        client.close()
+        self.notes.append(
+            "floor_rtt: one pymemcache get of a stored key (text protocol `get`)"
+        )
         return figures(samples)
 
     # -- scenarios -----------------------------------------------------------------------
@@ -190,6 +217,11 @@ class Bench:
                 c = self.coordinator("m%04d" % i)
                 coords.append(c)
                 c.join_group(group).get()
+                if self.url.startswith("memcached"):
+                    # The test server takes 1,024 connections: close this member's
+                    # (pymemcache reconnects lazily for stop()); it stays a member while
+                    # its liveness key lives (membership_timeout, 30 s).
+                    c.client.close()
             print(
                 "python_bench: %d members joined in %.1f s"
                 % (members, time.monotonic() - started),

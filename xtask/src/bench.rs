@@ -25,7 +25,7 @@ use crate::{
 use crate::interop::venv;
 
 /// Drivers `tooz-bench` knows; later drivers add themselves here and in tooz-bench.
-const BENCH_DRIVERS: &[&str] = &["file", "redis", "zookeeper", "etcd"];
+const BENCH_DRIVERS: &[&str] = &["file", "redis", "zookeeper", "etcd", "memcached"];
 
 /// The scenarios in the order tooz-bench prints them.
 const ORDER: &[&str] = &[
@@ -102,22 +102,17 @@ fn run_one(
     };
     let py_json = out_dir.join(format!("{}-python.json", driver.name));
     let _ = fs::remove_file(&py_json);
+    let from_env = |var: &str| {
+        env.iter()
+            .find(|(k, _)| k == var)
+            .map(|(_, v)| v.clone())
+            .with_context(|| format!("backends did not report {var}"))
+    };
     let url = match driver.name {
-        "redis" => env
-            .iter()
-            .find(|(k, _)| k == "TOOZ_TEST_REDIS_URL")
-            .map(|(_, v)| v.clone())
-            .context("backends did not report TOOZ_TEST_REDIS_URL")?,
-        "zookeeper" => env
-            .iter()
-            .find(|(k, _)| k == "TOOZ_TEST_ZOOKEEPER_URL")
-            .map(|(_, v)| v.clone())
-            .context("backends did not report TOOZ_TEST_ZOOKEEPER_URL")?,
-        "etcd" => env
-            .iter()
-            .find(|(k, _)| k == "TOOZ_TEST_ETCD_URL")
-            .map(|(_, v)| v.clone())
-            .context("backends did not report TOOZ_TEST_ETCD_URL")?,
+        "redis" => from_env("TOOZ_TEST_REDIS_URL")?,
+        "zookeeper" => from_env("TOOZ_TEST_ZOOKEEPER_URL")?,
+        "etcd" => from_env("TOOZ_TEST_ETCD_URL")?,
+        "memcached" => from_env("TOOZ_TEST_MEMCACHED_URL")?,
         _ => {
             let dir = out_dir.join("scratch").join("python-file");
             format!("file://{}", dir.display())

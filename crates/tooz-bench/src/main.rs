@@ -1,7 +1,7 @@
 //! `tooz-bench`: the benchmark harness behind `cargo xtask bench` (DESIGN.md §8).
 //!
 //! ```text
-//! tooz-bench --driver file|redis|zookeeper|etcd [--json-out PATH] [--quick] [--url URL]
+//! tooz-bench --driver file|redis|zookeeper|etcd|memcached [--json-out PATH] [--quick] [--url URL]
 //! ```
 //!
 //! Runs the floors and the scenarios against one driver, prints a table and writes
@@ -30,6 +30,11 @@
 //!   as a lease keep-alive). Floors: `floor_rtt` is one range read of a key, `floor_write`
 //!   one put (which waits for etcd's fsync).
 //!
+//! * `memcached`: the server is `--url`, else `$TOOZ_TEST_MEMCACHED_URL`; the same two
+//!   passes. req/op are client round trips (as for Redis); the proxy also counts memcached
+//!   command lines (`commands_per_op` in the JSON, a line under the table). Floor:
+//!   `floor_rtt` is one `mg` of a key (async-memcached, the driver's client library).
+//!
 //! Every ratio is a median over the `floor_rtt` median; `ratio_to_write_floor` (file
 //! driver) is the median over the `floor_write` median.
 
@@ -40,7 +45,7 @@ mod scenarios;
 use std::{
     path::PathBuf,
     process::ExitCode,
-    sync::atomic::{AtomicBool, Ordering},
+    sync::atomic::{AtomicBool, AtomicU64, Ordering},
 };
 
 use anyhow::{Context, Result, bail};
@@ -48,8 +53,7 @@ use tooz_core::{Coordinator, Registry, Url};
 
 use crate::proxy::{Counting, Proxy};
 
-const USAGE: &str =
-    "usage: tooz-bench --driver file|redis|zookeeper|etcd [--json-out PATH] [--quick] [--url URL]";
+const USAGE: &str = "usage: tooz-bench --driver file|redis|zookeeper|etcd|memcached [--json-out PATH] [--quick] [--url URL]";
 
 #[derive(Debug)]
 struct Args {
@@ -172,6 +176,13 @@ const SERVERS: &[Server] = &[
         counting: Counting::GrpcMessages,
         namespace: None,
     },
+    Server {
+        driver: "memcached",
+        env: "TOOZ_TEST_MEMCACHED_URL",
+        port: 11211,
+        counting: Counting::MemcachedRoundTrips,
+        namespace: None,
+    },
 ];
 
 /// The backend under test and how to reach it.
@@ -189,6 +200,9 @@ pub(crate) struct Target {
     /// Whether measured coordinators go through the proxy (the counting pass) or straight
     /// to the server (the timing pass).
     counting: AtomicBool,
+    /// memcached command lines counted by [`Window`](crate::scenarios)s closed since the
+    /// last [`Target::take_commands`].
+    commands_seen: AtomicU64,
     /// Unique per run: prefixes every member, group and lock name.
     run: String,
     /// The file driver's data directory (removed by [`Target::cleanup`]).
@@ -205,6 +219,8 @@ impl Target {
         let registry = registry.with(tooz_zookeeper::DRIVER);
         #[cfg(feature = "etcd")]
         let registry = registry.with(tooz_etcd::DRIVER);
+        #[cfg(feature = "memcached")]
+        let registry = registry.with(tooz_memcached::DRIVER);
         match args.driver.as_str() {
             "file" => {
                 let base = match &args.url {
@@ -226,6 +242,7 @@ impl Target {
                     server_addr: None,
                     proxy: None,
                     counting: AtomicBool::new(false),
+                    commands_seen: AtomicU64::new(0),
                     run,
                     scratch: Some(dir),
                 })
@@ -233,7 +250,7 @@ impl Target {
             name => {
                 let Some(server) = SERVERS.iter().find(|s| s.driver == name) else {
                     bail!(
-                        "unknown driver `{name}` (tooz-bench knows file, redis, zookeeper and etcd)"
+                        "unknown driver `{name}` (tooz-bench knows file, redis, zookeeper, etcd and memcached)"
                     )
                 };
                 Self::behind_proxy(server, args, registry, run).await
@@ -286,6 +303,7 @@ impl Target {
             server_addr: Some(addr),
             proxy: Some(proxy),
             counting: AtomicBool::new(false),
+            commands_seen: AtomicU64::new(0),
             run,
             scratch: None,
         })
@@ -359,6 +377,25 @@ impl Target {
             .as_ref()
             .filter(|_| self.counting())
             .map(Proxy::round_trips)
+    }
+
+    /// memcached command lines counted so far (`None` outside the counting pass and for
+    /// the other backends).
+    pub(crate) fn commands(&self) -> Option<u64> {
+        self.proxy
+            .as_ref()
+            .filter(|p| self.counting() && p.counting() == Counting::MemcachedRoundTrips)
+            .map(Proxy::commands)
+    }
+
+    /// Adds command lines a closed window saw.
+    pub(crate) fn saw_commands(&self, n: u64) {
+        self.commands_seen.fetch_add(n, Ordering::SeqCst);
+    }
+
+    /// The command lines windows saw since the last call (and resets the tally).
+    pub(crate) fn take_commands(&self) -> u64 {
+        self.commands_seen.swap(0, Ordering::SeqCst)
     }
 
     /// The file driver's data directory.

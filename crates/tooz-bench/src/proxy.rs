@@ -21,6 +21,13 @@
 //! messages inside each stream's DATA frames. A unary call (range, put, txn) counts one;
 //! on a bidirectional stream each message counts one (a lease keep-alive, a watch
 //! create). HTTP/2 control frames (SETTINGS, PING, WINDOW_UPDATE, HEADERS) count nothing.
+//!
+//! For memcached ([`Counting::MemcachedRoundTrips`]) the main count is round trips, as for
+//! Redis (a quiet `mg … q` pipeline closed by `mn` is one), and a second counter
+//! ([`Proxy::commands`]) follows the client's text/meta protocol line by line: every
+//! command line counts one, except `mn` (the no-op that only closes a quiet pipeline); the
+//! data block after a storage command (`ms <key> <datalen>`, `set`/`add`/`replace`/
+//! `append`/`prepend <key> <flags> <exptime> <bytes>`, `cas …`) is skipped, not counted.
 
 use std::{
     io,
@@ -46,13 +53,17 @@ pub(crate) enum Counting {
     ZookeeperRequests,
     /// gRPC request messages in the client's HTTP/2 stream.
     GrpcMessages,
+    /// Client round trips, and memcached command lines on the side.
+    MemcachedRoundTrips,
 }
 
 /// A running proxy; dropping it stops accepting (open relays end with their sockets).
 #[derive(Debug)]
 pub(crate) struct Proxy {
     addr: SocketAddr,
+    counting: Counting,
     count: Arc<AtomicU64>,
+    commands: Arc<AtomicU64>,
     accept: JoinHandle<()>,
 }
 
@@ -63,23 +74,26 @@ impl Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let count = Arc::new(AtomicU64::new(0));
-        let counter = Arc::clone(&count);
+        let commands = Arc::new(AtomicU64::new(0));
+        let counters = (Arc::clone(&count), Arc::clone(&commands));
         let accept = tokio::spawn(async move {
             loop {
                 let Ok((client, _)) = listener.accept().await else {
                     continue;
                 };
                 let upstream = upstream.clone();
-                let counter = Arc::clone(&counter);
+                let counters = (Arc::clone(&counters.0), Arc::clone(&counters.1));
                 tokio::spawn(async move {
                     // A relay ends when either side closes; errors are the peer's business.
-                    let _ = relay(client, &upstream, counter, counting).await;
+                    let _ = relay(client, &upstream, counters, counting).await;
                 });
             }
         });
         Ok(Self {
             addr,
+            counting,
             count,
+            commands,
             accept,
         })
     }
@@ -89,9 +103,19 @@ impl Proxy {
         self.addr
     }
 
+    /// What this proxy counts.
+    pub(crate) fn counting(&self) -> Counting {
+        self.counting
+    }
+
     /// Round trips counted so far, over every connection.
     pub(crate) fn round_trips(&self) -> u64 {
         self.count.load(Ordering::SeqCst)
+    }
+
+    /// memcached command lines counted so far (0 in the other modes).
+    pub(crate) fn commands(&self) -> u64 {
+        self.commands.load(Ordering::SeqCst)
     }
 }
 
@@ -133,6 +157,58 @@ impl ZkFrames {
         }
         self.pending.drain(..at);
         n
+    }
+}
+
+/// Counts memcached command lines in the client's byte stream (text and meta protocol).
+#[derive(Debug, Default)]
+struct McLines {
+    pending: Vec<u8>,
+    /// Bytes of a data block (and its `\r\n`) still to skip.
+    skip: usize,
+}
+
+impl McLines {
+    /// Feeds client bytes; returns the number of command lines they finished.
+    fn feed(&mut self, mut bytes: &[u8]) -> u64 {
+        let mut n = 0;
+        loop {
+            if self.skip > 0 {
+                let k = self.skip.min(bytes.len());
+                self.skip -= k;
+                bytes = &bytes[k..];
+            }
+            if bytes.is_empty() {
+                return n;
+            }
+            let Some(end) = bytes.iter().position(|b| *b == b'\n') else {
+                self.pending.extend_from_slice(bytes);
+                return n;
+            };
+            self.pending.extend_from_slice(&bytes[..=end]);
+            bytes = &bytes[end + 1..];
+            let line = std::mem::take(&mut self.pending);
+            let words: Vec<&[u8]> = line
+                .split(|b| b.is_ascii_whitespace())
+                .filter(|w| !w.is_empty())
+                .collect();
+            let Some(cmd) = words.first() else { continue };
+            // Where the data length is, for commands followed by a data block.
+            let len_at = match *cmd {
+                b"ms" => Some(2),
+                b"set" | b"add" | b"replace" | b"append" | b"prepend" | b"cas" => Some(4),
+                _ => None,
+            };
+            if let Some(len) = len_at
+                .and_then(|i| words.get(i))
+                .and_then(|w| std::str::from_utf8(w).ok()?.parse::<usize>().ok())
+            {
+                self.skip = len + 2;
+            }
+            if *cmd != b"mn" {
+                n += 1;
+            }
+        }
     }
 }
 
@@ -222,7 +298,7 @@ fn grpc_messages(state: &mut (Vec<u8>, usize), mut body: &[u8]) -> u64 {
 async fn relay(
     client: TcpStream,
     upstream: &str,
-    count: Arc<AtomicU64>,
+    (count, commands): (Arc<AtomicU64>, Arc<AtomicU64>),
     counting: Counting,
 ) -> io::Result<()> {
     let server = TcpStream::connect(upstream).await?;
@@ -238,6 +314,7 @@ async fn relay(
         let mut buf = vec![0u8; 64 * 1024];
         let mut frames = ZkFrames::default();
         let mut grpc = GrpcFrames::default();
+        let mut lines = McLines::default();
         loop {
             let n = client_rx.read(&mut buf).await?;
             if n == 0 {
@@ -255,6 +332,12 @@ async fn relay(
                 }
                 Counting::GrpcMessages => {
                     count.fetch_add(grpc.feed(&buf[..n]), Ordering::SeqCst);
+                }
+                Counting::MemcachedRoundTrips => {
+                    if flag.swap(false, Ordering::SeqCst) {
+                        count.fetch_add(1, Ordering::SeqCst);
+                    }
+                    commands.fetch_add(lines.feed(&buf[..n]), Ordering::SeqCst);
                 }
             }
             server_tx.write_all(&buf[..n]).await?;
@@ -301,6 +384,17 @@ mod tests {
         let two = [frame(&req), frame(&req)].concat();
         assert_eq!(f.feed(&two[..5]), 0);
         assert_eq!(f.feed(&two[5..]), 2);
+    }
+
+    #[test]
+    fn memcached_lines_skip_data_blocks_and_mn() {
+        let mut f = McLines::default();
+        let bytes = b"mg k1 v q\r\nmg k2 v q\r\nmn\r\nms lock 4 T30 F0 c ME\r\nab\r\n\r\nset k 0 0 3\r\nxyz\r\nmd k C12\r\n";
+        let total: u64 = bytes.chunks(7).map(|c| f.feed(c)).sum();
+        // mg, mg, ms (its data block holds a CRLF), set, md; not mn.
+        assert_eq!(total, 5);
+        assert_eq!(f.skip, 0);
+        assert!(f.pending.is_empty());
     }
 
     fn h2(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {

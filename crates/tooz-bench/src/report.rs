@@ -24,11 +24,18 @@ pub(crate) struct Figures {
     /// Operations per second of measured time (sum of the samples): 1 / mean latency.
     pub(crate) ops_per_s: f64,
     pub(crate) requests_per_op: Option<f64>,
+    /// memcached only: command lines per operation (see [`crate::proxy`]).
+    pub(crate) commands_per_op: Option<f64>,
     pub(crate) ratio_to_floor: Option<f64>,
     pub(crate) ratio_to_write_floor: Option<f64>,
 }
 
 impl Measured {
+    /// Operations the samples cover.
+    pub(crate) fn ops(&self) -> u64 {
+        self.samples.len() as u64 * self.ops_per_sample.max(1)
+    }
+
     pub(crate) fn figures(&self, name: &'static str) -> Figures {
         let per = self.ops_per_sample.max(1) as f64;
         let mut us: Vec<f64> = self
@@ -45,6 +52,7 @@ impl Measured {
             p99_us: percentile(&us, 0.99),
             ops_per_s: if total_s > 0.0 { ops / total_s } else { 0.0 },
             requests_per_op: self.round_trips.map(|n| n as f64 / ops.max(1.0)),
+            commands_per_op: None,
             ratio_to_floor: None,
             ratio_to_write_floor: None,
         }
@@ -101,6 +109,16 @@ pub(crate) fn table(driver: &str, figures: &[Figures], notes: &[String]) -> Stri
             fmt_opt(f.ratio_to_floor, 2, "-"),
         ));
     }
+    let commands: Vec<String> = figures
+        .iter()
+        .filter_map(|f| Some(format!("{} {:.2}", f.name, f.commands_per_op?)))
+        .collect();
+    if !commands.is_empty() {
+        out.push_str(&format!(
+            "memcached commands per op: {}\n",
+            commands.join(", ")
+        ));
+    }
     for n in notes {
         out.push_str(&format!("note: {n}\n"));
     }
@@ -120,6 +138,9 @@ pub(crate) fn json(driver: &str, figures: &[Figures], notes: &[String]) -> Value
         });
         if let Some(w) = f.ratio_to_write_floor {
             s["ratio_to_write_floor"] = json!(w);
+        }
+        if let Some(c) = f.commands_per_op {
+            s["commands_per_op"] = json!(c);
         }
         scenarios.insert(f.name.to_owned(), s);
     }

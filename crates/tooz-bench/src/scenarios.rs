@@ -68,15 +68,19 @@ const EVENT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Coordinators started at once while building the 1,000-member group.
 const SETUP_CHUNK: usize = 50;
 
-/// Counts round trips over a window.
-struct Window(Option<u64>);
+/// Counts round trips over a window (and, for memcached, command lines, handed to the
+/// target's tally).
+struct Window(Option<u64>, Option<u64>);
 
 impl Window {
     fn open(t: &Target) -> Self {
-        Self(t.round_trips())
+        Self(t.round_trips(), t.commands())
     }
 
     fn close(self, t: &Target) -> Option<u64> {
+        if let Some((now, then)) = t.commands().zip(self.1) {
+            t.saw_commands(now - then);
+        }
         Some(t.round_trips()? - self.0?)
     }
 }
@@ -98,14 +102,20 @@ pub(crate) async fn run_all(t: &Target, sizes: &Sizes) -> Result<(Vec<Figures>, 
             let mut f = $body.await?.figures($name);
             if t.can_count() {
                 t.set_counting(true);
+                t.take_commands();
                 let $n = $count;
                 let counted = $body.await;
                 t.set_counting(false);
-                f.requests_per_op = counted?.figures($name).requests_per_op;
+                let counted = counted?;
+                f.requests_per_op = counted.figures($name).requests_per_op;
+                let commands = t.take_commands();
+                if t.driver == "memcached" {
+                    f.commands_per_op = Some(commands as f64 / counted.ops().max(1) as f64);
+                }
             }
             eprintln!(
-                "tooz-bench: {}: {}: median {:.2} µs, req/op {:?}",
-                t.driver, $name, f.median_us, f.requests_per_op
+                "tooz-bench: {}: {}: median {:.2} µs, req/op {:?}, cmd/op {:?}",
+                t.driver, $name, f.median_us, f.requests_per_op, f.commands_per_op
             );
             figures.push(f);
         }};
@@ -160,6 +170,21 @@ pub(crate) async fn run_all(t: &Target, sizes: &Sizes) -> Result<(Vec<Figures>, 
                  stream messages such as keep-alives) counted by an in-process proxy that \
                  follows the client's HTTP/2 frames, in a second pass of a tenth of the \
                  iterations"
+                    .to_owned(),
+            );
+        }
+        #[cfg(feature = "memcached")]
+        "memcached" => {
+            scenario!("floor_rtt", sizes.floor, count(sizes.floor), |n| mc_get(
+                t, n
+            ));
+            notes.push(
+                "memcached: floor_rtt = one `mg <key> v` of a stored key (async-memcached, the \
+                 driver's client library); req/op = client round trips counted by an \
+                 in-process proxy in a second pass of a tenth of the iterations (a quiet \
+                 `mg … q` pipeline closed by `mn` is one round trip; concurrent requests on \
+                 separate connections count one each); the proxy also counts command lines \
+                 (every `mg`/`ms`/`md`/`ma`/… line, not `mn`)"
                     .to_owned(),
             );
         }
@@ -378,6 +403,39 @@ async fn etcd_put(t: &Target, n: usize) -> Result<Measured> {
     })
 }
 
+#[cfg(feature = "memcached")]
+async fn mc_get(t: &Target, n: usize) -> Result<Measured> {
+    use async_memcached::{Client, MetaProtocol};
+    let addr = t.raw_addr()?;
+    let mut mc = Client::new(format!("tcp://{addr}"))
+        .await
+        .with_context(|| format!("raw memcached connection to {addr}"))?;
+    let key = format!("tooz-bench/{}", t.name("floor-read"));
+    mc.meta_set(key.as_bytes(), "x", false, None, Some(&["T300"]))
+        .await?;
+    for _ in 0..10 {
+        mc.meta_get(key.as_bytes(), false, None, Some(&["v"]))
+            .await?;
+    }
+    let w = Window::open(t);
+    let mut samples = Vec::with_capacity(n);
+    for _ in 0..n {
+        let start = Instant::now();
+        let got = mc
+            .meta_get(key.as_bytes(), false, None, Some(&["v"]))
+            .await?;
+        samples.push(start.elapsed());
+        ensure!(got.and_then(|v| v.data).is_some(), "the floor key vanished");
+    }
+    let round_trips = w.close(t);
+    mc.meta_delete(key.as_bytes(), false, None, None).await?;
+    Ok(Measured {
+        samples,
+        ops_per_sample: 1,
+        round_trips,
+    })
+}
+
 fn ofd(file: &std::fs::File, l_type: libc::c_int) -> Result<()> {
     let fl = libc::flock {
         l_type: l_type as libc::c_short,
@@ -541,6 +599,12 @@ async fn get_members(t: &Target, members: usize, n: usize) -> Result<Measured> {
     let group = t.name("members");
     let reader = t.coordinator("members-reader", true).await?;
     reader.create_group(group.as_str()).await?;
+    // memcached: the test server takes 1,024 connections (`-c 1024`) and every started
+    // coordinator keeps its pooled connection open, so 1,000 of them would exhaust it.
+    // A member stays in the group while its liveness key lives (`membership_timeout`, 30 s,
+    // far longer than set-up plus measurement), so each chunk of members is dropped
+    // (closing its connections) once joined, and reconnected in chunks afterwards to leave.
+    let parked = t.driver == "memcached";
     let started = Instant::now();
     let mut coords = Vec::with_capacity(members);
     for chunk in (0..members).collect::<Vec<_>>().chunks(SETUP_CHUNK) {
@@ -553,13 +617,16 @@ async fn get_members(t: &Target, members: usize, n: usize) -> Result<Measured> {
             }
         }))
         .await?;
-        coords.extend(batch);
+        if !parked {
+            coords.extend(batch);
+        }
     }
     eprintln!(
         "tooz-bench: {}: {members} members joined in {:.1} s",
         t.driver,
         started.elapsed().as_secs_f64()
     );
+
     let result = async {
         let got = reader.get_members(group.as_str()).await?.len();
         ensure!(got == members, "expected {members} members, got {got}");
@@ -578,6 +645,20 @@ async fn get_members(t: &Target, members: usize, n: usize) -> Result<Measured> {
         })
     }
     .await;
+    if parked {
+        for chunk in (0..members).collect::<Vec<_>>().chunks(SETUP_CHUNK) {
+            try_join_all(chunk.iter().map(|i| {
+                let group = group.as_str();
+                async move {
+                    let c = t.coordinator(&format!("m{i:04}"), false).await?;
+                    c.leave_group(group).await?;
+                    c.stop().await?;
+                    Ok::<_, anyhow::Error>(())
+                }
+            }))
+            .await?;
+        }
+    }
     stop_all(coords).await?;
     let _ = reader.delete_group(group.as_str()).await;
     reader.stop().await?;
@@ -664,6 +745,9 @@ async fn watch_latency(t: &Target, n: usize) -> Result<Measured> {
         add(&mut round_trips, w.close(t));
         joiner.leave_group(group.as_str()).await?;
         wait_event(&mut events, &me, false).await?;
+        // Coordinators here run without a heartbeat task; on a polled backend (memcached)
+        // the run outlasts the liveness TTL, and a member whose key expired is not seen.
+        joiner.heartbeat().await?;
     }
     drop(events);
     joiner.stop().await?;

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use futures_util::future::join_all;
+use futures_util::StreamExt;
 use tokio::time::Instant;
 use tooz_core::util::Backoff;
 use tooz_core::{
@@ -663,26 +663,43 @@ impl Driver for MemcachedDriver {
         Ok(())
     }
 
-    /// The liveness key, every lock and every leadership, renewed concurrently
-    /// (one round trip of latency); exclusive holds are rewritten under their CAS
+    /// The liveness key, every lock and every leadership, renewed concurrently on
+    /// the pooled connections (`max_pool_size` at a time); exclusive holds are rewritten under their CAS
     /// value, so a renewal never touches another owner's key.
     #[tracing::instrument(level = "debug", skip_all)]
     async fn heartbeat(&self, held: &Held<'_>) -> Result<Renewal> {
         let i = &self.inner;
         let mut leaders = i.leaders.lock().await;
         let alive = self.set_alive();
-        let locks = join_all(held.locks.iter().enumerate().map(|(n, h)| async move {
-            match h.downcast::<MemcachedLock>() {
-                Some(l) => (n, l.renew().await),
-                None => (n, Ok(true)),
-            }
-        }));
-        let leads = join_all(leaders.iter().map(|(g, l)| async move {
-            let r = i
-                .renew_exclusive(&keys::leader(g), l.cas, i.config.leader_timeout)
-                .await;
-            (g.clone(), r)
-        }));
+        // At most as many renewals in flight as the pool keeps connections: more
+        // would open (and close) a connection per hold on every beat.
+        let width = i.config.max_pool_size.max(1);
+        type Boxed<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+        let mut lock_renewals: Vec<Boxed<'_, (usize, Result<bool>)>> = Vec::new();
+        for (n, h) in held.locks.iter().enumerate() {
+            lock_renewals.push(Box::pin(async move {
+                match h.downcast::<MemcachedLock>() {
+                    Some(l) => (n, l.renew().await),
+                    None => (n, Ok(true)),
+                }
+            }));
+        }
+        let mut lead_renewals: Vec<Boxed<'_, (GroupId, Result<Option<u64>>)>> = Vec::new();
+        for (g, l) in leaders.iter() {
+            let (g, cas) = (g.clone(), l.cas);
+            lead_renewals.push(Box::pin(async move {
+                let r = i
+                    .renew_exclusive(&keys::leader(&g), cas, i.config.leader_timeout)
+                    .await;
+                (g, r)
+            }));
+        }
+        let locks = futures_util::stream::iter(lock_renewals)
+            .buffer_unordered(width)
+            .collect::<Vec<_>>();
+        let leads = futures_util::stream::iter(lead_renewals)
+            .buffer_unordered(width)
+            .collect::<Vec<_>>();
         let (alive, locks, leads) = tokio::join!(alive, locks, leads);
         alive?;
         let mut renewal = Renewal::new(i.config.heartbeat_interval());

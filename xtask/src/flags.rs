@@ -48,7 +48,8 @@ Commands:
         cargo fmt --all --check; cargo clippy --workspace --all-targets -- -D warnings;
         backends up (only the servers the present drivers need);
         cargo test --workspace (conformance included); cargo test --workspace --doc;
-        interop --driver all. Tests run with TOOZ_REQUIRE_BACKENDS=1.
+        interop --driver all. Clippy and tests build the tooz command with etcd
+        (--features tooz-cli/etcd). Tests run with TOOZ_REQUIRE_BACKENDS=1.
   readme
         Regenerate the README's driver feature table from each driver's published
         Features (`cargo test -p tooz --test readme_table` with TOOZ_BLESS_README=1; the

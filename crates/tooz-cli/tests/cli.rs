@@ -1096,10 +1096,19 @@ fn partition_etcd() {
 #[cfg(not(feature = "etcd"))]
 #[test]
 fn partition_etcd() {
+    assert!(
+        !backends_required(),
+        "partition_etcd: TOOZ_REQUIRE_BACKENDS=1 but tooz-cli was built without the etcd feature (cargo test -p tooz-cli --features etcd)"
+    );
     eprintln!("SKIPPED partition_etcd: built without the etcd feature");
 }
 
 #[test]
 fn partition_zookeeper() {
     partition_table("partition_zookeeper", "TOOZ_TEST_ZOOKEEPER_URL", 4);
+}
+
+#[test]
+fn partition_memcached() {
+    partition_table("partition_memcached", "TOOZ_TEST_MEMCACHED_URL", 2);
 }

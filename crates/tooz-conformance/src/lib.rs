@@ -37,20 +37,20 @@ pub const JSON_REPORT_ENV: &str = "TOOZ_CONFORMANCE_JSON";
 
 /// What the suite runs against: one driver, one backend URL.
 ///
-/// A driver's `tests/conformance.rs` builds one and hands it to [`main`]:
+/// A driver's `tests/conformance.rs` builds one and hands it to [`main`] (here for
+/// `memory://`, as `crates/tooz-core/tests/conformance.rs` does):
 ///
 /// ```no_run
 /// use std::time::Duration;
 /// use tooz_conformance::Setup;
 /// use tooz_core::Registry;
 ///
-/// # fn my_driver() -> tooz_core::DriverDescriptor { unimplemented!() }
 /// fn main() {
 ///     tooz_conformance::main(Setup {
-///         driver: "mydriver".into(),
-///         url: std::env::var("TOOZ_TEST_MYDRIVER_URL")
-///             .unwrap_or_else(|_| "mydriver://127.0.0.1:1234".into()),
-///         registry: Registry::new().with(my_driver()),
+///         driver: "memory".into(),
+///         url: std::env::var("TOOZ_TEST_MEMORY_URL")
+///             .unwrap_or_else(|_| "memory://conformance".into()),
+///         registry: Registry::new().with(tooz_core::memory::DRIVER),
 ///         // Short leases so expiry cases finish quickly.
 ///         options: vec![("timeout".into(), "2".into())],
 ///         lease: Duration::from_secs(2),

@@ -52,6 +52,25 @@ struct Watchers {
     partitioners: Vec<Weak<PartitionerState>>,
 }
 
+impl Watchers {
+    /// Drops the member cache of `group` once no join/leave hook or partitioner
+    /// follows it any more.
+    fn forget_unwatched(&mut self, group: &GroupId) {
+        let watched = self
+            .hooks
+            .iter()
+            .any(|h| h.group == *group && h.kind != WatchKind::Elected)
+            || self
+                .partitioners
+                .iter()
+                .filter_map(Weak::upgrade)
+                .any(|p| p.group == *group);
+        if !watched {
+            self.cache.remove(group);
+        }
+    }
+}
+
 /// A leadership held: its token and the sender of its loss signal.
 struct Leading {
     token: FencingToken,
@@ -473,17 +492,7 @@ impl Coordinator {
             x.upgrade()
                 .is_some_and(|x| !std::ptr::eq(Arc::as_ptr(&x), p))
         });
-        let still = w
-            .hooks
-            .iter()
-            .any(|h| h.group == p.group && h.kind != WatchKind::Elected)
-            || w.partitioners
-                .iter()
-                .filter_map(Weak::upgrade)
-                .any(|x| x.group == p.group);
-        if !still {
-            w.cache.remove(&p.group);
-        }
+        w.forget_unwatched(&p.group);
     }
 
     pub(crate) fn driver(&self) -> &Arc<dyn Driver> {

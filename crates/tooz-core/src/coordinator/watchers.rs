@@ -150,17 +150,7 @@ impl Coordinator {
             });
         };
         let hook = w.hooks.remove(pos);
-        let still_watched = w
-            .hooks
-            .iter()
-            .any(|h| h.group == hook.group && h.kind != WatchKind::Elected)
-            || w.partitioners
-                .iter()
-                .filter_map(Weak::upgrade)
-                .any(|p| p.group == hook.group);
-        if !still_watched {
-            w.cache.remove(&hook.group);
-        }
+        w.forget_unwatched(&hook.group);
         Ok(())
     }
 

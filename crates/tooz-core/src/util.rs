@@ -56,6 +56,70 @@ pub async fn sleep_within(pause: Duration, deadline: Option<Instant>) -> bool {
     }
 }
 
+/// Runs `op` in a background task until it succeeds, for what must not be left
+/// behind when a request's outcome is unknown or a release failed: an owner-checked
+/// delete of a hold whose grant reply was lost, a release retried after a broken
+/// connection. Failures are retried with backoff (20 ms doubling to 1 s) until
+/// `deadline` (when whatever `op` frees expires by itself anyway), and abandoned after
+/// five errors in a row that retrying cannot help ([`ToozError::is_retryable`]).
+/// `op` returns `Ok(())` also when there turns out to be nothing to do. Outside a
+/// tokio runtime nothing is spawned.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// use std::sync::Arc;
+/// use std::sync::atomic::{AtomicU32, Ordering};
+///
+/// let tries = Arc::new(AtomicU32::new(0));
+/// let t = Arc::clone(&tries);
+/// tooz_core::util::spawn_cleanup("doc", "example", None, move || {
+///     let t = Arc::clone(&t);
+///     async move {
+///         match t.fetch_add(1, Ordering::SeqCst) {
+///             0 => Err(tooz_core::ToozError::connection("doc", "down", std::io::Error::other("x"))),
+///             _ => Ok(()),
+///         }
+///     }
+/// });
+/// while tries.load(Ordering::SeqCst) < 2 {
+///     tokio::task::yield_now().await;
+/// }
+/// # }
+/// ```
+pub fn spawn_cleanup<F, Fut>(
+    driver: &'static str,
+    what: &'static str,
+    deadline: Option<Instant>,
+    mut op: F,
+) where
+    F: FnMut() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = crate::Result<()>> + Send + 'static,
+{
+    let Ok(rt) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    rt.spawn(async move {
+        let mut backoff = Backoff::new(Duration::from_millis(20), Duration::from_secs(1));
+        let mut hopeless = 0;
+        loop {
+            let e = match op().await {
+                Ok(()) => {
+                    tracing::debug!(driver, what, "cleanup done");
+                    return;
+                }
+                Err(e) => e,
+            };
+            hopeless = if e.is_retryable() { 0 } else { hopeless + 1 };
+            if hopeless >= 5 || !sleep_within(backoff.next_delay(), deadline).await {
+                tracing::warn!(driver, what, error = %e, "giving up a cleanup; what it would free stays until it expires");
+                return;
+            }
+            tracing::debug!(driver, what, error = %e, "cleanup failed; retrying");
+        }
+    });
+}
+
 /// The deadline of a wait (`None` for `Wait::Forever`, and for a wait too long
 /// to be represented as an instant; now for `Wait::No`).
 pub fn deadline_of(wait: Wait) -> Option<Instant> {

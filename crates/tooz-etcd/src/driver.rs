@@ -11,7 +11,6 @@ use etcd_client::{
     Client, Compare, CompareOp, ConnectOptions, GetOptions, GetResponse, KeyValue,
     LeaseKeepAliveStream, LeaseKeeper, PutOptions, Txn, TxnOp, TxnOpResponse, TxnResponse,
 };
-use tooz_core::util::Backoff;
 use tooz_core::{
     Capabilities, Characteristic, ConnectRequest, Driver, DriverEventStream, DriverInfo,
     DriverLock, FencingToken, GroupId, Held, IdRef, LeaseState, LockName, MemberId, MemberInfo,
@@ -154,35 +153,17 @@ impl Inner {
         F: Fn(Arc<Inner>) -> Fut + Send + 'static,
         Fut: std::future::Future<Output = Result<()>> + Send + 'static,
     {
-        let Ok(rt) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
         let weak: Weak<Inner> = Arc::downgrade(self);
-        rt.spawn(async move {
-            let mut backoff = Backoff::new(Duration::from_millis(20), Duration::from_secs(2));
-            let mut hopeless = 0;
-            loop {
-                let Some(inner) = weak.upgrade() else { return };
-                if !inner.on_lease(lease) {
-                    tracing::debug!(what, "etcd: cleanup not needed: the lease is gone");
-                    return;
-                }
-                match op(inner).await {
-                    Ok(()) => {
-                        tracing::debug!(what, "etcd: cleanup done");
-                        return;
-                    }
-                    Err(e) => {
-                        if !e.is_retryable() {
-                            hopeless += 1;
-                            if hopeless >= 5 {
-                                tracing::warn!(what, error = %e, "etcd: giving up a cleanup; what it would free stays until the lease ends");
-                                return;
-                            }
-                        }
-                        tracing::debug!(what, error = %e, "etcd: cleanup failed; retrying");
-                        tokio::time::sleep(backoff.next_delay()).await;
-                    }
+        tooz_core::util::spawn_cleanup("etcd3", what, None, move || {
+            let work = weak
+                .upgrade()
+                .filter(|inner| inner.on_lease(lease))
+                .map(&op);
+            async move {
+                match work {
+                    Some(done) => done.await,
+                    // The driver or the lease is gone, and with it what this frees.
+                    None => Ok(()),
                 }
             }
         });

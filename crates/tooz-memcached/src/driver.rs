@@ -294,32 +294,18 @@ impl Inner {
         }
     }
 
+    /// Runs an owner-checked cleanup in the background until it goes through or
+    /// what it would free has expired anyway (see `tooz_core::util::spawn_cleanup`).
     fn spawn_cleanup<F, Fut>(self: &Arc<Self>, what: &'static str, op: F)
     where
         F: Fn(Arc<Inner>) -> Fut + Send + 'static,
         Fut: std::future::Future<Output = Result<bool>> + Send + 'static,
     {
-        let Ok(rt) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
         let inner = Arc::clone(self);
         let deadline = Instant::now() + self.config.lock_timeout.max(self.config.leader_timeout);
-        rt.spawn(async move {
-            let mut backoff = Backoff::new(Duration::from_millis(20), Duration::from_secs(1));
-            loop {
-                match op(Arc::clone(&inner)).await {
-                    Ok(freed) => {
-                        tracing::debug!(what, freed, "memcached: cleanup done");
-                        return;
-                    }
-                    Err(e) => {
-                        if !tooz_core::util::sleep_within(backoff.next_delay(), Some(deadline)).await {
-                            tracing::warn!(what, error = %e, "memcached: giving up a cleanup; the key expires with its TTL");
-                            return;
-                        }
-                    }
-                }
-            }
+        tooz_core::util::spawn_cleanup("memcached", what, Some(deadline), move || {
+            let done = op(Arc::clone(&inner));
+            async move { done.await.map(drop) }
         });
     }
 

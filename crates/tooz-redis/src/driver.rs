@@ -7,7 +7,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use redis::{Script, Value};
 use tokio::time::Instant;
-use tooz_core::util::{Backoff, sleep_within};
 use tooz_core::{
     Attempt, Capabilities, Characteristic, ConnectRequest, Driver, DriverEventStream, DriverInfo,
     DriverLock, FencingToken, GroupId, Held, IdRef, LeaseState, LockName, MemberId, MemberInfo,
@@ -124,28 +123,11 @@ impl Inner {
         F: Fn(Arc<Inner>) -> Fut + Send + 'static,
         Fut: std::future::Future<Output = Result<bool>> + Send + 'static,
     {
-        let Ok(rt) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
         let inner = Arc::clone(self);
         let deadline = Instant::now() + self.config.lock_timeout;
-        rt.spawn(async move {
-            let mut backoff = Backoff::new(Duration::from_millis(20), Duration::from_secs(1));
-            loop {
-                match op(Arc::clone(&inner)).await {
-                    Ok(freed) => {
-                        tracing::debug!(what, freed, "redis: cleanup of an unconfirmed hold done");
-                        return;
-                    }
-                    Err(e) => {
-                        tracing::debug!(what, error = %e, "redis: cleanup of an unconfirmed hold failed; retrying");
-                        if !sleep_within(backoff.next_delay(), Some(deadline)).await {
-                            tracing::warn!(what, error = %e, "redis: giving up cleaning up an unconfirmed hold; it expires with its TTL");
-                            return;
-                        }
-                    }
-                }
-            }
+        tooz_core::util::spawn_cleanup("redis", what, Some(deadline), move || {
+            let done = op(Arc::clone(&inner));
+            async move { done.await.map(drop) }
         });
     }
 

@@ -162,7 +162,7 @@ impl MemcachedConfig {
     }
 
     pub(crate) fn address(&self) -> String {
-        format!("tcp://{}:{}", self.host, self.port)
+        format!("{}:{}", self.host, self.port)
     }
 }
 

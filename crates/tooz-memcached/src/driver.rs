@@ -16,7 +16,7 @@ use tooz_core::{
 };
 
 use crate::config::{MemcachedConfig, NAME, ttl_arg};
-use crate::conn::{Pool, Reply};
+use crate::conn::{Cmd, Item, Pool, Reply};
 use crate::keys::{self, FLAG_MSGPACK, FLAG_RAW, GroupMap, LockValue, STILL_ALIVE};
 use crate::lock::{Hold, MemcachedLock};
 
@@ -78,6 +78,9 @@ pub(crate) struct Inner {
     held_cas: Mutex<HashSet<u64>>,
     /// The server's clock at start (seconds) and the local instant it was read.
     clock: Mutex<Option<(u64, Instant)>>,
+    /// The other members of each group as last read: their liveness keys are
+    /// read with the group map (one round trip while membership is stable).
+    seen: Mutex<HashMap<GroupId, Vec<Vec<u8>>>>,
 }
 
 static TOKENS: AtomicU64 = AtomicU64::new(0);
@@ -109,19 +112,46 @@ impl Inner {
         }
     }
 
+    fn replace_cas(&self, old: u64, new: u64) {
+        let mut held = guard(&self.held_cas);
+        held.remove(&old);
+        held.insert(new);
+    }
+
     fn forget_cas(&self, cas: u64) {
         guard(&self.held_cas).remove(&cas);
     }
 
-    /// Advances the fencing counter of `key` (created at the server's time in
-    /// µs when absent, so that it never goes backwards after an eviction or a
-    /// restart) and checks that the hold `still` describes was held throughout.
-    async fn fence(&self, key: &[u8]) -> Result<u64> {
-        let flags = vec!["N0".to_string(), format!("J{}", self.server_micros())];
-        self.pool.incr("fence", &keys::fence(key), &flags).await
+    /// The `ma` flags that advance a fencing counter, creating it at the server's
+    /// time in µs when absent (so that it never goes backwards after an eviction or
+    /// a restart), and return its value.
+    fn fence_flags(&self) -> Vec<String> {
+        vec![
+            "N0".to_string(),
+            format!("J{}", self.server_micros()),
+            "v".to_string(),
+        ]
     }
 
-    /// Members (of `members`) whose liveness key is gone.
+    /// The fencing token from a pipelined `ma` reply; advances the counter once
+    /// more on its own when that reply carried no value (two clients creating the
+    /// counter at once).
+    async fn fence_value(&self, key: &[u8], reply: Item) -> Result<u64> {
+        if let Ok(v) = reply.counter("fence") {
+            return Ok(v);
+        }
+        let again = self
+            .pool
+            .pipeline("fence", &[Cmd::arith(&keys::fence(key), self.fence_flags())])
+            .await?;
+        again
+            .into_iter()
+            .next()
+            .ok_or_else(|| ToozError::backend_msg(NAME, "fence: no reply"))?
+            .counter("fence")
+    }
+
+    /// Members (of `members`) whose liveness key is gone: one pipelined round trip.
     async fn dead_members<'a>(
         &self,
         members: impl Iterator<Item = &'a [u8]>,
@@ -133,17 +163,20 @@ impl Inner {
         others.sort();
         others.dedup();
         let keys: Vec<Vec<u8>> = others.iter().map(|m| keys::member(m)).collect();
-        let hits = self.pool.get_multi("liveness", &keys, &["v"]).await?;
-        let alive: HashSet<Vec<u8>> = hits.into_iter().filter_map(|h| h.key).collect();
+        let hits = self.pool.get_multi("liveness", &keys, &[]).await?;
         Ok(others
             .into_iter()
-            .filter(|m| !alive.contains(&keys::member(m)))
+            .zip(hits)
+            .filter_map(|(m, hit)| hit.is_none().then_some(m))
             .collect())
     }
 
     // ----- exclusive holds (locks and leaderships) -------------------------------
 
-    /// One attempt at an exclusive hold of `key`.
+    /// One attempt at an exclusive hold of `key`, in one round trip: the `add`, the
+    /// fencing counter's advance and a read that checks the hold survived the
+    /// advance (or, when the `add` failed, tells who holds the key and how long
+    /// for) are pipelined.
     pub(crate) async fn acquire_exclusive(
         self: &Arc<Self>,
         key: &[u8],
@@ -152,49 +185,55 @@ impl Inner {
         for _ in 0..3 {
             let mut flags = self.ttl_flags(ttl, FLAG_RAW);
             flags.push("ME".into());
-            let cas = match self
-                .pool
-                .set("acquire", key, self.member.as_bytes(), &flags)
-                .await
-            {
-                Ok(Reply::Stored(Some(cas))) => cas,
-                Ok(Reply::NotStored) => match self.inspect(key).await? {
-                    Some(held) => return Ok(held),
-                    None => continue,
-                },
-                Ok(other) => return Err(unexpected("acquire", other)),
+            let cmds = [
+                Cmd::set(key, self.member.as_bytes(), flags),
+                Cmd::arith(&keys::fence(key), self.fence_flags()),
+                Cmd::get(key, &["v", "c", "f", "t"]),
+            ];
+            let replies = match self.pool.pipeline("acquire", &cmds).await {
+                Ok(r) => r,
                 Err(e) => {
                     self.spawn_unknown_grant(key.to_vec());
                     return Err(e);
                 }
             };
+            let mut replies = replies.into_iter();
+            let (Some(add), Some(fence), Some(now)) =
+                (replies.next(), replies.next(), replies.next())
+            else {
+                return Err(ToozError::backend_msg(NAME, "acquire: replies missing"));
+            };
+            let cas = match add.stored()? {
+                Reply::Stored(Some(cas)) => cas,
+                Reply::NotStored => match self.inspect(key, now.hit()).await? {
+                    Some(held) => return Ok(held),
+                    None => continue,
+                },
+                other => return Err(unexpected("acquire", other)),
+            };
             guard(&self.held_cas).insert(cas);
-            let checked = async {
-                let fence = self.fence(key).await?;
-                let now = self.pool.get("acquire", key, &["c"]).await?;
-                Ok::<_, ToozError>((fence, now.and_then(|v| v.cas) == Some(cas)))
-            }
-            .await;
-            return match checked {
-                Ok((fence, true)) => Ok(Grant::Granted { cas, fence }),
-                // Lost before the token was drawn: no grant.
-                Ok((_, false)) => {
-                    self.forget_cas(cas);
-                    Ok(Grant::Held(None))
-                }
+            let fence = match self.fence_value(key, fence).await {
+                Ok(f) => f,
                 Err(e) => {
                     self.spawn_release(key.to_vec(), Hold::Exclusive { cas });
-                    Err(e)
+                    return Err(e);
                 }
             };
+            if now.hit().and_then(|v| v.cas) == Some(cas) {
+                return Ok(Grant::Granted { cas, fence });
+            }
+            // Lost before the token was drawn: no grant.
+            self.forget_cas(cas);
+            return Ok(Grant::Held(None));
         }
         Ok(Grant::Held(None))
     }
 
-    /// After a failed `add`: who holds `key`. `None` when it is free again (or was
-    /// freed here because all its shared holders are dead): try again.
-    async fn inspect(&self, key: &[u8]) -> Result<Option<Grant>> {
-        let Some(v) = self.pool.get("acquire", key, &["v", "c", "f", "t"]).await? else {
+    /// After a failed `add`, from the key as read right after it: who holds `key`.
+    /// `None` when it is free again (or was freed here because all its shared
+    /// holders are dead): try again.
+    async fn inspect(&self, key: &[u8], current: Option<Item>) -> Result<Option<Grant>> {
+        let Some(v) = current else {
             return Ok(None);
         };
         let expires_in = v
@@ -235,9 +274,7 @@ impl Inner {
             .await?
         {
             Reply::Stored(Some(new)) => {
-                let mut held = guard(&self.held_cas);
-                held.remove(&cas);
-                held.insert(new);
+                self.replace_cas(cas, new);
                 Ok(Some(new))
             }
             Reply::Exists | Reply::NotFound => {
@@ -363,8 +400,16 @@ impl Inner {
                 }
             }
             let checked = async {
-                let fence = self.fence(key).await?;
-                Ok::<_, ToozError>((fence, self.holds_shared(key, token).await?))
+                let cmds = [
+                    Cmd::arith(&keys::fence(key), self.fence_flags()),
+                    Cmd::get(key, &["v", "f"]),
+                ];
+                let mut replies = self.pool.pipeline("acquire", &cmds).await?.into_iter();
+                let (Some(fence), Some(now)) = (replies.next(), replies.next()) else {
+                    return Err(ToozError::backend_msg(NAME, "acquire: replies missing"));
+                };
+                let fence = self.fence_value(key, fence).await?;
+                Ok::<_, ToozError>((fence, Self::has_reader(now.hit(), token)?))
             }
             .await;
             return match checked {
@@ -385,7 +430,13 @@ impl Inner {
     }
 
     pub(crate) async fn holds_shared(&self, key: &[u8], token: &[u8]) -> Result<bool> {
-        let Some(v) = self.pool.get("is_still_owner", key, &["v", "f"]).await? else {
+        let v = self.pool.get("is_still_owner", key, &["v", "f"]).await?;
+        Self::has_reader(v, token)
+    }
+
+    /// Whether the lock item `v` (read with `v f`) lists reader `token`.
+    fn has_reader(v: Option<Item>, token: &[u8]) -> Result<bool> {
+        let Some(v) = v else {
             return Ok(false);
         };
         Ok(matches!(
@@ -453,6 +504,10 @@ impl Inner {
             .pool
             .get(what, &keys::group(g), &["v", "c", "f"])
             .await?;
+        Self::group_map(g, v)
+    }
+
+    fn group_map(g: &GroupId, v: Option<Item>) -> Result<(GroupMap, u64)> {
         let Some(v) = v else {
             return Err(ToozError::GroupNotCreated(g.clone()));
         };
@@ -494,12 +549,51 @@ impl Inner {
 
     /// The live members of a group, pruning dead ones from the map (as Python
     /// does; a conflicting write is left to the next reader).
+    ///
+    /// One round trip when the group's other members are those seen last time:
+    /// their liveness keys are read in the same pipeline as the group map. Members
+    /// not seen before are checked in a second round trip.
     async fn live_group(&self, g: &GroupId) -> Result<GroupMap> {
-        let (mut map, cas) = self.read_group("get_members", g).await?;
-        let dead = self.dead_members(map.members()).await?;
+        let guessed: Vec<Vec<u8>> = guard(&self.seen).get(g).cloned().unwrap_or_default();
+        let mut cmds = vec![Cmd::get(&keys::group(g), &["v", "c", "f"])];
+        cmds.extend(guessed.iter().map(|m| Cmd::get(&keys::member(m), &[])));
+        let mut replies = self.pool.pipeline("get_members", &cmds).await?.into_iter();
+        let (mut map, cas) = match Self::group_map(g, replies.next().and_then(Item::hit)) {
+            Ok(found) => found,
+            Err(e) => {
+                guard(&self.seen).remove(g);
+                return Err(e);
+            }
+        };
+        let mut known: HashMap<Vec<u8>, bool> = guessed
+            .into_iter()
+            .zip(replies)
+            .map(|(m, r)| (m, r.hit().is_some()))
+            .collect();
+        let unknown: Vec<Vec<u8>> = map
+            .members()
+            .filter(|m| *m != self.member.as_bytes() && !known.contains_key(*m))
+            .map(<[u8]>::to_vec)
+            .collect();
+        let dead_unknown = self.dead_members(unknown.iter().map(Vec::as_slice)).await?;
+        known.extend(unknown.into_iter().map(|m| {
+            let alive = !dead_unknown.contains(&m);
+            (m, alive)
+        }));
+        let dead: HashSet<Vec<u8>> = map
+            .members()
+            .filter(|m| known.get(*m) == Some(&false))
+            .map(<[u8]>::to_vec)
+            .collect();
         if !dead.is_empty() && map.retain(|m| !dead.contains(m)) {
             let _ = self.write_group("get_members", g, &map, cas).await;
         }
+        let others: Vec<Vec<u8>> = map
+            .members()
+            .filter(|m| *m != self.member.as_bytes())
+            .map(<[u8]>::to_vec)
+            .collect();
+        guard(&self.seen).insert(g.clone(), others);
         Ok(map)
     }
 
@@ -558,6 +652,7 @@ impl MemcachedDriver {
                 leaders: tokio::sync::Mutex::new(HashMap::new()),
                 held_cas: Mutex::new(HashSet::new()),
                 clock: Mutex::new(None),
+                seen: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -649,67 +744,115 @@ impl Driver for MemcachedDriver {
         Ok(())
     }
 
-    /// The liveness key, every lock and every leadership, renewed concurrently on
-    /// the pooled connections (`max_pool_size` at a time); exclusive holds are rewritten under their CAS
-    /// value, so a renewal never touches another owner's key.
+    /// The liveness key, every exclusive lock and every leadership renewed in one
+    /// pipeline (one round trip whatever is held); exclusive holds are rewritten
+    /// under their CAS value, so a renewal never touches another owner's key.
+    /// Shared holds (a read-modify-write of the reader map each) follow, at most
+    /// `max_pool_size` at a time.
     #[tracing::instrument(level = "debug", skip_all)]
     async fn heartbeat(&self, held: &Held<'_>) -> Result<Renewal> {
         let i = &self.inner;
         let mut leaders = i.leaders.lock().await;
-        let alive = self.set_alive();
-        // At most as many renewals in flight as the pool keeps connections: more
-        // would open (and close) a connection per hold on every beat.
+        let mut exclusive = Vec::new();
+        let mut shared = Vec::new();
+        for (n, h) in held.locks.iter().enumerate() {
+            let Some(l) = h.downcast::<MemcachedLock>() else {
+                continue;
+            };
+            let hold = l.hold.lock().await;
+            match &*hold {
+                Some(Hold::Exclusive { cas }) => {
+                    let cas = *cas;
+                    exclusive.push((n, l, hold, cas));
+                }
+                Some(Hold::Shared { .. }) => {
+                    drop(hold);
+                    shared.push((n, l));
+                }
+                None => {}
+            }
+        }
+        let leading: Vec<(GroupId, u64)> = leaders.iter().map(|(g, l)| (g.clone(), l.cas)).collect();
+        let renew = |key: &[u8], cas: u64, ttl: Duration| {
+            let mut flags = i.ttl_flags(ttl, FLAG_RAW);
+            flags.push(format!("C{cas}"));
+            Cmd::set(key, i.member.as_bytes(), flags)
+        };
+        let mut cmds = vec![Cmd::set(
+            &keys::member(i.member.as_bytes()),
+            STILL_ALIVE,
+            vec![
+                format!("T{}", ttl_arg(i.config.membership_timeout)),
+                format!("F{FLAG_RAW}"),
+            ],
+        )];
+        for (_, l, _, cas) in &exclusive {
+            cmds.push(renew(&l.key, *cas, i.config.lock_timeout));
+        }
+        for (g, cas) in &leading {
+            cmds.push(renew(&keys::leader(g), *cas, i.config.leader_timeout));
+        }
         let width = i.config.max_pool_size.max(1);
         type Boxed<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
-        let mut lock_renewals: Vec<Boxed<'_, (usize, Result<bool>)>> = Vec::new();
-        for (n, h) in held.locks.iter().enumerate() {
-            lock_renewals.push(Box::pin(async move {
-                match h.downcast::<MemcachedLock>() {
-                    Some(l) => (n, l.renew().await),
-                    None => (n, Ok(true)),
-                }
-            }));
+        let shared_renewals: Vec<Boxed<'_, (usize, Result<bool>)>> = shared
+            .into_iter()
+            .map(|(n, l)| -> Boxed<'_, _> { Box::pin(async move { (n, l.renew().await) }) })
+            .collect();
+        let shared_renewals = futures_util::stream::iter(shared_renewals)
+        .buffer_unordered(width)
+        .collect::<Vec<_>>();
+        let (replies, shared) = tokio::join!(i.pool.pipeline("heartbeat", &cmds), shared_renewals);
+        let mut replies = replies?.into_iter();
+        match replies.next().map(|r| r.stored()).transpose()? {
+            Some(Reply::Stored(_)) => {}
+            other => {
+                return Err(ToozError::backend_msg(
+                    NAME,
+                    format!("heartbeat: unexpected reply {other:?} to the liveness key"),
+                ));
+            }
         }
-        let mut lead_renewals: Vec<Boxed<'_, (GroupId, Result<Option<u64>>)>> = Vec::new();
-        for (g, l) in leaders.iter() {
-            let (g, cas) = (g.clone(), l.cas);
-            lead_renewals.push(Box::pin(async move {
-                let r = i
-                    .renew_exclusive(&keys::leader(&g), cas, i.config.leader_timeout)
-                    .await;
-                (g, r)
-            }));
-        }
-        let locks = futures_util::stream::iter(lock_renewals)
-            .buffer_unordered(width)
-            .collect::<Vec<_>>();
-        let leads = futures_util::stream::iter(lead_renewals)
-            .buffer_unordered(width)
-            .collect::<Vec<_>>();
-        let (alive, locks, leads) = tokio::join!(alive, locks, leads);
-        alive?;
         let mut renewal = Renewal::new(i.config.heartbeat_interval());
         let mut error = None;
-        for (n, r) in locks {
+        for ((n, l, mut hold, cas), reply) in exclusive.into_iter().zip(replies.by_ref()) {
+            match reply.stored() {
+                Ok(Reply::Stored(Some(new))) => {
+                    i.replace_cas(cas, new);
+                    *hold = Some(Hold::Exclusive { cas: new });
+                }
+                Ok(Reply::Exists | Reply::NotFound) => {
+                    tracing::info!(lock = %l.name(), "memcached: lock lost (its key expired, was evicted or taken)");
+                    i.forget_cas(cas);
+                    *hold = None;
+                    renewal.lose_lock(n);
+                }
+                Ok(other) => error = Some(unexpected("renew", other)),
+                Err(e) => error = Some(e),
+            }
+        }
+        for ((g, cas), reply) in leading.into_iter().zip(replies) {
+            match reply.stored() {
+                Ok(Reply::Stored(Some(new))) => {
+                    i.replace_cas(cas, new);
+                    if let Some(l) = leaders.get_mut(&g) {
+                        l.cas = new;
+                    }
+                }
+                Ok(Reply::Exists | Reply::NotFound) => {
+                    tracing::info!(group = %g, "memcached: leadership lost (the leader key expired, was evicted or taken)");
+                    i.forget_cas(cas);
+                    leaders.remove(&g);
+                    renewal.lose_leadership(g);
+                }
+                Ok(other) => error = Some(unexpected("renew", other)),
+                Err(e) => error = Some(e),
+            }
+        }
+        for (n, r) in shared {
             match r {
                 Ok(true) => {}
                 Ok(false) => {
                     renewal.lose_lock(n);
-                }
-                Err(e) => error = Some(e),
-            }
-        }
-        for (g, r) in leads {
-            match r {
-                Ok(Some(cas)) => {
-                    if let Some(l) = leaders.get_mut(&g) {
-                        l.cas = cas;
-                    }
-                }
-                Ok(None) => {
-                    tracing::info!(group = %g, "memcached: leadership lost (the leader key expired, was evicted or taken)");
-                    leaders.remove(&g);
-                    renewal.lose_leadership(g);
                 }
                 Err(e) => error = Some(e),
             }

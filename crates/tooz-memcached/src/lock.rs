@@ -20,9 +20,9 @@ pub(crate) enum Hold {
 #[derive(Debug)]
 pub(crate) struct MemcachedLock {
     name: LockName,
-    key: Vec<u8>,
+    pub(crate) key: Vec<u8>,
     inner: Arc<Inner>,
-    hold: tokio::sync::Mutex<Option<Hold>>,
+    pub(crate) hold: tokio::sync::Mutex<Option<Hold>>,
 }
 
 impl MemcachedLock {

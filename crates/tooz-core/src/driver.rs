@@ -301,6 +301,14 @@ pub trait Driver: Send + Sync + fmt::Debug + 'static {
         self.get_members(group).await?;
         Ok(None)
     }
+
+    /// Whether the stream [`watch_group`](Driver::watch_group) returns is only a
+    /// hint (some changes, such as expiries, never appear on it), so the core keeps
+    /// polling at its `poll_interval` as well and a hint only makes it look sooner.
+    /// Default `false`: the stream carries every change.
+    fn watch_needs_polling(&self) -> bool {
+        false
+    }
 }
 
 /// The outcome of one lock attempt ([`DriverLock::try_acquire`]).

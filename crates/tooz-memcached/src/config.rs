@@ -27,6 +27,7 @@ pub const KNOWN_OPTIONS: &[&str] = &[
     "ssl_ciphers",
     "ssl_check_hostname",
     "executor",
+    "mutation_log",
 ];
 
 const TLS_FILE_OPTIONS: &[&str] = &[
@@ -55,6 +56,10 @@ pub struct MemcachedConfig {
     pub leader_timeout: Duration,
     /// Most idle connections kept open (`max_pool_size`, default 8).
     pub max_pool_size: usize,
+    /// Whether waiters and group watches read memcached's mutation log
+    /// (`watch mutations`) for wake-up hints (`mutation_log`, default `true`;
+    /// not a Python option).
+    pub mutation_log: bool,
 }
 
 impl MemcachedConfig {
@@ -150,6 +155,7 @@ impl MemcachedConfig {
             lock_timeout: lease("lock_timeout")?,
             leader_timeout: lease("leader_timeout")?,
             max_pool_size,
+            mutation_log: options.bool(NAME, "mutation_log")?.unwrap_or(true),
         })
     }
 

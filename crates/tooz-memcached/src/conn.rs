@@ -343,10 +343,6 @@ impl Pool {
         }
     }
 
-    pub(crate) fn address(&self) -> &str {
-        &self.address
-    }
-
     fn idle(&self) -> MutexGuard<'_, Vec<Conn>> {
         self.idle.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -382,7 +378,9 @@ impl Pool {
                     }
                     Ok(out)
                 }
-                Err(Failure::Io(e)) => Err(ToozError::connection(NAME, format!("{what} failed"), e)),
+                Err(Failure::Io(e)) => {
+                    Err(ToozError::connection(NAME, format!("{what} failed"), e))
+                }
                 Err(Failure::Protocol(s)) => Err(ToozError::backend_msg(
                     NAME,
                     format!("{what}: memcached replied {s:?}"),
@@ -516,7 +514,10 @@ mod tests {
             })
         );
         let hd = parse(b"HD c9\r\n").await.ok();
-        assert_eq!(hd.and_then(|i| i.stored().ok()), Some(Reply::Stored(Some(9))));
+        assert_eq!(
+            hd.and_then(|i| i.stored().ok()),
+            Some(Reply::Stored(Some(9)))
+        );
         assert_eq!(parse(b"EN\r\n").await.ok().and_then(Item::hit), None);
         assert!(matches!(
             parse(b"SERVER_ERROR out of memory\r\n").await,

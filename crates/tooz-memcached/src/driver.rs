@@ -10,15 +10,16 @@ use futures_util::StreamExt;
 use tokio::time::Instant;
 use tooz_core::util::Backoff;
 use tooz_core::{
-    Capabilities, Characteristic, ConnectRequest, Driver, DriverEventStream, DriverInfo,
-    DriverLock, FencingToken, GroupId, Held, IdRef, LeaseState, LockName, MemberId, MemberInfo,
-    Renewal, Result, ToozError,
+    Capabilities, Characteristic, ConnectRequest, Driver, DriverEvent, DriverEventStream,
+    DriverInfo, DriverLock, FencingToken, GroupId, Held, IdRef, LeaseState, LockName, MemberId,
+    MemberInfo, Renewal, Result, ToozError,
 };
 
 use crate::config::{MemcachedConfig, NAME, ttl_arg};
-use crate::conn::{Cmd, Item, Pool, Reply};
+use crate::conn::{Cmd, Item, Pool, Reply, Status};
 use crate::keys::{self, FLAG_MSGPACK, FLAG_RAW, GroupMap, LockValue, STILL_ALIVE};
 use crate::lock::{Hold, MemcachedLock};
+use crate::notify::{self, Notifier};
 
 const CHARACTERISTICS: &[Characteristic] = &[
     Characteristic::DistributedAcrossThreads,
@@ -78,6 +79,8 @@ pub(crate) struct Inner {
     held_cas: Mutex<HashSet<u64>>,
     /// The server's clock at start (seconds) and the local instant it was read.
     clock: Mutex<Option<(u64, Instant)>>,
+    /// Wake-up hints from the server's mutation log.
+    pub(crate) notifier: Arc<Notifier>,
     /// The other members of each group as last read: their liveness keys are
     /// read with the group map (one round trip while membership is stable).
     seen: Mutex<HashMap<GroupId, Vec<Vec<u8>>>>,
@@ -142,7 +145,10 @@ impl Inner {
         }
         let again = self
             .pool
-            .pipeline("fence", &[Cmd::arith(&keys::fence(key), self.fence_flags())])
+            .pipeline(
+                "fence",
+                &[Cmd::arith(&keys::fence(key), self.fence_flags())],
+            )
             .await?;
         again
             .into_iter()
@@ -285,14 +291,13 @@ impl Inner {
         }
     }
 
-    /// Frees an exclusive hold if the key still has its CAS value.
+    /// Frees an exclusive hold if the key still has its CAS value, and stores its
+    /// release marker in the same round trip (the wake-up of Rust waiters).
     pub(crate) async fn release_exclusive(&self, key: &[u8], cas: u64) -> Result<bool> {
-        let freed = self
-            .pool
-            .delete("release", key, &[format!("C{cas}")])
-            .await?;
+        let cmds = [Cmd::delete(key, vec![format!("C{cas}")]), free_marker(key)];
+        let replies = self.pool.pipeline("release", &cmds).await?;
         self.forget_cas(cas);
-        Ok(freed)
+        Ok(replies.first().is_some_and(|r| r.status == Status::Done))
     }
 
     /// An `add` whose reply was lost may have granted `key`: give it back.
@@ -469,7 +474,9 @@ impl Inner {
             change(&mut readers);
             let cas = format!("C{}", v.cas.unwrap_or(0));
             let done = if readers.is_empty() {
-                self.pool.delete(what, key, &[cas]).await?
+                let cmds = [Cmd::delete(key, vec![cas]), free_marker(key)];
+                let replies = self.pool.pipeline(what, &cmds).await?;
+                replies.first().is_some_and(|r| r.status == Status::Done)
             } else {
                 let mut flags = self.ttl_flags(self.config.lock_timeout, FLAG_MSGPACK);
                 flags.push(cas);
@@ -643,6 +650,11 @@ pub struct MemcachedDriver {
 impl MemcachedDriver {
     /// A driver for `member` (nothing is contacted before `start`).
     pub fn new(config: MemcachedConfig, member: MemberId) -> Self {
+        let notifier = Arc::new(Notifier::new(
+            config.address(),
+            config.timeout,
+            config.mutation_log,
+        ));
         MemcachedDriver {
             inner: Arc::new(Inner {
                 pool: Pool::new(config.address(), config.timeout, config.max_pool_size),
@@ -653,6 +665,7 @@ impl MemcachedDriver {
                 held_cas: Mutex::new(HashSet::new()),
                 clock: Mutex::new(None),
                 seen: Mutex::new(HashMap::new()),
+                notifier,
             }),
         }
     }
@@ -690,6 +703,12 @@ impl MemcachedDriver {
             other => Err(unexpected("heartbeat", other)),
         }
     }
+}
+
+/// The one-second marker a release stores so that Rust waiters reading the
+/// mutation log wake up (see the `notify` module).
+fn free_marker(key: &[u8]) -> Cmd {
+    Cmd::set(&notify::marker(key), b"", vec!["T1".into(), "F0".into()])
 }
 
 fn micros_to_time(us: u64) -> SystemTime {
@@ -772,7 +791,8 @@ impl Driver for MemcachedDriver {
                 None => {}
             }
         }
-        let leading: Vec<(GroupId, u64)> = leaders.iter().map(|(g, l)| (g.clone(), l.cas)).collect();
+        let leading: Vec<(GroupId, u64)> =
+            leaders.iter().map(|(g, l)| (g.clone(), l.cas)).collect();
         let renew = |key: &[u8], cas: u64, ttl: Duration| {
             let mut flags = i.ttl_flags(ttl, FLAG_RAW);
             flags.push(format!("C{cas}"));
@@ -799,8 +819,8 @@ impl Driver for MemcachedDriver {
             .map(|(n, l)| -> Boxed<'_, _> { Box::pin(async move { (n, l.renew().await) }) })
             .collect();
         let shared_renewals = futures_util::stream::iter(shared_renewals)
-        .buffer_unordered(width)
-        .collect::<Vec<_>>();
+            .buffer_unordered(width)
+            .collect::<Vec<_>>();
         let (replies, shared) = tokio::join!(i.pool.pipeline("heartbeat", &cmds), shared_renewals);
         let mut replies = replies?.into_iter();
         match replies.next().map(|r| r.stored()).transpose()? {
@@ -1087,9 +1107,20 @@ impl Driver for MemcachedDriver {
         )))
     }
 
-    /// memcached cannot push: the core polls. Checks that the group exists.
+    /// memcached cannot push: the core polls, and stores of the group or leader key
+    /// seen in the mutation log (see the crate README) make it look at once.
+    /// Checks that the group exists.
     async fn watch_group(&self, group: &GroupId) -> Result<Option<DriverEventStream>> {
-        self.inner.read_group("watch_group", group).await?;
-        Ok(None)
+        let i = &self.inner;
+        i.read_group("watch_group", group).await?;
+        let hints = i
+            .notifier
+            .subscribe(&[keys::group(group), keys::leader(group)])
+            .await;
+        Ok(hints.map(|h| -> DriverEventStream { Box::pin(h.map(|()| DriverEvent::Changed)) }))
+    }
+
+    fn watch_needs_polling(&self) -> bool {
+        true
     }
 }

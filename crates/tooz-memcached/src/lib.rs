@@ -6,6 +6,7 @@ mod conn;
 mod driver;
 pub mod keys;
 mod lock;
+mod notify;
 
 pub use config::{DEFAULT_PORT, DEFAULT_TIMEOUT, KNOWN_OPTIONS, MemcachedConfig};
 pub use driver::MemcachedDriver;

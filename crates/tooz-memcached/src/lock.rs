@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use tooz_core::{Attempt, DriverLock, FencingToken, LockName, Mode, Result};
+use tooz_core::{Attempt, DriverLock, FencingToken, LockName, Mode, Result, WakeStream};
 
 use crate::driver::{Grant, Inner, new_token};
 use crate::keys;
@@ -114,6 +114,18 @@ impl DriverLock for MemcachedLock {
                 Err(e)
             }
         }
+    }
+
+    /// Hints from the mutation log: a Rust holder's release marker or a store
+    /// of the lock key. The core keeps polling as well (`notifies: false`), for
+    /// Python holders, expiries and skipped log lines.
+    async fn wakeups(&self) -> Result<Option<WakeStream>> {
+        Ok(self
+            .inner
+            .notifier
+            .subscribe(std::slice::from_ref(&self.key))
+            .await
+            .map(|s| -> WakeStream { Box::pin(s) }))
     }
 
     async fn heartbeat(&self) -> Result<bool> {

@@ -221,3 +221,72 @@ async fn keys_and_flags_are_pythons() {
     a.delete_group(g.as_str()).await.unwrap();
     a.stop().await.unwrap();
 }
+
+/// A group watch hears a join through the mutation log: the observer's core polls
+/// only once an hour here, so the event can come from nowhere else.
+#[tokio::test]
+async fn a_join_is_seen_through_the_mutation_log_without_polling() {
+    let Some(base) = base("a_join_is_seen_through_the_mutation_log_without_polling") else {
+        return;
+    };
+    let mut config = tooz_core::CoordinatorConfig::default();
+    config.poll_interval = Duration::from_secs(3600);
+    let watcher = Registry::new()
+        .with(tooz_memcached::DRIVER)
+        .connect_with(
+            &format!("{base}?timeout=5"),
+            unique("watcher"),
+            &tooz_core::ConnectOptions::default().config(config),
+        )
+        .unwrap();
+    watcher.start(false).await.unwrap();
+    let joiner = coordinator(&base, &unique("joiner")).await;
+    let g = unique("group");
+    watcher.create_group(g.as_str()).await.unwrap();
+    let mut events = watcher.events(g.as_str()).await.unwrap();
+    joiner.join_group(g.as_str(), &()).await.unwrap();
+    let ev = tokio::time::timeout(Duration::from_secs(10), events.next_event())
+        .await
+        .expect("the join arrives within 10 s although the core polls hourly");
+    assert_eq!(
+        ev.unwrap(),
+        tooz_core::GroupEvent::MemberJoined {
+            group: g.as_str().into(),
+            member: joiner.member_id().clone(),
+        }
+    );
+}
+
+/// A lock's wake-up stream fires on another coordinator's release (its marker
+/// key in the mutation log); nothing polls here.
+#[tokio::test]
+async fn a_release_wakes_the_lock_wakeup_stream() {
+    use futures_util::StreamExt;
+    use tooz_core::Driver;
+    let Some(base) = base("a_release_wakes_the_lock_wakeup_stream") else {
+        return;
+    };
+    let name = unique("lock");
+    let holder = coordinator(&base, &unique("holder")).await;
+    let guard = holder
+        .get_lock(name.as_str())
+        .unwrap()
+        .guard(Wait::No)
+        .await
+        .unwrap()
+        .unwrap();
+    let config =
+        tooz_memcached::MemcachedConfig::from_url_str(&format!("{base}?timeout=5")).unwrap();
+    let driver = tooz_memcached::MemcachedDriver::new(config, MemberId::new(unique("waiter")));
+    let lock = driver.lock(&name.as_str().into()).unwrap();
+    let mut wakes = lock
+        .wakeups()
+        .await
+        .unwrap()
+        .expect("memcached 1.6 serves `watch mutations`");
+    guard.release().await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), wakes.next())
+        .await
+        .expect("the release wakes the stream")
+        .expect("the stream is open");
+}

@@ -77,8 +77,8 @@ async fn group_watch_task(
     stop: CancellationToken,
 ) {
     use futures_util::StreamExt;
-    let poll = match shared.upgrade() {
-        Some(s) => s.config.poll_interval,
+    let (poll, hints_only) = match shared.upgrade() {
+        Some(s) => (s.config.poll_interval, s.driver.watch_needs_polling()),
         None => return,
     };
     loop {
@@ -92,6 +92,10 @@ async fn group_watch_task(
             }
             ev = async {
                 match push.as_mut() {
+                    Some(p) if hints_only => tokio::select! {
+                        e = p.next() => e,
+                        () = tokio::time::sleep(poll) => Some(DriverEvent::Changed),
+                    },
                     Some(p) => p.next().await,
                     None => {
                         tokio::time::sleep(poll).await;

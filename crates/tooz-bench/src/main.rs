@@ -33,7 +33,7 @@
 //! * `memcached`: the server is `--url`, else `$TOOZ_TEST_MEMCACHED_URL`; the same two
 //!   passes. req/op are client round trips (as for Redis); the proxy also counts memcached
 //!   command lines (`commands_per_op` in the JSON, a line under the table). Floor:
-//!   `floor_rtt` is one `mg` of a key (async-memcached, the driver's client library).
+//!   `floor_rtt` is one `mg` of a key (async-memcached, an independent client).
 //!
 //! Every ratio is a median over the `floor_rtt` median; `ratio_to_write_floor` (file
 //! driver) is the median over the `floor_write` median.

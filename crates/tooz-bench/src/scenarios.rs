@@ -179,10 +179,10 @@ pub(crate) async fn run_all(t: &Target, sizes: &Sizes) -> Result<(Vec<Figures>, 
                 t, n
             ));
             notes.push(
-                "memcached: floor_rtt = one `mg <key> v` of a stored key (async-memcached, the \
-                 driver's client library); req/op = client round trips counted by an \
-                 in-process proxy in a second pass of a tenth of the iterations (a quiet \
-                 `mg … q` pipeline closed by `mn` is one round trip; concurrent requests on \
+                "memcached: floor_rtt = one `mg <key> v` of a stored key (async-memcached, an \
+                 independent client); req/op = client round trips counted by an \
+                 in-process proxy in a second pass of a tenth of the iterations (a pipeline \
+                 of meta commands written at once is one round trip; concurrent requests on \
                  separate connections count one each); the proxy also counts command lines \
                  (every `mg`/`ms`/`md`/`ma`/… line, not `mn`)"
                     .to_owned(),

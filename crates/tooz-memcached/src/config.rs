@@ -137,7 +137,7 @@ impl MemcachedConfig {
             return Err(ToozError::invalid_option(
                 NAME,
                 "use_ssl",
-                "TLS to memcached is not implemented by this driver (async-memcached has no TLS transport); use a plain connection on a trusted network or a TLS tunnel",
+                "TLS to memcached is not implemented by this driver; use a plain connection on a trusted network or a TLS tunnel",
             ));
         }
         if let Some(k) = TLS_FILE_OPTIONS.iter().find(|k| options.contains(k)) {

@@ -4,6 +4,11 @@
 //! The `backends` step starts the servers the present drivers need (none for the file
 //! driver) and the test steps read their URLs from its env file.
 //!
+//! `docs` builds the library crates' docs with `-D warnings`; `features` builds every
+//! publishable crate with no default features and with each feature alone (what
+//! `cargo hack --each-feature` does); `package` runs `cargo package --workspace` with
+//! its verification build.
+//!
 //! Conformance is not a step of its own: every driver crate's `tests/conformance.rs` is a
 //! test target, so `cargo test --workspace` already runs it.
 
@@ -22,10 +27,6 @@ struct Step {
     run: fn() -> Result<()>,
 }
 
-/// The `tooz` command is built with etcd for the checks (its default build leaves etcd
-/// out, which needs protoc), so that its etcd partition test runs instead of skipping.
-const CLI_ETCD: &str = "tooz-cli/etcd";
-
 const STEPS: &[Step] = &[
     Step {
         name: "fmt",
@@ -38,13 +39,29 @@ const STEPS: &[Step] = &[
                 "clippy",
                 "--workspace",
                 "--all-targets",
-                "--features",
-                CLI_ETCD,
                 "--",
                 "-D",
                 "warnings",
             ]))
         },
+    },
+    Step {
+        name: "docs",
+        run: || {
+            // Library crates only: xtask and the bench are not published, and the
+            // `tooz` binary's docs would collide with the `tooz` library's.
+            process::run(
+                process::cargo()
+                    .args(["doc", "--workspace", "--no-deps"])
+                    .args(["--exclude", "xtask", "--exclude", "tooz-bench"])
+                    .args(["--exclude", "tooz-cli"])
+                    .env("RUSTDOCFLAGS", "-D warnings"),
+            )
+        },
+    },
+    Step {
+        name: "features",
+        run: crate::features::check_each,
     },
     Step {
         name: "backends",
@@ -56,30 +73,24 @@ const STEPS: &[Step] = &[
     },
     Step {
         name: "test",
-        run: || {
-            process::run(&mut test_command(&[
-                "test",
-                "--workspace",
-                "--features",
-                CLI_ETCD,
-            ]))
-        },
+        run: || process::run(&mut test_command(&["test", "--workspace"])),
     },
     Step {
         name: "doctest",
-        run: || {
-            process::run(&mut test_command(&[
-                "test",
-                "--workspace",
-                "--doc",
-                "--features",
-                CLI_ETCD,
-            ]))
-        },
+        run: || process::run(&mut test_command(&["test", "--workspace", "--doc"])),
     },
     Step {
         name: "interop",
         run: || interop::run(&flags::Interop::all()),
+    },
+    Step {
+        name: "package",
+        run: || {
+            // Every publishable crate packaged and its package built on its own, as
+            // crates.io would receive it (workspace path dependencies resolved
+            // from the packages themselves).
+            process::run(process::cargo().args(["package", "--workspace", "--allow-dirty"]))
+        },
     },
 ];
 

@@ -46,10 +46,12 @@ Commands:
   ci
         What .ci/run runs, in order, stopping at the first failure:
         cargo fmt --all --check; cargo clippy --workspace --all-targets -- -D warnings;
+        cargo doc of the library crates with -D warnings; cargo check of every
+        publishable crate with no default features and with each feature alone;
         backends up (only the servers the present drivers need);
         cargo test --workspace (conformance included); cargo test --workspace --doc;
-        interop --driver all. Clippy and tests build the tooz command with etcd
-        (--features tooz-cli/etcd). Tests run with TOOZ_REQUIRE_BACKENDS=1.
+        interop --driver all; cargo package --workspace (with its verification
+        build). Tests run with TOOZ_REQUIRE_BACKENDS=1.
   readme
         Regenerate the README's driver feature table from each driver's published
         Features (`cargo test -p tooz --test readme_table` with TOOZ_BLESS_README=1; the

@@ -10,6 +10,7 @@ mod bench;
 mod ci;
 mod conformance;
 mod drivers;
+mod features;
 mod flags;
 mod interop;
 mod process;

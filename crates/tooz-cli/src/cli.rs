@@ -124,6 +124,15 @@ pub(crate) enum Command {
         #[arg(long, default_value_t = 1, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
         replicas: u16,
     },
+
+    /// Print a shell completion script
+    ///
+    /// For example `tooz completions bash > /etc/bash_completion.d/tooz`, or
+    /// `tooz completions zsh > "${fpath[1]}/_tooz"`. Contacts no backend.
+    Completions {
+        /// The shell
+        shell: clap_complete::Shell,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -118,6 +118,8 @@ pub(crate) async fn dispatch(
             objects,
             replicas,
         } => partition(coord, &group, &objects, replicas.into(), json, signals).await,
+        // Handled before any backend is contacted (main.rs).
+        Command::Completions { .. } => Ok(0),
     }
 }
 

@@ -8,6 +8,7 @@
 //!   leader G -- CMD ARGS...
 //!   watch G
 //!   partition G OBJECT... [--replicas N]
+//!   completions bash|zsh|fish|elvish|powershell
 //! ```
 //!
 //! Errors are one line on stderr, prefixed `tooz: `; the exit statuses are in
@@ -50,6 +51,11 @@ fn tooz_main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => return usage_error(&e),
     };
+    if let cli::Command::Completions { shell } = cli.command {
+        let mut cmd = <Cli as clap::CommandFactory>::command();
+        clap_complete::generate(shell, &mut cmd, "tooz", &mut std::io::stdout());
+        return ExitCode::SUCCESS;
+    }
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

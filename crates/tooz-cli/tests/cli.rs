@@ -214,6 +214,30 @@ fn members_json(s: &Scratch, group: &str) -> Vec<Value> {
 }
 
 #[test]
+fn version_and_completions_need_no_backend() {
+    let s = Scratch::new("completions");
+    let o = s.run(["--version"]);
+    assert_ok(&o);
+    assert_eq!(
+        stdout(&o).trim(),
+        format!("tooz {}", env!("CARGO_PKG_VERSION"))
+    );
+    let o = s.run(["completions", "bash"]);
+    assert_ok(&o);
+    let script = stdout(&o);
+    assert!(
+        script.contains("complete ") && script.contains("partition"),
+        "{script}"
+    );
+    let o = s.run(["completions", "fish"]);
+    assert_ok(&o);
+    assert!(stdout(&o).contains("complete -c tooz"));
+    // No backend was contacted: the file backend's directory was not created.
+    assert!(!s.path("backend").exists());
+    assert_eq!(s.run(["completions", "tcsh"]).status.code(), Some(2));
+}
+
+#[test]
 fn group_create_list_delete() {
     let s = Scratch::new("groups");
     assert_ok(&s.run(["group", "create", "alpha"]));

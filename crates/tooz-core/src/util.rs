@@ -61,7 +61,7 @@ pub async fn sleep_within(pause: Duration, deadline: Option<Instant>) -> bool {
 /// delete of a hold whose grant reply was lost, a release retried after a broken
 /// connection. Failures are retried with backoff (20 ms doubling to 1 s) until
 /// `deadline` (when whatever `op` frees expires by itself anyway), and abandoned after
-/// five errors in a row that retrying cannot help ([`ToozError::is_retryable`]).
+/// five errors in a row that retrying cannot help ([`ToozError::is_retryable`](crate::ToozError::is_retryable)).
 /// `op` returns `Ok(())` also when there turns out to be nothing to do. Outside a
 /// tokio runtime nothing is spawned.
 ///

@@ -4,7 +4,7 @@
 mod config;
 mod driver;
 mod error;
-pub mod keys;
+mod keys;
 mod lock;
 mod watch;
 

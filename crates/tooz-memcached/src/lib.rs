@@ -4,7 +4,7 @@
 mod config;
 mod conn;
 mod driver;
-pub mod keys;
+mod keys;
 mod lock;
 mod notify;
 

@@ -27,6 +27,11 @@ fn base(test: &str) -> Option<String> {
     }
 }
 
+/// A key of Python tooz's layout (the crate README's table): prefix + id.
+fn key(prefix: &str, id: &[u8]) -> Vec<u8> {
+    [prefix.as_bytes(), id].concat()
+}
+
 fn unique(s: &str) -> String {
     let nanos = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -72,7 +77,7 @@ async fn an_evicted_lock_is_reported_lost_by_the_next_heartbeat() {
         .unwrap();
     a.heartbeat().await.unwrap();
     assert!(!guard.lost().is_lost());
-    evict(&base, &tooz_memcached::keys::lock(name.as_bytes())).await;
+    evict(&base, &key("__TOOZ_LOCK_", name.as_bytes())).await;
     a.heartbeat().await.unwrap();
     tokio::time::timeout(Duration::from_secs(2), guard.lost().lost())
         .await
@@ -102,7 +107,7 @@ async fn an_evicted_leader_key_loses_the_leadership() {
     let a = coordinator(&base, &unique("a")).await;
     let g = unique("g");
     let lead = a.try_become_leader(g.as_str()).await.unwrap().unwrap();
-    evict(&base, &tooz_memcached::keys::leader(&g.as_str().into())).await;
+    evict(&base, &key("__TOOZ_LOCK__TOOZ_GROUP_LEADER_", g.as_bytes())).await;
     a.heartbeat().await.unwrap();
     tokio::time::timeout(Duration::from_secs(2), lead.lost().lost())
         .await
@@ -123,7 +128,7 @@ async fn a_vanished_member_key_means_booted_out() {
     a.join_group(g.as_str(), &()).await.unwrap();
     b.join_group(g.as_str(), &()).await.unwrap();
     assert_eq!(b.get_members(g.as_str()).await.unwrap().len(), 2);
-    evict(&base, &tooz_memcached::keys::member(am.as_bytes())).await;
+    evict(&base, &key("_TOOZ_MEMBER_", am.as_bytes())).await;
     // b prunes a (as Python does); a's next heartbeat brings its key back, but
     // not its membership.
     let seen = b.get_members(g.as_str()).await.unwrap();
@@ -152,7 +157,7 @@ async fn fencing_never_goes_backwards_when_the_counter_is_evicted() {
     let second = lock.fencing_token().unwrap();
     assert!(second > first);
     assert!(lock.release().await.unwrap());
-    let key = tooz_memcached::keys::fence(&tooz_memcached::keys::lock(name.as_bytes()));
+    let key = key("__TOOZ_FENCE__TOOZ_LOCK_", name.as_bytes());
     evict(&base, &key).await;
     // The counter restarts at the server's time in µs (at least a second later
     // than the first seed, memcached's clock ticks in seconds).
@@ -179,7 +184,7 @@ async fn keys_and_flags_are_pythons() {
     let mut c = raw(&base).await;
     let alive = c
         .meta_get(
-            tooz_memcached::keys::member(m.as_bytes()),
+            key("_TOOZ_MEMBER_", m.as_bytes()),
             false,
             None,
             Some(&["v", "f", "t"]),
@@ -191,7 +196,7 @@ async fn keys_and_flags_are_pythons() {
     assert_eq!(alive.flags, Some(1));
     let held = c
         .meta_get(
-            tooz_memcached::keys::lock(g.as_bytes()),
+            key("__TOOZ_LOCK_", g.as_bytes()),
             false,
             None,
             Some(&["v", "f"]),
@@ -203,7 +208,7 @@ async fn keys_and_flags_are_pythons() {
     assert_eq!(held.flags, Some(1));
     let group = c
         .meta_get(
-            tooz_memcached::keys::group(&g.as_str().into()),
+            key("_TOOZ_GROUP_", g.as_bytes()),
             false,
             None,
             Some(&["v", "f"]),

@@ -65,6 +65,7 @@ use tooz_core::{GroupId, LockName, MemberId, Result, ToozError};
 pub const GROUP_EXISTS: &[u8] = b"__created__";
 
 /// Value of the group marker field.
+#[allow(dead_code)] // Written by the Lua scripts; named here for the layout's docs.
 pub const GROUP_EXISTS_VALUE: &[u8] = b"1";
 
 /// Value of a beat key (Python's `STILL_ALIVE`).
@@ -75,6 +76,7 @@ pub const STILL_ALIVE: &[u8] = b"Not dead!";
 pub const TOKEN_PREFIX: &str = "tooz-rs:";
 
 /// The plain lock key's value while shared holders hold the lock.
+#[allow(dead_code)] // Written by the Lua scripts; named here for the layout's docs.
 pub const SHARED_MARKER: &str = "tooz-rs:shared";
 
 /// Member id `get_leader` returns for a leader that is a Python tooz process

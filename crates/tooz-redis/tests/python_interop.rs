@@ -135,7 +135,7 @@ async fn python_and_rust_share_one_server() {
     assert!(!py_lock.acquire(Wait::No).await.unwrap());
     assert_eq!(
         rust.get_leader("py-g").await.unwrap(),
-        Some(MemberId::from(tooz_redis::keys::PYTHON_LEADER))
+        Some(MemberId::from("python-tooz-leader"))
     );
     assert!(rust.try_become_leader("py-g").await.unwrap().is_none());
     // Python's join did not let a second "py-m" in, nor can we overwrite it.

@@ -165,12 +165,16 @@ impl ZookeeperDriver {
         self.inner.sessions.get().ok().map(|s| s.id())
     }
 
-    /// The current ZooKeeper client, if a session is established. Handing it to
-    /// `zookeeper_client::Connector::with_session` and dropping that second client
-    /// closes (expires) this driver's session: that is how the tests expire it on
-    /// purpose.
-    pub fn client(&self) -> Option<zookeeper_client::Client> {
-        self.inner.sessions.get().ok().map(|s| s.client.clone())
+    /// Not public API: the current session's credentials, for the crate's tests,
+    /// which attach a second client to the session and close it (an expiry on
+    /// purpose). May change or go away in any release.
+    #[doc(hidden)]
+    pub fn session_for_tests(&self) -> Option<zookeeper_client::SessionInfo> {
+        self.inner
+            .sessions
+            .get()
+            .ok()
+            .map(|s| s.client.session().clone())
     }
 }
 

@@ -5,7 +5,7 @@ mod config;
 mod contend;
 mod driver;
 mod error;
-pub mod layout;
+mod layout;
 mod lock;
 mod session;
 mod watch;

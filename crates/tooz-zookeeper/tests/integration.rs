@@ -77,9 +77,7 @@ async fn wait_liveness(rx: &mut watch::Receiver<Liveness>, want: Liveness, withi
 /// client attaches to its session and closes it; the victim learns that its
 /// session expired when it reconnects.
 async fn expire(url: &str, driver: &ZookeeperDriver, proxy: &Proxy) {
-    let victim = driver.client().expect("a live session");
-    let info = victim.session().clone();
-    drop(victim);
+    let info = driver.session_for_tests().expect("a live session");
     proxy.cut();
     let other = Client::connector()
         .with_session(info)

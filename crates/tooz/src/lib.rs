@@ -1,7 +1,29 @@
 #![doc = include_str!("../README.md")]
 #![warn(missing_docs)]
 
-pub use tooz_core::*;
+// The application API at the root; what a driver author implements under `backend`.
+pub use tooz_core::{
+    BoxError, Capabilities, Characteristic, ConnectOptions, Coordinator, CoordinatorConfig,
+    DriverDescriptor, EventStream, Features, FencingToken, GroupEvent, GroupId, HashRing,
+    Leadership, LeasePolicy, Liveness, Lock, LockGuard, LockName, LostSignal, MemberId, MemberInfo,
+    Mode, Partitioner, Registry, Result, ToozError, ToozHash, Url, Wait, WatchId,
+};
+/// Modules of the application API (their items are also at the crate root).
+pub use tooz_core::{
+    capabilities, characteristic, coordinator, error, events, features, fencing, hashring, ids,
+    lock, memory, partitioner,
+};
+
+/// For driver authors: the traits a backend implements and the helpers the core
+/// gives it (as OpenDAL's `raw` module). Applications need none of this; a driver
+/// crate usually depends on `tooz-core` directly.
+pub mod backend {
+    pub use tooz_core::{
+        Attempt, ConnectRequest, Driver, DriverEvent, DriverEventStream, DriverInfo, DriverLock,
+        Held, HeldLock, IdRef, LeaseState, Options, Renewal, WakeStream, async_trait, driver,
+        lease, options, util,
+    };
+}
 
 /// Declares the driver crates of this facade: each entry is re-exported under
 /// [`drivers`] and registered by [`registry()`] when its cargo feature is on.

@@ -1,0 +1,535 @@
+//! The [`Driver`] implementation.
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::io;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime};
+
+use tooz_core::capabilities::{Capabilities, MemberInfo};
+use tooz_core::characteristic::Characteristic;
+use tooz_core::driver::{Driver, DriverEventStream, DriverInfo, DriverLock, Held, Renewal};
+use tooz_core::{ConnectRequest, FencingToken, GroupId, LockName, MemberId, Result, ToozError};
+
+use crate::config::{IpcConfig, NAME};
+use crate::grouplist::GroupList;
+use crate::lock::IpcLock;
+use crate::sem::InternalLock;
+use crate::state::{Alive, Layout, LeaderRecord, MemberRecord, remove_opt};
+use crate::{fence, keys, sem, watch};
+
+const CHARACTERISTICS: &[Characteristic] = &[
+    Characteristic::NonTimeoutBased,
+    Characteristic::DistributedAcrossThreads,
+    Characteristic::DistributedAcrossProcesses,
+];
+
+/// How long a state change waits for the state lock or tooz's internal lock.
+const SERIAL_WAIT: Duration = Duration::from_secs(10);
+
+fn io_err(what: impl std::fmt::Display, e: io::Error) -> ToozError {
+    if e.kind() == io::ErrorKind::TimedOut {
+        ToozError::OperationTimedOut(format!("{what}: {e}"))
+    } else {
+        ToozError::backend(NAME, what, e)
+    }
+}
+
+/// An `ipc://` coordinator's driver.
+#[derive(Debug)]
+pub struct IpcDriver {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    config: IpcConfig,
+    layout: Layout,
+    member: MemberId,
+    alive: Mutex<Option<Alive>>,
+}
+
+impl Inner {
+    fn alive(&self) -> MutexGuard<'_, Option<Alive>> {
+        self.alive.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn alive_id(&self) -> Result<String> {
+        self.alive()
+            .as_ref()
+            .map(|a| a.id.clone())
+            .ok_or(ToozError::NotStarted)
+    }
+
+    fn serial(&self) -> Result<crate::state::Serial> {
+        self.layout
+            .serial(SERIAL_WAIT)
+            .map_err(|e| io_err("cannot take the state lock", e))
+    }
+
+    fn python_groups(&self) -> Result<(GroupList, Vec<GroupId>)> {
+        let list = GroupList::attach().map_err(|e| io_err("cannot attach the group list", e))?;
+        let groups = list
+            .read()
+            .map_err(|e| io_err("cannot read the group list", e))?;
+        Ok((list, groups))
+    }
+
+    fn has_dir(&self, g: &GroupId) -> Result<bool> {
+        Layout::read_group_id(&self.layout.group_dir(g))
+            .map(|o| o.is_some())
+            .map_err(|e| io_err(format_args!("cannot read group {g}"), e))
+    }
+
+    /// A group exists when we made its directory or it is in Python's list.
+    fn exists(&self, g: &GroupId) -> Result<bool> {
+        if self.has_dir(g)? {
+            return Ok(true);
+        }
+        let _lock = InternalLock::take(SERIAL_WAIT).map_err(|e| io_err("internal lock", e))?;
+        Ok(self.python_groups()?.1.contains(g))
+    }
+
+    fn require(&self, g: &GroupId) -> Result<()> {
+        if self.exists(g)? {
+            Ok(())
+        } else {
+            Err(ToozError::GroupNotCreated(g.clone()))
+        }
+    }
+
+    fn live(&self, alive: &str) -> Result<bool> {
+        self.layout
+            .is_alive(alive)
+            .map_err(|e| io_err("cannot probe a liveness file", e))
+    }
+
+    fn live_records(&self, g: &GroupId) -> Result<Vec<MemberRecord>> {
+        self.require(g)?;
+        let records = self
+            .layout
+            .member_records(g)
+            .map_err(|e| io_err(format_args!("cannot list group {g}"), e))?;
+        let mut out = Vec::with_capacity(records.len());
+        for r in records {
+            if self.live(&r.alive)? {
+                out.push(r);
+            }
+        }
+        Ok(out)
+    }
+
+    /// This member's live record in `g`, or `MemberNotJoined`.
+    fn live_record(&self, g: &GroupId, m: &MemberId) -> Result<MemberRecord> {
+        self.require(g)?;
+        let rec = self
+            .layout
+            .member_record(g, m)
+            .map_err(|e| io_err(format_args!("cannot read member {m} of {g}"), e))?;
+        match rec {
+            Some(r) if self.live(&r.alive)? => Ok(r),
+            _ => Err(ToozError::MemberNotJoined {
+                group: g.clone(),
+                member: m.clone(),
+            }),
+        }
+    }
+
+    fn write_member(&self, g: &GroupId, r: &MemberRecord) -> Result<()> {
+        let data = r
+            .encode()
+            .map_err(|e| ToozError::serialization("member record", e))?;
+        self.layout
+            .write_atomic(&self.layout.member_file(g, &r.member), &data)
+            .map_err(|e| io_err(format_args!("cannot write member {} of {g}", r.member), e))
+    }
+
+    fn leader(&self, g: &GroupId) -> Result<Option<LeaderRecord>> {
+        let rec = self
+            .layout
+            .leader_record(g)
+            .map_err(|e| io_err(format_args!("cannot read the leader of {g}"), e))?;
+        match rec {
+            Some(r) if self.live(&r.alive)? => Ok(Some(r)),
+            _ => Ok(None),
+        }
+    }
+}
+
+impl IpcDriver {
+    /// Builds a driver (no I/O until `start`).
+    pub fn new(config: IpcConfig, member: MemberId) -> Self {
+        IpcDriver {
+            inner: Arc::new(Inner {
+                layout: Layout::new(config.state_dir.clone()),
+                config,
+                member,
+                alive: Mutex::new(None),
+            }),
+        }
+    }
+
+    pub(crate) fn connect(req: &ConnectRequest<'_>) -> Result<Arc<dyn Driver>> {
+        let config = IpcConfig::from_url(req.url, req.options)?;
+        Ok(Arc::new(IpcDriver::new(config, req.member_id.clone())))
+    }
+
+    /// Runs `f` on a blocking thread (file and SysV calls that may wait).
+    async fn blocking<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Inner) -> Result<T> + Send + 'static,
+    {
+        let inner = Arc::clone(&self.inner);
+        tokio::task::spawn_blocking(move || f(&inner))
+            .await
+            .map_err(|e| ToozError::backend(NAME, "a blocking task failed", e))?
+    }
+}
+
+#[tooz_core::async_trait]
+impl Driver for IpcDriver {
+    fn info(&self) -> DriverInfo {
+        DriverInfo::new(NAME, CHARACTERISTICS, false).with_holds_independent_of_lease()
+    }
+
+    async fn start(&self) -> Result<()> {
+        self.blocking(|i| {
+            let unreachable = |what: &str, e: io::Error| {
+                ToozError::connection(NAME, format!("{what} {}", i.layout.root.display()), e)
+            };
+            i.layout
+                .create()
+                .map_err(|e| unreachable("cannot create the state directory", e))?;
+            let alive = i
+                .layout
+                .make_alive()
+                .map_err(|e| unreachable("cannot create a liveness file in", e))?;
+            // Python's start creates the group list segment.
+            GroupList::attach().map_err(|e| {
+                ToozError::connection(NAME, "cannot attach tooz's group list segment", e)
+            })?;
+            *i.alive() = Some(alive);
+            Ok(())
+        })
+        .await
+    }
+
+    /// Ends this coordinator's liveness. Python's `stop` also removes the group
+    /// list segment, for every process on the host; we do not.
+    async fn stop(&self) -> Result<()> {
+        let alive = self.inner.alive().take();
+        drop(alive);
+        Ok(())
+    }
+
+    async fn heartbeat(&self, held: &Held<'_>) -> Result<Renewal> {
+        let mut renewal = Renewal::new(self.inner.config.timeout);
+        for (i, l) in held.locks.iter().enumerate() {
+            if let Some(lock) = l.downcast::<IpcLock>()
+                && let Some(h) = lock.holding()
+                && !sem::still_held(h).map_err(|e| io_err("cannot check a lock", e))?
+            {
+                renewal.lose_lock(i);
+            }
+        }
+        if !held.leading.is_empty() {
+            let leading: Vec<(GroupId, FencingToken)> = held.leading.to_vec();
+            let lost = self
+                .blocking(move |i| {
+                    let mine = i.alive_id()?;
+                    let mut lost = Vec::new();
+                    for (g, token) in leading {
+                        let still = i
+                            .leader(&g)?
+                            .is_some_and(|r| r.alive == mine && r.token == token.0);
+                        if !still {
+                            lost.push(g);
+                        }
+                    }
+                    Ok(lost)
+                })
+                .await?;
+            for g in lost {
+                renewal.lose_leadership(g);
+            }
+        }
+        Ok(renewal)
+    }
+
+    async fn create_group(&self, group: &GroupId) -> Result<()> {
+        let g = group.clone();
+        self.blocking(move |i| {
+            let _serial = i.serial()?;
+            if i.has_dir(&g)? {
+                return Err(ToozError::GroupAlreadyExist(g));
+            }
+            let _lock = InternalLock::take(SERIAL_WAIT).map_err(|e| io_err("internal lock", e))?;
+            let (list, mut groups) = i.python_groups()?;
+            if groups.contains(&g) {
+                return Err(ToozError::GroupAlreadyExist(g));
+            }
+            let dir = i.layout.group_dir(&g);
+            let made = fs::create_dir(&dir)
+                .and_then(|()| i.layout.write_atomic(&dir.join(".id"), g.as_bytes()));
+            made.map_err(|e| io_err(format_args!("cannot create group {g}"), e))?;
+            groups.push(g.clone());
+            if !list
+                .write(&groups)
+                .map_err(|e| io_err("cannot write the group list", e))?
+            {
+                tracing::warn!(group = %g, "tooz's 1 KiB group list is full: Python processes will not list this group");
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn delete_group(&self, group: &GroupId) -> Result<()> {
+        let g = group.clone();
+        self.blocking(move |i| {
+            let _serial = i.serial()?;
+            let _lock = InternalLock::take(SERIAL_WAIT).map_err(|e| io_err("internal lock", e))?;
+            let (list, mut groups) = i.python_groups()?;
+            let listed = groups.contains(&g);
+            let dir = i.layout.group_dir(&g);
+            if !listed && !i.has_dir(&g)? {
+                return Err(ToozError::GroupNotCreated(g));
+            }
+            let records = i
+                .layout
+                .member_records(&g)
+                .map_err(|e| io_err(format_args!("cannot list group {g}"), e))?;
+            for r in &records {
+                if i.live(&r.alive)? {
+                    return Err(ToozError::GroupNotEmpty(g));
+                }
+            }
+            match fs::remove_dir_all(&dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_err(format_args!("cannot remove group {g}"), e)),
+            }
+            remove_opt(&i.layout.leader_file(&g))
+                .map_err(|e| io_err(format_args!("cannot remove the leader of {g}"), e))?;
+            if listed {
+                groups.retain(|x| *x != g);
+                list.write(&groups)
+                    .map_err(|e| io_err("cannot write the group list", e))?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn get_groups(&self) -> Result<Vec<GroupId>> {
+        self.blocking(|i| {
+            let mut out: BTreeSet<GroupId> = {
+                let _lock =
+                    InternalLock::take(SERIAL_WAIT).map_err(|e| io_err("internal lock", e))?;
+                i.python_groups()?.1.into_iter().collect()
+            };
+            let dir = i.layout.groups_dir();
+            let entries = fs::read_dir(&dir).map_err(|e| io_err("cannot list groups", e))?;
+            for entry in entries {
+                let entry = entry.map_err(|e| io_err("cannot list groups", e))?;
+                if let Some(g) = Layout::read_group_id(&entry.path())
+                    .map_err(|e| io_err("cannot read a group", e))?
+                {
+                    out.insert(g);
+                }
+            }
+            Ok(out.into_iter().collect())
+        })
+        .await
+    }
+
+    async fn join_group(&self, group: &GroupId, capabilities: &Capabilities) -> Result<()> {
+        let (g, caps) = (group.clone(), capabilities.clone());
+        self.blocking(move |i| {
+            let alive = i.alive_id()?;
+            let _serial = i.serial()?;
+            i.require(&g)?;
+            if !i.has_dir(&g)? {
+                // A group Python created: give it a directory for its members.
+                let dir = i.layout.group_dir(&g);
+                match fs::create_dir(&dir) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                    Err(e) => return Err(io_err(format_args!("cannot create group {g}"), e)),
+                }
+                i.layout
+                    .write_atomic(&dir.join(".id"), g.as_bytes())
+                    .map_err(|e| io_err(format_args!("cannot create group {g}"), e))?;
+            }
+            let m = i.member.clone();
+            if let Some(r) = i
+                .layout
+                .member_record(&g, &m)
+                .map_err(|e| io_err("cannot read a member", e))?
+                && i.live(&r.alive)?
+            {
+                return Err(ToozError::MemberAlreadyExist {
+                    group: g,
+                    member: m,
+                });
+            }
+            let now = SystemTime::now();
+            i.write_member(
+                &g,
+                &MemberRecord {
+                    member: m,
+                    caps,
+                    alive,
+                    created: Some(now),
+                    updated: Some(now),
+                },
+            )
+        })
+        .await
+    }
+
+    async fn leave_group(&self, group: &GroupId) -> Result<()> {
+        let g = group.clone();
+        self.blocking(move |i| {
+            i.alive_id()?;
+            let _serial = i.serial()?;
+            // Any live record of this member id (another coordinator's too, as
+            // tooz lets a coordinator boot out its namesake).
+            i.live_record(&g, &i.member)?;
+            remove_opt(&i.layout.member_file(&g, &i.member))
+                .map_err(|e| io_err(format_args!("cannot leave {g}"), e))
+        })
+        .await
+    }
+
+    async fn get_members(&self, group: &GroupId) -> Result<BTreeSet<MemberId>> {
+        let g = group.clone();
+        self.blocking(move |i| Ok(i.live_records(&g)?.into_iter().map(|r| r.member).collect()))
+            .await
+    }
+
+    async fn get_members_with_capabilities(
+        &self,
+        group: &GroupId,
+    ) -> Result<Vec<(MemberId, Capabilities)>> {
+        let g = group.clone();
+        self.blocking(move |i| {
+            Ok(i.live_records(&g)?
+                .into_iter()
+                .map(|r| (r.member, r.caps))
+                .collect())
+        })
+        .await
+    }
+
+    async fn get_member_info(&self, group: &GroupId, member: &MemberId) -> Result<MemberInfo> {
+        let (g, m) = (group.clone(), member.clone());
+        self.blocking(move |i| {
+            let r = i.live_record(&g, &m)?;
+            Ok(MemberInfo::new(r.caps, r.created, r.updated))
+        })
+        .await
+    }
+
+    async fn update_capabilities(
+        &self,
+        group: &GroupId,
+        capabilities: &Capabilities,
+    ) -> Result<()> {
+        let (g, caps) = (group.clone(), capabilities.clone());
+        self.blocking(move |i| {
+            i.alive_id()?;
+            let _serial = i.serial()?;
+            let mut r = i.live_record(&g, &i.member)?;
+            r.caps = caps;
+            r.updated = Some(SystemTime::now());
+            i.write_member(&g, &r)
+        })
+        .await
+    }
+
+    async fn campaign(&self, group: &GroupId) -> Result<Option<FencingToken>> {
+        let g = group.clone();
+        self.blocking(move |i| {
+            let alive = i.alive_id()?;
+            let _serial = i.serial()?;
+            if let Some(r) = i.leader(&g)? {
+                return Ok(
+                    (r.alive == alive && r.member == i.member).then_some(FencingToken(r.token))
+                );
+            }
+            let token = fence::next(keys::leader_fence_slot(g.as_bytes()))?;
+            let rec = LeaderRecord {
+                member: i.member.clone(),
+                alive,
+                token,
+            };
+            let data = rec
+                .encode()
+                .map_err(|e| ToozError::serialization("leader record", e))?;
+            i.layout
+                .write_atomic(&i.layout.leader_file(&g), &data)
+                .map_err(|e| io_err(format_args!("cannot write the leader of {g}"), e))?;
+            Ok(Some(FencingToken(token)))
+        })
+        .await
+    }
+
+    async fn resign(&self, group: &GroupId) -> Result<bool> {
+        let g = group.clone();
+        self.blocking(move |i| {
+            let Ok(alive) = i.alive_id() else {
+                return Ok(false);
+            };
+            let _serial = i.serial()?;
+            match i.leader(&g)? {
+                Some(r) if r.alive == alive && r.member == i.member => {
+                    remove_opt(&i.layout.leader_file(&g))
+                        .map_err(|e| io_err(format_args!("cannot resign from {g}"), e))?;
+                    Ok(true)
+                }
+                _ => Ok(false),
+            }
+        })
+        .await
+    }
+
+    async fn get_leader(&self, group: &GroupId) -> Result<Option<MemberId>> {
+        let g = group.clone();
+        self.blocking(move |i| Ok(i.leader(&g)?.map(|r| r.member)))
+            .await
+    }
+
+    fn lock(&self, name: &LockName) -> Result<Arc<dyn DriverLock>> {
+        Ok(Arc::new(IpcLock::new(name)))
+    }
+
+    async fn watch_group(&self, group: &GroupId) -> Result<Option<DriverEventStream>> {
+        let g = group.clone();
+        self.blocking(move |i| {
+            i.require(&g)?;
+            let dir = i.layout.group_dir(&g);
+            if !i.has_dir(&g)? {
+                // Python's group: make its directory so that joins can be watched.
+                let _serial = i.serial()?;
+                match fs::create_dir(&dir) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                    Err(e) => return Err(io_err(format_args!("cannot create group {g}"), e)),
+                }
+                i.layout
+                    .write_atomic(&dir.join(".id"), g.as_bytes())
+                    .map_err(|e| io_err(format_args!("cannot create group {g}"), e))?;
+            }
+            Ok((
+                dir,
+                i.layout.alive_dir(),
+                i.layout.leaders_dir(),
+                Layout::leader_name(&g),
+            ))
+        })
+        .await
+        .map(|(dir, alive, leaders, leader)| watch::group_stream(&dir, &alive, &leaders, leader))
+    }
+}

@@ -15,7 +15,7 @@ use crate::config::{IpcConfig, NAME};
 use crate::grouplist::GroupList;
 use crate::lock::IpcLock;
 use crate::sem::InternalLock;
-use crate::state::{Alive, Layout, LeaderRecord, MemberRecord, remove_opt};
+use crate::state::{Alive, DirState, Layout, LeaderRecord, MemberRecord, remove_opt};
 use crate::{fence, keys, sem, watch};
 
 const CHARACTERISTICS: &[Characteristic] = &[
@@ -75,19 +75,37 @@ impl Inner {
         Ok((list, groups))
     }
 
-    fn has_dir(&self, g: &GroupId) -> Result<bool> {
-        Layout::read_group_id(&self.layout.group_dir(g))
-            .map(|o| o.is_some())
+    fn dir_state(&self, g: &GroupId) -> Result<DirState> {
+        Layout::dir_state(&self.layout.group_dir(g))
             .map_err(|e| io_err(format_args!("cannot read group {g}"), e))
     }
 
-    /// A group exists when we made its directory or it is in Python's list.
+    /// Whether the group exists, given its directory's state and whether it is in
+    /// Python's list.
+    fn exists_with(ds: DirState, listed: bool) -> bool {
+        ds == DirState::RustOnly || listed
+    }
+
+    /// Whether the group exists (takes tooz's internal lock unless the group
+    /// lives outside Python's list).
     fn exists(&self, g: &GroupId) -> Result<bool> {
-        if self.has_dir(g)? {
+        let ds = self.dir_state(g)?;
+        if ds == DirState::RustOnly {
             return Ok(true);
         }
         let _lock = InternalLock::take(SERIAL_WAIT).map_err(|e| io_err("internal lock", e))?;
-        Ok(self.python_groups()?.1.contains(g))
+        Ok(Self::exists_with(ds, self.python_groups()?.1.contains(g)))
+    }
+
+    /// Gives an existing group a directory for its members (a group Python
+    /// created, listed in its list).
+    fn ensure_dir(&self, g: &GroupId) -> Result<()> {
+        if self.dir_state(g)? == DirState::None {
+            self.layout
+                .make_group_dir(g, true)
+                .map_err(|e| io_err(format_args!("cannot create group {g}"), e))?;
+        }
+        Ok(())
     }
 
     fn require(&self, g: &GroupId) -> Result<()> {
@@ -261,26 +279,27 @@ impl Driver for IpcDriver {
         let g = group.clone();
         self.blocking(move |i| {
             let _serial = i.serial()?;
-            if i.has_dir(&g)? {
-                return Err(ToozError::GroupAlreadyExist(g));
-            }
             let _lock = InternalLock::take(SERIAL_WAIT).map_err(|e| io_err("internal lock", e))?;
             let (list, mut groups) = i.python_groups()?;
-            if groups.contains(&g) {
+            let ds = i.dir_state(&g)?;
+            if Inner::exists_with(ds, groups.contains(&g)) {
                 return Err(ToozError::GroupAlreadyExist(g));
             }
-            let dir = i.layout.group_dir(&g);
-            let made = fs::create_dir(&dir)
-                .and_then(|()| i.layout.write_atomic(&dir.join(".id"), g.as_bytes()));
-            made.map_err(|e| io_err(format_args!("cannot create group {g}"), e))?;
+            if ds == DirState::Mirrored {
+                // Left over from a group Python deleted: start afresh.
+                fs::remove_dir_all(i.layout.group_dir(&g))
+                    .map_err(|e| io_err(format_args!("cannot clear group {g}"), e))?;
+            }
             groups.push(g.clone());
-            if !list
+            let mirrored = list
                 .write(&groups)
-                .map_err(|e| io_err("cannot write the group list", e))?
-            {
+                .map_err(|e| io_err("cannot write the group list", e))?;
+            if !mirrored {
                 tracing::warn!(group = %g, "tooz's 1 KiB group list is full: Python processes will not list this group");
             }
-            Ok(())
+            i.layout
+                .make_group_dir(&g, mirrored)
+                .map_err(|e| io_err(format_args!("cannot create group {g}"), e))
         })
         .await
     }
@@ -293,7 +312,7 @@ impl Driver for IpcDriver {
             let (list, mut groups) = i.python_groups()?;
             let listed = groups.contains(&g);
             let dir = i.layout.group_dir(&g);
-            if !listed && !i.has_dir(&g)? {
+            if !Inner::exists_with(i.dir_state(&g)?, listed) {
                 return Err(ToozError::GroupNotCreated(g));
             }
             let records = i
@@ -333,7 +352,8 @@ impl Driver for IpcDriver {
             let entries = fs::read_dir(&dir).map_err(|e| io_err("cannot list groups", e))?;
             for entry in entries {
                 let entry = entry.map_err(|e| io_err("cannot list groups", e))?;
-                if let Some(g) = Layout::read_group_id(&entry.path())
+                // Groups in Python's list are listed from it.
+                if let Some(g) = Layout::rust_only_group(&entry.path())
                     .map_err(|e| io_err("cannot read a group", e))?
                 {
                     out.insert(g);
@@ -350,18 +370,7 @@ impl Driver for IpcDriver {
             let alive = i.alive_id()?;
             let _serial = i.serial()?;
             i.require(&g)?;
-            if !i.has_dir(&g)? {
-                // A group Python created: give it a directory for its members.
-                let dir = i.layout.group_dir(&g);
-                match fs::create_dir(&dir) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-                    Err(e) => return Err(io_err(format_args!("cannot create group {g}"), e)),
-                }
-                i.layout
-                    .write_atomic(&dir.join(".id"), g.as_bytes())
-                    .map_err(|e| io_err(format_args!("cannot create group {g}"), e))?;
-            }
+            i.ensure_dir(&g)?;
             let m = i.member.clone();
             if let Some(r) = i
                 .layout
@@ -510,17 +519,10 @@ impl Driver for IpcDriver {
         self.blocking(move |i| {
             i.require(&g)?;
             let dir = i.layout.group_dir(&g);
-            if !i.has_dir(&g)? {
+            {
                 // Python's group: make its directory so that joins can be watched.
                 let _serial = i.serial()?;
-                match fs::create_dir(&dir) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-                    Err(e) => return Err(io_err(format_args!("cannot create group {g}"), e)),
-                }
-                i.layout
-                    .write_atomic(&dir.join(".id"), g.as_bytes())
-                    .map_err(|e| io_err(format_args!("cannot create group {g}"), e))?;
+                i.ensure_dir(&g)?;
             }
             Ok((
                 dir,

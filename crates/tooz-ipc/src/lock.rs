@@ -39,12 +39,12 @@ pub(crate) struct IpcLock {
 
 /// A grant in flight from the waiting thread; released unless taken.
 #[derive(Debug)]
-struct Grant(Option<Holding>);
+struct Grant(Key, Option<Holding>);
 
 impl Drop for Grant {
     fn drop(&mut self) {
-        if let Some(h) = self.0.take()
-            && let Err(e) = sem::release(h)
+        if let Some(h) = self.1.take()
+            && let Err(e) = sem::release(self.0, h)
         {
             tracing::warn!(error = %e, "cannot release an abandoned IPC lock grant");
         }
@@ -84,7 +84,7 @@ impl IpcLock {
     /// Records a grant and numbers it; gives it back if numbering fails.
     fn granted(&self, mut grant: Grant) -> Result<Option<FencingToken>> {
         let token = fence::next(self.slot)?;
-        *self.hold() = grant.0.take();
+        *self.hold() = grant.1.take();
         Ok(Some(FencingToken(token)))
     }
 }
@@ -106,7 +106,7 @@ impl DriverLock for IpcLock {
         if let Some(h) = sem::acquire(self.key, self.readers, shared, None)
             .map_err(|e| backend("acquisition", &self.name, e))?
         {
-            return self.granted(Grant(Some(h)));
+            return self.granted(Grant(self.key, Some(h)));
         }
         let deadline = match wait {
             Wait::No => return Ok(None),
@@ -122,12 +122,12 @@ impl DriverLock for IpcLock {
                 deadline,
                 cancelled: &cancelled,
             };
-            let res = sem::acquire(key, readers, shared, Some(&until)).map(Grant);
+            let res = sem::acquire(key, readers, shared, Some(&until)).map(|h| Grant(key, h));
             // A send to a dropped acquirer drops the grant, which releases it.
             let _ = tx.send(res);
         });
         match rx.await {
-            Ok(Ok(grant)) if grant.0.is_some() => self.granted(grant),
+            Ok(Ok(grant)) if grant.1.is_some() => self.granted(grant),
             Ok(Ok(_)) => Ok(None),
             Ok(Err(e)) => Err(backend("acquisition", &self.name, e)),
             Err(_) => Err(ToozError::backend_msg(
@@ -141,7 +141,7 @@ impl DriverLock for IpcLock {
         let Some(h) = self.hold().take() else {
             return Ok(false);
         };
-        sem::release(h).map_err(|e| backend("release", &self.name, e))
+        sem::release(self.key, h).map_err(|e| backend("release", &self.name, e))
     }
 
     async fn heartbeat(&self) -> Result<bool> {

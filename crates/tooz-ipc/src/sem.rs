@@ -118,9 +118,10 @@ fn no_readers(readers_key: Key, wait: Option<Duration>) -> io::Result<bool> {
 }
 
 /// Gives back a lock semaphore taken for an instant (a shared acquirer's, or an
-/// exclusive acquirer's that found readers).
+/// exclusive acquirer's that found readers) the way every release does: by
+/// removing it, so that no idle semaphore is left behind.
 fn give_back(id: libc::c_int) {
-    if let Err(e) = op(id, 1, None)
+    if let Err(e) = sys::sem_remove(id)
         && !is_gone(&e)
     {
         tracing::warn!(error = %e, "cannot give back an IPC lock semaphore");
@@ -153,8 +154,18 @@ pub(crate) fn acquire(
         }
         // We hold the lock semaphore `id`.
         if shared {
-            let counted =
-                sys::sem_open_or_create(readers_key).and_then(|rid| op(rid, 1, None).map(|_| rid));
+            let counted = loop {
+                let rid = match sys::sem_open_or_create(readers_key) {
+                    Ok(rid) => rid,
+                    Err(e) => break Err(e),
+                };
+                match op(rid, 1, None) {
+                    Ok(_) => break Ok(rid),
+                    // Removed by its last reader or `break_lock` meanwhile.
+                    Err(e) if is_gone(&e) => continue,
+                    Err(e) => break Err(e),
+                }
+            };
             give_back(id);
             return counted.map(|rid| Some(Holding::Shared(rid)));
         }
@@ -179,15 +190,32 @@ pub(crate) fn acquire(
 
 /// Releases a hold: removes the lock semaphore (Python's release) or leaves the
 /// readers. `false` when the hold was already gone (broken).
-pub(crate) fn release(h: Holding) -> io::Result<bool> {
+///
+/// The last reader to leave removes the reader count, if it can take the lock
+/// semaphore at once (shared acquirers count themselves only while holding it, so
+/// none can be counting itself in at that moment).
+pub(crate) fn release(key: Key, h: Holding) -> io::Result<bool> {
     let res = match h {
         Holding::Exclusive(id) => sys::sem_remove(id),
-        Holding::Shared(rid) => match op(rid, -1, None) {
-            Ok(true) => Ok(()),
-            // Nothing to take: the count was reset by `break_lock`.
-            Ok(false) => return Ok(false),
-            Err(e) => Err(e),
-        },
+        Holding::Shared(rid) => {
+            let main = open_lock(key)
+                .ok()
+                .filter(|&id| op(id, -1, None).unwrap_or(false));
+            let left = match op(rid, -1, None) {
+                Ok(true) => Ok(()),
+                // Nothing to take: the count was reset by `break_lock`.
+                Ok(false) => {
+                    main.map(give_back);
+                    return Ok(false);
+                }
+                Err(e) => Err(e),
+            };
+            if left.is_ok() && main.is_some() && sys::sem_getval(rid).is_ok_and(|v| v == 0) {
+                let _ = sys::sem_remove(rid);
+            }
+            main.map(give_back);
+            left
+        }
     };
     match res {
         Ok(()) => Ok(true),

@@ -79,6 +79,18 @@ fn from_secs(s: f64) -> Option<SystemTime> {
     (s.is_finite() && s >= 0.0).then(|| UNIX_EPOCH + Duration::from_secs_f64(s))
 }
 
+/// A group directory's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum DirState {
+    /// No directory (or no `.id`): the group exists if Python's list has it.
+    None,
+    /// Created when Python's list was full: exists by its directory alone.
+    RustOnly,
+    /// Also in Python's list (`.python` marker), which decides: a group Python
+    /// deleted (or whose list Python's `stop()` removed) is gone.
+    Mirrored,
+}
+
 /// A member's record.
 #[derive(Debug, Clone)]
 pub(crate) struct MemberRecord {
@@ -340,9 +352,42 @@ impl Layout {
         res
     }
 
-    /// The group id stored in a group directory, if the directory is a group.
-    pub(crate) fn read_group_id(dir: &Path) -> io::Result<Option<GroupId>> {
+    /// How a group directory stands.
+    pub(crate) fn dir_state(dir: &Path) -> io::Result<DirState> {
+        if !dir.join(".id").is_file() {
+            return Ok(DirState::None);
+        }
+        Ok(if dir.join(".python").exists() {
+            DirState::Mirrored
+        } else {
+            DirState::RustOnly
+        })
+    }
+
+    /// The group id of a directory whose group is not in Python's list.
+    pub(crate) fn rust_only_group(dir: &Path) -> io::Result<Option<GroupId>> {
+        if Self::dir_state(dir)? != DirState::RustOnly {
+            return Ok(None);
+        }
         read_opt(&dir.join(".id")).map(|o| o.map(GroupId::from))
+    }
+
+    /// Creates (or reuses) a group's directory; `mirrored` when the group is in
+    /// Python's list (then the list decides whether it exists).
+    pub(crate) fn make_group_dir(&self, g: &GroupId, mirrored: bool) -> io::Result<()> {
+        let dir = self.group_dir(g);
+        match fs::DirBuilder::new().mode(0o700).create(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
+        }
+        let marker = dir.join(".python");
+        if mirrored {
+            self.write_atomic(&marker, b"")?;
+        } else {
+            remove_opt(&marker)?;
+        }
+        self.write_atomic(&dir.join(".id"), g.as_bytes())
     }
 
     /// Member records of a group (undecodable ones skipped with a warning).

@@ -205,7 +205,9 @@ pub(crate) fn release(key: Key, h: Holding) -> io::Result<bool> {
                 Ok(true) => Ok(()),
                 // Nothing to take: the count was reset by `break_lock`.
                 Ok(false) => {
-                    main.map(give_back);
+                    if let Some(id) = main {
+                        give_back(id);
+                    }
                     return Ok(false);
                 }
                 Err(e) => Err(e),
@@ -213,7 +215,9 @@ pub(crate) fn release(key: Key, h: Holding) -> io::Result<bool> {
             if left.is_ok() && main.is_some() && sys::sem_getval(rid).is_ok_and(|v| v == 0) {
                 let _ = sys::sem_remove(rid);
             }
-            main.map(give_back);
+            if let Some(id) = main {
+                give_back(id);
+            }
             left
         }
     };

@@ -137,21 +137,36 @@ pub(crate) fn acquire(
     until: Option<&Until<'_>>,
 ) -> io::Result<Option<Holding>> {
     loop {
-        let id = open_lock(key)?;
-        let wait = match until {
-            None => None,
-            Some(u) => match u.slice() {
-                Some(s) => Some(s),
-                None => return Ok(None),
+        let id = match sys::sem_create_excl(key) {
+            // Ours, new: take it at once (it has no waiters to wake).
+            Ok(id) => match sys::sem_take_fresh(id) {
+                Ok(()) => id,
+                Err(e) if is_gone(&e) => continue,
+                Err(e) => return Err(e),
             },
-        };
-        match op(id, -1, wait) {
-            Ok(true) => {}
-            Ok(false) if until.is_none() => return Ok(None),
-            Ok(false) => continue,
-            Err(e) if is_gone(&e) => continue,
+            Err(e) if errno(&e) == libc::EEXIST => {
+                let id = match sys::sem_open(key) {
+                    Ok(id) => id,
+                    Err(e) if is_gone(&e) => continue,
+                    Err(e) => return Err(e),
+                };
+                let wait = match until {
+                    None => None,
+                    Some(u) => match u.slice() {
+                        Some(s) => Some(s),
+                        None => return Ok(None),
+                    },
+                };
+                match op(id, -1, wait) {
+                    Ok(true) => id,
+                    Ok(false) if until.is_none() => return Ok(None),
+                    Ok(false) => continue,
+                    Err(e) if is_gone(&e) => continue,
+                    Err(e) => return Err(e),
+                }
+            }
             Err(e) => return Err(e),
-        }
+        };
         // We hold the lock semaphore `id`.
         if shared {
             let counted = loop {

@@ -29,6 +29,12 @@ pub(crate) fn sem_create_excl(key: Key) -> io::Result<libc::c_int> {
     check(unsafe { libc::semget(key, 1, libc::IPC_CREAT | libc::IPC_EXCL | MODE) })
 }
 
+/// Creates a private set of one semaphore (`IPC_PRIVATE`), for the benchmark floor.
+pub(crate) fn sem_private() -> io::Result<libc::c_int> {
+    // SAFETY: as above.
+    check(unsafe { libc::semget(libc::IPC_PRIVATE, 1, libc::IPC_CREAT | MODE) })
+}
+
 /// Opens an existing semaphore set (`ENOENT` when there is none).
 pub(crate) fn sem_open(key: Key) -> io::Result<libc::c_int> {
     // SAFETY: as above.
@@ -100,6 +106,28 @@ pub(crate) fn sem_op(
         }
     };
     check(ret).map(drop)
+}
+
+/// Takes a semaphore this process just created (value 0) in one atomic step: +1
+/// without undo, then -1 with `SEM_UNDO`. The value stays 0 (held) and the kernel
+/// restores 1 if the process dies: what `SETVAL 1` then a `SEM_UNDO` take do, in
+/// one system call.
+pub(crate) fn sem_take_fresh(id: libc::c_int) -> io::Result<()> {
+    let mut ops = [
+        libc::sembuf {
+            sem_num: 0,
+            sem_op: 1,
+            sem_flg: 0,
+        },
+        libc::sembuf {
+            sem_num: 0,
+            sem_op: -1,
+            // SEM_UNDO = 0x1000 fits in a short.
+            sem_flg: libc::SEM_UNDO as libc::c_short,
+        },
+    ];
+    // SAFETY: `ops` is a valid array of two sembufs for the duration of the call.
+    check(unsafe { libc::semop(id, ops.as_mut_ptr(), ops.len()) }).map(drop)
 }
 
 /// An attached SysV shared-memory segment, detached on drop.

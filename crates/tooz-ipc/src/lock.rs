@@ -81,6 +81,23 @@ impl IpcLock {
         *self.hold()
     }
 
+    /// One attempt without waiting.
+    fn try_once(&self, mode: Mode) -> Result<Option<FencingToken>> {
+        match sem::acquire(self.key, self.readers, mode == Mode::Shared, None)
+            .map_err(|e| backend("acquisition", &self.name, e))?
+        {
+            Some(h) => self.granted(Grant(self.key, Some(h))),
+            None => Ok(None),
+        }
+    }
+
+    fn release_now(&self) -> Result<bool> {
+        let Some(h) = self.hold().take() else {
+            return Ok(false);
+        };
+        sem::release(self.key, h).map_err(|e| backend("release", &self.name, e))
+    }
+
     /// Records a grant and numbers it; gives it back if numbering fails.
     fn granted(&self, mut grant: Grant) -> Result<Option<FencingToken>> {
         let token = fence::next(self.slot)?;
@@ -99,14 +116,22 @@ impl DriverLock for IpcLock {
         true
     }
 
+    /// The uncontended attempt, inline (a few system calls).
+    fn try_acquire_local(&self, mode: Mode) -> Option<Result<Option<FencingToken>>> {
+        Some(self.try_once(mode))
+    }
+
+    /// Removing the semaphore (or leaving the readers) is a system call or two.
+    fn release_local(&self) -> Option<Result<bool>> {
+        Some(self.release_now())
+    }
+
     #[tracing::instrument(level = "debug", skip(self), fields(lock = %self.name))]
     async fn acquire(&self, mode: Mode, wait: Wait) -> Result<Option<FencingToken>> {
         let shared = mode == Mode::Shared;
         // Uncontended: one attempt inline, no thread hop.
-        if let Some(h) = sem::acquire(self.key, self.readers, shared, None)
-            .map_err(|e| backend("acquisition", &self.name, e))?
-        {
-            return self.granted(Grant(self.key, Some(h)));
+        if let Some(token) = self.try_once(mode)? {
+            return Ok(Some(token));
         }
         let deadline = match wait {
             Wait::No => return Ok(None),
@@ -138,10 +163,7 @@ impl DriverLock for IpcLock {
     }
 
     async fn release(&self) -> Result<bool> {
-        let Some(h) = self.hold().take() else {
-            return Ok(false);
-        };
-        sem::release(self.key, h).map_err(|e| backend("release", &self.name, e))
+        self.release_now()
     }
 
     async fn heartbeat(&self) -> Result<bool> {

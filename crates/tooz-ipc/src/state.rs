@@ -272,6 +272,11 @@ impl Layout {
                 ),
             ));
         }
+        if meta.mode() & 0o077 != 0 {
+            // Ours but open to others: close it (members' files are 0600 anyway).
+            use std::os::unix::fs::PermissionsExt;
+            fs::set_permissions(&self.root, fs::Permissions::from_mode(0o700))?;
+        }
         for d in ["alive", "groups", "leaders", "tmp"] {
             b.create(self.root.join(d))?;
         }

@@ -535,3 +535,184 @@ impl Driver for IpcDriver {
         .map(|(dir, alive, leaders, leader)| watch::group_stream(&dir, &alive, &leaders, leader))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::os::unix::fs::PermissionsExt;
+    use std::path::PathBuf;
+
+    use tooz_core::Registry;
+
+    use super::*;
+
+    /// The tests that look at Python's host-wide list run one at a time (one of
+    /// them fills it up).
+    static LIST: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+    fn temp_root() -> PathBuf {
+        std::env::temp_dir().join(format!("tooz-ipc-unit-{}", uuid::Uuid::new_v4()))
+    }
+
+    fn unique(what: &str) -> String {
+        format!("{what}-{}", uuid::Uuid::new_v4().simple())
+    }
+
+    async fn coordinator(root: &std::path::Path, member: &str) -> tooz_core::Coordinator {
+        let c = Registry::new()
+            .with(crate::DRIVER)
+            .connect(&format!("ipc://{}", root.display()), member)
+            .unwrap();
+        c.start(false).await.unwrap();
+        c
+    }
+
+    /// Python's `_read_group_list`: a native-endian u16 length, then msgpack.
+    fn python_view() -> Vec<rmpv::Value> {
+        let list = GroupList::attach().unwrap();
+        let _lock = InternalLock::take(SERIAL_WAIT).unwrap();
+        list.read()
+            .unwrap()
+            .into_iter()
+            .map(|g| rmpv::Value::Binary(g.as_bytes().to_vec()))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn groups_go_to_pythons_list_and_python_deletions_count() {
+        let _list = LIST.lock().await;
+        let root = temp_root();
+        let c = coordinator(&root, "m").await;
+        let g = unique("unit-g");
+        c.create_group(g.as_str()).await.unwrap();
+        assert!(python_view().contains(&rmpv::Value::Binary(g.clone().into_bytes())));
+        c.join_group(g.as_str(), &()).await.unwrap();
+        c.leave_group(g.as_str()).await.unwrap();
+
+        // Python deletes it (rewrites the list without it): gone for us too.
+        {
+            let list = GroupList::attach().unwrap();
+            let _lock = InternalLock::take(SERIAL_WAIT).unwrap();
+            let mut groups = list.read().unwrap();
+            groups.retain(|x| x.as_bytes() != g.as_bytes());
+            assert!(list.write(&groups).unwrap());
+        }
+        assert!(
+            !c.get_groups()
+                .await
+                .unwrap()
+                .contains(&GroupId::from(g.as_str()))
+        );
+        assert!(matches!(
+            c.get_members(g.as_str()).await,
+            Err(ToozError::GroupNotCreated(_))
+        ));
+        // Created again from scratch.
+        c.create_group(g.as_str()).await.unwrap();
+        assert!(c.get_members(g.as_str()).await.unwrap().is_empty());
+        c.delete_group(g.as_str()).await.unwrap();
+        assert!(!python_view().contains(&rmpv::Value::Binary(g.into_bytes())));
+        c.stop().await.unwrap();
+        std::fs::remove_dir_all(root).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_group_python_created_can_be_joined() {
+        let _list = LIST.lock().await;
+        let root = temp_root();
+        let c = coordinator(&root, "m").await;
+        let g = unique("unit-py");
+        {
+            let list = GroupList::attach().unwrap();
+            let _lock = InternalLock::take(SERIAL_WAIT).unwrap();
+            let mut groups = list.read().unwrap();
+            groups.push(GroupId::from(g.as_str()));
+            assert!(list.write(&groups).unwrap());
+        }
+        assert!(
+            c.get_groups()
+                .await
+                .unwrap()
+                .contains(&GroupId::from(g.as_str()))
+        );
+        assert!(matches!(
+            c.create_group(g.as_str()).await,
+            Err(ToozError::GroupAlreadyExist(_))
+        ));
+        c.join_group(g.as_str(), &()).await.unwrap();
+        assert_eq!(
+            c.get_members(g.as_str()).await.unwrap(),
+            BTreeSet::from([MemberId::from("m")])
+        );
+        c.leave_group(g.as_str()).await.unwrap();
+        c.delete_group(g.as_str()).await.unwrap();
+        c.stop().await.unwrap();
+        std::fs::remove_dir_all(root).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_full_python_list_leaves_groups_to_rust() {
+        let _list = LIST.lock().await;
+        let root = temp_root();
+        let c = coordinator(&root, "m").await;
+        // 20 names of 60 bytes overflow the 1 KiB list whatever it holds already.
+        let names: Vec<String> = (0..20)
+            .map(|i| format!("{}-{i:02}", unique("unit-full-0123456789abcdef")))
+            .collect();
+        for n in &names {
+            c.create_group(n.as_str()).await.unwrap();
+        }
+        let listed = c.get_groups().await.unwrap();
+        let in_python = python_view();
+        let mut rust_only = 0;
+        for n in &names {
+            assert!(listed.contains(&GroupId::from(n.as_str())), "{n}");
+            if !in_python.contains(&rmpv::Value::Binary(n.clone().into_bytes())) {
+                rust_only += 1;
+            }
+        }
+        assert!(rust_only > 0, "the list never filled up");
+        for n in &names {
+            assert!(matches!(
+                c.create_group(n.as_str()).await,
+                Err(ToozError::GroupAlreadyExist(_))
+            ));
+            c.join_group(n.as_str(), &()).await.unwrap();
+            c.leave_group(n.as_str()).await.unwrap();
+            c.delete_group(n.as_str()).await.unwrap();
+        }
+        let listed = c.get_groups().await.unwrap();
+        assert!(
+            names
+                .iter()
+                .all(|n| !listed.contains(&GroupId::from(n.as_str())))
+        );
+        c.stop().await.unwrap();
+        std::fs::remove_dir_all(root).unwrap();
+    }
+
+    #[tokio::test]
+    async fn state_files_are_private() {
+        let root = temp_root();
+        std::fs::create_dir_all(&root).unwrap();
+        std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let c = coordinator(&root, "m").await;
+        let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&root), 0o700, "an open state directory is closed");
+        let g = unique("unit-perm");
+        c.create_group(g.as_str()).await.unwrap();
+        c.join_group(g.as_str(), &()).await.unwrap();
+        let layout = Layout::new(root.clone());
+        let gid = GroupId::from(g.as_str());
+        assert_eq!(mode(&layout.group_dir(&gid)), 0o700);
+        assert_eq!(mode(&layout.member_file(&gid, &MemberId::from("m"))), 0o600);
+        for entry in std::fs::read_dir(layout.alive_dir()).unwrap() {
+            assert_eq!(mode(&entry.unwrap().path()), 0o600);
+        }
+        c.leave_group(g.as_str()).await.unwrap();
+        c.delete_group(g.as_str()).await.unwrap();
+        c.stop().await.unwrap();
+        std::fs::remove_dir_all(root).unwrap();
+    }
+}

@@ -7,8 +7,8 @@
 //! reports whether it got the lock.
 //!
 //! Needs `TOOZ_TEST_PYTHON` (a Python with `tooz` and `sysv_ipc` installed, e.g.
-//! the virtualenv `cargo xtask interop` builds); skipped with a message otherwise,
-//! or fails when `TOOZ_REQUIRE_BACKENDS=1`. SysV objects are host-wide, so every
+//! the virtualenv `cargo xtask interop` builds); skipped with a message otherwise
+//! (Python is not a backend, as in the other drivers' interop tests). SysV objects are host-wide, so every
 //! name carries a suffix unique to the run.
 
 #![allow(clippy::unwrap_used)]
@@ -78,11 +78,9 @@ async fn my_groups(c: &Coordinator, sfx: &str) -> Vec<String> {
 
 #[tokio::test]
 async fn python_and_rust_share_one_host() {
+    // Python is not a backend: there is no server here, so `TOOZ_REQUIRE_BACKENDS`
+    // has nothing to make fatal (`cargo xtask interop` always sets the interpreter).
     let Ok(python) = std::env::var(PY_ENV) else {
-        assert!(
-            std::env::var("TOOZ_REQUIRE_BACKENDS").as_deref() != Ok("1"),
-            "{PY_ENV} is not set and TOOZ_REQUIRE_BACKENDS=1"
-        );
         eprintln!("SKIPPED python_and_rust_share_one_host: {PY_ENV} is not set");
         return;
     };

@@ -8,8 +8,8 @@
 //!
 //! Needs `TOOZ_TEST_PYTHON` (a Python with `tooz` and `sysv_ipc` installed, e.g.
 //! the virtualenv `cargo xtask interop` builds); skipped with a message otherwise
-//! (Python is not a backend, as in the other drivers' interop tests). SysV objects are host-wide, so every
-//! name carries a suffix unique to the run.
+//! (Python is not a backend, as in the other drivers' interop tests). SysV objects
+//! are host-wide, so every name carries a suffix unique to the run.
 
 #![allow(clippy::unwrap_used)]
 

@@ -227,6 +227,7 @@ impl Driver for IpcDriver {
             GroupList::attach().map_err(|e| {
                 ToozError::connection(NAME, "cannot attach tooz's group list segment", e)
             })?;
+            i.layout.prune();
             *i.alive() = Some(alive);
             Ok(())
         })
@@ -371,6 +372,9 @@ impl Driver for IpcDriver {
             let _serial = i.serial()?;
             i.require(&g)?;
             i.ensure_dir(&g)?;
+            i.layout
+                .prune_members(&g)
+                .map_err(|e| io_err(format_args!("cannot clean group {g}"), e))?;
             let m = i.member.clone();
             if let Some(r) = i
                 .layout

@@ -309,6 +309,47 @@ impl Layout {
         }
     }
 
+    /// Removes what crashed processes left: unlocked liveness files and scratch
+    /// files older than a minute (younger ones may be a coordinator starting or a
+    /// write in progress). Best effort.
+    pub(crate) fn prune(&self) {
+        let old = |p: &Path| {
+            fs::metadata(p)
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age > Duration::from_secs(60))
+        };
+        for (dir, check_lock) in [(self.alive_dir(), true), (self.root.join("tmp"), false)] {
+            let Ok(entries) = fs::read_dir(&dir) else {
+                continue;
+            };
+            for e in entries.flatten() {
+                let p = e.path();
+                if !old(&p) {
+                    continue;
+                }
+                let dead = !check_lock
+                    || File::open(&p)
+                        .and_then(|f| is_write_locked(&f))
+                        .is_ok_and(|locked| !locked);
+                if dead {
+                    let _ = fs::remove_file(&p);
+                }
+            }
+        }
+    }
+
+    /// Removes the records of dead members of a group (their coordinator is gone).
+    pub(crate) fn prune_members(&self, g: &GroupId) -> io::Result<()> {
+        for r in self.member_records(g)? {
+            if !self.is_alive(&r.alive)? {
+                remove_opt(&self.member_file(g, &r.member))?;
+            }
+        }
+        Ok(())
+    }
+
     /// Creates and locks this coordinator's liveness file.
     pub(crate) fn make_alive(&self) -> io::Result<Alive> {
         let id = uuid::Uuid::new_v4().to_string();

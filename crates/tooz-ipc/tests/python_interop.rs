@@ -1,6 +1,7 @@
 //! Against real Python tooz: a Python process (tooz 9.1 with sysv_ipc 1.2.0) and a
 //! Rust coordinator on one host exclude each other on locks, both ways, and list
-//! the groups the other side created (and stop listing the ones it deleted).
+//! the groups the other side created (and stop listing the ones it deleted); a
+//! Python holder that dies without releasing frees the lock for a Rust waiter.
 //!
 //! This sysv_ipc build has no semaphore timeouts, so Python tooz only takes IPC
 //! locks with a blocking `acquire()`: the Python side waits in a thread, and
@@ -136,5 +137,50 @@ async fn python_and_rust_share_one_host() {
     assert_eq!(py.line().await, "done");
     py.wait_success().await;
     assert!(my_groups(&rust, &sfx).await.is_empty());
+    rust.stop().await.unwrap();
+}
+
+/// A Python holder that dies without releasing: the kernel undoes its hold
+/// (`SEM_UNDO`) and wakes the Rust waiter.
+const CRASH_SCRIPT: &str = r#"
+import os, sys
+from tooz import coordination
+name = sys.argv[1].encode()
+c = coordination.get_coordinator("ipc://", b"py-crash")
+c.start()
+print("holding", c.get_lock(name).acquire())
+sys.stdout.flush()
+sys.stdin.readline()
+os._exit(0)  # no release, no stop
+"#;
+
+#[tokio::test]
+async fn a_crashed_python_holder_frees_the_lock() {
+    let Ok(python) = std::env::var(PY_ENV) else {
+        eprintln!("SKIPPED a_crashed_python_holder_frees_the_lock: {PY_ENV} is not set");
+        return;
+    };
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let name = format!("crash-lock-{}x{nanos:x}", std::process::id());
+    let rust = coordinator("rust-crash");
+    rust.start(false).await.unwrap();
+    let lock = rust.get_lock(name.as_str()).unwrap();
+
+    let mut py = PythonPeer::spawn(&python, CRASH_SCRIPT, &[&name]);
+    assert_eq!(py.line().await, "holding True");
+    assert!(!lock.acquire(Wait::No).await.unwrap(), "Python holds it");
+    let waiter = {
+        let lock = lock.clone();
+        tokio::spawn(async move { lock.acquire(Wait::For(Duration::from_secs(10))).await })
+    };
+    py.go().await;
+    py.wait_success().await;
+    assert!(
+        waiter.await.unwrap().unwrap(),
+        "the dead holder's semaphore was undone"
+    );
+    assert!(lock.release().await.unwrap());
     rust.stop().await.unwrap();
 }

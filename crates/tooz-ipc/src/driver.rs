@@ -276,6 +276,7 @@ impl Driver for IpcDriver {
         Ok(renewal)
     }
 
+    #[tracing::instrument(level = "debug", skip_all, fields(group = %group))]
     async fn create_group(&self, group: &GroupId) -> Result<()> {
         let g = group.clone();
         self.blocking(move |i| {
@@ -305,6 +306,7 @@ impl Driver for IpcDriver {
         .await
     }
 
+    #[tracing::instrument(level = "debug", skip_all, fields(group = %group))]
     async fn delete_group(&self, group: &GroupId) -> Result<()> {
         let g = group.clone();
         self.blocking(move |i| {
@@ -342,6 +344,7 @@ impl Driver for IpcDriver {
         .await
     }
 
+    #[tracing::instrument(level = "debug", skip_all)]
     async fn get_groups(&self) -> Result<Vec<GroupId>> {
         self.blocking(|i| {
             let mut out: BTreeSet<GroupId> = {
@@ -365,6 +368,7 @@ impl Driver for IpcDriver {
         .await
     }
 
+    #[tracing::instrument(level = "debug", skip_all, fields(group = %group))]
     async fn join_group(&self, group: &GroupId, capabilities: &Capabilities) -> Result<()> {
         let (g, caps) = (group.clone(), capabilities.clone());
         self.blocking(move |i| {
@@ -402,6 +406,7 @@ impl Driver for IpcDriver {
         .await
     }
 
+    #[tracing::instrument(level = "debug", skip_all, fields(group = %group))]
     async fn leave_group(&self, group: &GroupId) -> Result<()> {
         let g = group.clone();
         self.blocking(move |i| {
@@ -416,12 +421,14 @@ impl Driver for IpcDriver {
         .await
     }
 
+    #[tracing::instrument(level = "debug", skip_all, fields(group = %group))]
     async fn get_members(&self, group: &GroupId) -> Result<BTreeSet<MemberId>> {
         let g = group.clone();
         self.blocking(move |i| Ok(i.live_records(&g)?.into_iter().map(|r| r.member).collect()))
             .await
     }
 
+    #[tracing::instrument(level = "debug", skip_all, fields(group = %group))]
     async fn get_members_with_capabilities(
         &self,
         group: &GroupId,
@@ -436,6 +443,7 @@ impl Driver for IpcDriver {
         .await
     }
 
+    #[tracing::instrument(level = "debug", skip_all, fields(group = %group, member = %member))]
     async fn get_member_info(&self, group: &GroupId, member: &MemberId) -> Result<MemberInfo> {
         let (g, m) = (group.clone(), member.clone());
         self.blocking(move |i| {
@@ -445,6 +453,7 @@ impl Driver for IpcDriver {
         .await
     }
 
+    #[tracing::instrument(level = "debug", skip_all, fields(group = %group))]
     async fn update_capabilities(
         &self,
         group: &GroupId,
@@ -462,6 +471,7 @@ impl Driver for IpcDriver {
         .await
     }
 
+    #[tracing::instrument(level = "debug", skip_all, fields(group = %group))]
     async fn campaign(&self, group: &GroupId) -> Result<Option<FencingToken>> {
         let g = group.clone();
         self.blocking(move |i| {
@@ -489,6 +499,7 @@ impl Driver for IpcDriver {
         .await
     }
 
+    #[tracing::instrument(level = "debug", skip_all, fields(group = %group))]
     async fn resign(&self, group: &GroupId) -> Result<bool> {
         let g = group.clone();
         self.blocking(move |i| {
@@ -508,6 +519,7 @@ impl Driver for IpcDriver {
         .await
     }
 
+    #[tracing::instrument(level = "debug", skip_all, fields(group = %group))]
     async fn get_leader(&self, group: &GroupId) -> Result<Option<MemberId>> {
         let g = group.clone();
         self.blocking(move |i| Ok(i.leader(&g)?.map(|r| r.member)))
@@ -518,6 +530,7 @@ impl Driver for IpcDriver {
         Ok(Arc::new(IpcLock::new(name)))
     }
 
+    #[tracing::instrument(level = "debug", skip_all, fields(group = %group))]
     async fn watch_group(&self, group: &GroupId) -> Result<Option<DriverEventStream>> {
         let g = group.clone();
         self.blocking(move |i| {

@@ -27,16 +27,23 @@ use rmpv::Value;
 use sha1::{Digest, Sha1};
 use tooz_core::{Capabilities, GroupId, MemberId};
 
-/// The default state directory: `$XDG_RUNTIME_DIR/tooz-ipc` when that variable
-/// names an absolute directory, else `/dev/shm/tooz-ipc-<uid>`.
+/// The default state directory: `/dev/shm/tooz-ipc-<uid>` (memory-backed, the same
+/// for every process of the user on the host, whatever its environment), else
+/// `$XDG_RUNTIME_DIR/tooz-ipc` when `/dev/shm` is missing, else
+/// `<temp dir>/tooz-ipc-<uid>`.
 pub fn default_root() -> PathBuf {
+    let uid = nix::unistd::getuid();
+    let shm = Path::new("/dev/shm");
+    if shm.is_dir() {
+        return shm.join(format!("tooz-ipc-{uid}"));
+    }
     if let Some(dir) = std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from)
         && dir.is_absolute()
         && dir.is_dir()
     {
         return dir.join("tooz-ipc");
     }
-    PathBuf::from(format!("/dev/shm/tooz-ipc-{}", nix::unistd::getuid()))
+    std::env::temp_dir().join(format!("tooz-ipc-{uid}"))
 }
 
 fn sha1_hex(bytes: &[u8]) -> String {

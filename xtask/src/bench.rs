@@ -25,7 +25,7 @@ use crate::{
 use crate::interop::venv;
 
 /// Drivers `tooz-bench` knows; later drivers add themselves here and in tooz-bench.
-const BENCH_DRIVERS: &[&str] = &["file", "redis", "zookeeper", "etcd", "memcached"];
+const BENCH_DRIVERS: &[&str] = &["file", "ipc", "redis", "zookeeper", "etcd", "memcached"];
 
 /// The scenarios in the order tooz-bench prints them.
 const ORDER: &[&str] = &[
@@ -113,6 +113,7 @@ fn run_one(
         "zookeeper" => from_env("TOOZ_TEST_ZOOKEEPER_URL")?,
         "etcd" => from_env("TOOZ_TEST_ETCD_URL")?,
         "memcached" => from_env("TOOZ_TEST_MEMCACHED_URL")?,
+        "ipc" => "ipc://".to_owned(),
         _ => {
             let dir = out_dir.join("scratch").join("python-file");
             format!("file://{}", dir.display())

@@ -26,7 +26,7 @@ pub(crate) const DRIVERS: &[Driver] = &[
     Driver {
         name: "ipc",
         krate: "tooz-ipc",
-        interop: false,
+        interop: true,
     },
     Driver {
         name: "redis",

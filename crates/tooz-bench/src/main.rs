@@ -1,7 +1,7 @@
 //! `tooz-bench`: the benchmark harness behind `cargo xtask bench` (DESIGN.md §8).
 //!
 //! ```text
-//! tooz-bench --driver file|redis|zookeeper|etcd|memcached [--json-out PATH] [--quick] [--url URL]
+//! tooz-bench --driver file|ipc|redis|zookeeper|etcd|memcached [--json-out PATH] [--quick] [--url URL]
 //! ```
 //!
 //! Runs the floors and the scenarios against one driver, prints a table and writes
@@ -35,6 +35,11 @@
 //!   command lines (`commands_per_op` in the JSON, a line under the table). Floor:
 //!   `floor_rtt` is one `mg` of a key (async-memcached, an independent client).
 //!
+//! * `ipc`: the state directory is `$TOOZ_BENCH_DIR/<run>` (default: the system temp
+//!   directory), removed afterwards; locks and the group list are host-wide SysV
+//!   objects (names are unique per run). No network: req/op is `null`. Floor:
+//!   `floor_rtt` is one raw SysV semaphore P + V pair (`semop` with `SEM_UNDO`).
+//!
 //! Every ratio is a median over the `floor_rtt` median; `ratio_to_write_floor` (file
 //! driver) is the median over the `floor_write` median.
 
@@ -53,7 +58,7 @@ use tooz_core::{Coordinator, Registry, Url};
 
 use crate::proxy::{Counting, Proxy};
 
-const USAGE: &str = "usage: tooz-bench --driver file|redis|zookeeper|etcd|memcached [--json-out PATH] [--quick] [--url URL]";
+const USAGE: &str = "usage: tooz-bench --driver file|ipc|redis|zookeeper|etcd|memcached [--json-out PATH] [--quick] [--url URL]";
 
 #[derive(Debug)]
 struct Args {
@@ -221,7 +226,30 @@ impl Target {
         let registry = registry.with(tooz_etcd::DRIVER);
         #[cfg(feature = "memcached")]
         let registry = registry.with(tooz_memcached::DRIVER);
+        #[cfg(feature = "ipc")]
+        let registry = registry.with(tooz_ipc::DRIVER);
         match args.driver.as_str() {
+            "ipc" => {
+                let base = match &args.url {
+                    Some(url) => PathBuf::from(url.strip_prefix("ipc://").unwrap_or(url)),
+                    None => std::env::var_os("TOOZ_BENCH_DIR")
+                        .map_or_else(std::env::temp_dir, PathBuf::from),
+                };
+                let dir = std::path::absolute(base.join(format!("tooz-bench-ipc-{run}")))?;
+                let url = format!("ipc://{}", dir.display());
+                Ok(Self {
+                    driver: "ipc",
+                    registry,
+                    direct_url: url.clone(),
+                    measured_url: url,
+                    server_addr: None,
+                    proxy: None,
+                    counting: AtomicBool::new(false),
+                    commands_seen: AtomicU64::new(0),
+                    run,
+                    scratch: Some(dir),
+                })
+            }
             "file" => {
                 let base = match &args.url {
                     Some(url) => PathBuf::from(url.strip_prefix("file://").unwrap_or(url)),
@@ -250,7 +278,7 @@ impl Target {
             name => {
                 let Some(server) = SERVERS.iter().find(|s| s.driver == name) else {
                     bail!(
-                        "unknown driver `{name}` (tooz-bench knows file, redis, zookeeper, etcd and memcached)"
+                        "unknown driver `{name}` (tooz-bench knows file, ipc, redis, zookeeper, etcd and memcached)"
                     )
                 };
                 Self::behind_proxy(server, args, registry, run).await

@@ -205,6 +205,14 @@ pub(crate) async fn run_all(t: &Target, sizes: &Sizes) -> Result<(Vec<Figures>, 
                     .to_owned(),
             );
         }
+        "ipc" => {
+            scenario!("floor_rtt", sizes.floor, 0, |n| async { ipc_floor(n) });
+            notes.push(
+                "ipc: no network, so req/op is n/a; floor_rtt = one raw SysV semaphore P + V \
+                 pair (semop with SEM_UNDO, IPC_NOWAIT) on a private semaphore"
+                    .to_owned(),
+            );
+        }
         _ => {}
     }
     if !t.has_driver() {
@@ -446,6 +454,20 @@ fn ofd(file: &std::fs::File, l_type: libc::c_int) -> Result<()> {
     };
     nix::fcntl::fcntl(file, nix::fcntl::FcntlArg::F_OFD_SETLK(&fl))?;
     Ok(())
+}
+
+#[cfg(feature = "ipc")]
+fn ipc_floor(n: usize) -> Result<Measured> {
+    Ok(Measured {
+        samples: tooz_ipc::floor::semaphore_pairs(n)?,
+        ops_per_sample: 1,
+        round_trips: None,
+    })
+}
+
+#[cfg(not(feature = "ipc"))]
+fn ipc_floor(_n: usize) -> Result<Measured> {
+    anyhow::bail!("tooz-bench was built without the ipc feature")
 }
 
 fn file_lock_floor(dir: &std::path::Path, n: usize) -> Result<Measured> {

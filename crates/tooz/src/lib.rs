@@ -57,6 +57,7 @@ drivers! {
     "redis" => tooz_redis,
     "zookeeper" => tooz_zookeeper,
     "memcached" => tooz_memcached,
+    "ipc" => tooz_ipc,
     "etcd" => tooz_etcd,
 }
 

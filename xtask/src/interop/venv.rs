@@ -18,6 +18,8 @@ const REQUIREMENTS: &[&str] = &[
     "kazoo==2.11.0",
     "etcd3gw==2.7.0",
     "pymemcache==4.0.0",
+    // tooz's ipc driver; 1.2.0 fixes the key bounds tooz-ipc derives its keys with.
+    "sysv_ipc==1.2.0",
 ];
 
 /// The exact tooz version the scenarios are written against.

@@ -35,6 +35,7 @@ drivers! {
     "redis" => tooz_redis,
     "zookeeper" => tooz_zookeeper,
     "memcached" => tooz_memcached,
+    "consul" => tooz_consul,
     "etcd" => tooz_etcd,
 }
 

@@ -427,6 +427,84 @@ mod bytes_body {
 mod tests {
     use super::*;
 
+    /// A one-shot HTTP server: answers `reply` and hands back the request it read.
+    async fn one_shot(reply: &'static str) -> (String, tokio::task::JoinHandle<String>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut buf = vec![0u8; 8192];
+            let mut req = Vec::new();
+            // Until the end of the headers (or a TLS handshake record).
+            while req.first() != Some(&0x16) && !String::from_utf8_lossy(&req).contains("\r\n\r\n")
+            {
+                let n = s.read(&mut buf).await.unwrap();
+                if n == 0 {
+                    break;
+                }
+                req.extend_from_slice(&buf[..n]);
+            }
+            s.write_all(reply.as_bytes()).await.unwrap();
+            String::from_utf8_lossy(&req).to_string()
+        });
+        (format!("consul://{addr}"), task)
+    }
+
+    #[tokio::test]
+    async fn the_acl_token_is_a_header() {
+        let body = r#"{"ID":"abc"}"#;
+        let reply: &'static str = Box::leak(
+            format!(
+                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\ncontent-type: application/json\r\n\r\n{body}",
+                body.len()
+            )
+            .into_boxed_str(),
+        );
+        let (url, server) = one_shot(reply).await;
+        let c =
+            ConsulConfig::from_url_str(&format!("{url}?acl_token=s3cret&ttl=12&lock_delay=0.5"))
+                .unwrap();
+        let id = Client::new(&c)
+            .unwrap()
+            .session_create("m", c.ttl, c.lock_delay)
+            .await
+            .unwrap();
+        assert_eq!(id, "abc");
+        let req = server.await.unwrap().to_ascii_lowercase();
+        assert!(req.starts_with("put /v1/session/create "), "{req}");
+        assert!(req.contains("x-consul-token: s3cret"), "{req}");
+    }
+
+    #[tokio::test]
+    async fn https_to_a_plain_port_is_a_connection_error() {
+        let (url, _server) = one_shot("HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n").await;
+        let c = ConsulConfig::from_url_str(&format!("{url}?scheme=https&timeout=2")).unwrap();
+        match Client::new(&c).unwrap().session_renew("x").await {
+            Err(ToozError::Connection { message, .. }) => {
+                assert!(message.contains("https://127.0.0.1:"), "{message}")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_refused_ttl_is_an_invalid_option() {
+        let (url, _server) = one_shot(
+            "HTTP/1.1 400 Bad Request\r\ncontent-length: 50\r\n\r\nInvalid Session TTL '1000000000', must be between ",
+        )
+        .await;
+        let c = ConsulConfig::from_url_str(&format!("{url}?ttl=1")).unwrap();
+        match Client::new(&c)
+            .unwrap()
+            .session_create("m", c.ttl, c.lock_delay)
+            .await
+        {
+            Err(ToozError::InvalidOption { option, .. }) => assert_eq!(option, "ttl"),
+            other => panic!("{other:?}"),
+        }
+    }
+
     #[test]
     fn escapes_paths() {
         assert_eq!(path_escape("tooz/groups/a b/"), "tooz/groups/a%20b/");

@@ -8,7 +8,8 @@
 //! `<ns>/lock-readers/<hex name>/`, on its session. A Python or Rust exclusive
 //! acquirer finds the lock key held; the last reader deletes it, and a reader
 //! that leaves while others remain hands the marker to one of them in the same
-//! transaction.
+//! transaction. Each reader's keeper puts the marker back on its own session if
+//! the marker's session dies while it still reads.
 
 use std::sync::{Arc, Mutex};
 
@@ -26,6 +27,18 @@ struct Hold {
     /// Modify index of the lock key (exclusive) or of our reader key (shared)
     /// at the grant.
     token: u64,
+    /// The task keeping the shared marker while we read (shared holds).
+    keeper: Option<Arc<Keeper>>,
+}
+
+/// Aborts the marker keeper when the hold goes.
+#[derive(Debug)]
+struct Keeper(tokio::task::AbortHandle);
+
+impl Drop for Keeper {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// One lock handle.
@@ -144,6 +157,7 @@ impl ConsulLock {
                         mode: Mode::Exclusive,
                         session: s.to_string(),
                         token,
+                        keeper: None,
                     });
                     return Ok(Attempt::Granted(FencingToken(token)));
                 }
@@ -200,11 +214,74 @@ impl ConsulLock {
                     mode: Mode::Shared,
                     session: s.to_string(),
                     token,
+                    keeper: Some(self.spawn_keeper(s)),
                 });
                 return Ok(Attempt::Granted(FencingToken(token)));
             }
         }
         Ok(held())
+    }
+
+    /// Keeps the shared marker while this handle reads: when the lock key vanishes
+    /// or is unlocked (the marker's session died) and our reader key is still ours,
+    /// the marker is put back on our session, so that a Python exclusive acquirer
+    /// keeps finding the lock held. Consul's lock delay on the vanished key delays
+    /// that as it delays everyone: the keeper retries until it passes.
+    fn spawn_keeper(&self, s: &str) -> Arc<Keeper> {
+        let i = Arc::clone(&self.inner);
+        let mut rx = i.hubs.subscribe(&i.client, &i.layout.locks_watch());
+        let (key, reader, s) = (self.key.clone(), self.reader.clone(), s.to_string());
+        let task = tokio::spawn(async move {
+            let mut retry = false;
+            loop {
+                if retry {
+                    tokio::select! {
+                        r = rx.changed() => if r.is_err() { return },
+                        () = tokio::time::sleep(std::time::Duration::from_millis(250)) => {}
+                    }
+                } else if rx.changed().await.is_err() {
+                    return;
+                }
+                if !i.on_session(&s) {
+                    return;
+                }
+                let Some(snap) = rx.borrow_and_update().clone() else {
+                    continue;
+                };
+                let marker = snap.entries.iter().find(|k| k.key == key);
+                let mine = snap
+                    .entries
+                    .iter()
+                    .any(|k| k.key == reader && k.holder() == Some(s.as_str()));
+                retry = false;
+                if !mine || marker.is_some_and(|m| m.holder().is_some()) {
+                    continue;
+                }
+                let check = match marker {
+                    None => op::check_not_exists(&key),
+                    Some(m) => op::check_index(&key, m.modify_index),
+                };
+                let r = i
+                    .client
+                    .txn(
+                        "keeping the shared marker",
+                        vec![
+                            op::check_session(&reader, &s),
+                            check,
+                            op::lock(&key, keys::SHARED_MARKER, &s, 0),
+                        ],
+                    )
+                    .await;
+                match r {
+                    Ok(Txn::Applied(_)) => {
+                        tracing::info!(lock = %key, "consul: the shared marker's session ended; the marker is back on ours");
+                    }
+                    // Under the lock delay, or changed meanwhile: look again.
+                    Ok(Txn::Failed(_)) | Err(_) => retry = true,
+                }
+            }
+        });
+        Arc::new(Keeper(task.abort_handle()))
     }
 
     fn spawn_shared_undo(&self, s: &str) {
@@ -341,9 +418,11 @@ impl DriverLock for ConsulLock {
 
     #[tracing::instrument(level = "debug", skip_all, fields(lock = %self.name))]
     async fn release(&self) -> Result<bool> {
-        let Some(h) = guard(&self.hold).take() else {
+        let Some(mut h) = guard(&self.hold).take() else {
             return Ok(false);
         };
+        // The marker keeper stops first: this reader is leaving.
+        drop(h.keeper.take());
         if !self.inner.on_session(&h.session) {
             // The session is gone, and what it held with it.
             return Ok(false);

@@ -179,3 +179,82 @@ async fn the_layout_is_python_tooz_8s() {
     let left = http(&url, reqwest::Method::GET, &format!("kv/{ns}?recurse")).await;
     assert!(left.trim().is_empty(), "keys left behind: {left}");
 }
+
+#[tokio::test]
+async fn a_reader_keeps_the_shared_marker_when_its_holder_dies() {
+    let Some(base) = base("a_reader_keeps_the_shared_marker_when_its_holder_dies") else {
+        return;
+    };
+    let ns = unique("ns");
+    let url = format!("{base}?ttl=10&lock_delay=1&namespace={ns}");
+    let member_a = MemberId::from("reader-a");
+    let da =
+        ConsulDriver::new(ConsulConfig::from_url_str(&url).unwrap(), member_a.clone()).unwrap();
+    let a = Coordinator::new(Arc::new(da.clone()), member_a, url.clone());
+    a.start(false).await.unwrap();
+    let member_b = MemberId::from("reader-b");
+    let db =
+        ConsulDriver::new(ConsulConfig::from_url_str(&url).unwrap(), member_b.clone()).unwrap();
+    let b = Coordinator::new(Arc::new(db.clone()), member_b, url.clone());
+    b.start(false).await.unwrap();
+    let la = a.get_lock("l").unwrap();
+    let lb = b.get_lock("l").unwrap();
+    assert!(la.acquire_shared(Wait::No).await.unwrap());
+    assert!(lb.acquire_shared(Wait::No).await.unwrap());
+    let holder = async |url: &str| {
+        let got = http(url, reqwest::Method::GET, &format!("kv/{ns}/locks/l")).await;
+        serde_json::from_str::<serde_json::Value>(&got)
+            .ok()
+            .and_then(|v| v[0]["Session"].as_str().map(str::to_string))
+    };
+    assert_eq!(
+        holder(&url).await,
+        da.session_id(),
+        "the first reader holds the marker"
+    );
+
+    // a dies: Consul deletes its reader key and the marker with its session.
+    let sa = da.session_id().unwrap();
+    http(&url, reqwest::Method::PUT, &format!("session/destroy/{sa}")).await;
+    // b still reads: its keeper puts the marker back on b's session once the lock
+    // delay of a's session has passed.
+    let sb = db.session_id();
+    wait_for("the marker back on b's session", async || {
+        holder(&url).await == sb
+    })
+    .await;
+    // A Python-style exclusive acquire (PUT ?acquire=) by another session fails.
+    let other = http(&url, reqwest::Method::PUT, "session/create").await;
+    let other: serde_json::Value = serde_json::from_str(&other).unwrap();
+    let other = other["ID"].as_str().unwrap();
+    let c = ConsulConfig::from_url_str(&url).unwrap();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let got = reqwest::Client::new()
+        .put(format!("{}kv/{ns}/locks/l?acquire={other}", c.api_base()))
+        .body("I got it!")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(got.trim(), "false");
+    http(
+        &url,
+        reqwest::Method::PUT,
+        &format!("session/destroy/{other}"),
+    )
+    .await;
+    // And a Rust exclusive acquirer (a again, on a new session) waits too, until b
+    // leaves.
+    a.heartbeat().await.unwrap();
+    assert_ne!(da.session_id().as_deref(), Some(sa.as_str()));
+    let ex = a.get_lock("l").unwrap();
+    assert!(!ex.acquire(Wait::No).await.unwrap());
+    assert!(lb.release().await.unwrap());
+    assert!(holder(&url).await.is_none());
+    assert!(ex.acquire(Wait::No).await.unwrap());
+    assert!(ex.release().await.unwrap());
+    b.stop().await.unwrap();
+    a.stop().await.unwrap();
+}

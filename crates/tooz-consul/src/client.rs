@@ -331,6 +331,23 @@ impl Client {
         Ok(Self::json::<Vec<Kv>>(what, &b.0)?.into_iter().next())
     }
 
+    /// The names of every key under `prefix` (no values).
+    pub(crate) async fn keys(&self, what: &str, prefix: &str) -> Result<Vec<String>> {
+        let r = self.request(
+            reqwest::Method::GET,
+            &format!("kv/{}?keys", path_escape(prefix)),
+            self.timeout,
+        );
+        let (status, _, b) = self.send(what, r).await?;
+        if status == reqwest::StatusCode::NOT_FOUND {
+            return Ok(Vec::new());
+        }
+        if !status.is_success() {
+            return Err(Self::http_error(what, status, &b.0));
+        }
+        Self::json(what, &b.0)
+    }
+
     /// Every key under `prefix`, and the index the read was served at.
     pub(crate) async fn list(&self, what: &str, prefix: &str) -> Result<(Vec<Kv>, u64)> {
         self.list_blocking(what, prefix, 0, Duration::ZERO).await

@@ -370,10 +370,10 @@ impl Driver for ConsulDriver {
     #[tracing::instrument(level = "debug", skip_all)]
     async fn get_groups(&self) -> Result<Vec<GroupId>> {
         let i = &self.inner;
-        let (entries, _) = i.client.list("get_groups", &i.layout.groups()).await?;
-        Ok(entries
+        let keys = i.client.keys("get_groups", &i.layout.groups()).await?;
+        Ok(keys
             .iter()
-            .filter_map(|k| i.layout.group_of(&k.key))
+            .filter_map(|k| i.layout.group_of(k))
             .map(GroupId::new)
             .collect())
     }
@@ -450,10 +450,15 @@ impl Driver for ConsulDriver {
 
     #[tracing::instrument(level = "debug", skip_all, fields(group = %group))]
     async fn get_members(&self, group: &GroupId) -> Result<BTreeSet<MemberId>> {
-        let (gk, entries) = self.inner.group_entries("get_members", group).await?;
-        Ok(entries
+        // Key names only: the capabilities stay on the server.
+        let gk = self.inner.layout.group(group.as_bytes());
+        let keys = self.inner.client.keys("get_members", &gk).await?;
+        if !keys.contains(&gk) {
+            return Err(ToozError::GroupNotCreated(group.clone()));
+        }
+        Ok(keys
             .iter()
-            .filter_map(|k| Layout::member_of(&gk, &k.key))
+            .filter_map(|k| Layout::member_of(&gk, k))
             .map(MemberId::new)
             .collect())
     }

@@ -53,6 +53,12 @@ pub(crate) enum Txn {
 }
 
 impl Txn {
+    /// Whether Consul refused the transaction because a session it names does not
+    /// exist (any more).
+    pub(crate) fn invalid_session(&self) -> bool {
+        matches!(self, Txn::Failed(e) if e.iter().any(|(_, w)| w.contains("invalid session")))
+    }
+
     /// Whether the op at `index` is among the failed ones.
     pub(crate) fn failed_at(&self, index: usize) -> bool {
         matches!(self, Txn::Failed(e) if e.iter().any(|(i, _)| *i == index))
@@ -108,6 +114,10 @@ pub(crate) mod op {
     /// Fails unless `session` holds the key.
     pub(crate) fn check_session(key: &str, session: &str) -> Value {
         with(kv("check-session", key), "Session", json!(session))
+    }
+    /// Deletes every key under `prefix`.
+    pub(crate) fn delete_tree(prefix: &str) -> Value {
+        kv("delete-tree", prefix)
     }
     /// Deletes the key.
     pub(crate) fn delete(key: &str) -> Value {

@@ -416,6 +416,14 @@ impl Driver for ConsulDriver {
                         member: i.member.clone(),
                     });
                 }
+                r @ Txn::Failed(_) if r.invalid_session() => {
+                    return Err(ToozError::Backend {
+                        driver: NAME,
+                        message: "join_group: the coordinator's session is gone; the next heartbeat replaces it".into(),
+                        source: None,
+                        retryable: true,
+                    });
+                }
                 Txn::Failed(e) => {
                     if Instant::now() >= until || !i.on_session(&s) {
                         return Err(ToozError::backend_msg(

@@ -167,13 +167,9 @@ impl ConsulLock {
                     Some(kv) => check = kv.modify_index,
                 },
                 // The key is free but cannot be locked: Consul's lock delay
-                // after a holder's session was invalidated.
-                _ => {
-                    return Ok(Attempt::Held {
-                        expires_in: Some(self.inner.config.lock_delay),
-                        notifies: false,
-                    });
-                }
+                // after a holder's session was invalidated (or our session is
+                // gone until the next heartbeat replaces it).
+                _ => return Ok(self.delayed()),
             }
         }
         Ok(held())
@@ -205,6 +201,13 @@ impl ConsulLock {
                     return Err(e);
                 }
             };
+            if let Txn::Failed(_) = r {
+                if r.failed_at(0) {
+                    // Changed since the read: read again.
+                    continue;
+                }
+                return Ok(self.delayed());
+            }
             if let Txn::Applied(kvs) = r {
                 let token = kvs
                     .iter()
@@ -282,6 +285,20 @@ impl ConsulLock {
             }
         });
         Arc::new(Keeper(task.abort_handle()))
+    }
+
+    /// Held, without a release to wait for: the lock delay (at least 250 ms, so
+    /// that a gone session is not retried in a tight loop) bounds the wait.
+    fn delayed(&self) -> Attempt {
+        Attempt::Held {
+            expires_in: Some(
+                self.inner
+                    .config
+                    .lock_delay
+                    .max(std::time::Duration::from_millis(250)),
+            ),
+            notifies: false,
+        }
     }
 
     fn spawn_shared_undo(&self, s: &str) {
@@ -482,9 +499,12 @@ impl DriverLock for ConsulLock {
         let (readers, _) = i.client.list("break_lock", &self.readers).await?;
         let kv = i.client.get("break_lock", &self.key).await?;
         let was_held = kv.as_ref().is_some_and(|k| k.holder().is_some()) || !readers.is_empty();
-        let mut ops: Vec<_> = readers.iter().map(|r| op::delete(&r.key)).collect();
-        ops.push(op::delete(&self.key));
-        i.client.txn("break_lock", ops).await?;
+        i.client
+            .txn(
+                "break_lock",
+                vec![op::delete_tree(&self.readers), op::delete(&self.key)],
+            )
+            .await?;
         Ok(was_held)
     }
 }

@@ -29,8 +29,7 @@ pub(crate) fn run(flags: &flags::Interop) -> Result<()> {
     let drivers = select(&flags.driver, &root)?;
 
     // Each driver's scenarios run with its virtualenv (Consul's holds tooz 8.1.0).
-    let python_for =
-        |driver: &str| venv::ensure_for(driver, flags.python.as_deref());
+    let python_for = |driver: &str| venv::ensure_for(driver, flags.python.as_deref());
     let tooz = build_cli()?;
     let scratch = process::target_dir()
         .join("interop")

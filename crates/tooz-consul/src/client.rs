@@ -341,6 +341,21 @@ impl Client {
         Ok(Self::json::<Vec<Kv>>(what, &b.0)?.into_iter().next())
     }
 
+    /// Deletes `key` if its modify index is `index` (the plain KV endpoint, a
+    /// little cheaper than a transaction): whether it did.
+    pub(crate) async fn delete_cas(&self, what: &str, key: &str, index: u64) -> Result<bool> {
+        let r = self.request(
+            reqwest::Method::DELETE,
+            &format!("kv/{}?cas={index}", path_escape(key)),
+            self.timeout,
+        );
+        let (status, _, b) = self.send(what, r).await?;
+        if !status.is_success() {
+            return Err(Self::http_error(what, status, &b.0));
+        }
+        Ok(String::from_utf8_lossy(&b.0).trim() == "true")
+    }
+
     /// The names of every key under `prefix` (no values).
     pub(crate) async fn keys(&self, what: &str, prefix: &str) -> Result<Vec<String>> {
         let r = self.request(

@@ -1,6 +1,6 @@
 //! Lock handles on `<ns>/locks/<name>`, acquired with the coordinator's session
 //! in one transaction whose reply carries the key's modify index (the fencing
-//! token), released by an owner-checked delete. Waiters wake on the
+//! token), released by a delete guarded on that index. Waiters wake on the
 //! coordinator's one blocking query over every lock key.
 //!
 //! Shared holds: the lock key holds [`keys::SHARED_MARKER`] on one reader's
@@ -337,31 +337,20 @@ impl ConsulLock {
 /// Deletes the lock key if `session` holds it (and it is the grant `token`; a
 /// key changed since is unlocked instead).
 async fn release_exclusive(i: &Inner, key: &str, session: &str, token: u64) -> Result<bool> {
+    // The key's modify index is the grant's as long as nobody wrote it since: it
+    // was ours throughout (a lost session deletes it, a new grant rewrites it).
+    if i.client.delete_cas("release", key, token).await? {
+        return Ok(true);
+    }
+    // Changed since the grant: still ours (a value written without `acquire`)?
     let r = i
         .client
         .txn(
             "release",
-            vec![
-                op::check_session(key, session),
-                op::check_index(key, token),
-                op::delete(key),
-            ],
+            vec![op::check_session(key, session), op::unlock(key, session)],
         )
         .await?;
-    match r {
-        Txn::Applied(_) => Ok(true),
-        r if r.failed_at(1) => {
-            let r = i
-                .client
-                .txn(
-                    "release",
-                    vec![op::check_session(key, session), op::unlock(key, session)],
-                )
-                .await?;
-            Ok(matches!(r, Txn::Applied(_)))
-        }
-        _ => Ok(false),
-    }
+    Ok(matches!(r, Txn::Applied(_)))
 }
 
 /// Removes the reader key; the last reader deletes the marker, a reader whose

@@ -58,6 +58,7 @@ drivers! {
     "zookeeper" => tooz_zookeeper,
     "memcached" => tooz_memcached,
     "ipc" => tooz_ipc,
+    "consul" => tooz_consul,
     "etcd" => tooz_etcd,
 }
 

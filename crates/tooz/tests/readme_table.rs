@@ -18,6 +18,7 @@ fn drivers() -> Vec<(&'static str, DriverDescriptor)> {
         ("tooz-zookeeper", tooz_zookeeper::DRIVER),
         ("tooz-memcached", tooz_memcached::DRIVER),
         ("tooz-ipc", tooz_ipc::DRIVER),
+        ("tooz-consul", tooz_consul::DRIVER),
         ("tooz-etcd", tooz_etcd::DRIVER),
         ("tooz-core", tooz::memory::DRIVER),
     ]

@@ -5,8 +5,10 @@ writes {"driver": ..., "scenarios": {"<name>": {"median_us", "p99_us", "ops_per_
 "requests_per_op", "ratio_to_floor"}}, "notes": [...]} to --json-out.
 
 There is no counting proxy on this side, so requests_per_op is null; floor_rtt is a raw
-redis-py PING (Redis) or a pymemcache get of a stored key (memcached), and ratio_to_floor is over that Python floor. A scenario
-Python tooz cannot run (or that takes too long to set up) has null figures and a note.
+redis-py PING (Redis), a pymemcache get of a stored key (memcached) or a sysv_ipc semaphore
+acquire + release (ipc), and ratio_to_floor is over that Python floor. A scenario
+Python tooz cannot run (or that takes too long to set up, or that its driver does not
+implement) has null figures and a note.
 """
 
 import argparse
@@ -20,6 +22,7 @@ import threading
 import time
 import uuid
 
+import tooz
 from tooz import coordination
 
 HANDOFF_WAIT = 0.020
@@ -79,6 +82,8 @@ class Bench:
         """One raw round trip with the driver's client library (redis-py PING)."""
         if self.url.startswith("memcached"):
             return self.memcached_floor()
+        if self.url.startswith("ipc"):
+            return self.ipc_floor()
         if not self.url.startswith("redis"):
             self.notes.append("floor_rtt: measured on the Rust side only for this driver")
             return na()
@@ -117,6 +122,29 @@ class Bench:
         client.close()
         self.notes.append(
             "floor_rtt: one pymemcache get of a stored key (text protocol `get`)"
+        )
+        return figures(samples)
+
+    def ipc_floor(self):
+        """One sysv_ipc acquire + release of a private semaphore (Python tooz's IPC client)."""
+        import sysv_ipc
+
+        sem = sysv_ipc.Semaphore(None, sysv_ipc.IPC_CREX, initial_value=1)
+        sem.undo = True
+        try:
+            for _ in range(10):
+                sem.acquire()
+                sem.release()
+            samples = []
+            for _ in range(self.n(2000)):
+                start = time.perf_counter()
+                sem.acquire()
+                sem.release()
+                samples.append(time.perf_counter() - start)
+        finally:
+            sem.remove()
+        self.notes.append(
+            "floor_rtt: one sysv_ipc acquire + release (SEM_UNDO) of a private semaphore"
         )
         return figures(samples)
 
@@ -380,6 +408,11 @@ def main():
         ):
             try:
                 scenarios[name] = getattr(bench, name)()
+            except tooz.NotImplemented as e:
+                bench.notes.append(
+                    "%s: not implemented by Python tooz's %s driver (%s)" % (name, args.driver, e)
+                )
+                scenarios[name] = na()
             except Exception as e:  # report and go on: one scenario must not hide the rest
                 failed.append(name)
                 bench.notes.append("%s failed: %r" % (name, e))

@@ -26,7 +26,7 @@ pub(crate) const DRIVERS: &[Driver] = &[
     Driver {
         name: "ipc",
         krate: "tooz-ipc",
-        interop: false,
+        interop: true,
     },
     Driver {
         name: "redis",
@@ -46,7 +46,7 @@ pub(crate) const DRIVERS: &[Driver] = &[
     Driver {
         name: "consul",
         krate: "tooz-consul",
-        interop: false,
+        interop: true,
     },
     Driver {
         name: "sql",

@@ -28,7 +28,8 @@ pub(crate) fn run(flags: &flags::Interop) -> Result<()> {
     let root = process::workspace_root();
     let drivers = select(&flags.driver, &root)?;
 
-    let python = venv::ensure(flags.python.as_deref())?;
+    // Each driver's scenarios run with its virtualenv (Consul's holds tooz 8.1.0).
+    let python_for = |driver: &str| venv::ensure_for(driver, flags.python.as_deref());
     let tooz = build_cli()?;
     let scratch = process::target_dir()
         .join("interop")
@@ -45,6 +46,7 @@ pub(crate) fn run(flags: &flags::Interop) -> Result<()> {
             tooz.display(),
             dir.display()
         );
+        let python = python_for(driver.name)?;
         match driver.name {
             "file" => file::run(&root, &python, &tooz, &dir, &mut report)?,
             _ => crate_test::run(&root, &python, driver, &mut report)?,

@@ -1,7 +1,7 @@
 //! `tooz-bench`: the benchmark harness behind `cargo xtask bench` (DESIGN.md §8).
 //!
 //! ```text
-//! tooz-bench --driver file|redis|zookeeper|etcd|memcached [--json-out PATH] [--quick] [--url URL]
+//! tooz-bench --driver file|ipc|redis|zookeeper|etcd|memcached|consul [--json-out PATH] [--quick] [--url URL]
 //! ```
 //!
 //! Runs the floors and the scenarios against one driver, prints a table and writes
@@ -35,6 +35,16 @@
 //!   command lines (`commands_per_op` in the JSON, a line under the table). Floor:
 //!   `floor_rtt` is one `mg` of a key (async-memcached, an independent client).
 //!
+//! * `ipc`: the state directory is `$TOOZ_BENCH_DIR/<run>` (default: the system temp
+//!   directory), removed afterwards; locks and the group list are host-wide SysV
+//!   objects (names are unique per run). No network: req/op is `null`. Floor:
+//!   `floor_rtt` is one raw SysV semaphore P + V pair (`semop` with `SEM_UNDO`).
+//!
+//! * `consul`: the agent is `--url`, else `$TOOZ_TEST_CONSUL_URL`, with `ttl=120` (the
+//!   measured coordinators run without a heartbeat task); the same two passes, req/op
+//!   are HTTP round trips. Floors: `floor_rtt` is one KV GET of a key, `floor_write`
+//!   one KV PUT (Raft-committed), both on reqwest (the driver's client).
+//!
 //! Every ratio is a median over the `floor_rtt` median; `ratio_to_write_floor` (file
 //! driver) is the median over the `floor_write` median.
 
@@ -53,7 +63,7 @@ use tooz_core::{Coordinator, Registry, Url};
 
 use crate::proxy::{Counting, Proxy};
 
-const USAGE: &str = "usage: tooz-bench --driver file|redis|zookeeper|etcd|memcached [--json-out PATH] [--quick] [--url URL]";
+const USAGE: &str = "usage: tooz-bench --driver file|ipc|redis|zookeeper|etcd|memcached|consul [--json-out PATH] [--quick] [--url URL]";
 
 #[derive(Debug)]
 struct Args {
@@ -152,6 +162,8 @@ struct Server {
     counting: Counting,
     /// A `namespace` option added to the URL when it has none.
     namespace: Option<&'static str>,
+    /// Other options added to the URL when it lacks them.
+    options: &'static [(&'static str, &'static str)],
 }
 
 const SERVERS: &[Server] = &[
@@ -161,6 +173,7 @@ const SERVERS: &[Server] = &[
         port: 6379,
         counting: Counting::RoundTrips,
         namespace: None,
+        options: &[],
     },
     Server {
         driver: "zookeeper",
@@ -168,6 +181,7 @@ const SERVERS: &[Server] = &[
         port: 2181,
         counting: Counting::ZookeeperRequests,
         namespace: Some("tooz-bench"),
+        options: &[],
     },
     Server {
         driver: "etcd",
@@ -175,6 +189,7 @@ const SERVERS: &[Server] = &[
         port: 2379,
         counting: Counting::GrpcMessages,
         namespace: None,
+        options: &[],
     },
     Server {
         driver: "memcached",
@@ -182,6 +197,17 @@ const SERVERS: &[Server] = &[
         port: 11211,
         counting: Counting::MemcachedRoundTrips,
         namespace: None,
+        options: &[],
+    },
+    Server {
+        driver: "consul",
+        env: "TOOZ_TEST_CONSUL_URL",
+        port: 8500,
+        counting: Counting::RoundTrips,
+        namespace: Some("tooz-bench"),
+        // Coordinators run without a heartbeat task: sessions must outlive the run's
+        // set-up and measurements without renewals.
+        options: &[("ttl", "120")],
     },
 ];
 
@@ -221,7 +247,32 @@ impl Target {
         let registry = registry.with(tooz_etcd::DRIVER);
         #[cfg(feature = "memcached")]
         let registry = registry.with(tooz_memcached::DRIVER);
+        #[cfg(feature = "ipc")]
+        let registry = registry.with(tooz_ipc::DRIVER);
+        #[cfg(feature = "consul")]
+        let registry = registry.with(tooz_consul::DRIVER);
         match args.driver.as_str() {
+            "ipc" => {
+                let base = match &args.url {
+                    Some(url) => PathBuf::from(url.strip_prefix("ipc://").unwrap_or(url)),
+                    None => std::env::var_os("TOOZ_BENCH_DIR")
+                        .map_or_else(std::env::temp_dir, PathBuf::from),
+                };
+                let dir = std::path::absolute(base.join(format!("tooz-bench-ipc-{run}")))?;
+                let url = format!("ipc://{}", dir.display());
+                Ok(Self {
+                    driver: "ipc",
+                    registry,
+                    direct_url: url.clone(),
+                    measured_url: url,
+                    server_addr: None,
+                    proxy: None,
+                    counting: AtomicBool::new(false),
+                    commands_seen: AtomicU64::new(0),
+                    run,
+                    scratch: Some(dir),
+                })
+            }
             "file" => {
                 let base = match &args.url {
                     Some(url) => PathBuf::from(url.strip_prefix("file://").unwrap_or(url)),
@@ -250,7 +301,7 @@ impl Target {
             name => {
                 let Some(server) = SERVERS.iter().find(|s| s.driver == name) else {
                     bail!(
-                        "unknown driver `{name}` (tooz-bench knows file, redis, zookeeper, etcd and memcached)"
+                        "unknown driver `{name}` (tooz-bench knows file, ipc, redis, zookeeper, etcd, memcached and consul)"
                     )
                 };
                 Self::behind_proxy(server, args, registry, run).await
@@ -281,6 +332,11 @@ impl Target {
             && !direct.query_pairs().any(|(k, _)| k == "namespace")
         {
             direct.query_pairs_mut().append_pair("namespace", ns);
+        }
+        for (k, v) in server.options {
+            if !direct.query_pairs().any(|(key, _)| key == *k) {
+                direct.query_pairs_mut().append_pair(k, v);
+            }
         }
         let addr = format!(
             "{}:{}",

@@ -188,6 +188,22 @@ pub(crate) async fn run_all(t: &Target, sizes: &Sizes) -> Result<(Vec<Figures>, 
                     .to_owned(),
             );
         }
+        #[cfg(feature = "consul")]
+        "consul" => {
+            scenario!("floor_rtt", sizes.floor, count(sizes.floor), |n| {
+                consul_kv(t, n, false)
+            });
+            scenario!("floor_write", sizes.floor, count(sizes.floor), |n| {
+                consul_kv(t, n, true)
+            });
+            notes.push(
+                "consul: floor_rtt = one KV GET of a key; floor_write = one KV PUT (committed \
+                 through Raft); both plain HTTP/1.1 on reqwest, the driver's client; req/op = \
+                 HTTP round trips counted by an in-process proxy in a second pass of a tenth \
+                 of the iterations (a blocking query counts once, when it is sent)"
+                    .to_owned(),
+            );
+        }
         "file" => {
             let dir = t
                 .scratch()
@@ -202,6 +218,14 @@ pub(crate) async fn run_all(t: &Target, sizes: &Sizes) -> Result<(Vec<Figures>, 
                 "file: no network, so req/op is n/a; floor_rtt = one fcntl F_OFD_SETLK \
                  write-lock + unlock of an open file; floor_write = create + write 64 bytes \
                  + rename (what the driver does per join, no fsync)"
+                    .to_owned(),
+            );
+        }
+        "ipc" => {
+            scenario!("floor_rtt", sizes.floor, 0, |n| async { ipc_floor(n) });
+            notes.push(
+                "ipc: no network, so req/op is n/a; floor_rtt = one raw SysV semaphore P + V \
+                 pair (semop with SEM_UNDO, IPC_NOWAIT) on a private semaphore"
                     .to_owned(),
             );
         }
@@ -436,6 +460,52 @@ async fn mc_get(t: &Target, n: usize) -> Result<Measured> {
     })
 }
 
+#[cfg(feature = "consul")]
+async fn consul_kv(t: &Target, n: usize, write: bool) -> Result<Measured> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let http = reqwest::Client::new();
+    let url = format!(
+        "http://{}/v1/kv/tooz-bench/{}",
+        t.raw_addr()?,
+        t.name(if write { "floor-write" } else { "floor-read" })
+    );
+    let once = |put: bool| {
+        let r = if put {
+            http.put(&url).body("x")
+        } else {
+            http.get(&url)
+        };
+        async move {
+            let resp = r.send().await?;
+            ensure!(
+                resp.status().is_success(),
+                "the agent answered {}",
+                resp.status()
+            );
+            resp.bytes().await?;
+            Ok::<_, anyhow::Error>(())
+        }
+    };
+    once(true).await?;
+    for _ in 0..10 {
+        once(write).await?;
+    }
+    let w = Window::open(t);
+    let mut samples = Vec::with_capacity(n);
+    for _ in 0..n {
+        let start = Instant::now();
+        once(write).await?;
+        samples.push(start.elapsed());
+    }
+    let round_trips = w.close(t);
+    http.delete(&url).send().await?;
+    Ok(Measured {
+        samples,
+        ops_per_sample: 1,
+        round_trips,
+    })
+}
+
 fn ofd(file: &std::fs::File, l_type: libc::c_int) -> Result<()> {
     let fl = libc::flock {
         l_type: l_type as libc::c_short,
@@ -446,6 +516,20 @@ fn ofd(file: &std::fs::File, l_type: libc::c_int) -> Result<()> {
     };
     nix::fcntl::fcntl(file, nix::fcntl::FcntlArg::F_OFD_SETLK(&fl))?;
     Ok(())
+}
+
+#[cfg(feature = "ipc")]
+fn ipc_floor(n: usize) -> Result<Measured> {
+    Ok(Measured {
+        samples: tooz_ipc::floor::semaphore_pairs(n)?,
+        ops_per_sample: 1,
+        round_trips: None,
+    })
+}
+
+#[cfg(not(feature = "ipc"))]
+fn ipc_floor(_n: usize) -> Result<Measured> {
+    anyhow::bail!("tooz-bench was built without the ipc feature")
 }
 
 fn file_lock_floor(dir: &std::path::Path, n: usize) -> Result<Measured> {
@@ -604,7 +688,10 @@ async fn get_members(t: &Target, members: usize, n: usize) -> Result<Measured> {
     // A member stays in the group while its liveness key lives (`membership_timeout`, 30 s,
     // far longer than set-up plus measurement), so each chunk of members is dropped
     // (closing its connections) once joined, and reconnected in chunks afterwards to leave.
-    let parked = t.driver == "memcached";
+    // Consul: the agent takes 200 concurrent HTTP connections per client address
+    // (`http_max_conns_per_client`); members live on their sessions (`ttl=120`, no
+    // heartbeat needed meanwhile), so they are parked the same way.
+    let parked = matches!(t.driver, "memcached" | "consul");
     let started = Instant::now();
     let mut coords = Vec::with_capacity(members);
     for chunk in (0..members).collect::<Vec<_>>().chunks(SETUP_CHUNK) {

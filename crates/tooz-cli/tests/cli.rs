@@ -1132,6 +1132,14 @@ fn partition_zookeeper() {
     partition_table("partition_zookeeper", "TOOZ_TEST_ZOOKEEPER_URL", 4);
 }
 
+/// Consul: `timeout` is the per-request timeout there; the session keeps its default
+/// `ttl` (15 s) and lock delay (15 s), so the waiter gets the lock up to 2 × 15 + 15 s
+/// after the partition, well after the holder's command was stopped.
+#[test]
+fn partition_consul() {
+    partition_table("partition_consul", "TOOZ_TEST_CONSUL_URL", 3);
+}
+
 #[test]
 fn partition_memcached() {
     partition_table("partition_memcached", "TOOZ_TEST_MEMCACHED_URL", 2);

@@ -399,6 +399,26 @@ pub trait DriverLock: std::any::Any + Send + Sync + fmt::Debug + 'static {
         false
     }
 
+    /// One attempt made synchronously, without blocking, for a driver whose attempt
+    /// is a few local system calls (SysV semaphores): the core calls it inline
+    /// before it hands an acquisition to a task, so an uncontended acquisition
+    /// costs no task hop. `Some(Ok(Some(token)))` granted, `Some(Ok(None))` held by
+    /// someone else (the core then waits as usual), `None` (the default): no such
+    /// attempt, the core goes the usual way.
+    ///
+    /// It must never block or wait: it runs on the caller's task.
+    fn try_acquire_local(&self, mode: Mode) -> Option<Result<Option<FencingToken>>> {
+        let _ = mode;
+        None
+    }
+
+    /// Releases synchronously, without blocking, for a driver whose release is a
+    /// few local system calls: the core calls it instead of handing the release to
+    /// a task. `None` (the default): the core calls [`DriverLock::release`].
+    fn release_local(&self) -> Option<Result<bool>> {
+        None
+    }
+
     /// Whether this lock waits by itself ([`DriverLock::acquire`]) instead of
     /// being driven attempt by attempt. Default `false`.
     fn queues(&self) -> bool {

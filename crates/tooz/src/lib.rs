@@ -57,6 +57,8 @@ drivers! {
     "redis" => tooz_redis,
     "zookeeper" => tooz_zookeeper,
     "memcached" => tooz_memcached,
+    "ipc" => tooz_ipc,
+    "consul" => tooz_consul,
     "etcd" => tooz_etcd,
 }
 

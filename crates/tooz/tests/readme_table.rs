@@ -17,6 +17,8 @@ fn drivers() -> Vec<(&'static str, DriverDescriptor)> {
         ("tooz-redis", tooz_redis::DRIVER),
         ("tooz-zookeeper", tooz_zookeeper::DRIVER),
         ("tooz-memcached", tooz_memcached::DRIVER),
+        ("tooz-ipc", tooz_ipc::DRIVER),
+        ("tooz-consul", tooz_consul::DRIVER),
         ("tooz-etcd", tooz_etcd::DRIVER),
         ("tooz-core", tooz::memory::DRIVER),
     ]

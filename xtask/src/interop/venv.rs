@@ -1,5 +1,6 @@
-//! The Python side's virtualenv: `target/interop-venv` with Python tooz pinned exactly,
-//! created on first use and reused while its recorded requirements match.
+//! The Python side's virtualenvs: `target/interop-venv` with Python tooz pinned exactly,
+//! and `target/interop-venv-consul` with tooz 8.1.0 (the last release with a Consul
+//! driver), each created on first use and reused while its recorded requirements match.
 
 use std::{fs, path::PathBuf, process::Command};
 
@@ -18,24 +19,66 @@ const REQUIREMENTS: &[&str] = &[
     "kazoo==2.11.0",
     "etcd3gw==2.7.0",
     "pymemcache==4.0.0",
+    // tooz's ipc driver; 1.2.0 fixes the key bounds tooz-ipc derives its keys with.
+    "sysv_ipc==1.2.0",
 ];
 
 /// The exact tooz version the scenarios are written against.
 const TOOZ_VERSION: &str = "9.1.0";
+
+/// The Consul scenarios' virtualenv: tooz 8.1.0 is the last release with a Consul
+/// driver, on python-consul2 0.1.5 (its client; both install and import on Python 3.11).
+const CONSUL_REQUIREMENTS: &[&str] = &["tooz==8.1.0", "python-consul2==0.1.5", "msgpack"];
+
+/// One virtualenv: its directory under the target dir, what it holds, and what
+/// proves it usable.
+struct Venv {
+    dir: &'static str,
+    requirements: &'static [&'static str],
+    modules: &'static str,
+    tooz_version: &'static str,
+}
+
+const MAIN: Venv = Venv {
+    dir: "interop-venv",
+    requirements: REQUIREMENTS,
+    modules: "tooz.coordination, tooz.drivers.file, tooz.partitioner",
+    tooz_version: TOOZ_VERSION,
+};
+
+const CONSUL: Venv = Venv {
+    dir: "interop-venv-consul",
+    requirements: CONSUL_REQUIREMENTS,
+    modules: "tooz.coordination, tooz.drivers.consul, consul",
+    tooz_version: "8.1.0",
+};
+
+/// The interpreter of the virtualenv `driver`'s scenarios use (the Consul one for
+/// `consul`, the main one otherwise), creating it if needed.
+pub(crate) fn ensure_for(driver: &str, python: Option<&str>) -> Result<PathBuf> {
+    match driver {
+        "consul" => ensure_venv(&CONSUL, python),
+        _ => ensure(python),
+    }
+}
 
 /// Returns the virtualenv's interpreter, creating the virtualenv if needed.
 ///
 /// The interpreter that creates it is `python` if given, else `$TOOZ_INTEROP_PYTHON`, else
 /// `python3`.
 pub(crate) fn ensure(python: Option<&str>) -> Result<PathBuf> {
-    let dir = process::target_dir().join("interop-venv");
+    ensure_venv(&MAIN, python)
+}
+
+fn ensure_venv(venv: &Venv, python: Option<&str>) -> Result<PathBuf> {
+    let dir = process::target_dir().join(venv.dir);
     let venv_python = dir.join("bin").join("python");
     let stamp = dir.join(".xtask-requirements");
-    let wanted = REQUIREMENTS.join(" ");
+    let wanted = venv.requirements.join(" ");
 
     if venv_python.is_file()
         && fs::read_to_string(&stamp).is_ok_and(|s| s == wanted)
-        && check(&venv_python).is_ok()
+        && check(venv, &venv_python).is_ok()
     {
         progress!("interop: reusing Python virtualenv {}", dir.display());
         return Ok(venv_python);
@@ -63,19 +106,19 @@ pub(crate) fn ensure(python: Option<&str>) -> Result<PathBuf> {
     process::run(
         Command::new(&venv_python)
             .args(["-m", "pip", "install", "--disable-pip-version-check", "-q"])
-            .args(REQUIREMENTS),
+            .args(venv.requirements),
     )
     .context("could not install Python tooz into the interop virtualenv")?;
-    check(&venv_python)?;
+    check(venv, &venv_python)?;
     fs::write(&stamp, &wanted).with_context(|| format!("could not write {}", stamp.display()))?;
     Ok(venv_python)
 }
 
 /// Verifies that the virtualenv imports what the scenarios use, at the pinned version.
-fn check(python: &PathBuf) -> Result<()> {
+fn check(venv: &Venv, python: &PathBuf) -> Result<()> {
     let script = format!(
-        "import importlib.metadata as m, tooz.coordination, tooz.drivers.file, \
-         tooz.partitioner\nv = m.version('tooz')\nassert v == '{TOOZ_VERSION}', v"
+        "import importlib.metadata as m, {}\nv = m.version('tooz')\nassert v == '{}', v",
+        venv.modules, venv.tooz_version
     );
     let out = Command::new(python)
         .args(["-c", &script])

@@ -311,6 +311,50 @@ impl Lock {
                 _ = sleep_until_opt(deadline) => return Ok(false),
             }
         }
+        // A driver whose attempt is local (a few system calls) tries inline first:
+        // nothing to cancel, so no task is needed unless the caller must wait.
+        if let Some(res) = self.inner.driver.try_acquire_local(mode) {
+            let inner = &self.inner;
+            match res {
+                Ok(Some(token)) => {
+                    {
+                        let mut st = inner.state();
+                        st.hold = Some(Hold {
+                            mode,
+                            token,
+                            count: 1,
+                            lost: watch::channel(false).0,
+                        });
+                        st.acquiring = false;
+                    }
+                    if let Some(shared) = inner.shared.upgrade() {
+                        shared.register_lock(inner);
+                    }
+                    inner.changed.notify_waiters();
+                    // As for a grant from the task below.
+                    if stop.is_cancelled() {
+                        let _ = inner.release_hold(true, Some(token)).await;
+                        return Err(ToozError::Stopped);
+                    }
+                    if inner.shared.upgrade().is_some_and(|s| s.lease_lost()) {
+                        let _ = inner.release_hold(true, Some(token)).await;
+                        return Err(ToozError::LockLost(inner.name.clone()));
+                    }
+                    return Ok(true);
+                }
+                Ok(None) if wait == Wait::No => {
+                    inner.state().acquiring = false;
+                    inner.changed.notify_waiters();
+                    return Ok(false);
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    inner.state().acquiring = false;
+                    inner.changed.notify_waiters();
+                    return Err(e);
+                }
+            }
+        }
         let remaining = wait.remaining(deadline);
         let (tx, rx) = oneshot::channel();
         let inner = Arc::clone(&self.inner);
@@ -559,6 +603,16 @@ impl LockInner {
             Some(h) => h.lost.send_replace(true),
             None => false,
         };
+        // A driver whose release is local releases inline (no task hop).
+        let releasing = Releasing(self);
+        match self.driver.release_local() {
+            Some(res) => {
+                drop(releasing);
+                return res.map(|released| released && !was_lost);
+            }
+            // The task below clears `releasing`.
+            None => std::mem::forget(releasing),
+        }
         let me = Arc::clone(self);
         let task = async move {
             // Clears `releasing` and wakes waiters even if the release panics.

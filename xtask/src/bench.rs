@@ -25,7 +25,15 @@ use crate::{
 use crate::interop::venv;
 
 /// Drivers `tooz-bench` knows; later drivers add themselves here and in tooz-bench.
-const BENCH_DRIVERS: &[&str] = &["file", "ipc", "redis", "zookeeper", "etcd", "memcached", "consul"];
+const BENCH_DRIVERS: &[&str] = &[
+    "file",
+    "ipc",
+    "redis",
+    "zookeeper",
+    "etcd",
+    "memcached",
+    "consul",
+];
 
 /// The scenarios in the order tooz-bench prints them.
 const ORDER: &[&str] = &[

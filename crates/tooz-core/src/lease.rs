@@ -228,6 +228,7 @@ impl LeaseState {
     /// The driver replaced the lease (a new session or lease) whose first grant was
     /// sent at `sent`: everything on the old one is gone.
     pub fn replaced(&self, sent: Instant, ttl: Duration) {
+        metrics::counter!("tooz_lease_replaced_total").increment(1);
         self.tx.send_modify(|v| {
             v.generation += 1;
             v.health = Health::Alive;

@@ -14,6 +14,7 @@ pub mod ids;
 pub mod lease;
 pub mod lock;
 pub mod memory;
+pub mod observe;
 pub mod options;
 pub mod partitioner;
 pub mod registry;

@@ -86,6 +86,9 @@ impl Shared {
         for g in renewal.lost_leaderships {
             let gone = lock(&self.watchers).leading.remove(&g);
             if gone.is_some() {
+                crate::observe::lost(self.info.name, "leadership");
+            }
+            if gone.is_some() {
                 tracing::info!(group = %g, "leadership lost (found gone by the heartbeat)");
                 drop(gone);
                 self.publish(GroupEvent::LeadershipLost {
@@ -174,6 +177,7 @@ impl Shared {
             old != new
         });
         if new == Liveness::Lost && old != Liveness::Lost {
+            crate::observe::lost(self.info.name, "lease");
             self.on_lost();
         }
         old

@@ -133,6 +133,13 @@ impl Default for CoordinatorConfig {
     }
 }
 
+impl Shared {
+    /// The driver's name (metrics labels).
+    pub(crate) fn driver_name(&self) -> &'static str {
+        self.info.name
+    }
+}
+
 pub(crate) struct Shared {
     driver: Arc<dyn Driver>,
     info: DriverInfo,
@@ -206,6 +213,8 @@ impl Coordinator {
         config: CoordinatorConfig,
     ) -> Self {
         let info = driver.info();
+        // Every backend operation gets a span and metrics (crate::observe).
+        let driver = crate::observe::Observed::wrap(driver, member_id.clone());
         let mut config = config;
         // A zero interval would make polling streams spin.
         config.poll_interval = config.poll_interval.max(Duration::from_millis(1));

@@ -30,11 +30,43 @@ fn jitter(d: Duration) -> Duration {
 
 /// Acquires `lock` in `mode`, waiting as `wait` says; `Ok(None)` when the wait ran
 /// out, `Err(Stopped)` when `stop` fires while waiting.
+#[cfg(test)]
 pub(crate) async fn acquire<L: DriverLock + ?Sized>(
     lock: &L,
     mode: Mode,
     wait: Wait,
     stop: &CancellationToken,
+) -> Result<Option<FencingToken>> {
+    acquire_loop(lock, mode, wait, stop, &mut false).await
+}
+
+/// [`acquire`], counting an acquisition that had to wait in the metrics of
+/// `driver` (`tooz_lock_waits_total`, `tooz_lock_wait_seconds`; see
+/// [`crate::observe`]).
+pub(crate) async fn acquire_in<L: DriverLock + ?Sized>(
+    driver: &'static str,
+    lock: &L,
+    mode: Mode,
+    wait: Wait,
+    stop: &CancellationToken,
+) -> Result<Option<FencingToken>> {
+    let started = Instant::now();
+    let mut waited = false;
+    let out = acquire_loop(lock, mode, wait, stop, &mut waited).await;
+    if waited {
+        metrics::counter!("tooz_lock_waits_total", "driver" => driver).increment(1);
+        metrics::histogram!("tooz_lock_wait_seconds", "driver" => driver)
+            .record(started.elapsed().as_secs_f64());
+    }
+    out
+}
+
+async fn acquire_loop<L: DriverLock + ?Sized>(
+    lock: &L,
+    mode: Mode,
+    wait: Wait,
+    stop: &CancellationToken,
+    waited: &mut bool,
 ) -> Result<Option<FencingToken>> {
     let deadline = wait.deadline();
     let mut wakes: Option<WakeStream> = None;
@@ -55,6 +87,7 @@ pub(crate) async fn acquire<L: DriverLock + ?Sized>(
         if stop.is_cancelled() {
             return Err(ToozError::Stopped);
         }
+        *waited = true;
         if !subscribed {
             subscribed = true;
             match lock.wakeups().await {

@@ -283,6 +283,7 @@ impl Lock {
     pub async fn acquire_with(&self, mode: Mode, wait: Wait) -> Result<bool> {
         let shared = self.inner.shared.upgrade().ok_or(ToozError::Stopped)?;
         let stop = shared.stop_token()?;
+        let driver_name = shared.driver_name();
         let deadline = wait.deadline();
         // Local gate: one hold and one acquisition at a time per lock object.
         loop {
@@ -317,6 +318,7 @@ impl Lock {
             let inner = &self.inner;
             match res {
                 Ok(Some(token)) => {
+                    crate::observe::granted(driver_name, mode);
                     {
                         let mut st = inner.state();
                         st.hold = Some(Hold {
@@ -359,15 +361,26 @@ impl Lock {
         let (tx, rx) = oneshot::channel();
         let inner = Arc::clone(&self.inner);
         let task_stop = stop.clone();
+        let span = crate::observe::lock_span(driver_name, "acquire", &inner.name);
+        let started = std::time::Instant::now();
         tokio::spawn(async move {
-            let res = if inner.driver.queues() {
-                tokio::select! {
-                    r = inner.driver.acquire(mode, remaining) => r,
-                    _ = task_stop.cancelled() => Err(ToozError::Stopped),
+            let attempt = async {
+                if inner.driver.queues() {
+                    tokio::select! {
+                        r = inner.driver.acquire(mode, remaining) => r,
+                        _ = task_stop.cancelled() => Err(ToozError::Stopped),
+                    }
+                } else {
+                    engine::acquire_in(driver_name, &*inner.driver, mode, remaining, &task_stop)
+                        .await
                 }
-            } else {
-                engine::acquire(&*inner.driver, mode, remaining, &task_stop).await
             };
+            let res = tracing::Instrument::instrument(attempt, span.clone()).await;
+            crate::observe::lock_done(driver_name, "acquire", &span, started, &res);
+            if let Ok(Some(t)) = &res {
+                span.record("token", t.0);
+                crate::observe::granted(driver_name, mode);
+            }
             let mut won = None;
             let res = match res {
                 Ok(Some(token)) => {
@@ -614,10 +627,15 @@ impl LockInner {
             None => std::mem::forget(releasing),
         }
         let me = Arc::clone(self);
+        let driver_name = self.shared.upgrade().map_or("", |s| s.driver_name());
         let task = async move {
             // Clears `releasing` and wakes waiters even if the release panics.
             let _releasing = Releasing(&me);
-            me.driver.release().await
+            let span = crate::observe::lock_span(driver_name, "release", &me.name);
+            let started = std::time::Instant::now();
+            let res = tracing::Instrument::instrument(me.driver.release(), span.clone()).await;
+            crate::observe::lock_done(driver_name, "release", &span, started, &res);
+            res
         };
         match tokio::spawn(task).await {
             // A hold already reported lost is not reported released.
@@ -648,6 +666,9 @@ impl LockInner {
             let st = self.state();
             match &st.hold {
                 Some(h) => {
+                    if let Some(s) = self.shared.upgrade() {
+                        crate::observe::lost(s.driver_name(), "lock");
+                    }
                     h.lost.send_replace(true);
                     h.token
                 }

@@ -4,6 +4,7 @@
 //! The `backends` step starts the servers the present drivers need (none for the file
 //! driver) and the test steps read their URLs from its env file.
 //!
+//! `examples` runs the facade's examples against the servers started for the tests.
 //! `docs` builds the library crates' docs with `-D warnings`; `features` builds every
 //! publishable crate with no default features and with each feature alone (what
 //! `cargo hack --each-feature` does); `package` runs `cargo package --workspace` with
@@ -80,6 +81,10 @@ const STEPS: &[Step] = &[
         run: || process::run(&mut test_command(&["test", "--workspace", "--doc"])),
     },
     Step {
+        name: "examples",
+        run: run_examples,
+    },
+    Step {
         name: "interop",
         run: || interop::run(&flags::Interop::all()),
     },
@@ -93,6 +98,32 @@ const STEPS: &[Step] = &[
         },
     },
 ];
+
+/// The facade's examples against the servers `backends up` started (built by the test
+/// step already): each asserts what it prints about.
+fn run_examples() -> Result<()> {
+    let env = crate::backends::read_env(&process::workspace_root()).unwrap_or_default();
+    let url = |name: &str| {
+        env.iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+            .ok_or_else(|| anyhow::anyhow!("{name} is not in the backends' env file"))
+    };
+    let runs = [
+        ("worker_pool", url("TOOZ_TEST_REDIS_URL")?),
+        ("scheduler", url("TOOZ_TEST_ETCD_URL")?),
+        ("observability", "memory://ci-observability".to_owned()),
+    ];
+    for (example, url) in runs {
+        progress!("example {example} against {url}");
+        process::run(
+            process::cargo()
+                .args(["run", "-q", "-p", "tooz", "--example", example, "--"])
+                .arg(&url),
+        )?;
+    }
+    Ok(())
+}
 
 fn test_command(args: &[&str]) -> Command {
     let mut cmd = process::cargo();

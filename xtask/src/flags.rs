@@ -50,7 +50,8 @@ Commands:
         publishable crate with no default features and with each feature alone;
         backends up (only the servers the present drivers need);
         cargo test --workspace (conformance included); cargo test --workspace --doc;
-        interop --driver all; cargo package --workspace (with its verification
+        the tooz crate's examples (worker_pool on Redis, scheduler on etcd,
+        observability on memory://); interop --driver all; cargo package --workspace (with its verification
         build). Tests run with TOOZ_REQUIRE_BACKENDS=1.
   readme
         Regenerate the README's driver feature table from each driver's published

@@ -138,7 +138,14 @@ fn test_command(args: &[&str]) -> Command {
 pub(crate) fn run() -> Result<()> {
     let started = Instant::now();
     let mut done: Vec<(&str, f64)> = Vec::new();
+    // For working on one step: `XTASK_CI_STEPS=docs,features cargo xtask ci`.
+    let only = std::env::var("XTASK_CI_STEPS").ok();
     for (i, step) in STEPS.iter().enumerate() {
+        if let Some(only) = &only
+            && !only.split(',').any(|s| s.trim() == step.name)
+        {
+            continue;
+        }
         progress!("==== ci step {}/{}: {} ====", i + 1, STEPS.len(), step.name);
         let step_started = Instant::now();
         let result = (step.run)();
@@ -161,8 +168,9 @@ fn summary(done: &[(&str, f64)], failed: Option<(&str, f64)>, started: Instant) 
     if let Some((name, secs)) = failed {
         progress!("  FAILED  {name:<9} {secs:>7.1}s");
     }
-    let skipped = STEPS.len() - done.len() - usize::from(failed.is_some());
-    for step in STEPS.iter().rev().take(skipped).rev() {
+    let ran =
+        |name: &str| done.iter().any(|(n, _)| *n == name) || failed.is_some_and(|(n, _)| n == name);
+    for step in STEPS.iter().filter(|s| !ran(s.name)) {
         progress!("  not run {:<9}", step.name);
     }
     let total = started.elapsed().as_secs_f64();

@@ -1,6 +1,6 @@
 //! Observability of every backend operation, whatever the driver.
 //!
-//! The coordinator wraps its driver in [`Observed`], so each call into the backend
+//! The coordinator wraps its driver in an observing wrapper, so each call into the backend
 //! runs in a `tracing` span named `tooz.backend` (level `debug`) with the fields
 //! `driver`, `op`, `member`, and where they apply `group`, `lock`, `token`, then
 //! `elapsed_us` (the operation's round-trip time) and `error`. The same calls feed the

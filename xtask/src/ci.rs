@@ -4,7 +4,8 @@
 //! The `backends` step starts the servers the present drivers need (none for the file
 //! driver) and the test steps read their URLs from its env file.
 //!
-//! `examples` runs the facade's examples against the servers started for the tests.
+//! `msrv` checks the workspace with the toolchain of its `rust-version` (installed by
+//! rustup when missing). `examples` runs the facade's examples against the servers started for the tests.
 //! `docs` builds the library crates' docs with `-D warnings`; `features` builds every
 //! publishable crate with no default features and with each feature alone (what
 //! `cargo hack --each-feature` does); `package` runs `cargo package --workspace` with
@@ -63,6 +64,10 @@ const STEPS: &[Step] = &[
     Step {
         name: "features",
         run: crate::features::check_each,
+    },
+    Step {
+        name: "msrv",
+        run: crate::features::check_msrv,
     },
     Step {
         name: "backends",

@@ -1,4 +1,6 @@
-//! The `features` step of `cargo xtask ci`: every publishable crate of the workspace
+//! The `features` and `msrv` steps of `cargo xtask ci`.
+//!
+//! `features`: every publishable crate of the workspace
 //! checked with no default features, then with each of its features alone (the
 //! equivalent of `cargo hack check --each-feature --no-dev-deps`), so that a code path
 //! only some feature set compiles (the Redis driver without `tls`, the facade with one
@@ -71,4 +73,58 @@ pub(crate) fn check_each() -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The workspace's `rust-version` (`[workspace.package]` of the root manifest).
+fn rust_version() -> Result<String> {
+    let manifest = process::workspace_root().join("Cargo.toml");
+    let text = std::fs::read_to_string(&manifest)
+        .with_context(|| format!("cannot read {}", manifest.display()))?;
+    text.lines()
+        .find_map(|l| {
+            let v = l
+                .trim()
+                .strip_prefix("rust-version")?
+                .trim()
+                .strip_prefix('=')?;
+            Some(v.trim().trim_matches('"').to_owned())
+        })
+        .context("no rust-version in the workspace manifest")
+}
+
+/// The `msrv` step: `cargo +<rust-version> check --workspace --all-targets`, after
+/// `rustup toolchain install <rust-version> --profile minimal` if that toolchain is
+/// missing.
+pub(crate) fn check_msrv() -> Result<()> {
+    let version = rust_version()?;
+    let installed = std::process::Command::new("rustup")
+        .args(["run", &version, "rustc", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !installed {
+        progress!("msrv: installing Rust {version} with rustup");
+        process::run(std::process::Command::new("rustup").args([
+            "toolchain",
+            "install",
+            &version,
+            "--profile",
+            "minimal",
+        ]))?;
+    }
+    progress!("msrv: cargo +{version} check --workspace --all-targets");
+    let mut cmd = std::process::Command::new("rustup");
+    cmd.args([
+        "run",
+        &version,
+        "cargo",
+        "check",
+        "--workspace",
+        "--all-targets",
+    ])
+    .current_dir(process::workspace_root())
+    // The toolchain running xtask must not leak into the older one.
+    .env_remove("CARGO")
+    .env_remove("RUSTC")
+    .env_remove("RUSTUP_TOOLCHAIN");
+    process::run(&mut cmd)
 }

@@ -48,6 +48,8 @@ Commands:
         cargo fmt --all --check; cargo clippy --workspace --all-targets -- -D warnings;
         cargo doc of the library crates with -D warnings; cargo check of every
         publishable crate with no default features and with each feature alone;
+        cargo check --workspace --all-targets with the rust-version toolchain (MSRV,
+        installed with rustup when missing);
         backends up (only the servers the present drivers need);
         cargo test --workspace (conformance included); cargo test --workspace --doc;
         the tooz crate's examples (worker_pool on Redis, scheduler on etcd,

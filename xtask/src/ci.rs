@@ -118,14 +118,18 @@ fn run_examples() -> Result<()> {
         ("worker_pool", url("TOOZ_TEST_REDIS_URL")?),
         ("scheduler", url("TOOZ_TEST_ETCD_URL")?),
         ("observability", "memory://ci-observability".to_owned()),
+        ("fenced_job", url("TOOZ_TEST_REDIS_URL")?),
     ];
+    let postgresql = url("TOOZ_TEST_POSTGRESQL_URL")?;
     for (example, url) in runs {
         progress!("example {example} against {url}");
-        process::run(
-            process::cargo()
-                .args(["run", "-q", "-p", "tooz", "--example", example, "--"])
-                .arg(&url),
-        )?;
+        let mut cmd = process::cargo();
+        cmd.args(["run", "-q", "-p", "tooz", "--example", example, "--"])
+            .arg(&url);
+        if example == "fenced_job" {
+            cmd.arg(&postgresql);
+        }
+        process::run(&mut cmd)?;
     }
     Ok(())
 }

@@ -53,7 +53,8 @@ Commands:
         backends up (only the servers the present drivers need);
         cargo test --workspace (conformance included); cargo test --workspace --doc;
         the tooz crate's examples (worker_pool on Redis, scheduler on etcd,
-        observability on memory://); interop --driver all; cargo package --workspace (with its verification
+        observability on memory://, fenced_job on Redis
+        and PostgreSQL); interop --driver all; cargo package --workspace (with its verification
         build). Tests run with TOOZ_REQUIRE_BACKENDS=1.
   readme
         Regenerate the README's driver feature table from each driver's published

@@ -99,7 +99,11 @@ const STEPS: &[Step] = &[
             // Every publishable crate packaged and its package built on its own, as
             // crates.io would receive it (workspace path dependencies resolved
             // from the packages themselves).
-            process::run(process::cargo().args(["package", "--workspace", "--allow-dirty"]))
+            process::run(
+                process::cargo()
+                    .args(["package", "--workspace", "--allow-dirty"])
+                    .args(["--exclude", "tooz-bench", "--exclude", "xtask"]),
+            )
         },
     },
 ];

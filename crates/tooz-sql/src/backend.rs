@@ -25,8 +25,9 @@ pub(crate) trait Backend: Send + Sync + fmt::Debug + Sized + 'static {
     /// A lock's key on the server (PostgreSQL's `int4` pair, MySQL's lock name).
     type Key: Clone + Eq + Hash + Send + Sync + fmt::Debug + 'static;
 
-    /// The server-side key of a lock name (shared with Python tooz).
-    fn key(name: &LockName) -> Self::Key;
+    /// The server-side key of a lock name (shared with Python tooz; known once
+    /// [`Backend::prepare`] has seen the server).
+    fn key(&self, name: &LockName) -> Self::Key;
 
     /// The lease: memberships, leaderships and lock sessions not renewed for this
     /// long are gone.

@@ -50,7 +50,6 @@ pub(crate) enum HoldState {
 /// A lock handle of the SQL drivers.
 pub(crate) struct SqlLock<B: Backend> {
     name: LockName,
-    key: B::Key,
     inner: Arc<Inner<B>>,
     hold: tokio::sync::Mutex<Option<Hold<B>>>,
 }
@@ -60,7 +59,6 @@ impl<B: Backend> fmt::Debug for SqlLock<B> {
         f.debug_struct("SqlLock")
             .field("driver", &B::NAME)
             .field("name", &self.name)
-            .field("key", &self.key)
             .finish()
     }
 }
@@ -68,11 +66,15 @@ impl<B: Backend> fmt::Debug for SqlLock<B> {
 impl<B: Backend> SqlLock<B> {
     pub(crate) fn new(name: LockName, inner: Arc<Inner<B>>) -> Self {
         SqlLock {
-            key: B::key(&name),
             name,
             inner,
             hold: tokio::sync::Mutex::new(None),
         }
+    }
+
+    /// The server-side key (the MySQL one depends on the server, known at start).
+    fn key(&self) -> B::Key {
+        self.inner.db.key(&self.name)
     }
 
     /// The heartbeat's view of this handle: pings its own connection if it has one.
@@ -105,12 +107,12 @@ impl<B: Backend> SqlLock<B> {
     /// that arrives after the caller went away is given back.
     async fn session_attempt(&self, mode: Mode, reader: &str) -> Result<Option<(Token, u64)>> {
         let inner = Arc::clone(&self.inner);
-        let (key, name, reader_s) = (self.key.clone(), self.name.clone(), reader.to_string());
+        let (key, name, reader_s) = (self.key(), self.name.clone(), reader.to_string());
         let task = tokio::spawn(async move { try_on_session(&inner, &key, &name, mode, &reader_s).await });
         let mut orphan = Orphan::<B> {
             task: Some(task),
             inner: Arc::clone(&self.inner),
-            key: self.key.clone(),
+            key: self.key(),
             mode,
             reader: reader.to_string(),
         };
@@ -131,11 +133,12 @@ impl<B: Backend> SqlLock<B> {
             id,
             inner: Arc::clone(inner),
         };
+        let key = self.key();
         let res = {
             let Some(conn) = w.conn.as_mut() else {
                 unreachable!("set above")
             };
-            let fut = inner.db.wait_lock(conn, &self.key, &self.name, mode, reader, wait);
+            let fut = inner.db.wait_lock(conn, &key, &self.name, mode, reader, wait);
             match wait {
                 Some(d) => match tokio::time::timeout(d + WAIT_SLACK, fut).await {
                     Ok(r) => r,
@@ -332,9 +335,9 @@ impl<B: Backend> DriverLock for SqlLock<B> {
         drop(h);
         match hold.at {
             At::Lost => Ok(false),
-            At::Session(g) => unlock_on_session(&self.inner, &self.key, hold.mode, &hold.reader, g).await,
+            At::Session(g) => unlock_on_session(&self.inner, &self.key(), hold.mode, &hold.reader, g).await,
             At::Own(mut conn, id) => {
-                match self.inner.db.unlock(&mut conn, &self.key, hold.mode, &hold.reader).await {
+                match self.inner.db.unlock(&mut conn, &self.key(), hold.mode, &hold.reader).await {
                     Ok(was) => {
                         self.inner.spare(conn, id);
                         Ok(was)
@@ -375,7 +378,7 @@ impl<B: Backend> DriverLock for SqlLock<B> {
         };
         match &mut hold.at {
             At::Lost => Ok(false),
-            At::Own(conn, _) => match self.inner.db.holds(conn, &self.key, hold.mode, &hold.reader).await {
+            At::Own(conn, _) => match self.inner.db.holds(conn, &self.key(), hold.mode, &hold.reader).await {
                 Ok(v) => Ok(v),
                 Err(e) if is_broken(&e) => {
                     if let At::Own(conn, _) = std::mem::replace(&mut hold.at, At::Lost) {
@@ -392,7 +395,7 @@ impl<B: Backend> DriverLock for SqlLock<B> {
                     return Ok(false);
                 }
                 let conn = s.conn(&self.inner).await?;
-                match self.inner.db.holds(conn, &self.key, hold.mode, &hold.reader).await {
+                match self.inner.db.holds(conn, &self.key(), hold.mode, &hold.reader).await {
                     Ok(v) => Ok(v),
                     Err(e) if is_broken(&e) => {
                         s.broken(&self.inner);
@@ -405,6 +408,6 @@ impl<B: Backend> DriverLock for SqlLock<B> {
     }
 
     async fn break_lock(&self) -> Result<bool> {
-        self.inner.db.break_lock(&self.key).await
+        self.inner.db.break_lock(&self.key()).await
     }
 }

@@ -252,7 +252,7 @@ impl Backend for Pg {
     type Conn = PgConnection;
     type Key = (i32, i32);
 
-    fn key(name: &LockName) -> Self::Key {
+    fn key(&self, name: &LockName) -> Self::Key {
         layout::pg_key(name.as_bytes())
     }
 

@@ -53,7 +53,11 @@ pub(crate) trait Backend: Send + Sync + fmt::Debug + Sized + 'static {
     async fn open_lease(&self, lease: i64, member: &MemberId) -> Result<()>;
     /// Renews the lease on `conn` (one statement); `false` when it had already
     /// expired.
-    async fn renew(&self, conn: &mut Self::Conn, lease: i64) -> std::result::Result<bool, sqlx::Error>;
+    async fn renew(
+        &self,
+        conn: &mut Self::Conn,
+        lease: i64,
+    ) -> std::result::Result<bool, sqlx::Error>;
     /// Deletes the lease and everything on it (memberships, leaderships).
     async fn end_lease(&self, lease: i64) -> Result<()>;
     /// One round trip on `conn`.
@@ -140,8 +144,12 @@ pub(crate) trait Backend: Send + Sync + fmt::Debug + Sized + 'static {
     ) -> Result<()>;
     /// Takes a vacant leadership (or keeps ours): the token, `None` when another
     /// lease leads.
-    async fn campaign(&self, lease: i64, group: &GroupId, member: &MemberId)
-    -> Result<Option<Token>>;
+    async fn campaign(
+        &self,
+        lease: i64,
+        group: &GroupId,
+        member: &MemberId,
+    ) -> Result<Option<Token>>;
     /// Gives up leadership held on the lease.
     async fn resign(&self, lease: i64, group: &GroupId) -> Result<bool>;
     /// The live leader.

@@ -120,7 +120,11 @@ impl PgConfig {
         options.check_known(NAME, PG_OPTIONS)?;
         let common = common(NAME, options)?;
         let mut c = PgConnectOptions::new();
-        if let Some(h) = options.get("host").map(str::to_string).or_else(|| host_of(url)) {
+        if let Some(h) = options
+            .get("host")
+            .map(str::to_string)
+            .or_else(|| host_of(url))
+        {
             c = c.host(&h);
         }
         let port = match options.parse::<u16>(NAME, "port", "a port number")? {
@@ -130,13 +134,10 @@ impl PgConfig {
         if let Some(p) = port {
             c = c.port(p);
         }
-        let db = options
-            .get("dbname")
-            .map(str::to_string)
-            .or_else(|| {
-                let p = url.path().trim_start_matches('/');
-                (!p.is_empty()).then(|| percent_decode(p))
-            });
+        let db = options.get("dbname").map(str::to_string).or_else(|| {
+            let p = url.path().trim_start_matches('/');
+            (!p.is_empty()).then(|| percent_decode(p))
+        });
         if let Some(db) = db {
             c = c.database(&db);
         }
@@ -257,7 +258,10 @@ impl MySqlConfig {
         }
         // PyMySQL: verify_mode none/optional/required (or a boolean); check_hostname
         // defaults to true once TLS is on.
-        let verify = match options.get("ssl_verify_mode").map(|v| v.trim().to_ascii_lowercase()) {
+        let verify = match options
+            .get("ssl_verify_mode")
+            .map(|v| v.trim().to_ascii_lowercase())
+        {
             None => None,
             Some(v) => Some(match v.as_str() {
                 "none" | "cert_none" | "false" | "0" | "no" | "off" => false,
@@ -323,7 +327,10 @@ mod tests {
             ("mysql://h/db?ssl_capath=/x", "ssl_capath"),
             ("mysql://h/db?ssl_cipher=AES", "ssl_cipher"),
             ("mysql://h/db?ssl_verify_mode=maybe", "ssl_verify_mode"),
-            ("mysql://h/db?ssl_check_hostname=perhaps", "ssl_check_hostname"),
+            (
+                "mysql://h/db?ssl_check_hostname=perhaps",
+                "ssl_check_hostname",
+            ),
             ("mysql://h/db?nope=1", "nope"),
         ] {
             match MySqlConfig::from_url_str(url) {

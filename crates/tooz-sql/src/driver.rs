@@ -212,7 +212,10 @@ impl<B: Backend> SqlDriver<B> {
                 }
             }
         }
-        Err(tooz_core::ToozError::backend_msg(B::NAME, "renewing the lease failed"))
+        Err(tooz_core::ToozError::backend_msg(
+            B::NAME,
+            "renewing the lease failed",
+        ))
     }
 }
 
@@ -277,7 +280,8 @@ impl<B: Backend> Driver for SqlDriver<B> {
         // Locks won by waiting live on connections of their own: one ping each,
         // alongside the one statement on the session.
         let pings = futures_util::future::join_all(
-            mine.iter().map(|(i, l)| async move { (*i, l.renew_own().await) }),
+            mine.iter()
+                .map(|(i, l)| async move { (*i, l.renew_own().await) }),
         );
         let (states, session) = tokio::join!(pings, self.renew_session());
         let (alive, generation) = session?;
@@ -299,7 +303,10 @@ impl<B: Backend> Driver for SqlDriver<B> {
             inner.db.open_lease(id, &inner.member).await?;
             inner.lease_id.store(id, Ordering::SeqCst);
             inner.lease.replaced(sent, inner.db.ttl());
-            tracing::warn!(driver = B::NAME, "the lease had expired; a new one replaces it");
+            tracing::warn!(
+                driver = B::NAME,
+                "the lease had expired; a new one replaces it"
+            );
         }
         for g in guard(&inner.graveyard).iter_mut() {
             g.1 = true;
@@ -375,7 +382,10 @@ impl<B: Backend> Driver for SqlDriver<B> {
     }
 
     fn lock(&self, name: &LockName) -> Result<Arc<dyn DriverLock>> {
-        Ok(Arc::new(SqlLock::new(name.clone(), Arc::clone(&self.inner))))
+        Ok(Arc::new(SqlLock::new(
+            name.clone(),
+            Arc::clone(&self.inner),
+        )))
     }
 
     async fn watch_group(&self, group: &GroupId) -> Result<Option<DriverEventStream>> {

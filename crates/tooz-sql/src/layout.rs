@@ -144,7 +144,11 @@ mod tests {
 
     #[test]
     fn payloads_round_trip() {
-        for note in [Note::Joined(b"m\x00".to_vec()), Note::Left(vec![]), Note::Changed] {
+        for note in [
+            Note::Joined(b"m\x00".to_vec()),
+            Note::Left(vec![]),
+            Note::Changed,
+        ] {
             let p = note_payload(b"g:1", &note);
             assert_eq!(parse_note(&p), Some((b"g:1".to_vec(), note)));
         }

@@ -108,7 +108,8 @@ impl<B: Backend> SqlLock<B> {
     async fn session_attempt(&self, mode: Mode, reader: &str) -> Result<Option<(Token, u64)>> {
         let inner = Arc::clone(&self.inner);
         let (key, name, reader_s) = (self.key(), self.name.clone(), reader.to_string());
-        let task = tokio::spawn(async move { try_on_session(&inner, &key, &name, mode, &reader_s).await });
+        let task =
+            tokio::spawn(async move { try_on_session(&inner, &key, &name, mode, &reader_s).await });
         let mut orphan = Orphan::<B> {
             task: Some(task),
             inner: Arc::clone(&self.inner),
@@ -125,7 +126,12 @@ impl<B: Backend> SqlLock<B> {
     }
 
     /// Waits server-side on a connection of its own, at most `wait` (`None`: for ever).
-    async fn wait_own(&self, mode: Mode, reader: &str, wait: Option<Duration>) -> Result<Option<Token>> {
+    async fn wait_own(
+        &self,
+        mode: Mode,
+        reader: &str,
+        wait: Option<Duration>,
+    ) -> Result<Option<Token>> {
         let inner = &self.inner;
         let (conn, id) = inner.waiter_conn().await?;
         let mut w = Waiting::<B> {
@@ -138,7 +144,9 @@ impl<B: Backend> SqlLock<B> {
             let Some(conn) = w.conn.as_mut() else {
                 unreachable!("set above")
             };
-            let fut = inner.db.wait_lock(conn, &key, &self.name, mode, reader, wait);
+            let fut = inner
+                .db
+                .wait_lock(conn, &key, &self.name, mode, reader, wait);
             match wait {
                 Some(d) => match tokio::time::timeout(d + WAIT_SLACK, fut).await {
                     Ok(r) => r,
@@ -257,7 +265,11 @@ impl<B: Backend> Drop for Orphan<B> {
     fn drop(&mut self) {
         let Some(task) = self.task.take() else { return };
         let inner = Arc::clone(&self.inner);
-        let (key, mode, reader) = (self.key.clone(), self.mode, std::mem::take(&mut self.reader));
+        let (key, mode, reader) = (
+            self.key.clone(),
+            self.mode,
+            std::mem::take(&mut self.reader),
+        );
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(async move {
                 if let Ok(Ok(Some((_, generation)))) = task.await
@@ -324,7 +336,10 @@ impl<B: Backend> DriverLock for SqlLock<B> {
             }
             _ => None,
         };
-        Ok(self.wait_own(mode, &reader, remaining).await?.map(FencingToken))
+        Ok(self
+            .wait_own(mode, &reader, remaining)
+            .await?
+            .map(FencingToken))
     }
 
     async fn release(&self) -> Result<bool> {
@@ -335,9 +350,16 @@ impl<B: Backend> DriverLock for SqlLock<B> {
         drop(h);
         match hold.at {
             At::Lost => Ok(false),
-            At::Session(g) => unlock_on_session(&self.inner, &self.key(), hold.mode, &hold.reader, g).await,
+            At::Session(g) => {
+                unlock_on_session(&self.inner, &self.key(), hold.mode, &hold.reader, g).await
+            }
             At::Own(mut conn, id) => {
-                match self.inner.db.unlock(&mut conn, &self.key(), hold.mode, &hold.reader).await {
+                match self
+                    .inner
+                    .db
+                    .unlock(&mut conn, &self.key(), hold.mode, &hold.reader)
+                    .await
+                {
                     Ok(was) => {
                         self.inner.spare(conn, id);
                         Ok(was)
@@ -378,7 +400,12 @@ impl<B: Backend> DriverLock for SqlLock<B> {
         };
         match &mut hold.at {
             At::Lost => Ok(false),
-            At::Own(conn, _) => match self.inner.db.holds(conn, &self.key(), hold.mode, &hold.reader).await {
+            At::Own(conn, _) => match self
+                .inner
+                .db
+                .holds(conn, &self.key(), hold.mode, &hold.reader)
+                .await
+            {
                 Ok(v) => Ok(v),
                 Err(e) if is_broken(&e) => {
                     if let At::Own(conn, _) = std::mem::replace(&mut hold.at, At::Lost) {
@@ -395,7 +422,12 @@ impl<B: Backend> DriverLock for SqlLock<B> {
                     return Ok(false);
                 }
                 let conn = s.conn(&self.inner).await?;
-                match self.inner.db.holds(conn, &self.key(), hold.mode, &hold.reader).await {
+                match self
+                    .inner
+                    .db
+                    .holds(conn, &self.key(), hold.mode, &hold.reader)
+                    .await
+                {
                     Ok(v) => Ok(v),
                     Err(e) if is_broken(&e) => {
                         s.broken(&self.inner);

@@ -118,11 +118,17 @@ impl MySql {
             .fetch_one(&self.pool)
             .await
             .map_err(Self::err("reading a group"))?;
-        Ok(row.try_get::<i64, _>(0).map_err(Self::err("reading a group"))? != 0)
+        Ok(row
+            .try_get::<i64, _>(0)
+            .map_err(Self::err("reading a group"))?
+            != 0)
     }
 
     /// Advances the fencing counter of `name`; the new token.
-    async fn fence(conn: &mut MySqlConnection, name: &LockName) -> std::result::Result<Token, sqlx::Error> {
+    async fn fence(
+        conn: &mut MySqlConnection,
+        name: &LockName,
+    ) -> std::result::Result<Token, sqlx::Error> {
         let r = sqlx::query(
             "INSERT INTO tooz_fences (kind, name, token) VALUES (?, ?, LAST_INSERT_ID(1)) \
              ON DUPLICATE KEY UPDATE token = LAST_INSERT_ID(token + 1)",
@@ -149,7 +155,10 @@ impl MySql {
             .execute(&mut *conn)
             .await?;
         let token = Self::fence(conn, name).await?;
-        sqlx::query("SELECT RELEASE_LOCK(?)").bind(key).execute(&mut *conn).await?;
+        sqlx::query("SELECT RELEASE_LOCK(?)")
+            .bind(key)
+            .execute(&mut *conn)
+            .await?;
         Ok(token)
     }
 
@@ -219,7 +228,10 @@ impl Backend for MySql {
                 .await
         };
         let version = match read().await {
-            Ok(Some(row)) => Some(row.try_get::<i32, _>(0).map_err(Self::err("reading the schema version"))?),
+            Ok(Some(row)) => Some(
+                row.try_get::<i32, _>(0)
+                    .map_err(Self::err("reading the schema version"))?,
+            ),
             Ok(None) => None,
             // ER_NO_SUCH_TABLE
             Err(sqlx::Error::Database(d)) if d.code().as_deref() == Some("42S02") => None,
@@ -249,8 +261,14 @@ impl Backend for MySql {
                 let row = read()
                     .await
                     .map_err(Self::err("reading the schema version"))?
-                    .ok_or_else(|| ToozError::backend_msg(NAME, "the tooz schema row is missing after creating it"))?;
-                row.try_get::<i32, _>(0).map_err(Self::err("reading the schema version"))?
+                    .ok_or_else(|| {
+                        ToozError::backend_msg(
+                            NAME,
+                            "the tooz schema row is missing after creating it",
+                        )
+                    })?;
+                row.try_get::<i32, _>(0)
+                    .map_err(Self::err("reading the schema version"))?
             }
         };
         if version != SCHEMA_VERSION {
@@ -265,7 +283,9 @@ impl Backend for MySql {
             .fetch_one(&self.pool)
             .await
             .map_err(Self::err("reading the server version"))?;
-        let v: String = row.try_get(0).map_err(Self::err("reading the server version"))?;
+        let v: String = row
+            .try_get(0)
+            .map_err(Self::err("reading the server version"))?;
         if v.to_ascii_lowercase().contains("mariadb") {
             self.name_limit.store(192, Ordering::Relaxed);
         }
@@ -278,9 +298,13 @@ impl Backend for MySql {
         .execute(&self.pool)
         .await
         .and(
-            sqlx::query(concat!("DELETE FROM tooz_leases WHERE expires_us < ", now_us!(), " - 60000000"))
-                .execute(&self.pool)
-                .await,
+            sqlx::query(concat!(
+                "DELETE FROM tooz_leases WHERE expires_us < ",
+                now_us!(),
+                " - 60000000"
+            ))
+            .execute(&self.pool)
+            .await,
         );
         if let Err(e) = gc {
             tracing::debug!(error = %e, "removing expired leases failed");
@@ -328,7 +352,11 @@ impl Backend for MySql {
         Ok(())
     }
 
-    async fn renew(&self, conn: &mut MySqlConnection, lease: i64) -> std::result::Result<bool, sqlx::Error> {
+    async fn renew(
+        &self,
+        conn: &mut MySqlConnection,
+        lease: i64,
+    ) -> std::result::Result<bool, sqlx::Error> {
         let r = sqlx::query(concat!(
             "UPDATE tooz_leases SET expires_us = ",
             now_us!(),
@@ -402,7 +430,9 @@ impl Backend for MySql {
     ) -> std::result::Result<Option<Token>, sqlx::Error> {
         let deadline = wait.and_then(|w| Instant::now().checked_add(w));
         let secs = |deadline: Option<Instant>| match deadline {
-            Some(d) => (d.saturating_duration_since(Instant::now()).as_secs_f64() * 1000.0).ceil() / 1000.0,
+            Some(d) => {
+                (d.saturating_duration_since(Instant::now()).as_secs_f64() * 1000.0).ceil() / 1000.0
+            }
             // MariaDB refuses a negative timeout (MySQL's "for ever"): a year.
             None => FOREVER_SECS,
         };
@@ -439,7 +469,10 @@ impl Backend for MySql {
                     let r: String = row.try_get(0)?;
                     let left = secs(deadline);
                     if left == 0.0 {
-                        sqlx::query("SELECT RELEASE_LOCK(?)").bind(key.as_slice()).execute(&mut *conn).await?;
+                        sqlx::query("SELECT RELEASE_LOCK(?)")
+                            .bind(key.as_slice())
+                            .execute(&mut *conn)
+                            .await?;
                         return Ok(None);
                     }
                     let row = sqlx::query("SELECT GET_LOCK(?, ?)")
@@ -448,14 +481,20 @@ impl Backend for MySql {
                         .fetch_one(&mut *conn)
                         .await?;
                     if row.try_get::<Option<i64>, _>(0)? == Some(1) {
-                        sqlx::query("SELECT RELEASE_LOCK(?)").bind(&r).execute(&mut *conn).await?;
+                        sqlx::query("SELECT RELEASE_LOCK(?)")
+                            .bind(&r)
+                            .execute(&mut *conn)
+                            .await?;
                         sqlx::query("DELETE FROM tooz_readers WHERE name = ? AND reader = ?")
                             .bind(key.as_slice())
                             .bind(&r)
                             .execute(&mut *conn)
                             .await?;
                     } else {
-                        sqlx::query("SELECT RELEASE_LOCK(?)").bind(key.as_slice()).execute(&mut *conn).await?;
+                        sqlx::query("SELECT RELEASE_LOCK(?)")
+                            .bind(key.as_slice())
+                            .execute(&mut *conn)
+                            .await?;
                         return Ok(None);
                     }
                     readers -= 1;
@@ -556,7 +595,10 @@ impl Backend for MySql {
         .map_err(Self::err("breaking a lock"))?;
         let mut ids = Vec::new();
         for r in holders {
-            if let Some(id) = r.try_get::<Option<i64>, _>(0).map_err(Self::err("breaking a lock"))? {
+            if let Some(id) = r
+                .try_get::<Option<i64>, _>(0)
+                .map_err(Self::err("breaking a lock"))?
+            {
                 ids.push(id);
             }
         }
@@ -578,7 +620,11 @@ impl Backend for MySql {
             .fetch_one(&self.pool)
             .await
             .map_err(Self::err("breaking a lock"))?;
-            if row.try_get::<Option<i64>, _>(0).map_err(Self::err("breaking a lock"))? == Some(1) {
+            if row
+                .try_get::<Option<i64>, _>(0)
+                .map_err(Self::err("breaking a lock"))?
+                == Some(1)
+            {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
@@ -808,7 +854,12 @@ impl Backend for MySql {
         }
     }
 
-    async fn campaign(&self, lease: i64, group: &GroupId, member: &MemberId) -> Result<Option<Token>> {
+    async fn campaign(
+        &self,
+        lease: i64,
+        group: &GroupId,
+        member: &MemberId,
+    ) -> Result<Option<Token>> {
         // A vacant (or expired) leadership: take it, advancing the token.
         let r = sqlx::query(concat!(
             "UPDATE tooz_leaders ld LEFT JOIN tooz_leases l ON l.lease_id = ld.lease_id AND l.expires_us > ",

@@ -1,8 +1,8 @@
 //! PostgreSQL: session advisory locks keyed as Python tooz keys them, tables for the
 //! rest, `LISTEN/NOTIFY` for membership and leader changes.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgListener, PgPool, PgPoolOptions};
@@ -17,7 +17,9 @@ use tooz_core::{
 
 use crate::backend::{Backend, Token, is_broken, micros, sqlstate, system_time, to_tooz};
 use crate::config::PgConfig;
-use crate::layout::{self, FENCE_LOCK, Note, PG_CHANNEL, PG_SCHEMA_LOCK, SCHEMA_NAME, SCHEMA_VERSION};
+use crate::layout::{
+    self, FENCE_LOCK, Note, PG_CHANNEL, PG_SCHEMA_LOCK, SCHEMA_NAME, SCHEMA_VERSION,
+};
 
 const NAME: &str = crate::PG_NAME;
 
@@ -153,7 +155,12 @@ impl Pg {
     }
 
     async fn ensure_listener(&self) -> Result<broadcast::Receiver<Event>> {
-        if let Some(tx) = self.events.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+        if let Some(tx) = self
+            .events
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
             return Ok(tx.subscribe());
         }
         let mut listener = PgListener::connect_with(&self.listen_pool)
@@ -202,7 +209,10 @@ impl Pg {
 
     /// Microseconds until the first live lease of the group's members or leader
     /// expires, if any.
-    async fn next_expiry(pool: &PgPool, group: &[u8]) -> std::result::Result<Option<i64>, sqlx::Error> {
+    async fn next_expiry(
+        pool: &PgPool,
+        group: &[u8],
+    ) -> std::result::Result<Option<i64>, sqlx::Error> {
         let row = sqlx::query(concat!(
             "SELECT min(l.expires_us) - ",
             now_us!(),
@@ -223,7 +233,8 @@ impl Pg {
             .fetch_one(&self.pool)
             .await
             .map_err(Self::err("reading a group"))?;
-        row.try_get::<bool, _>(0).map_err(Self::err("reading a group"))
+        row.try_get::<bool, _>(0)
+            .map_err(Self::err("reading a group"))
     }
 }
 
@@ -272,7 +283,10 @@ impl Backend for Pg {
                 .await
         };
         let version = match read().await {
-            Ok(Some(row)) => Some(row.try_get::<i32, _>(0).map_err(Self::err("reading the schema version"))?),
+            Ok(Some(row)) => Some(
+                row.try_get::<i32, _>(0)
+                    .map_err(Self::err("reading the schema version"))?,
+            ),
             Ok(None) => None,
             Err(e) if sqlstate(&e).as_deref() == Some("42P01") => None,
             Err(e) => return Err(to_tooz(NAME, "reading the schema version", e)),
@@ -293,8 +307,14 @@ impl Backend for Pg {
                 let row = read()
                     .await
                     .map_err(Self::err("reading the schema version"))?
-                    .ok_or_else(|| ToozError::backend_msg(NAME, "the tooz schema row is missing after creating it"))?;
-                row.try_get::<i32, _>(0).map_err(Self::err("reading the schema version"))?
+                    .ok_or_else(|| {
+                        ToozError::backend_msg(
+                            NAME,
+                            "the tooz schema row is missing after creating it",
+                        )
+                    })?;
+                row.try_get::<i32, _>(0)
+                    .map_err(Self::err("reading the schema version"))?
             }
         };
         if version != SCHEMA_VERSION {
@@ -309,7 +329,9 @@ impl Backend for Pg {
             .fetch_one(&self.pool)
             .await
             .map_err(Self::err("reading the server version"))?;
-        let num: i32 = row.try_get(0).map_err(Self::err("reading the server version"))?;
+        let num: i32 = row
+            .try_get(0)
+            .map_err(Self::err("reading the server version"))?;
         self.idle_timeout.store(num >= 140_000, Ordering::Relaxed);
         if num < 140_000 {
             tracing::warn!(
@@ -339,7 +361,9 @@ impl Backend for Pg {
         )
         .await
         .map_err(|_| sqlx::Error::PoolTimedOut)??;
-        let row = sqlx::query("SELECT pg_backend_pid()").fetch_one(&mut c).await?;
+        let row = sqlx::query("SELECT pg_backend_pid()")
+            .fetch_one(&mut c)
+            .await?;
         let pid: i32 = row.try_get(0)?;
         Ok((c, i64::from(pid)))
     }
@@ -363,7 +387,11 @@ impl Backend for Pg {
         Ok(())
     }
 
-    async fn renew(&self, conn: &mut PgConnection, lease: i64) -> std::result::Result<bool, sqlx::Error> {
+    async fn renew(
+        &self,
+        conn: &mut PgConnection,
+        lease: i64,
+    ) -> std::result::Result<bool, sqlx::Error> {
         let r = sqlx::query(concat!(
             "UPDATE tooz_leases SET expires_us = ",
             now_us!(),
@@ -415,7 +443,8 @@ impl Backend for Pg {
             .bind(name.as_bytes())
             .fetch_optional(conn)
             .await?;
-        row.map(|r| r.try_get::<i64, _>(0).map(|t| t as u64)).transpose()
+        row.map(|r| r.try_get::<i64, _>(0).map(|t| t as u64))
+            .transpose()
     }
 
     async fn wait_lock(
@@ -444,7 +473,9 @@ impl Backend for Pg {
             .await;
         match r {
             Ok(Some(row)) => Ok(Some(row.try_get::<i64, _>(0)? as u64)),
-            Ok(None) => Err(sqlx::Error::Protocol("the lock statement returned no token".into())),
+            Ok(None) => Err(sqlx::Error::Protocol(
+                "the lock statement returned no token".into(),
+            )),
             // lock_not_available: the wait ran out, nothing is held.
             Err(e) if sqlstate(&e).as_deref() == Some("55P03") => Ok(None),
             Err(e) => Err(e),
@@ -459,7 +490,11 @@ impl Backend for Pg {
         _reader: &str,
     ) -> std::result::Result<bool, sqlx::Error> {
         let sql = format!("SELECT {}($1, $2)", unlock_fn(mode));
-        let row = sqlx::query(&sql).bind(key.0).bind(key.1).fetch_one(conn).await?;
+        let row = sqlx::query(&sql)
+            .bind(key.0)
+            .bind(key.1)
+            .fetch_one(conn)
+            .await?;
         row.try_get::<bool, _>(0)
     }
 
@@ -503,7 +538,9 @@ impl Backend for Pg {
     }
 
     async fn cancel_wait(&self, server_id: i64) {
-        let Ok(pid) = i32::try_from(server_id) else { return };
+        let Ok(pid) = i32::try_from(server_id) else {
+            return;
+        };
         if let Err(e) = sqlx::query("SELECT pg_cancel_backend($1)")
             .bind(pid)
             .execute(&self.pool)
@@ -535,7 +572,10 @@ impl Backend for Pg {
                 .fetch_one(&self.pool)
                 .await
                 .map_err(Self::err("breaking a lock"))?;
-            if !row.try_get::<bool, _>(0).map_err(Self::err("breaking a lock"))? {
+            if !row
+                .try_get::<bool, _>(0)
+                .map_err(Self::err("breaking a lock"))?
+            {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
@@ -681,7 +721,11 @@ impl Backend for Pg {
             "SELECT m.member_id, {} FROM tooz_groups g LEFT JOIN \
              (tooz_members m JOIN tooz_leases l ON l.lease_id = m.lease_id AND l.expires_us > {}) \
              ON m.group_id = g.group_id WHERE g.group_id = $1",
-            if caps { "m.capabilities" } else { "NULL::bytea" },
+            if caps {
+                "m.capabilities"
+            } else {
+                "NULL::bytea"
+            },
             now_us!()
         );
         let rows = sqlx::query(&sql)
@@ -767,7 +811,12 @@ impl Backend for Pg {
         }
     }
 
-    async fn campaign(&self, lease: i64, group: &GroupId, member: &MemberId) -> Result<Option<Token>> {
+    async fn campaign(
+        &self,
+        lease: i64,
+        group: &GroupId,
+        member: &MemberId,
+    ) -> Result<Option<Token>> {
         let row = sqlx::query(concat!(
             "WITH up AS (INSERT INTO tooz_leaders AS ld (group_id, member_id, lease_id, token) \
              VALUES ($1, $2, $3, 1) ON CONFLICT (group_id) DO UPDATE SET \
@@ -833,12 +882,14 @@ impl Backend for Pg {
             expiry: None,
             dirty: true,
         };
-        Ok(Some(Box::pin(futures_util::stream::unfold(st, |mut st| async move {
-            let ev = st.next().await?;
-            Some((ev, st))
-        }))))
+        Ok(Some(Box::pin(futures_util::stream::unfold(
+            st,
+            |mut st| async move {
+                let ev = st.next().await?;
+                Some((ev, st))
+            },
+        ))))
     }
-
 }
 
 impl Drop for Pg {
@@ -864,7 +915,9 @@ impl WatchState {
             if self.dirty {
                 self.dirty = false;
                 self.expiry = match Pg::next_expiry(&self.pool, &self.group).await {
-                    Ok(Some(us)) => Some(Instant::now() + Duration::from_micros(us.max(0) as u64 + 20_000)),
+                    Ok(Some(us)) => {
+                        Some(Instant::now() + Duration::from_micros(us.max(0) as u64 + 20_000))
+                    }
                     Ok(None) => None,
                     Err(e) => {
                         tracing::debug!(error = %e, "reading the next expiry failed");

@@ -18,6 +18,8 @@ const REQUIREMENTS: &[&str] = &[
     "kazoo==2.11.0",
     "etcd3gw==2.7.0",
     "pymemcache==4.0.0",
+    "psycopg2-binary==2.9.13",
+    "PyMySQL==1.2.4",
 ];
 
 /// The exact tooz version the scenarios are written against.

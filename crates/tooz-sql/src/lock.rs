@@ -251,10 +251,13 @@ async fn unlock_on_session<B: Backend>(
     }
 }
 
+/// A grant on the session: its token and the session generation.
+type SessionGrant = Option<(Token, u64)>;
+
 /// An attempt on the session whose caller may go away: gives back a grant nobody
 /// took.
 struct Orphan<B: Backend> {
-    task: Option<JoinHandle<Result<Option<(Token, u64)>>>>,
+    task: Option<JoinHandle<Result<SessionGrant>>>,
     inner: Arc<Inner<B>>,
     key: B::Key,
     mode: Mode,

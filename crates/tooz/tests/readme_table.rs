@@ -18,6 +18,8 @@ fn drivers() -> Vec<(&'static str, DriverDescriptor)> {
         ("tooz-zookeeper", tooz_zookeeper::DRIVER),
         ("tooz-memcached", tooz_memcached::DRIVER),
         ("tooz-etcd", tooz_etcd::DRIVER),
+        ("tooz-sql", tooz_sql::POSTGRESQL),
+        ("tooz-sql", tooz_sql::MYSQL),
         ("tooz-core", tooz::memory::DRIVER),
     ]
 }

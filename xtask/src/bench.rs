@@ -25,7 +25,15 @@ use crate::{
 use crate::interop::venv;
 
 /// Drivers `tooz-bench` knows; later drivers add themselves here and in tooz-bench.
-const BENCH_DRIVERS: &[&str] = &["file", "redis", "zookeeper", "etcd", "memcached"];
+const BENCH_DRIVERS: &[&str] = &[
+    "file",
+    "redis",
+    "zookeeper",
+    "etcd",
+    "memcached",
+    "postgresql",
+    "mysql",
+];
 
 /// The scenarios in the order tooz-bench prints them.
 const ORDER: &[&str] = &[
@@ -113,6 +121,8 @@ fn run_one(
         "zookeeper" => from_env("TOOZ_TEST_ZOOKEEPER_URL")?,
         "etcd" => from_env("TOOZ_TEST_ETCD_URL")?,
         "memcached" => from_env("TOOZ_TEST_MEMCACHED_URL")?,
+        "postgresql" => from_env("TOOZ_TEST_POSTGRESQL_URL")?,
+        "mysql" => from_env("TOOZ_TEST_MYSQL_URL")?,
         _ => {
             let dir = out_dir.join("scratch").join("python-file");
             format!("file://{}", dir.display())

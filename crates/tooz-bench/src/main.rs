@@ -1,7 +1,7 @@
 //! `tooz-bench`: the benchmark harness behind `cargo xtask bench` (DESIGN.md §8).
 //!
 //! ```text
-//! tooz-bench --driver file|redis|zookeeper|etcd|memcached [--json-out PATH] [--quick] [--url URL]
+//! tooz-bench --driver file|redis|zookeeper|etcd|memcached|postgresql|mysql [--json-out PATH] [--quick] [--url URL]
 //! ```
 //!
 //! Runs the floors and the scenarios against one driver, prints a table and writes
@@ -35,6 +35,13 @@
 //!   command lines (`commands_per_op` in the JSON, a line under the table). Floor:
 //!   `floor_rtt` is one `mg` of a key (async-memcached, the driver's client library).
 //!
+//! * `postgresql`, `mysql`: the server is `--url`, else `$TOOZ_TEST_POSTGRESQL_URL` /
+//!   `$TOOZ_TEST_MYSQL_URL`, with `timeout=300` added (bench coordinators run no
+//!   heartbeat task); the same two passes, req/op are client round trips. Floors (sqlx,
+//!   the driver's client library, one dedicated connection): `floor_rtt` is one
+//!   `SELECT 1`, `floor_write` one one-row `UPDATE` (autocommit, so it waits for the
+//!   commit).
+//!
 //! Every ratio is a median over the `floor_rtt` median; `ratio_to_write_floor` (file
 //! driver) is the median over the `floor_write` median.
 
@@ -53,7 +60,7 @@ use tooz_core::{Coordinator, Registry, Url};
 
 use crate::proxy::{Counting, Proxy};
 
-const USAGE: &str = "usage: tooz-bench --driver file|redis|zookeeper|etcd|memcached [--json-out PATH] [--quick] [--url URL]";
+const USAGE: &str = "usage: tooz-bench --driver file|redis|zookeeper|etcd|memcached|postgresql|mysql [--json-out PATH] [--quick] [--url URL]";
 
 #[derive(Debug)]
 struct Args {
@@ -150,8 +157,8 @@ struct Server {
     /// The port when the URL has none.
     port: u16,
     counting: Counting,
-    /// A `namespace` option added to the URL when it has none.
-    namespace: Option<&'static str>,
+    /// An option added to the URL when it has none.
+    extra_option: Option<(&'static str, &'static str)>,
 }
 
 const SERVERS: &[Server] = &[
@@ -160,28 +167,42 @@ const SERVERS: &[Server] = &[
         env: "TOOZ_TEST_REDIS_URL",
         port: 6379,
         counting: Counting::RoundTrips,
-        namespace: None,
+        extra_option: None,
     },
     Server {
         driver: "zookeeper",
         env: "TOOZ_TEST_ZOOKEEPER_URL",
         port: 2181,
         counting: Counting::ZookeeperRequests,
-        namespace: Some("tooz-bench"),
+        extra_option: Some(("namespace", "tooz-bench")),
     },
     Server {
         driver: "etcd",
         env: "TOOZ_TEST_ETCD_URL",
         port: 2379,
         counting: Counting::GrpcMessages,
-        namespace: None,
+        extra_option: None,
     },
     Server {
         driver: "memcached",
         env: "TOOZ_TEST_MEMCACHED_URL",
         port: 11211,
         counting: Counting::MemcachedRoundTrips,
-        namespace: None,
+        extra_option: None,
+    },
+    Server {
+        driver: "postgresql",
+        env: "TOOZ_TEST_POSTGRESQL_URL",
+        port: 5432,
+        counting: Counting::RoundTrips,
+        extra_option: Some(("timeout", "300")),
+    },
+    Server {
+        driver: "mysql",
+        env: "TOOZ_TEST_MYSQL_URL",
+        port: 3306,
+        counting: Counting::RoundTrips,
+        extra_option: Some(("timeout", "300")),
     },
 ];
 
@@ -221,6 +242,10 @@ impl Target {
         let registry = registry.with(tooz_etcd::DRIVER);
         #[cfg(feature = "memcached")]
         let registry = registry.with(tooz_memcached::DRIVER);
+        #[cfg(feature = "postgresql")]
+        let registry = registry.with(tooz_sql::POSTGRESQL);
+        #[cfg(feature = "mysql")]
+        let registry = registry.with(tooz_sql::MYSQL);
         match args.driver.as_str() {
             "file" => {
                 let base = match &args.url {
@@ -250,7 +275,7 @@ impl Target {
             name => {
                 let Some(server) = SERVERS.iter().find(|s| s.driver == name) else {
                     bail!(
-                        "unknown driver `{name}` (tooz-bench knows file, redis, zookeeper, etcd and memcached)"
+                        "unknown driver `{name}` (tooz-bench knows file, redis, zookeeper, etcd, memcached, postgresql and mysql)"
                     )
                 };
                 Self::behind_proxy(server, args, registry, run).await
@@ -277,10 +302,10 @@ impl Target {
             })?,
         };
         let mut direct = Url::parse(&url).with_context(|| format!("bad URL {url}"))?;
-        if let Some(ns) = server.namespace
-            && !direct.query_pairs().any(|(k, _)| k == "namespace")
+        if let Some((key, value)) = server.extra_option
+            && !direct.query_pairs().any(|(k, _)| k == key)
         {
-            direct.query_pairs_mut().append_pair("namespace", ns);
+            direct.query_pairs_mut().append_pair(key, value);
         }
         let addr = format!(
             "{}:{}",
@@ -396,6 +421,17 @@ impl Target {
     /// The command lines windows saw since the last call (and resets the tally).
     pub(crate) fn take_commands(&self) -> u64 {
         self.commands_seen.swap(0, Ordering::SeqCst)
+    }
+
+    /// The server URL with the proxy in the counting pass (for raw clients of the
+    /// floors that take a URL).
+    #[cfg_attr(not(any(feature = "postgresql", feature = "mysql")), allow(dead_code))]
+    pub(crate) fn raw_url(&self) -> String {
+        if self.counting() {
+            self.measured_url.clone()
+        } else {
+            self.direct_url.clone()
+        }
     }
 
     /// The file driver's data directory.

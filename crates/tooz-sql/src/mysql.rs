@@ -27,6 +27,27 @@ use crate::layout::{FENCE_LOCK, MYSQL_SCHEMA_LOCK, SCHEMA_NAME, SCHEMA_VERSION};
 
 const NAME: &str = crate::MYSQL_NAME;
 
+/// Every connection reads committed rows and takes no gap locks.
+const ISOLATION: &str = "SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED";
+
+/// Runs `op` again (a few times) when InnoDB chose it as a deadlock victim.
+async fn retried<T, F, Fut>(mut op: F) -> std::result::Result<T, sqlx::Error>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = std::result::Result<T, sqlx::Error>>,
+{
+    let mut tries = 0;
+    loop {
+        match op().await {
+            Err(sqlx::Error::Database(d)) if d.code().as_deref() == Some("40001") && tries < 5 => {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(2 << tries)).await;
+            }
+            r => return r,
+        }
+    }
+}
+
 /// The `GET_LOCK` timeout of a wait without a deadline (seconds).
 const FOREVER_SECS: f64 = 31_536_000.0;
 
@@ -100,6 +121,13 @@ impl MySql {
             .acquire_timeout(cfg.common.connect_timeout)
             .idle_timeout(Some(Duration::from_secs(60)))
             .test_before_acquire(false)
+            // No gap locks: concurrent joins and leaves of one group do not deadlock.
+            .after_connect(|c, _| {
+                Box::pin(async move {
+                    c.execute(ISOLATION).await?;
+                    Ok(())
+                })
+            })
             .connect_lazy_with(cfg.connect.clone());
         MySql {
             cfg,
@@ -326,6 +354,7 @@ impl Backend for MySql {
         sqlx::query(&format!("SET SESSION wait_timeout = {secs}"))
             .execute(&mut c)
             .await?;
+        sqlx::query(ISOLATION).execute(&mut c).await?;
         let row = sqlx::query("SELECT CAST(CONNECTION_ID() AS SIGNED)")
             .fetch_one(&mut c)
             .await?;
@@ -371,21 +400,15 @@ impl Backend for MySql {
     }
 
     async fn end_lease(&self, lease: i64) -> Result<()> {
-        sqlx::query("DELETE FROM tooz_members WHERE lease_id = ?")
-            .bind(lease)
-            .execute(&self.pool)
-            .await
-            .map_err(Self::err("ending the lease"))?;
-        sqlx::query("UPDATE tooz_leaders SET member_id = NULL, lease_id = NULL WHERE lease_id = ?")
-            .bind(lease)
-            .execute(&self.pool)
-            .await
-            .map_err(Self::err("ending the lease"))?;
-        sqlx::query("DELETE FROM tooz_leases WHERE lease_id = ?")
-            .bind(lease)
-            .execute(&self.pool)
-            .await
-            .map_err(Self::err("ending the lease"))?;
+        for sql in [
+            "DELETE FROM tooz_members WHERE lease_id = ?",
+            "UPDATE tooz_leaders SET member_id = NULL, lease_id = NULL WHERE lease_id = ?",
+            "DELETE FROM tooz_leases WHERE lease_id = ?",
+        ] {
+            retried(|| sqlx::query(sql).bind(lease).execute(&self.pool))
+                .await
+                .map_err(Self::err("ending the lease"))?;
+        }
         Ok(())
     }
 
@@ -692,30 +715,34 @@ impl Backend for MySql {
         caps: &Capabilities,
     ) -> Result<()> {
         // A dead member's row gives way.
-        sqlx::query(concat!(
-            "DELETE m FROM tooz_members m LEFT JOIN tooz_leases l ON l.lease_id = m.lease_id \
-             AND l.expires_us > ",
-            now_us!(),
-            " WHERE m.group_id = ? AND m.member_id = ? AND l.lease_id IS NULL"
-        ))
-        .bind(group.as_bytes())
-        .bind(member.as_bytes())
-        .execute(&self.pool)
+        retried(|| {
+            sqlx::query(concat!(
+                "DELETE m FROM tooz_members m LEFT JOIN tooz_leases l ON l.lease_id = m.lease_id \
+                 AND l.expires_us > ",
+                now_us!(),
+                " WHERE m.group_id = ? AND m.member_id = ? AND l.lease_id IS NULL"
+            ))
+            .bind(group.as_bytes())
+            .bind(member.as_bytes())
+            .execute(&self.pool)
+        })
         .await
         .map_err(Self::err("joining a group"))?;
-        let r = sqlx::query(concat!(
-            "INSERT INTO tooz_members (group_id, member_id, lease_id, capabilities, joined_us, updated_us) \
-             VALUES (?, ?, ?, ?, ",
-            now_us!(),
-            ", ",
-            now_us!(),
-            ")"
-        ))
-        .bind(group.as_bytes())
-        .bind(member.as_bytes())
-        .bind(lease)
-        .bind(caps.as_msgpack())
-        .execute(&self.pool)
+        let r = retried(|| {
+            sqlx::query(concat!(
+                "INSERT INTO tooz_members (group_id, member_id, lease_id, capabilities, joined_us, updated_us) \
+                 VALUES (?, ?, ?, ?, ",
+                now_us!(),
+                ", ",
+                now_us!(),
+                ")"
+            ))
+            .bind(group.as_bytes())
+            .bind(member.as_bytes())
+            .bind(lease)
+            .bind(caps.as_msgpack())
+            .execute(&self.pool)
+        })
         .await;
         match r {
             Ok(_) => Ok(()),
@@ -735,15 +762,17 @@ impl Backend for MySql {
     }
 
     async fn leave_group(&self, group: &GroupId, member: &MemberId) -> Result<()> {
-        let r = sqlx::query(concat!(
-            "DELETE m FROM tooz_members m JOIN tooz_leases l ON l.lease_id = m.lease_id \
-             AND l.expires_us > ",
-            now_us!(),
-            " WHERE m.group_id = ? AND m.member_id = ?"
-        ))
-        .bind(group.as_bytes())
-        .bind(member.as_bytes())
-        .execute(&self.pool)
+        let r = retried(|| {
+            sqlx::query(concat!(
+                "DELETE m FROM tooz_members m JOIN tooz_leases l ON l.lease_id = m.lease_id \
+                 AND l.expires_us > ",
+                now_us!(),
+                " WHERE m.group_id = ? AND m.member_id = ?"
+            ))
+            .bind(group.as_bytes())
+            .bind(member.as_bytes())
+            .execute(&self.pool)
+        })
         .await
         .map_err(Self::err("leaving a group"))?;
         if r.rows_affected() > 0 {

@@ -254,8 +254,18 @@ fn unlock_fn(mode: Mode) -> &'static str {
     }
 }
 
-const FENCE_UPSERT: &str = "INSERT INTO tooz_fences (kind, name, token) SELECT $3, $4, 1 FROM l \
-     ON CONFLICT (kind, name) DO UPDATE SET token = tooz_fences.token + 1 RETURNING token";
+/// Advances the fence of a grant (`l` yields a row when granted): the token is
+/// `max(stored + 1, server clock in µs)`, committed asynchronously (this transaction
+/// only waits for no WAL flush). A crash that loses the last increments cannot make a
+/// token go back: the clock has moved past every token handed out before it (unless
+/// the server clock steps back across the crash).
+const FENCE_UPSERT: &str = concat!(
+    ", a AS (SELECT set_config('synchronous_commit', 'off', true)) \
+     INSERT INTO tooz_fences (kind, name, token) SELECT $3, $4, ",
+    now_us!(),
+    " FROM l, a ON CONFLICT (kind, name) DO UPDATE SET \
+     token = GREATEST(tooz_fences.token + 1, EXCLUDED.token) RETURNING token"
+);
 
 #[tooz_core::async_trait]
 impl Backend for Pg {
@@ -433,7 +443,7 @@ impl Backend for Pg {
         _reader: &str,
     ) -> std::result::Result<Option<Token>, sqlx::Error> {
         let sql = format!(
-            "WITH l AS (SELECT 1 FROM (SELECT {}($1, $2) AS ok) t WHERE t.ok) {FENCE_UPSERT}",
+            "WITH l AS (SELECT 1 FROM (SELECT {}($1, $2) AS ok) t WHERE t.ok){FENCE_UPSERT}",
             lock_fn(mode, false)
         );
         let row = sqlx::query(&sql)
@@ -460,7 +470,7 @@ impl Backend for Pg {
         let timeout_ms = wait.map_or(0, |w| w.as_millis().clamp(1, i32::MAX as u128));
         let sql = format!(
             "WITH c AS (SELECT set_config('lock_timeout', $5, false) AS v), \
-             l AS (SELECT {}($1, $2) FROM c) {FENCE_UPSERT}",
+             l AS (SELECT {}($1, $2) FROM c){FENCE_UPSERT}",
             lock_fn(mode, true)
         );
         let r = sqlx::query(&sql)

@@ -156,6 +156,8 @@ pub(crate) trait Backend: Send + Sync + fmt::Debug + Sized + 'static {
     async fn get_leader(&self, group: &GroupId) -> Result<Option<MemberId>>;
     /// A push source of the group's changes, where the database pushes.
     async fn watch(&self, group: &GroupId) -> Result<Option<DriverEventStream>>;
+    /// Closes the idle connections (at `stop`; new ones open on demand).
+    fn disconnect(&self);
 }
 
 /// Whether an error means the connection is gone (so are the locks it held).
@@ -218,4 +220,101 @@ pub(crate) fn system_time(us: i64) -> Option<std::time::SystemTime> {
 /// Whole microseconds of a duration, for SQL.
 pub(crate) fn micros(d: Duration) -> i64 {
     i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
+}
+
+/// Idle dedicated connections for statements that hold nothing. sqlx's pool pings
+/// every connection it takes back (one more round trip per statement); these are
+/// handed back as they are, and dropped when a statement found them broken.
+#[derive(Debug)]
+pub(crate) struct Idle<C> {
+    conns: std::sync::Mutex<Vec<C>>,
+}
+
+/// The most idle connections kept.
+const MAX_IDLE: usize = 4;
+
+impl<C> Idle<C> {
+    pub(crate) fn new() -> Self {
+        Idle {
+            conns: std::sync::Mutex::new(Vec::new()),
+        }
+    }
+
+    fn guard(&self) -> std::sync::MutexGuard<'_, Vec<C>> {
+        self.conns.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// An idle connection, if there is one.
+    pub(crate) fn pop(&self) -> Option<C> {
+        self.guard().pop()
+    }
+
+    /// Lends `conn`; it comes back when the loan is dropped, unless found broken.
+    pub(crate) fn lend(&self, conn: C) -> Lent<'_, C> {
+        Lent {
+            conn: Some(conn),
+            home: self,
+            broken: false,
+        }
+    }
+
+    /// Drops every idle connection.
+    pub(crate) fn clear(&self) -> Vec<C> {
+        std::mem::take(&mut *self.guard())
+    }
+}
+
+/// A connection lent by [`Idle`].
+#[derive(Debug)]
+pub(crate) struct Lent<'a, C> {
+    conn: Option<C>,
+    home: &'a Idle<C>,
+    broken: bool,
+}
+
+impl<C> Lent<'_, C> {
+    /// Notes the outcome of a statement: a broken connection is not given back.
+    pub(crate) fn check<T>(
+        &mut self,
+        r: std::result::Result<T, sqlx::Error>,
+    ) -> std::result::Result<T, sqlx::Error> {
+        if let Err(e) = &r
+            && is_broken(e)
+        {
+            self.broken = true;
+        }
+        r
+    }
+}
+
+impl<C> std::ops::Deref for Lent<'_, C> {
+    type Target = C;
+    fn deref(&self) -> &C {
+        match &self.conn {
+            Some(c) => c,
+            None => unreachable!("a loan holds its connection until dropped"),
+        }
+    }
+}
+
+impl<C> std::ops::DerefMut for Lent<'_, C> {
+    fn deref_mut(&mut self) -> &mut C {
+        match &mut self.conn {
+            Some(c) => c,
+            None => unreachable!("a loan holds its connection until dropped"),
+        }
+    }
+}
+
+impl<C> Drop for Lent<'_, C> {
+    fn drop(&mut self) {
+        if let Some(c) = self.conn.take()
+            && !self.broken
+        {
+            let mut idle = self.home.guard();
+            if idle.len() < MAX_IDLE {
+                idle.push(c);
+            }
+        }
+    }
 }

@@ -263,6 +263,7 @@ impl<B: Backend> Driver for SqlDriver<B> {
             inner.db.close(c).await;
         }
         guard(&inner.graveyard).clear();
+        inner.db.disconnect();
         res
     }
 

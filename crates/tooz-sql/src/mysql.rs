@@ -21,7 +21,7 @@ use tooz_core::{
     ToozError,
 };
 
-use crate::backend::{Backend, Token, micros, system_time, to_tooz};
+use crate::backend::{Backend, Idle, Lent, Token, micros, system_time, to_tooz};
 use crate::config::MySqlConfig;
 use crate::layout::{FENCE_LOCK, MYSQL_SCHEMA_LOCK, SCHEMA_NAME, SCHEMA_VERSION};
 
@@ -103,11 +103,26 @@ const DDL: &[&str] = &[
     "INSERT IGNORE INTO tooz_schema (name, version) VALUES ('tooz', 1)",
 ];
 
+/// Runs one statement on an idle dedicated connection (see [`Idle`]).
+macro_rules! on_conn {
+    ($self:ident, |$c:ident| $body:expr) => {
+        async {
+            let mut lent = $self.lend().await?;
+            let $c: &mut MySqlConnection = &mut lent;
+            let r = $body;
+            lent.check(r)
+        }
+        .await
+    };
+}
+
 /// A MySQL or MariaDB database.
 #[derive(Debug)]
 pub(crate) struct MySql {
     cfg: MySqlConfig,
+    /// For schema creation only.
     pool: MySqlPool,
+    idle: Idle<MySqlConnection>,
     /// The longest `GET_LOCK` name the server takes (MySQL 64 characters, MariaDB
     /// 192 bytes); longer names are mapped.
     name_limit: AtomicUsize,
@@ -132,8 +147,24 @@ impl MySql {
         MySql {
             cfg,
             pool,
+            idle: Idle::new(),
             name_limit: AtomicUsize::new(crate::layout::MYSQL_MAX_LOCK_NAME),
         }
+    }
+
+    /// A connection for statements that hold nothing.
+    async fn lend(&self) -> std::result::Result<Lent<'_, MySqlConnection>, sqlx::Error> {
+        if let Some(c) = self.idle.pop() {
+            return Ok(self.idle.lend(c));
+        }
+        let mut c = tokio::time::timeout(
+            self.cfg.common.connect_timeout,
+            MySqlConnection::connect_with(&self.cfg.connect),
+        )
+        .await
+        .map_err(|_| sqlx::Error::PoolTimedOut)??;
+        c.execute(ISOLATION).await?;
+        Ok(self.idle.lend(c))
     }
 
     fn err(what: &str) -> impl FnOnce(sqlx::Error) -> ToozError + '_ {
@@ -141,11 +172,13 @@ impl MySql {
     }
 
     async fn group_exists(&self, group: &GroupId) -> Result<bool> {
-        let row = sqlx::query("SELECT EXISTS (SELECT 1 FROM tooz_groups WHERE group_id = ?)")
-            .bind(group.as_bytes())
-            .fetch_one(&self.pool)
-            .await
-            .map_err(Self::err("reading a group"))?;
+        let row = on_conn!(self, |c| sqlx::query(
+            "SELECT EXISTS (SELECT 1 FROM tooz_groups WHERE group_id = ?)"
+        )
+        .bind(group.as_bytes())
+        .fetch_one(c)
+        .await)
+        .map_err(Self::err("reading a group"))?;
         Ok(row
             .try_get::<i64, _>(0)
             .map_err(Self::err("reading a group"))?
@@ -250,10 +283,12 @@ impl Backend for MySql {
 
     async fn prepare(&self) -> Result<()> {
         let read = || async {
-            sqlx::query("SELECT version FROM tooz_schema WHERE name = ?")
-                .bind(SCHEMA_NAME)
-                .fetch_optional(&self.pool)
-                .await
+            on_conn!(self, |c| sqlx::query(
+                "SELECT version FROM tooz_schema WHERE name = ?"
+            )
+            .bind(SCHEMA_NAME)
+            .fetch_optional(c)
+            .await)
         };
         let version = match read().await {
             Ok(Some(row)) => Some(
@@ -307,9 +342,7 @@ impl Backend for MySql {
                 ),
             ));
         }
-        let row = sqlx::query("SELECT VERSION()")
-            .fetch_one(&self.pool)
-            .await
+        let row = on_conn!(self, |c| sqlx::query("SELECT VERSION()").fetch_one(c).await)
             .map_err(Self::err("reading the server version"))?;
         let v: String = row
             .try_get(0)
@@ -317,23 +350,21 @@ impl Backend for MySql {
         if v.to_ascii_lowercase().contains("mariadb") {
             self.name_limit.store(192, Ordering::Relaxed);
         }
-        let gc = sqlx::query(concat!(
+        let gc = on_conn!(self, |c| sqlx::query(concat!(
             "DELETE m FROM tooz_members m LEFT JOIN tooz_leases l ON l.lease_id = m.lease_id \
              AND l.expires_us > ",
             now_us!(),
             " - 60000000 WHERE l.lease_id IS NULL"
         ))
-        .execute(&self.pool)
-        .await
-        .and(
-            sqlx::query(concat!(
-                "DELETE FROM tooz_leases WHERE expires_us < ",
-                now_us!(),
-                " - 60000000"
-            ))
-            .execute(&self.pool)
-            .await,
-        );
+        .execute(c)
+        .await)
+        .and(on_conn!(self, |c| sqlx::query(concat!(
+            "DELETE FROM tooz_leases WHERE expires_us < ",
+            now_us!(),
+            " - 60000000"
+        ))
+        .execute(c)
+        .await));
         if let Err(e) = gc {
             tracing::debug!(error = %e, "removing expired leases failed");
         }
@@ -367,7 +398,7 @@ impl Backend for MySql {
     }
 
     async fn open_lease(&self, lease: i64, member: &MemberId) -> Result<()> {
-        sqlx::query(concat!(
+        on_conn!(self, |c| sqlx::query(concat!(
             "INSERT INTO tooz_leases (lease_id, member_id, expires_us) VALUES (?, ?, ",
             now_us!(),
             " + ?)"
@@ -375,8 +406,8 @@ impl Backend for MySql {
         .bind(lease)
         .bind(member.as_bytes())
         .bind(micros(self.ttl()))
-        .execute(&self.pool)
-        .await
+        .execute(c)
+        .await)
         .map_err(Self::err("creating the lease"))?;
         Ok(())
     }
@@ -405,9 +436,11 @@ impl Backend for MySql {
             "UPDATE tooz_leaders SET member_id = NULL, lease_id = NULL WHERE lease_id = ?",
             "DELETE FROM tooz_leases WHERE lease_id = ?",
         ] {
-            retried(|| sqlx::query(sql).bind(lease).execute(&self.pool))
-                .await
-                .map_err(Self::err("ending the lease"))?;
+            retried(
+                || async move { on_conn!(self, |c| sqlx::query(sql).bind(lease).execute(c).await) },
+            )
+            .await
+            .map_err(Self::err("ending the lease"))?;
         }
         Ok(())
     }
@@ -599,22 +632,25 @@ impl Backend for MySql {
     }
 
     async fn cancel_wait(&self, server_id: i64) {
-        if let Err(e) = sqlx::query(&format!("KILL QUERY {}", server_id as u64))
-            .execute(&self.pool)
-            .await
+        if let Err(e) = on_conn!(self, |c| sqlx::query(&format!(
+            "KILL QUERY {}",
+            server_id as u64
+        ))
+        .execute(c)
+        .await)
         {
             tracing::debug!(server_id, error = %e, "cancelling a lock wait failed");
         }
     }
 
     async fn break_lock(&self, key: &Vec<u8>) -> Result<bool> {
-        let holders = sqlx::query(
+        let holders = on_conn!(self, |c| sqlx::query(
             "SELECT CAST(IS_USED_LOCK(?) AS SIGNED) UNION SELECT CAST(IS_USED_LOCK(reader) AS SIGNED) FROM tooz_readers WHERE name = ?",
         )
         .bind(key.as_slice())
         .bind(key.as_slice())
-        .fetch_all(&self.pool)
-        .await
+        .fetch_all(c)
+        .await)
         .map_err(Self::err("breaking a lock"))?;
         let mut ids = Vec::new();
         for r in holders {
@@ -629,19 +665,22 @@ impl Backend for MySql {
             return Ok(false);
         }
         for id in &ids {
-            if let Err(e) = sqlx::query(&format!("KILL {id}")).execute(&self.pool).await {
+            if let Err(e) = on_conn!(self, |c| sqlx::query(&format!("KILL {id}"))
+                .execute(c)
+                .await)
+            {
                 tracing::debug!(id, error = %e, "ending a holder's session failed");
             }
         }
         let until = Instant::now() + Duration::from_secs(5);
         while Instant::now() < until {
-            let row = sqlx::query(
+            let row = on_conn!(self, |c| sqlx::query(
                 "SELECT IS_USED_LOCK(?) IS NULL AND NOT EXISTS (SELECT 1 FROM tooz_readers WHERE name = ? AND IS_USED_LOCK(reader) IS NOT NULL)",
             )
             .bind(key.as_slice())
             .bind(key.as_slice())
-            .fetch_one(&self.pool)
-            .await
+            .fetch_one(c)
+            .await)
             .map_err(Self::err("breaking a lock"))?;
             if row
                 .try_get::<Option<i64>, _>(0)
@@ -656,14 +695,14 @@ impl Backend for MySql {
     }
 
     async fn create_group(&self, group: &GroupId) -> Result<()> {
-        let r = sqlx::query(concat!(
+        let r = on_conn!(self, |c| sqlx::query(concat!(
             "INSERT IGNORE INTO tooz_groups (group_id, created_us) VALUES (?, ",
             now_us!(),
             ")"
         ))
         .bind(group.as_bytes())
-        .execute(&self.pool)
-        .await
+        .execute(c)
+        .await)
         .map_err(Self::err("creating a group"))?;
         if r.rows_affected() == 0 {
             return Err(ToozError::GroupAlreadyExist(group.clone()));
@@ -672,20 +711,22 @@ impl Backend for MySql {
     }
 
     async fn delete_group(&self, group: &GroupId) -> Result<()> {
-        sqlx::query(concat!(
+        on_conn!(self, |c| sqlx::query(concat!(
             "DELETE m FROM tooz_members m LEFT JOIN tooz_leases l ON l.lease_id = m.lease_id \
              AND l.expires_us > ",
             now_us!(),
             " WHERE m.group_id = ? AND l.lease_id IS NULL"
         ))
         .bind(group.as_bytes())
-        .execute(&self.pool)
-        .await
+        .execute(c)
+        .await)
         .map_err(Self::err("deleting a group"))?;
-        let r = sqlx::query("DELETE FROM tooz_groups WHERE group_id = ?")
-            .bind(group.as_bytes())
-            .execute(&self.pool)
-            .await;
+        let r = on_conn!(self, |c| sqlx::query(
+            "DELETE FROM tooz_groups WHERE group_id = ?"
+        )
+        .bind(group.as_bytes())
+        .execute(c)
+        .await);
         match r {
             Ok(r) if r.rows_affected() == 0 => Err(ToozError::GroupNotCreated(group.clone())),
             Ok(_) => Ok(()),
@@ -697,10 +738,10 @@ impl Backend for MySql {
     }
 
     async fn get_groups(&self) -> Result<Vec<GroupId>> {
-        let rows = sqlx::query("SELECT group_id FROM tooz_groups")
-            .fetch_all(&self.pool)
-            .await
-            .map_err(Self::err("listing groups"))?;
+        let rows = on_conn!(self, |c| sqlx::query("SELECT group_id FROM tooz_groups")
+            .fetch_all(c)
+            .await)
+        .map_err(Self::err("listing groups"))?;
         rows.iter()
             .map(|r| r.try_get::<Vec<u8>, _>(0).map(GroupId::from))
             .collect::<std::result::Result<_, _>>()
@@ -715,8 +756,8 @@ impl Backend for MySql {
         caps: &Capabilities,
     ) -> Result<()> {
         // A dead member's row gives way.
-        retried(|| {
-            sqlx::query(concat!(
+        retried(|| async {
+            on_conn!(self, |c| sqlx::query(concat!(
                 "DELETE m FROM tooz_members m LEFT JOIN tooz_leases l ON l.lease_id = m.lease_id \
                  AND l.expires_us > ",
                 now_us!(),
@@ -724,12 +765,13 @@ impl Backend for MySql {
             ))
             .bind(group.as_bytes())
             .bind(member.as_bytes())
-            .execute(&self.pool)
+            .execute(c)
+            .await)
         })
         .await
         .map_err(Self::err("joining a group"))?;
-        let r = retried(|| {
-            sqlx::query(concat!(
+        let r = retried(|| async {
+            on_conn!(self, |c| sqlx::query(concat!(
                 "INSERT INTO tooz_members (group_id, member_id, lease_id, capabilities, joined_us, updated_us) \
                  VALUES (?, ?, ?, ?, ",
                 now_us!(),
@@ -741,7 +783,7 @@ impl Backend for MySql {
             .bind(member.as_bytes())
             .bind(lease)
             .bind(caps.as_msgpack())
-            .execute(&self.pool)
+            .execute(c).await)
         })
         .await;
         match r {
@@ -762,8 +804,8 @@ impl Backend for MySql {
     }
 
     async fn leave_group(&self, group: &GroupId, member: &MemberId) -> Result<()> {
-        let r = retried(|| {
-            sqlx::query(concat!(
+        let r = retried(|| async {
+            on_conn!(self, |c| sqlx::query(concat!(
                 "DELETE m FROM tooz_members m JOIN tooz_leases l ON l.lease_id = m.lease_id \
                  AND l.expires_us > ",
                 now_us!(),
@@ -771,7 +813,8 @@ impl Backend for MySql {
             ))
             .bind(group.as_bytes())
             .bind(member.as_bytes())
-            .execute(&self.pool)
+            .execute(c)
+            .await)
         })
         .await
         .map_err(Self::err("leaving a group"))?;
@@ -795,11 +838,11 @@ impl Backend for MySql {
             if caps { "m.capabilities" } else { "NULL" },
             now_us!()
         );
-        let rows = sqlx::query(&sql)
+        let rows = on_conn!(self, |c| sqlx::query(&sql)
             .bind(group.as_bytes())
-            .fetch_all(&self.pool)
-            .await
-            .map_err(Self::err("reading members"))?;
+            .fetch_all(c)
+            .await)
+        .map_err(Self::err("reading members"))?;
         if rows.is_empty() {
             return Err(ToozError::GroupNotCreated(group.clone()));
         }
@@ -822,7 +865,7 @@ impl Backend for MySql {
     }
 
     async fn member_info(&self, group: &GroupId, member: &MemberId) -> Result<MemberInfo> {
-        let row = sqlx::query(concat!(
+        let row = on_conn!(self, |c| sqlx::query(concat!(
             "SELECT m.capabilities, m.joined_us, m.updated_us FROM tooz_members m \
              JOIN tooz_leases l ON l.lease_id = m.lease_id AND l.expires_us > ",
             now_us!(),
@@ -830,8 +873,8 @@ impl Backend for MySql {
         ))
         .bind(group.as_bytes())
         .bind(member.as_bytes())
-        .fetch_optional(&self.pool)
-        .await
+        .fetch_optional(c)
+        .await)
         .map_err(Self::err("reading a member"))?;
         match row {
             Some(r) => {
@@ -858,7 +901,7 @@ impl Backend for MySql {
         member: &MemberId,
         caps: &Capabilities,
     ) -> Result<()> {
-        let r = sqlx::query(concat!(
+        let r = on_conn!(self, |c| sqlx::query(concat!(
             "UPDATE tooz_members m JOIN tooz_leases l ON l.lease_id = m.lease_id AND l.expires_us > ",
             now_us!(),
             " SET m.capabilities = ?, m.updated_us = ",
@@ -868,8 +911,8 @@ impl Backend for MySql {
         .bind(caps.as_msgpack())
         .bind(group.as_bytes())
         .bind(member.as_bytes())
-        .execute(&self.pool)
-        .await
+        .execute(c)
+        .await)
         .map_err(Self::err("updating capabilities"))?;
         if r.rows_affected() > 0 {
             Ok(())
@@ -890,7 +933,7 @@ impl Backend for MySql {
         member: &MemberId,
     ) -> Result<Option<Token>> {
         // A vacant (or expired) leadership: take it, advancing the token.
-        let r = sqlx::query(concat!(
+        let r = on_conn!(self, |c| sqlx::query(concat!(
             "UPDATE tooz_leaders ld LEFT JOIN tooz_leases l ON l.lease_id = ld.lease_id AND l.expires_us > ",
             now_us!(),
             " SET ld.member_id = ?, ld.token = LAST_INSERT_ID(ld.token + 1), ld.lease_id = ? \
@@ -899,61 +942,67 @@ impl Backend for MySql {
         .bind(member.as_bytes())
         .bind(lease)
         .bind(group.as_bytes())
-        .execute(&self.pool)
-        .await
+        .execute(c)
+        .await)
         .map_err(Self::err("campaigning"))?;
         if r.rows_affected() > 0 {
             return Ok(Some(r.last_insert_id()));
         }
-        let r = sqlx::query(
+        let r = on_conn!(self, |c| sqlx::query(
             "INSERT IGNORE INTO tooz_leaders (group_id, member_id, lease_id, token) VALUES (?, ?, ?, 1)",
         )
         .bind(group.as_bytes())
         .bind(member.as_bytes())
         .bind(lease)
-        .execute(&self.pool)
-        .await
+        .execute(c)
+        .await)
         .map_err(Self::err("campaigning"))?;
         if r.rows_affected() > 0 {
             return Ok(Some(1));
         }
-        let row = sqlx::query("SELECT token FROM tooz_leaders WHERE group_id = ? AND lease_id = ?")
-            .bind(group.as_bytes())
-            .bind(lease)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(Self::err("campaigning"))?;
+        let row = on_conn!(self, |c| sqlx::query(
+            "SELECT token FROM tooz_leaders WHERE group_id = ? AND lease_id = ?"
+        )
+        .bind(group.as_bytes())
+        .bind(lease)
+        .fetch_optional(c)
+        .await)
+        .map_err(Self::err("campaigning"))?;
         row.map(|r| r.try_get::<i64, _>(0).map(|t| t as u64))
             .transpose()
             .map_err(Self::err("campaigning"))
     }
 
     async fn resign(&self, lease: i64, group: &GroupId) -> Result<bool> {
-        let r = sqlx::query(
+        let r = on_conn!(self, |c| sqlx::query(
             "UPDATE tooz_leaders SET member_id = NULL, lease_id = NULL WHERE group_id = ? AND lease_id = ?",
         )
         .bind(group.as_bytes())
         .bind(lease)
-        .execute(&self.pool)
-        .await
+        .execute(c)
+        .await)
         .map_err(Self::err("resigning"))?;
         Ok(r.rows_affected() > 0)
     }
 
     async fn get_leader(&self, group: &GroupId) -> Result<Option<MemberId>> {
-        let row = sqlx::query(concat!(
+        let row = on_conn!(self, |c| sqlx::query(concat!(
             "SELECT ld.member_id FROM tooz_leaders ld JOIN tooz_leases l \
              ON l.lease_id = ld.lease_id AND l.expires_us > ",
             now_us!(),
             " WHERE ld.group_id = ?"
         ))
         .bind(group.as_bytes())
-        .fetch_optional(&self.pool)
-        .await
+        .fetch_optional(c)
+        .await)
         .map_err(Self::err("reading the leader"))?;
         row.map(|r| r.try_get::<Vec<u8>, _>(0).map(MemberId::from))
             .transpose()
             .map_err(Self::err("reading the leader"))
+    }
+
+    fn disconnect(&self) {
+        drop(self.idle.clear());
     }
 
     async fn watch(&self, _group: &GroupId) -> Result<Option<DriverEventStream>> {

@@ -15,7 +15,9 @@ use tooz_core::{
     Result, ToozError,
 };
 
-use crate::backend::{Backend, Token, is_broken, micros, sqlstate, system_time, to_tooz};
+use crate::backend::{
+    Backend, Idle, Lent, Token, is_broken, micros, sqlstate, system_time, to_tooz,
+};
 use crate::config::PgConfig;
 use crate::layout::{
     self, FENCE_LOCK, Note, PG_CHANNEL, PG_SCHEMA_LOCK, SCHEMA_NAME, SCHEMA_VERSION,
@@ -85,11 +87,26 @@ INSERT INTO tooz_schema (name, version) VALUES ('tooz', 1) ON CONFLICT (name) DO
 COMMIT;
 ";
 
+/// Runs one statement on an idle dedicated connection (see [`Idle`]).
+macro_rules! on_conn {
+    ($self:ident, |$c:ident| $body:expr) => {
+        async {
+            let mut lent = $self.lend().await?;
+            let $c: &mut PgConnection = &mut lent;
+            let r = $body;
+            lent.check(r)
+        }
+        .await
+    };
+}
+
 /// A PostgreSQL database.
 #[derive(Debug)]
 pub(crate) struct Pg {
     cfg: PgConfig,
+    /// For schema creation and event streams' re-reads.
     pool: PgPool,
+    idle: Idle<PgConnection>,
     listen_pool: PgPool,
     /// `idle_session_timeout` exists (PostgreSQL ≥ 14).
     idle_timeout: AtomicBool,
@@ -123,11 +140,26 @@ impl Pg {
         Pg {
             cfg,
             pool,
+            idle: Idle::new(),
             listen_pool,
             idle_timeout: AtomicBool::new(false),
             events: Mutex::new(None),
             stop: CancellationToken::new(),
         }
+    }
+
+    /// A connection for statements that hold nothing.
+    async fn lend(&self) -> std::result::Result<Lent<'_, PgConnection>, sqlx::Error> {
+        if let Some(c) = self.idle.pop() {
+            return Ok(self.idle.lend(c));
+        }
+        let c = tokio::time::timeout(
+            self.cfg.common.connect_timeout,
+            PgConnection::connect_with(&self.cfg.connect),
+        )
+        .await
+        .map_err(|_| sqlx::Error::PoolTimedOut)??;
+        Ok(self.idle.lend(c))
     }
 
     fn err(what: &str) -> impl FnOnce(sqlx::Error) -> ToozError + '_ {
@@ -228,11 +260,13 @@ impl Pg {
     }
 
     async fn group_exists(&self, group: &GroupId) -> Result<bool> {
-        let row = sqlx::query("SELECT EXISTS (SELECT 1 FROM tooz_groups WHERE group_id = $1)")
-            .bind(group.as_bytes())
-            .fetch_one(&self.pool)
-            .await
-            .map_err(Self::err("reading a group"))?;
+        let row = on_conn!(self, |c| sqlx::query(
+            "SELECT EXISTS (SELECT 1 FROM tooz_groups WHERE group_id = $1)"
+        )
+        .bind(group.as_bytes())
+        .fetch_one(c)
+        .await)
+        .map_err(Self::err("reading a group"))?;
         row.try_get::<bool, _>(0)
             .map_err(Self::err("reading a group"))
     }
@@ -287,10 +321,12 @@ impl Backend for Pg {
 
     async fn prepare(&self) -> Result<()> {
         let read = || async {
-            sqlx::query("SELECT version FROM tooz_schema WHERE name = $1")
-                .bind(SCHEMA_NAME)
-                .fetch_optional(&self.pool)
-                .await
+            on_conn!(self, |c| sqlx::query(
+                "SELECT version FROM tooz_schema WHERE name = $1"
+            )
+            .bind(SCHEMA_NAME)
+            .fetch_optional(c)
+            .await)
         };
         let version = match read().await {
             Ok(Some(row)) => Some(
@@ -335,10 +371,12 @@ impl Backend for Pg {
                 ),
             ));
         }
-        let row = sqlx::query("SELECT current_setting('server_version_num')::int")
-            .fetch_one(&self.pool)
-            .await
-            .map_err(Self::err("reading the server version"))?;
+        let row = on_conn!(self, |c| sqlx::query(
+            "SELECT current_setting('server_version_num')::int"
+        )
+        .fetch_one(c)
+        .await)
+        .map_err(Self::err("reading the server version"))?;
         let num: i32 = row
             .try_get(0)
             .map_err(Self::err("reading the server version"))?;
@@ -350,14 +388,14 @@ impl Backend for Pg {
             );
         }
         // Forget coordinators that died long ago (their rows are dead already).
-        let gc = sqlx::query(concat!(
+        let gc = on_conn!(self, |c| sqlx::query(concat!(
             "WITH d AS (DELETE FROM tooz_leases WHERE expires_us < ",
             now_us!(),
             " - 60000000 RETURNING lease_id) \
              DELETE FROM tooz_members WHERE lease_id IN (SELECT lease_id FROM d)"
         ))
-        .execute(&self.pool)
-        .await;
+        .execute(c)
+        .await);
         if let Err(e) = gc {
             tracing::debug!(error = %e, "removing expired leases failed");
         }
@@ -383,7 +421,7 @@ impl Backend for Pg {
     }
 
     async fn open_lease(&self, lease: i64, member: &MemberId) -> Result<()> {
-        sqlx::query(concat!(
+        on_conn!(self, |c| sqlx::query(concat!(
             "INSERT INTO tooz_leases (lease_id, member_id, expires_us) VALUES ($1, $2, ",
             now_us!(),
             " + $3)"
@@ -391,8 +429,8 @@ impl Backend for Pg {
         .bind(lease)
         .bind(member.as_bytes())
         .bind(micros(self.ttl()))
-        .execute(&self.pool)
-        .await
+        .execute(c)
+        .await)
         .map_err(Self::err("creating the lease"))?;
         Ok(())
     }
@@ -416,7 +454,7 @@ impl Backend for Pg {
     }
 
     async fn end_lease(&self, lease: i64) -> Result<()> {
-        sqlx::query(
+        on_conn!(self, |c| sqlx::query(
             "WITH d AS (DELETE FROM tooz_leases WHERE lease_id = $1), \
              m AS (DELETE FROM tooz_members WHERE lease_id = $1 RETURNING group_id, member_id), \
              ld AS (UPDATE tooz_leaders SET member_id = NULL, lease_id = NULL WHERE lease_id = $1 RETURNING group_id) \
@@ -424,8 +462,8 @@ impl Backend for Pg {
                     (SELECT count(pg_notify('tooz_events', 'c:' || encode(group_id, 'hex') || ':')) FROM ld)",
         )
         .bind(lease)
-        .fetch_one(&self.pool)
-        .await
+        .fetch_one(c)
+        .await)
         .map_err(Self::err("ending the lease"))?;
         Ok(())
     }
@@ -551,10 +589,10 @@ impl Backend for Pg {
         let Ok(pid) = i32::try_from(server_id) else {
             return;
         };
-        if let Err(e) = sqlx::query("SELECT pg_cancel_backend($1)")
+        if let Err(e) = on_conn!(self, |c| sqlx::query("SELECT pg_cancel_backend($1)")
             .bind(pid)
-            .execute(&self.pool)
-            .await
+            .execute(c)
+            .await)
         {
             tracing::debug!(pid, error = %e, "cancelling a lock wait failed");
         }
@@ -563,12 +601,14 @@ impl Backend for Pg {
     async fn break_lock(&self, key: &(i32, i32)) -> Result<bool> {
         const HELD: &str = "FROM pg_locks WHERE locktype = 'advisory' AND classid = $1::int4::oid \
              AND objid = $2::int4::oid AND objsubid = 2 AND granted";
-        let row = sqlx::query(&format!("SELECT count(pg_terminate_backend(pid)) {HELD}"))
-            .bind(key.0)
-            .bind(key.1)
-            .fetch_one(&self.pool)
-            .await
-            .map_err(Self::err("breaking a lock"))?;
+        let row = on_conn!(self, |c| sqlx::query(&format!(
+            "SELECT count(pg_terminate_backend(pid)) {HELD}"
+        ))
+        .bind(key.0)
+        .bind(key.1)
+        .fetch_one(c)
+        .await)
+        .map_err(Self::err("breaking a lock"))?;
         let n: i64 = row.try_get(0).map_err(Self::err("breaking a lock"))?;
         if n == 0 {
             return Ok(false);
@@ -576,12 +616,14 @@ impl Backend for Pg {
         // The terminated sessions exit asynchronously: wait until the lock is free.
         let until = Instant::now() + Duration::from_secs(5);
         while Instant::now() < until {
-            let row = sqlx::query(&format!("SELECT EXISTS (SELECT 1 {HELD})"))
-                .bind(key.0)
-                .bind(key.1)
-                .fetch_one(&self.pool)
-                .await
-                .map_err(Self::err("breaking a lock"))?;
+            let row = on_conn!(self, |c| sqlx::query(&format!(
+                "SELECT EXISTS (SELECT 1 {HELD})"
+            ))
+            .bind(key.0)
+            .bind(key.1)
+            .fetch_one(c)
+            .await)
+            .map_err(Self::err("breaking a lock"))?;
             if !row
                 .try_get::<bool, _>(0)
                 .map_err(Self::err("breaking a lock"))?
@@ -594,14 +636,14 @@ impl Backend for Pg {
     }
 
     async fn create_group(&self, group: &GroupId) -> Result<()> {
-        let r = sqlx::query(concat!(
+        let r = on_conn!(self, |c| sqlx::query(concat!(
             "INSERT INTO tooz_groups (group_id, created_us) VALUES ($1, ",
             now_us!(),
             ") ON CONFLICT (group_id) DO NOTHING"
         ))
         .bind(group.as_bytes())
-        .execute(&self.pool)
-        .await
+        .execute(c)
+        .await)
         .map_err(Self::err("creating a group"))?;
         if r.rows_affected() == 0 {
             return Err(ToozError::GroupAlreadyExist(group.clone()));
@@ -610,21 +652,21 @@ impl Backend for Pg {
     }
 
     async fn delete_group(&self, group: &GroupId) -> Result<()> {
-        sqlx::query(concat!(
+        on_conn!(self, |c| sqlx::query(concat!(
             "DELETE FROM tooz_members m WHERE m.group_id = $1 AND NOT ",
             live!("m")
         ))
         .bind(group.as_bytes())
-        .execute(&self.pool)
-        .await
+        .execute(c)
+        .await)
         .map_err(Self::err("deleting a group"))?;
-        let r = sqlx::query(
+        let r = on_conn!(self, |c| sqlx::query(
             "WITH d AS (DELETE FROM tooz_groups WHERE group_id = $1 RETURNING group_id) \
              SELECT count(pg_notify('tooz_events', 'c:' || encode(group_id, 'hex') || ':')) FROM d",
         )
         .bind(group.as_bytes())
-        .fetch_one(&self.pool)
-        .await;
+        .fetch_one(c)
+        .await);
         match r {
             Ok(row) => {
                 let n: i64 = row.try_get(0).map_err(Self::err("deleting a group"))?;
@@ -642,10 +684,10 @@ impl Backend for Pg {
     }
 
     async fn get_groups(&self) -> Result<Vec<GroupId>> {
-        let rows = sqlx::query("SELECT group_id FROM tooz_groups")
-            .fetch_all(&self.pool)
-            .await
-            .map_err(Self::err("listing groups"))?;
+        let rows = on_conn!(self, |c| sqlx::query("SELECT group_id FROM tooz_groups")
+            .fetch_all(c)
+            .await)
+        .map_err(Self::err("listing groups"))?;
         rows.iter()
             .map(|r| r.try_get::<Vec<u8>, _>(0).map(GroupId::from))
             .collect::<std::result::Result<_, _>>()
@@ -659,7 +701,8 @@ impl Backend for Pg {
         member: &MemberId,
         caps: &Capabilities,
     ) -> Result<()> {
-        let r = sqlx::query(concat!(
+        let r = on_conn!(self, |c| {
+            sqlx::query(concat!(
             "WITH ins AS (INSERT INTO tooz_members AS m \
              (group_id, member_id, lease_id, capabilities, joined_us, updated_us) \
              VALUES ($1, $2, $3, $4, ",
@@ -677,8 +720,9 @@ impl Backend for Pg {
         .bind(member.as_bytes())
         .bind(lease)
         .bind(caps.as_msgpack())
-        .fetch_one(&self.pool)
-        .await;
+        .fetch_one(c)
+        .await
+        });
         match r {
             Ok(row) => {
                 let n: i64 = row.try_get(0).map_err(Self::err("joining a group"))?;
@@ -699,7 +743,7 @@ impl Backend for Pg {
     }
 
     async fn leave_group(&self, group: &GroupId, member: &MemberId) -> Result<()> {
-        let row = sqlx::query(concat!(
+        let row = on_conn!(self, |c| sqlx::query(concat!(
             "WITH d AS (DELETE FROM tooz_members WHERE group_id = $1 AND member_id = $2 \
              RETURNING group_id, member_id, lease_id) \
              SELECT (SELECT count(*) FROM d WHERE ",
@@ -709,8 +753,8 @@ impl Backend for Pg {
         ))
         .bind(group.as_bytes())
         .bind(member.as_bytes())
-        .fetch_one(&self.pool)
-        .await
+        .fetch_one(c)
+        .await)
         .map_err(Self::err("leaving a group"))?;
         let live: i64 = row.try_get(0).map_err(Self::err("leaving a group"))?;
         let exists: bool = row.try_get(2).map_err(Self::err("leaving a group"))?;
@@ -738,11 +782,11 @@ impl Backend for Pg {
             },
             now_us!()
         );
-        let rows = sqlx::query(&sql)
+        let rows = on_conn!(self, |c| sqlx::query(&sql)
             .bind(group.as_bytes())
-            .fetch_all(&self.pool)
-            .await
-            .map_err(Self::err("reading members"))?;
+            .fetch_all(c)
+            .await)
+        .map_err(Self::err("reading members"))?;
         if rows.is_empty() {
             return Err(ToozError::GroupNotCreated(group.clone()));
         }
@@ -761,7 +805,7 @@ impl Backend for Pg {
     }
 
     async fn member_info(&self, group: &GroupId, member: &MemberId) -> Result<MemberInfo> {
-        let row = sqlx::query(concat!(
+        let row = on_conn!(self, |c| sqlx::query(concat!(
             "SELECT m.capabilities, m.joined_us, m.updated_us FROM tooz_members m \
              JOIN tooz_leases l ON l.lease_id = m.lease_id AND l.expires_us > ",
             now_us!(),
@@ -769,8 +813,8 @@ impl Backend for Pg {
         ))
         .bind(group.as_bytes())
         .bind(member.as_bytes())
-        .fetch_optional(&self.pool)
-        .await
+        .fetch_optional(c)
+        .await)
         .map_err(Self::err("reading a member"))?;
         match row {
             Some(r) => {
@@ -797,7 +841,7 @@ impl Backend for Pg {
         member: &MemberId,
         caps: &Capabilities,
     ) -> Result<()> {
-        let r = sqlx::query(concat!(
+        let r = on_conn!(self, |c| sqlx::query(concat!(
             "UPDATE tooz_members m SET capabilities = $3, updated_us = ",
             now_us!(),
             " WHERE m.group_id = $1 AND m.member_id = $2 AND ",
@@ -806,8 +850,8 @@ impl Backend for Pg {
         .bind(group.as_bytes())
         .bind(member.as_bytes())
         .bind(caps.as_msgpack())
-        .execute(&self.pool)
-        .await
+        .execute(c)
+        .await)
         .map_err(Self::err("updating capabilities"))?;
         if r.rows_affected() > 0 {
             Ok(())
@@ -827,7 +871,7 @@ impl Backend for Pg {
         group: &GroupId,
         member: &MemberId,
     ) -> Result<Option<Token>> {
-        let row = sqlx::query(concat!(
+        let row = on_conn!(self, |c| sqlx::query(concat!(
             "WITH up AS (INSERT INTO tooz_leaders AS ld (group_id, member_id, lease_id, token) \
              VALUES ($1, $2, $3, 1) ON CONFLICT (group_id) DO UPDATE SET \
              member_id = EXCLUDED.member_id, lease_id = EXCLUDED.lease_id, token = ld.token + 1 \
@@ -841,8 +885,8 @@ impl Backend for Pg {
         .bind(group.as_bytes())
         .bind(member.as_bytes())
         .bind(lease)
-        .fetch_one(&self.pool)
-        .await
+        .fetch_one(c)
+        .await)
         .map_err(Self::err("campaigning"))?;
         let won: Option<i64> = row.try_get(0).map_err(Self::err("campaigning"))?;
         let mine: Option<i64> = row.try_get(2).map_err(Self::err("campaigning"))?;
@@ -850,34 +894,38 @@ impl Backend for Pg {
     }
 
     async fn resign(&self, lease: i64, group: &GroupId) -> Result<bool> {
-        let row = sqlx::query(
+        let row = on_conn!(self, |c| sqlx::query(
             "WITH u AS (UPDATE tooz_leaders SET member_id = NULL, lease_id = NULL \
              WHERE group_id = $1 AND lease_id = $2 RETURNING group_id) \
              SELECT count(pg_notify('tooz_events', 'c:' || encode(group_id, 'hex') || ':')) FROM u",
         )
         .bind(group.as_bytes())
         .bind(lease)
-        .fetch_one(&self.pool)
-        .await
+        .fetch_one(c)
+        .await)
         .map_err(Self::err("resigning"))?;
         let n: i64 = row.try_get(0).map_err(Self::err("resigning"))?;
         Ok(n > 0)
     }
 
     async fn get_leader(&self, group: &GroupId) -> Result<Option<MemberId>> {
-        let row = sqlx::query(concat!(
+        let row = on_conn!(self, |c| sqlx::query(concat!(
             "SELECT ld.member_id FROM tooz_leaders ld JOIN tooz_leases l \
              ON l.lease_id = ld.lease_id AND l.expires_us > ",
             now_us!(),
             " WHERE ld.group_id = $1"
         ))
         .bind(group.as_bytes())
-        .fetch_optional(&self.pool)
-        .await
+        .fetch_optional(c)
+        .await)
         .map_err(Self::err("reading the leader"))?;
         row.map(|r| r.try_get::<Vec<u8>, _>(0).map(MemberId::from))
             .transpose()
             .map_err(Self::err("reading the leader"))
+    }
+
+    fn disconnect(&self) {
+        drop(self.idle.clear());
     }
 
     async fn watch(&self, group: &GroupId) -> Result<Option<DriverEventStream>> {

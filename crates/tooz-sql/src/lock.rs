@@ -198,7 +198,24 @@ async fn try_on_session<B: Backend>(
     }
     let unaccounted = !s.held.contains_key(key);
     let conn = s.conn(inner).await?;
-    match inner.db.try_lock(conn, key, name, mode, reader).await {
+    let mut res = inner.db.try_lock(conn, key, name, mode, reader).await;
+    if let Err(e) = &res
+        && is_broken(e)
+        && s.held.is_empty()
+    {
+        // The session died while holding nothing (the server's idle timeout of a
+        // coordinator that does not heartbeat, a restart): nothing is lost; a new one.
+        s.broken(inner);
+        let conn = s.conn(inner).await?;
+        res = inner.db.try_lock(conn, key, name, mode, reader).await;
+    }
+    let Some(conn) = s.conn.as_mut().map(|(c, _)| c) else {
+        return Err(ToozError::backend_msg(
+            B::NAME,
+            "the session connection is gone",
+        ));
+    };
+    match res {
         Ok(Some(token)) => {
             s.add(key, mode);
             Ok(Some((token, s.generation)))

@@ -107,10 +107,20 @@ const DDL: &[&str] = &[
 macro_rules! on_conn {
     ($self:ident, |$c:ident| $body:expr) => {
         async {
-            let mut lent = $self.lend().await?;
-            let $c: &mut MySqlConnection = &mut lent;
-            let r = $body;
-            lent.check(r)
+            // A connection that died while idle (the server's idle timeout, a
+            // restart) is replaced once: its statement never reached the server.
+            let mut retried = false;
+            loop {
+                let (mut lent, reused) = $self.lend().await?;
+                let $c: &mut MySqlConnection = &mut lent;
+                let r = $body;
+                match lent.check(r) {
+                    Err(e) if reused && !retried && crate::backend::is_broken(&e) => {
+                        retried = true;
+                    }
+                    r => break r,
+                }
+            }
         }
         .await
     };
@@ -153,9 +163,9 @@ impl MySql {
     }
 
     /// A connection for statements that hold nothing.
-    async fn lend(&self) -> std::result::Result<Lent<'_, MySqlConnection>, sqlx::Error> {
+    async fn lend(&self) -> std::result::Result<(Lent<'_, MySqlConnection>, bool), sqlx::Error> {
         if let Some(c) = self.idle.pop() {
-            return Ok(self.idle.lend(c));
+            return Ok((self.idle.lend(c), true));
         }
         let mut c = tokio::time::timeout(
             self.cfg.common.connect_timeout,
@@ -164,7 +174,7 @@ impl MySql {
         .await
         .map_err(|_| sqlx::Error::PoolTimedOut)??;
         c.execute(ISOLATION).await?;
-        Ok(self.idle.lend(c))
+        Ok((self.idle.lend(c), false))
     }
 
     fn err(what: &str) -> impl FnOnce(sqlx::Error) -> ToozError + '_ {

@@ -91,10 +91,20 @@ COMMIT;
 macro_rules! on_conn {
     ($self:ident, |$c:ident| $body:expr) => {
         async {
-            let mut lent = $self.lend().await?;
-            let $c: &mut PgConnection = &mut lent;
-            let r = $body;
-            lent.check(r)
+            // A connection that died while idle (the server's idle timeout, a
+            // restart) is replaced once: its statement never reached the server.
+            let mut retried = false;
+            loop {
+                let (mut lent, reused) = $self.lend().await?;
+                let $c: &mut PgConnection = &mut lent;
+                let r = $body;
+                match lent.check(r) {
+                    Err(e) if reused && !retried && crate::backend::is_broken(&e) => {
+                        retried = true;
+                    }
+                    r => break r,
+                }
+            }
         }
         .await
     };
@@ -149,9 +159,9 @@ impl Pg {
     }
 
     /// A connection for statements that hold nothing.
-    async fn lend(&self) -> std::result::Result<Lent<'_, PgConnection>, sqlx::Error> {
+    async fn lend(&self) -> std::result::Result<(Lent<'_, PgConnection>, bool), sqlx::Error> {
         if let Some(c) = self.idle.pop() {
-            return Ok(self.idle.lend(c));
+            return Ok((self.idle.lend(c), true));
         }
         let c = tokio::time::timeout(
             self.cfg.common.connect_timeout,
@@ -159,7 +169,7 @@ impl Pg {
         )
         .await
         .map_err(|_| sqlx::Error::PoolTimedOut)??;
-        Ok(self.idle.lend(c))
+        Ok((self.idle.lend(c), false))
     }
 
     fn err(what: &str) -> impl FnOnce(sqlx::Error) -> ToozError + '_ {

@@ -5,10 +5,11 @@ writes {"driver": ..., "scenarios": {"<name>": {"median_us", "p99_us", "ops_per_
 "requests_per_op", "ratio_to_floor"}}, "notes": [...]} to --json-out.
 
 There is no counting proxy on this side, so requests_per_op is null; floor_rtt is a raw
-redis-py PING (Redis), a pymemcache get of a stored key (memcached) or a sysv_ipc semaphore
-acquire + release (ipc), and ratio_to_floor is over that Python floor. A scenario
-Python tooz cannot run (or that takes too long to set up, or that its driver does not
-implement) has null figures and a note.
+redis-py PING (Redis), a pymemcache get of a stored key (memcached), a sysv_ipc semaphore
+acquire + release (ipc) or a `SELECT 1` of psycopg2 / PyMySQL (PostgreSQL, MySQL), and
+ratio_to_floor is over that Python floor. A scenario Python tooz cannot run (or that
+takes too long to set up, or that its driver does not implement; Python's SQL drivers
+have locks only) has null figures and a note.
 """
 
 import argparse
@@ -73,6 +74,16 @@ class Bench:
     def name(self, what):
         return ("bench-py-%s-%s" % (self.run, what)).encode()
 
+    def locks_only(self, scenario):
+        """Python tooz's SQL drivers have locks only: the scenario is n/a."""
+        scheme = self.url.split(":", 1)[0]
+        if scheme in ("postgresql", "postgres", "mysql"):
+            self.notes.append(
+                "%s: n/a (Python tooz's %s driver has locks only)" % (scenario, scheme)
+            )
+            return True
+        return False
+
     def coordinator(self, who):
         c = coordination.get_coordinator(self.url, self.name(who))
         c.start(start_heart=False)
@@ -84,6 +95,8 @@ class Bench:
             return self.memcached_floor()
         if self.url.startswith("ipc"):
             return self.ipc_floor()
+        if self.url.split(":", 1)[0] in ("postgresql", "postgres", "mysql"):
+            return self.sql_floor()
         if not self.url.startswith("redis"):
             self.notes.append("floor_rtt: measured on the Rust side only for this driver")
             return na()
@@ -146,6 +159,44 @@ class Bench:
         self.notes.append(
             "floor_rtt: one sysv_ipc acquire + release (SEM_UNDO) of a private semaphore"
         )
+    def sql_floor(self):
+        """One `SELECT 1` with Python tooz's client library (psycopg2, PyMySQL)."""
+        from urllib.parse import unquote, urlsplit
+
+        u = urlsplit(self.url)
+        if u.scheme == "mysql":
+            import pymysql
+
+            conn = pymysql.connect(
+                host=u.hostname or "localhost",
+                port=u.port or 3306,
+                user=unquote(u.username or ""),
+                password=unquote(u.password or ""),
+                database=u.path.lstrip("/"),
+            )
+        else:
+            import psycopg2
+
+            conn = psycopg2.connect(
+                host=u.hostname,
+                port=u.port,
+                user=unquote(u.username or ""),
+                password=unquote(u.password or ""),
+                dbname=u.path.lstrip("/"),
+            )
+            conn.autocommit = True
+        cur = conn.cursor()
+        for _ in range(10):
+            cur.execute("SELECT 1")
+            cur.fetchone()
+        samples = []
+        for _ in range(self.n(2000)):
+            start = time.perf_counter()
+            cur.execute("SELECT 1")
+            cur.fetchone()
+            samples.append(time.perf_counter() - start)
+        conn.close()
+        self.notes.append("floor_rtt: one `SELECT 1` (%s)" % u.scheme)
         return figures(samples)
 
     # -- scenarios -----------------------------------------------------------------------
@@ -205,6 +256,8 @@ class Bench:
         return figures(samples)
 
     def join_leave(self):
+        if self.locks_only("join_leave"):
+            return na()
         group = self.name("join-leave")
         owner = self.coordinator("join-leave-owner")
         owner.create_group(group).get()
@@ -227,6 +280,8 @@ class Bench:
         return figures(samples)
 
     def get_members_1000(self):
+        if self.locks_only("get_members_1000"):
+            return na()
         members = 1000
         group = self.name("members")
         reader = self.coordinator("members-reader")
@@ -276,6 +331,8 @@ class Bench:
         return result
 
     def heartbeat_100(self):
+        if self.locks_only("heartbeat_100"):
+            return na()
         h = self.coordinator("heartbeat")
         locks = []
         groups = [self.name("hb-g%03d" % i) for i in range(100)]
@@ -302,6 +359,8 @@ class Bench:
         return figures(samples)
 
     def watch_latency(self):
+        if self.locks_only("watch_latency"):
+            return na()
         group = self.name("watch")
         w = self.coordinator("watcher")
         w.create_group(group).get()
@@ -352,6 +411,8 @@ class Bench:
         return figures(samples)
 
     def partition_lookup(self):
+        if self.locks_only("partition_lookup"):
+            return na()
         group = self.name("partition")
         coords = []
         parts = []

@@ -33,6 +33,8 @@ const BENCH_DRIVERS: &[&str] = &[
     "etcd",
     "memcached",
     "consul",
+    "postgresql",
+    "mysql",
 ];
 
 /// The scenarios in the order tooz-bench prints them.
@@ -127,6 +129,8 @@ fn run_one(
         "etcd" => from_env("TOOZ_TEST_ETCD_URL")?,
         "memcached" => from_env("TOOZ_TEST_MEMCACHED_URL")?,
         "ipc" => "ipc://".to_owned(),
+        "postgresql" => from_env("TOOZ_TEST_POSTGRESQL_URL")?,
+        "mysql" => from_env("TOOZ_TEST_MYSQL_URL")?,
         _ => {
             let dir = out_dir.join("scratch").join("python-file");
             format!("file://{}", dir.display())

@@ -1,5 +1,6 @@
 //! `cargo xtask conformance --driver NAME|all`: runs each selected driver crate's
-//! `tests/conformance.rs` (a `harness = false` binary printing the suite's table) with its
+//! `tests/conformance.rs` (`tests/conformance_<driver>.rs` in a crate serving several
+//! drivers; a `harness = false` binary printing the suite's table) with its
 //! output streamed, and fails if any of them failed.
 
 use anyhow::{Result, bail};
@@ -43,10 +44,11 @@ pub(crate) fn run(flags: &flags::Conformance) -> Result<()> {
 }
 
 fn run_one(root: &std::path::Path, driver: &Driver) -> Result<()> {
+    let target = driver.test_target("conformance");
     let test = driver
         .manifest_dir(root)
         .join("tests")
-        .join("conformance.rs");
+        .join(format!("{target}.rs"));
     if !test.is_file() {
         bail!(
             "crate {} has no conformance test ({} is missing)",
@@ -56,7 +58,7 @@ fn run_one(root: &std::path::Path, driver: &Driver) -> Result<()> {
     }
     let env = crate::drivers::start_servers(root, std::slice::from_ref(driver))?;
     let mut cmd = process::cargo();
-    cmd.args(["test", "-p", driver.krate, "--test", "conformance"]);
+    cmd.args(["test", "-p", driver.krate, "--test", &target]);
     cmd.envs(env);
     // Asking for a driver's suite means running it: a missing backend fails rather than
     // skips, unless the caller chose otherwise.

@@ -14,6 +14,10 @@ pub(crate) struct Driver {
     pub(crate) krate: &'static str,
     /// Whether `cargo xtask interop` has scenarios for it.
     pub(crate) interop: bool,
+    /// The suffix of its crate's test targets when the crate serves several drivers
+    /// (`tests/conformance_<suffix>.rs`, `tests/python_interop_<suffix>.rs`); `None`
+    /// for `tests/conformance.rs` and `tests/python_interop.rs`.
+    pub(crate) tests: Option<&'static str>,
 }
 
 /// Every driver the project plans, whether or not its crate exists yet.
@@ -22,41 +26,55 @@ pub(crate) const DRIVERS: &[Driver] = &[
         name: "file",
         krate: "tooz-file",
         interop: true,
+        tests: None,
     },
     Driver {
         name: "ipc",
         krate: "tooz-ipc",
         interop: true,
+        tests: None,
     },
     Driver {
         name: "redis",
         krate: "tooz-redis",
         interop: true,
+        tests: None,
     },
     Driver {
         name: "etcd",
         krate: "tooz-etcd",
         interop: true,
+        tests: None,
     },
     Driver {
         name: "zookeeper",
         krate: "tooz-zookeeper",
         interop: true,
+        tests: None,
     },
     Driver {
         name: "consul",
         krate: "tooz-consul",
         interop: true,
+        tests: None,
     },
     Driver {
-        name: "sql",
+        name: "postgresql",
         krate: "tooz-sql",
-        interop: false,
+        interop: true,
+        tests: Some("postgresql"),
+    },
+    Driver {
+        name: "mysql",
+        krate: "tooz-sql",
+        interop: true,
+        tests: Some("mysql"),
     },
     Driver {
         name: "memcached",
         krate: "tooz-memcached",
         interop: true,
+        tests: None,
     },
 ];
 
@@ -73,9 +91,19 @@ impl Driver {
             "etcd" => &["etcd"],
             "zookeeper" => &["zookeeper"],
             "consul" => &["consul"],
-            "sql" => &["mariadb", "postgresql"],
+            "postgresql" => &["postgresql"],
+            "mysql" => &["mariadb"],
             "memcached" => &["memcached"],
             _ => &[],
+        }
+    }
+
+    /// The name of its crate's test target `base` (`conformance`, `python_interop`):
+    /// `base_<suffix>` for a crate that serves several drivers.
+    pub(crate) fn test_target(&self, base: &str) -> String {
+        match self.tests {
+            Some(suffix) => format!("{base}_{suffix}"),
+            None => base.to_owned(),
         }
     }
 
@@ -184,13 +212,23 @@ mod tests {
     use super::*;
 
     #[test]
-    fn names_and_crates_are_unique() {
+    fn names_and_test_targets_are_unique() {
         for (i, a) in DRIVERS.iter().enumerate() {
             for b in &DRIVERS[i + 1..] {
                 assert_ne!(a.name, b.name);
-                assert_ne!(a.krate, b.krate);
+                if a.krate == b.krate {
+                    assert_ne!(a.test_target("conformance"), b.test_target("conformance"));
+                }
             }
         }
+    }
+
+    #[test]
+    fn sql_drivers_name_their_tests() {
+        let pg = DRIVERS.iter().find(|d| d.name == "postgresql").unwrap();
+        assert_eq!(pg.test_target("conformance"), "conformance_postgresql");
+        let redis = DRIVERS.iter().find(|d| d.name == "redis").unwrap();
+        assert_eq!(redis.test_target("python_interop"), "python_interop");
     }
 
     #[test]

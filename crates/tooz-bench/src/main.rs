@@ -1,7 +1,7 @@
 //! `tooz-bench`: the benchmark harness behind `cargo xtask bench` (DESIGN.md §8).
 //!
 //! ```text
-//! tooz-bench --driver file|ipc|redis|zookeeper|etcd|memcached|consul [--json-out PATH] [--quick] [--url URL]
+//! tooz-bench --driver file|ipc|redis|zookeeper|etcd|memcached|consul|postgresql|mysql [--json-out PATH] [--quick] [--url URL]
 //! ```
 //!
 //! Runs the floors and the scenarios against one driver, prints a table and writes
@@ -45,6 +45,13 @@
 //!   are HTTP round trips. Floors: `floor_rtt` is one KV GET of a key, `floor_write`
 //!   one KV PUT (Raft-committed), both on reqwest (the driver's client).
 //!
+//! * `postgresql`, `mysql`: the server is `--url`, else `$TOOZ_TEST_POSTGRESQL_URL` /
+//!   `$TOOZ_TEST_MYSQL_URL`, with `timeout=300` added (bench coordinators run no
+//!   heartbeat task); the same two passes, req/op are client round trips. Floors (sqlx,
+//!   the driver's client library, one dedicated connection): `floor_rtt` is one
+//!   `SELECT 1`, `floor_write` one one-row `UPDATE` (autocommit, so it waits for the
+//!   commit).
+//!
 //! Every ratio is a median over the `floor_rtt` median; `ratio_to_write_floor` (file
 //! driver) is the median over the `floor_write` median.
 
@@ -63,7 +70,7 @@ use tooz_core::{Coordinator, Registry, Url};
 
 use crate::proxy::{Counting, Proxy};
 
-const USAGE: &str = "usage: tooz-bench --driver file|ipc|redis|zookeeper|etcd|memcached|consul [--json-out PATH] [--quick] [--url URL]";
+const USAGE: &str = "usage: tooz-bench --driver file|ipc|redis|zookeeper|etcd|memcached|consul|postgresql|mysql [--json-out PATH] [--quick] [--url URL]";
 
 #[derive(Debug)]
 struct Args {
@@ -209,6 +216,22 @@ const SERVERS: &[Server] = &[
         // set-up and measurements without renewals.
         options: &[("ttl", "120")],
     },
+    Server {
+        driver: "postgresql",
+        env: "TOOZ_TEST_POSTGRESQL_URL",
+        port: 5432,
+        counting: Counting::RoundTrips,
+        namespace: None,
+        options: &[("timeout", "300")],
+    },
+    Server {
+        driver: "mysql",
+        env: "TOOZ_TEST_MYSQL_URL",
+        port: 3306,
+        counting: Counting::RoundTrips,
+        namespace: None,
+        options: &[("timeout", "300")],
+    },
 ];
 
 /// The backend under test and how to reach it.
@@ -251,6 +274,10 @@ impl Target {
         let registry = registry.with(tooz_ipc::DRIVER);
         #[cfg(feature = "consul")]
         let registry = registry.with(tooz_consul::DRIVER);
+        #[cfg(feature = "postgresql")]
+        let registry = registry.with(tooz_sql::POSTGRESQL);
+        #[cfg(feature = "mysql")]
+        let registry = registry.with(tooz_sql::MYSQL);
         match args.driver.as_str() {
             "ipc" => {
                 let base = match &args.url {
@@ -301,7 +328,7 @@ impl Target {
             name => {
                 let Some(server) = SERVERS.iter().find(|s| s.driver == name) else {
                     bail!(
-                        "unknown driver `{name}` (tooz-bench knows file, ipc, redis, zookeeper, etcd, memcached and consul)"
+                        "unknown driver `{name}` (tooz-bench knows file, ipc, redis, zookeeper, etcd, memcached, consul, postgresql and mysql)"
                     )
                 };
                 Self::behind_proxy(server, args, registry, run).await
@@ -452,6 +479,17 @@ impl Target {
     /// The command lines windows saw since the last call (and resets the tally).
     pub(crate) fn take_commands(&self) -> u64 {
         self.commands_seen.swap(0, Ordering::SeqCst)
+    }
+
+    /// The server URL with the proxy in the counting pass (for raw clients of the
+    /// floors that take a URL).
+    #[cfg_attr(not(any(feature = "postgresql", feature = "mysql")), allow(dead_code))]
+    pub(crate) fn raw_url(&self) -> String {
+        if self.counting() {
+            self.measured_url.clone()
+        } else {
+            self.direct_url.clone()
+        }
     }
 
     /// The file driver's data directory.

@@ -204,6 +204,38 @@ pub(crate) async fn run_all(t: &Target, sizes: &Sizes) -> Result<(Vec<Figures>, 
                     .to_owned(),
             );
         }
+        #[cfg(feature = "postgresql")]
+        "postgresql" => {
+            scenario!("floor_rtt", sizes.floor, count(sizes.floor), |n| {
+                sql_floor::pg(t, n, false)
+            });
+            scenario!("floor_write", sizes.floor, count(sizes.floor), |n| {
+                sql_floor::pg(t, n, true)
+            });
+            notes.push(
+                "postgresql: floor_rtt = one `SELECT 1`, floor_write = one one-row `UPDATE` \
+                 (autocommit: it waits for the commit), both on one dedicated sqlx connection \
+                 (the driver's client library); req/op = client round trips counted by an \
+                 in-process proxy in a second pass of a tenth of the iterations"
+                    .to_owned(),
+            );
+        }
+        #[cfg(feature = "mysql")]
+        "mysql" => {
+            scenario!("floor_rtt", sizes.floor, count(sizes.floor), |n| {
+                sql_floor::mysql(t, n, false)
+            });
+            scenario!("floor_write", sizes.floor, count(sizes.floor), |n| {
+                sql_floor::mysql(t, n, true)
+            });
+            notes.push(
+                "mysql: floor_rtt = one `SELECT 1`, floor_write = one one-row `UPDATE` \
+                 (autocommit, InnoDB), both on one dedicated sqlx connection (the driver's \
+                 client library); req/op = client round trips counted by an in-process proxy \
+                 in a second pass of a tenth of the iterations"
+                    .to_owned(),
+            );
+        }
         "file" => {
             let dir = t
                 .scratch()
@@ -506,6 +538,96 @@ async fn consul_kv(t: &Target, n: usize, write: bool) -> Result<Measured> {
     })
 }
 
+/// The SQL floors: `SELECT 1` and a one-row `UPDATE` on one sqlx connection.
+#[cfg(any(feature = "postgresql", feature = "mysql"))]
+mod sql_floor {
+    use std::time::Instant;
+
+    use anyhow::{Context, Result};
+    use sqlx::Connection;
+
+    use crate::{Target, report::Measured};
+
+    use super::Window;
+
+    /// Times `$sql` on the connection `$c` (the same code for both databases; sqlx's
+    /// executor traits do not make a generic function easy).
+    macro_rules! run {
+        ($t:expr, $c:expr, $n:expr, $sql:expr) => {{
+            let (t, mut c, n, sql) = ($t, $c, $n, $sql);
+            for _ in 0..10 {
+                sqlx::query(sql).execute(&mut c).await?;
+            }
+            let w = Window::open(t);
+            let mut samples = Vec::with_capacity(n);
+            for _ in 0..n {
+                let start = Instant::now();
+                sqlx::query(sql).execute(&mut c).await?;
+                samples.push(start.elapsed());
+            }
+            let round_trips = w.close(t);
+            c.close().await?;
+            Ok(Measured {
+                samples,
+                ops_per_sample: 1,
+                round_trips,
+            })
+        }};
+    }
+
+    #[cfg(feature = "postgresql")]
+    pub(super) async fn pg(t: &Target, n: usize, write: bool) -> Result<Measured> {
+        let url = t.raw_url();
+        let opts = tooz_sql::PgConfig::from_url_str(&url)?.connect;
+        let mut c = sqlx::PgConnection::connect_with(&opts)
+            .await
+            .with_context(|| format!("raw PostgreSQL connection to {url}"))?;
+        if !write {
+            return run!(t, c, n, "SELECT 1");
+        }
+        sqlx::query(
+            "CREATE TABLE IF NOT EXISTS tooz_bench_floor (id int PRIMARY KEY, v bigint NOT NULL)",
+        )
+        .execute(&mut c)
+        .await?;
+        sqlx::query(
+            "INSERT INTO tooz_bench_floor (id, v) VALUES (1, 0) ON CONFLICT (id) DO NOTHING",
+        )
+        .execute(&mut c)
+        .await?;
+        run!(
+            t,
+            c,
+            n,
+            "UPDATE tooz_bench_floor SET v = v + 1 WHERE id = 1"
+        )
+    }
+
+    #[cfg(feature = "mysql")]
+    pub(super) async fn mysql(t: &Target, n: usize, write: bool) -> Result<Measured> {
+        let url = t.raw_url();
+        let opts = tooz_sql::MySqlConfig::from_url_str(&url)?.connect;
+        let mut c = sqlx::MySqlConnection::connect_with(&opts)
+            .await
+            .with_context(|| format!("raw MySQL connection to {url}"))?;
+        if !write {
+            return run!(t, c, n, "SELECT 1");
+        }
+        sqlx::query("CREATE TABLE IF NOT EXISTS tooz_bench_floor (id INT PRIMARY KEY, v BIGINT NOT NULL) ENGINE=InnoDB")
+            .execute(&mut c)
+            .await?;
+        sqlx::query("INSERT IGNORE INTO tooz_bench_floor (id, v) VALUES (1, 0)")
+            .execute(&mut c)
+            .await?;
+        run!(
+            t,
+            c,
+            n,
+            "UPDATE tooz_bench_floor SET v = v + 1 WHERE id = 1"
+        )
+    }
+}
+
 fn ofd(file: &std::fs::File, l_type: libc::c_int) -> Result<()> {
     let fl = libc::flock {
         l_type: l_type as libc::c_short,
@@ -690,11 +812,20 @@ async fn get_members(t: &Target, members: usize, n: usize) -> Result<Measured> {
     // (closing its connections) once joined, and reconnected in chunks afterwards to leave.
     // Consul: the agent takes 200 concurrent HTTP connections per client address
     // (`http_max_conns_per_client`); members live on their sessions (`ttl=120`, no
-    // heartbeat needed meanwhile), so they are parked the same way.
-    let parked = matches!(t.driver, "memcached" | "consul");
+    // heartbeat needed meanwhile), so they are parked the same way. The SQL servers
+    // take 200 (PostgreSQL here) and 151 (MariaDB) connections, and every started
+    // coordinator keeps a session connection: the same parking, the members staying
+    // while their lease rows live (`timeout=300`).
+    let parked = matches!(t.driver, "memcached" | "consul" | "postgresql" | "mysql");
+    // Two connections per SQL coordinator (its pool and its session): fewer at once.
+    let chunk_size = if matches!(t.driver, "postgresql" | "mysql") {
+        SETUP_CHUNK / 5
+    } else {
+        SETUP_CHUNK
+    };
     let started = Instant::now();
     let mut coords = Vec::with_capacity(members);
-    for chunk in (0..members).collect::<Vec<_>>().chunks(SETUP_CHUNK) {
+    for chunk in (0..members).collect::<Vec<_>>().chunks(chunk_size) {
         let batch = try_join_all(chunk.iter().map(|i| {
             let group = group.as_str();
             async move {
@@ -733,7 +864,7 @@ async fn get_members(t: &Target, members: usize, n: usize) -> Result<Measured> {
     }
     .await;
     if parked {
-        for chunk in (0..members).collect::<Vec<_>>().chunks(SETUP_CHUNK) {
+        for chunk in (0..members).collect::<Vec<_>>().chunks(chunk_size) {
             try_join_all(chunk.iter().map(|i| {
                 let group = group.as_str();
                 async move {

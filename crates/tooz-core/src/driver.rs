@@ -430,7 +430,8 @@ pub trait DriverLock: std::any::Any + Send + Sync + fmt::Debug + 'static {
     /// when the wait ran out; a blocked acquire must wake on a release notification.
     ///
     /// # Cancel safety
-    /// Must be cancel-safe: the core drops this future when the coordinator stops.
+    /// Must be cancel-safe: the core drops this future when the coordinator stops
+    /// and when the caller of `Lock::acquire` goes away (its future dropped).
     /// Dropping it must never leave the lock held.
     ///
     /// # Errors

@@ -25,41 +25,63 @@ pub mod backend {
     };
 }
 
-/// Declares the driver crates of this facade: each entry is re-exported under
-/// [`drivers`] and registered by [`registry()`] when its cargo feature is on.
+/// Declares the drivers of this facade: each entry is a cargo feature and the
+/// descriptor [`registry()`] registers when it is on.
 macro_rules! drivers {
-    ($($feature:literal => $krate:ident),* $(,)?) => {
-        /// The driver crates enabled by cargo features, re-exported.
-        ///
-        /// Use them to reach driver-specific items; connecting by URL through
-        /// [`connect`](crate::connect) needs none of them.
-        pub mod drivers {
-            $(
-                #[cfg(feature = $feature)]
-                #[doc = concat!("The `", $feature, "` driver (cargo feature `", $feature, "`).")]
-                pub use $krate;
-            )*
-        }
-
+    ($($feature:literal => $krate:ident :: $desc:ident),* $(,)?) => {
         /// The descriptors of the enabled drivers, in registration order.
         const ENABLED: &[DriverDescriptor] = &[
             $(
                 #[cfg(feature = $feature)]
-                $krate::DRIVER,
+                $krate::$desc,
             )*
         ];
     };
 }
 
-// One line per driver crate (plus its feature and optional dependency in Cargo.toml).
+/// The driver crates enabled by cargo features, re-exported.
+///
+/// Use them to reach driver-specific items; connecting by URL through
+/// [`connect`](crate::connect) needs none of them.
+pub mod drivers {
+    /// The `consul` driver (cargo feature `consul`).
+    #[cfg(feature = "consul")]
+    pub use tooz_consul;
+    /// The `etcd` driver (cargo feature `etcd`).
+    #[cfg(feature = "etcd")]
+    pub use tooz_etcd;
+    /// The `file` driver (cargo feature `file`).
+    #[cfg(feature = "file")]
+    pub use tooz_file;
+    /// The `ipc` driver (cargo feature `ipc`).
+    #[cfg(feature = "ipc")]
+    pub use tooz_ipc;
+    /// The `memcached` driver (cargo feature `memcached`).
+    #[cfg(feature = "memcached")]
+    pub use tooz_memcached;
+    /// The `redis` driver (cargo feature `redis`).
+    #[cfg(feature = "redis")]
+    pub use tooz_redis;
+    /// The `postgresql` and `mysql` drivers (cargo features `postgresql`, `mysql`).
+    #[cfg(any(feature = "postgresql", feature = "mysql"))]
+    pub use tooz_sql;
+    /// The `zookeeper` driver (cargo feature `zookeeper`).
+    #[cfg(feature = "zookeeper")]
+    pub use tooz_zookeeper;
+}
+
+// One line per driver (plus its feature and optional dependency in Cargo.toml, and
+// its re-export in `drivers` above).
 drivers! {
-    "file" => tooz_file,
-    "redis" => tooz_redis,
-    "zookeeper" => tooz_zookeeper,
-    "memcached" => tooz_memcached,
-    "ipc" => tooz_ipc,
-    "consul" => tooz_consul,
-    "etcd" => tooz_etcd,
+    "file" => tooz_file::DRIVER,
+    "redis" => tooz_redis::DRIVER,
+    "zookeeper" => tooz_zookeeper::DRIVER,
+    "memcached" => tooz_memcached::DRIVER,
+    "ipc" => tooz_ipc::DRIVER,
+    "consul" => tooz_consul::DRIVER,
+    "etcd" => tooz_etcd::DRIVER,
+    "postgresql" => tooz_sql::POSTGRESQL,
+    "mysql" => tooz_sql::MYSQL,
 }
 
 /// The descriptors of every driver enabled by this build's cargo features.

@@ -20,6 +20,8 @@ fn drivers() -> Vec<(&'static str, DriverDescriptor)> {
         ("tooz-ipc", tooz_ipc::DRIVER),
         ("tooz-consul", tooz_consul::DRIVER),
         ("tooz-etcd", tooz_etcd::DRIVER),
+        ("tooz-sql", tooz_sql::POSTGRESQL),
+        ("tooz-sql", tooz_sql::MYSQL),
         ("tooz-core", tooz::memory::DRIVER),
     ]
 }

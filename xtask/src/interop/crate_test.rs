@@ -1,5 +1,6 @@
-//! Networked drivers (redis, zookeeper, etcd, memcached): the scenario lives with the driver, as its
-//! crate's test `tests/python_interop.rs`, which drives Python tooz 9.1.0 (with the
+//! Networked drivers (redis, zookeeper, etcd, memcached, postgresql, mysql): the scenario lives
+//! with the driver, as its crate's test `tests/python_interop.rs` (`python_interop_<driver>.rs`
+//! in a crate serving several drivers), which drives Python tooz 9.1.0 (with the
 //! driver's Python client library) and a Rust coordinator on one server and checks both
 //! ways what the two share (each test's header lists it). The test skips unless it is
 //! given a Python with tooz; here it runs with the interop virtualenv, against the server
@@ -16,10 +17,11 @@ use crate::{
 };
 
 pub(crate) fn run(root: &Path, python: &Path, driver: &Driver, report: &mut Report) -> Result<()> {
+    let target = driver.test_target("python_interop");
     let test = driver
         .manifest_dir(root)
         .join("tests")
-        .join("python_interop.rs");
+        .join(format!("{target}.rs"));
     if !test.is_file() {
         bail!(
             "the driver table marks `{}` as having interop scenarios, but {} is missing",
@@ -36,7 +38,7 @@ pub(crate) fn run(root: &Path, python: &Path, driver: &Driver, report: &mut Repo
             "-p",
             driver.krate,
             "--test",
-            "python_interop",
+            &target,
             "--",
             "--nocapture",
         ])

@@ -21,6 +21,8 @@ const REQUIREMENTS: &[&str] = &[
     "pymemcache==4.0.0",
     // tooz's ipc driver; 1.2.0 fixes the key bounds tooz-ipc derives its keys with.
     "sysv_ipc==1.2.0",
+    "psycopg2-binary==2.9.13",
+    "PyMySQL==1.2.4",
 ];
 
 /// The exact tooz version the scenarios are written against.

@@ -358,21 +358,34 @@ impl Lock {
             }
         }
         let remaining = wait.remaining(deadline);
-        let (tx, rx) = oneshot::channel();
+        let (mut tx, rx) = oneshot::channel::<(Result<bool>, Option<FencingToken>)>();
         let inner = Arc::clone(&self.inner);
         let task_stop = stop.clone();
         let span = crate::observe::lock_span(driver_name, "acquire", &inner.name);
         let started = std::time::Instant::now();
         tokio::spawn(async move {
+            // The wait also ends when the caller goes away (its future dropped): a
+            // queueing driver's wait is dropped (it is cancel-safe), the attempt loop
+            // stops between attempts.
             let attempt = async {
                 if inner.driver.queues() {
                     tokio::select! {
                         r = inner.driver.acquire(mode, remaining) => r,
                         _ = task_stop.cancelled() => Err(ToozError::Stopped),
+                        () = tx.closed() => Err(ToozError::Stopped),
                     }
                 } else {
-                    engine::acquire_in(driver_name, &*inner.driver, mode, remaining, &task_stop)
-                        .await
+                    let gone = task_stop.child_token();
+                    let attempt =
+                        engine::acquire_in(driver_name, &*inner.driver, mode, remaining, &gone);
+                    tokio::pin!(attempt);
+                    tokio::select! {
+                        r = &mut attempt => r,
+                        () = tx.closed() => {
+                            gone.cancel();
+                            attempt.await
+                        }
+                    }
                 }
             };
             let res = tracing::Instrument::instrument(attempt, span.clone()).await;

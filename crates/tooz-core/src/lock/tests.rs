@@ -41,6 +41,10 @@ struct Mem {
     lose_locks: std::sync::atomic::AtomicBool,
     /// How many locks the last `heartbeat` was given.
     beat_locks: AtomicU64,
+    /// Locks wait by themselves (`queues`), for ever, setting `wait_dropped` when
+    /// their wait is dropped.
+    queue: std::sync::atomic::AtomicBool,
+    wait_dropped: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// A push source that never reports anything.
@@ -72,6 +76,19 @@ struct MemLock {
 impl DriverLock for MemLock {
     fn name(&self) -> &LockName {
         &self.name
+    }
+    fn queues(&self) -> bool {
+        self.mem.queue.load(Ordering::SeqCst)
+    }
+    async fn acquire(&self, _mode: Mode, _wait: Wait) -> Result<Option<FencingToken>> {
+        struct Flag(Arc<std::sync::atomic::AtomicBool>);
+        impl Drop for Flag {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::SeqCst);
+            }
+        }
+        let _flag = Flag(Arc::clone(&self.mem.wait_dropped));
+        std::future::pending().await
     }
     async fn try_acquire(&self, _mode: Mode) -> Result<crate::driver::Attempt> {
         let hook = self.mem.hook.lock().unwrap().clone();
@@ -719,5 +736,37 @@ async fn zero_event_buffer_does_not_panic() {
     );
     c.start(false).await.unwrap();
     let _events = c.events("g").await.unwrap();
+    c.stop().await.unwrap();
+}
+
+/// A caller that drops its `acquire` future ends a queueing driver's wait (the wait
+/// is not left running until a grant that nobody wants).
+#[tokio::test]
+async fn dropped_acquire_ends_a_queued_wait() {
+    let mem = Arc::new(Mem::default());
+    mem.queue.store(true, Ordering::SeqCst);
+    let c = Coordinator::new(
+        Arc::new(MemDriver(Arc::clone(&mem), false)),
+        "m".into(),
+        "mem://",
+    );
+    c.start(false).await.unwrap();
+    let lock = c.get_lock("l").unwrap();
+    let waited = tokio::time::timeout(
+        std::time::Duration::from_millis(50),
+        lock.acquire(Wait::Forever),
+    )
+    .await;
+    assert!(waited.is_err(), "the wait cannot end by itself");
+    for _ in 0..100 {
+        if mem.wait_dropped.load(Ordering::SeqCst) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    assert!(
+        mem.wait_dropped.load(Ordering::SeqCst),
+        "the driver's wait outlived its caller"
+    );
     c.stop().await.unwrap();
 }

@@ -4,7 +4,7 @@
 mod client;
 mod config;
 mod driver;
-pub mod keys;
+mod keys;
 mod lock;
 mod watch;
 

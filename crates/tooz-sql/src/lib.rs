@@ -2,9 +2,9 @@
 #![warn(missing_docs)]
 
 mod backend;
-pub mod config;
+mod config;
 mod driver;
-pub mod layout;
+mod layout;
 mod lock;
 #[cfg(feature = "mysql")]
 mod mysql;

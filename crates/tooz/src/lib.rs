@@ -42,7 +42,7 @@ macro_rules! drivers {
 /// The driver crates enabled by cargo features, re-exported.
 ///
 /// Use them to reach driver-specific items; connecting by URL through
-/// [`connect`](crate::connect) needs none of them.
+/// [`connect`] needs none of them.
 pub mod drivers {
     /// The `consul` driver (cargo feature `consul`).
     #[cfg(feature = "consul")]

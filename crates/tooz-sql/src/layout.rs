@@ -53,12 +53,8 @@ pub const PG_SCHEMA_LOCK: i64 = 0x746f_6f7a_5f73_6368; // "tooz_sch"
 pub const MYSQL_SCHEMA_LOCK: &str = "tooz-schema-v1";
 
 /// Python tooz's PostgreSQL advisory lock key of a lock name: the first two bytes of
-/// its MD5 digest, as the two `int4` arguments of `pg_advisory_lock(a, b)`.
-///
-/// ```
-/// // md5(b"a") = 0cc175b9…
-/// assert_eq!(tooz_sql::layout::pg_key(b"a"), (0x0c, 0xc1));
-/// ```
+/// its MD5 digest, as the two `int4` arguments of `pg_advisory_lock(a, b)`
+/// (`md5(b"a")` = `0cc175b9…` gives `(0x0c, 0xc1)`).
 pub fn pg_key(name: &[u8]) -> (i32, i32) {
     let d = Md5::digest(name);
     (i32::from(d[0]), i32::from(d[1]))
@@ -66,13 +62,6 @@ pub fn pg_key(name: &[u8]) -> (i32, i32) {
 
 /// The `GET_LOCK` name of a lock name: the name itself up to 64 bytes (Python tooz's
 /// name), else `tooz-sha1:<40 hex digits of SHA-1(name)>`.
-///
-/// ```
-/// use tooz_sql::layout::mysql_lock_name;
-/// assert_eq!(mysql_lock_name(b"job"), b"job");
-/// let long = mysql_lock_name(&[b'x'; 65]);
-/// assert!(long.starts_with(b"tooz-sha1:") && long.len() == 50);
-/// ```
 pub fn mysql_lock_name(name: &[u8]) -> Vec<u8> {
     if name.len() <= MYSQL_MAX_LOCK_NAME {
         name.to_vec()
@@ -121,6 +110,15 @@ pub(crate) fn parse_note(payload: &str) -> Option<(Vec<u8>, Note)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn documented_examples() {
+        // md5(b"a") = 0cc175b9…
+        assert_eq!(pg_key(b"a"), (0x0c, 0xc1));
+        assert_eq!(mysql_lock_name(b"job"), b"job");
+        let long = mysql_lock_name(&[b'x'; 65]);
+        assert!(long.starts_with(b"tooz-sha1:") && long.len() == 50);
+    }
 
     #[test]
     fn python_pg_keys() {

@@ -12,6 +12,24 @@ use crate::error::{Result, ToozError};
 /// The largest partitioner weight honoured (a member claiming more gets this much).
 pub const MAX_WEIGHT: u32 = 65_535;
 
+/// The deepest msgpack nesting decoded (arrays/maps inside each other), the same as
+/// `serde_json`'s recursion limit for [`Capabilities::from_json_str`].
+///
+/// Bytes another client wrote can nest arbitrarily deep in a few hundred bytes; the
+/// decoders recurse per level, so without this bound such a member would overflow the
+/// stack (an abort, not an error) of every client reading it.
+pub const MAX_DEPTH: usize = 128;
+
+/// Decodes one msgpack value from the front of `bytes`, nested at most
+/// [`MAX_DEPTH`] deep, never reserving more memory than the input could hold.
+/// Drivers use it for every msgpack record another client wrote.
+///
+/// # Errors
+/// rmpv's decode error for malformed, truncated or too deeply nested input.
+pub fn read_msgpack(bytes: &mut &[u8]) -> std::result::Result<rmpv::Value, rmpv::decode::Error> {
+    rmpv::decode::read_value_with_max_depth(bytes, MAX_DEPTH)
+}
+
 /// The capabilities of a member, as the msgpack bytes stored in the backend.
 ///
 /// ```
@@ -76,9 +94,12 @@ impl Capabilities {
     /// Decodes into any deserializable type.
     ///
     /// # Errors
-    /// [`ToozError::Serialization`] when the bytes do not match `T`.
+    /// [`ToozError::Serialization`] when the bytes do not match `T` or nest deeper
+    /// than [`MAX_DEPTH`].
     pub fn decode<T: DeserializeOwned>(&self) -> Result<T> {
-        rmp_serde::from_slice(&self.0)
+        let mut de = rmp_serde::Deserializer::from_read_ref(&self.0);
+        de.set_max_depth(MAX_DEPTH);
+        T::deserialize(&mut de)
             .map_err(|e| ToozError::serialization("cannot decode capabilities", e))
     }
 
@@ -86,9 +107,10 @@ impl Capabilities {
     /// Python datetimes as `Ext`).
     ///
     /// # Errors
-    /// [`ToozError::Serialization`] when the bytes are not msgpack.
+    /// [`ToozError::Serialization`] when the bytes are not msgpack or nest deeper
+    /// than [`MAX_DEPTH`].
     pub fn to_value(&self) -> Result<rmpv::Value> {
-        rmpv::decode::read_value(&mut &self.0[..])
+        read_msgpack(&mut &self.0[..])
             .map_err(|e| ToozError::serialization("capabilities are not msgpack", e))
     }
 

@@ -27,7 +27,8 @@ pub const MAX_DEPTH: usize = 128;
 /// # Errors
 /// rmpv's decode error for malformed, truncated or too deeply nested input.
 pub fn read_msgpack(bytes: &mut &[u8]) -> std::result::Result<rmpv::Value, rmpv::decode::Error> {
-    rmpv::decode::read_value_with_max_depth(bytes, MAX_DEPTH)
+    // rmpv spends two units of depth per container level.
+    rmpv::decode::read_value_with_max_depth(bytes, 2 * MAX_DEPTH + 2)
 }
 
 /// The capabilities of a member, as the msgpack bytes stored in the backend.

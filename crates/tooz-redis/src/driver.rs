@@ -99,6 +99,32 @@ fn unexpected(what: &str, v: &Value) -> ToozError {
     ToozError::backend_msg("redis", format!("unexpected reply to {what}: {v:?}"))
 }
 
+/// Adds the keys a request touched, and the server's words, to a backend error:
+/// a key of the wrong type (`WRONGTYPE`, another client's junk) is named.
+fn with_keys(e: ToozError, keys: &[&[u8]]) -> ToozError {
+    match e {
+        ToozError::Backend {
+            driver,
+            message,
+            source,
+            retryable,
+        } => {
+            let names: Vec<String> = keys
+                .iter()
+                .map(|k| String::from_utf8_lossy(k).into_owned())
+                .collect();
+            let cause = source.as_ref().map(ToString::to_string).unwrap_or_default();
+            ToozError::Backend {
+                driver,
+                message: format!("{message} on key(s) {}: {cause}", names.join(", ")),
+                source,
+                retryable,
+            }
+        }
+        other => other,
+    }
+}
+
 fn micros_to_time(us: u64) -> SystemTime {
     UNIX_EPOCH + Duration::from_micros(us)
 }
@@ -188,6 +214,7 @@ impl Inner {
                 async move { inv.invoke_async::<Value>(&mut c).await }
             })
             .await
+            .map_err(|e| with_keys(e, keys))
     }
 
     async fn eval_int(
@@ -656,7 +683,8 @@ impl Driver for RedisDriver {
                 let key = key.clone();
                 async move { redis::cmd("SMEMBERS").arg(key).query_async(&mut c).await }
             })
-            .await?;
+            .await
+            .map_err(|e| with_keys(e, &[&key]))?;
         Ok(v.into_iter().map(GroupId::from).collect())
     }
 

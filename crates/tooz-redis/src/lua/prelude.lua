@@ -3,7 +3,7 @@
 --   now_us()          server TIME in microseconds
 --   is_rs(v)          1 when a lock value is a tooz-rs token (`tooz-rs:` prefix)
 --   next_fence(...)   advances a fencing counter to max(stored + 1, now)
---   cur_fence(fkey)   the stored fencing counter (0 when absent)
+--   cur_fence(fkey)   the stored fencing counter (0 when absent or junk)
 --   refresh_marker    points the shared marker at the latest reader expiry
 --   renew_lock(...)   renews or checks one exclusive or shared hold
 --   prune_one(...)    removes a dead member from a group and publishes `L<member>`
@@ -18,15 +18,32 @@ local function is_rs(v)
   if v and string.sub(v, 1, #PREFIX) == PREFIX then return 1 end
   return 0
 end
+-- The stored counter, or 0 when it is not an integer in [0, 2^53) (another
+-- client's junk: text, negative, fractional, nan, inf, too large to count up
+-- exactly in a Lua double, or a key of another type); the next grant then starts
+-- again from server time, as after a restart without persistence, and overwrites
+-- it. Never an error: scripts call it after their first write, and Redis does not
+-- roll a script back.
+local FENCE_MAX = 9007199254740991
+local function read_fence(fkey)
+  local v = redis.pcall('GET', fkey)
+  if type(v) == 'table' then v = 'a ' .. redis.call('TYPE', fkey)['ok'] end
+  local n = tonumber(v or '0')
+  if n == nil or n ~= n or n < 0 or n > FENCE_MAX or n ~= math.floor(n) then
+    redis.log(redis.LOG_WARNING, 'tooz: ignoring fencing counter ' .. fkey .. ' = ' .. tostring(v))
+    return 0
+  end
+  return n
+end
 local function next_fence(fkey, now, ttl)
-  local prev = tonumber(redis.call('GET', fkey) or '0') or 0
+  local prev = read_fence(fkey)
   local f = prev + 1
   if now > f then f = now end
   redis.call('SET', fkey, string.format('%.0f', f), 'PX', ttl)
   return f
 end
 local function cur_fence(fkey)
-  return tonumber(redis.call('GET', fkey) or '0') or 0
+  return read_fence(fkey)
 end
 -- Points the marker (and the readers set) at the latest reader expiry; removes
 -- both when no reader is left. Only called when the plain key is absent or the marker.

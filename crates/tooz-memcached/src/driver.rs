@@ -31,6 +31,24 @@ const CHARACTERISTICS: &[Characteristic] = &[
 /// How many times a compare-and-swap loop retries on a concurrent change.
 const CAS_TRIES: usize = 100;
 
+/// memcached refuses to advance a counter that another client overwrote with
+/// something else than digits, failing the whole grant pipeline: say which key.
+/// (It is not repaired here: two acquirers resetting it at once could hand out
+/// one token twice.)
+fn junk_fence(key: &[u8], e: ToozError) -> ToozError {
+    if !e.to_string().contains("non-numeric") {
+        return e;
+    }
+    ToozError::backend_msg(
+        NAME,
+        format!(
+            "the fencing counter {} does not hold a number (another client wrote it); no grant of {} until it is deleted",
+            String::from_utf8_lossy(&keys::fence(key)),
+            String::from_utf8_lossy(key)
+        ),
+    )
+}
+
 fn guard<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -200,7 +218,7 @@ impl Inner {
                 Ok(r) => r,
                 Err(e) => {
                     self.spawn_unknown_grant(key.to_vec());
-                    return Err(e);
+                    return Err(junk_fence(key, e));
                 }
             };
             let mut replies = replies.into_iter();
@@ -247,7 +265,7 @@ impl Inner {
             .filter(|t| *t >= 0)
             .map(|t| Duration::from_secs(t.unsigned_abs()));
         if let LockValue::Readers(readers) =
-            LockValue::read(v.flags, v.data.as_deref().unwrap_or(&[]))?
+            LockValue::read(key, v.flags, v.data.as_deref().unwrap_or(&[]))?
         {
             let dead = self
                 .dead_members(readers.iter().map(|(_, m)| m.as_slice()))
@@ -308,7 +326,7 @@ impl Inner {
                 let Some(v) = i.pool.get("resolve", &key, &["v", "c", "f"]).await? else {
                     return Ok(false);
                 };
-                let ours = LockValue::read(v.flags, v.data.as_deref().unwrap_or(&[]))?
+                let ours = LockValue::read(&key, v.flags, v.data.as_deref().unwrap_or(&[]))?
                     == LockValue::Owner(i.member.as_bytes().to_vec());
                 match v.cas {
                     Some(cas) if ours && !guard(&i.held_cas).contains(&cas) => {
@@ -369,7 +387,7 @@ impl Inner {
                     flags.push("ME".into());
                     self.pool.set("acquire", key, &value, &flags).await
                 }
-                Some(v) => match LockValue::read(v.flags, v.data.as_deref().unwrap_or(&[]))? {
+                Some(v) => match LockValue::read(key, v.flags, v.data.as_deref().unwrap_or(&[]))? {
                     LockValue::Owner(_) => {
                         return Ok(Grant::Held(
                             v.ttl_remaining
@@ -409,12 +427,17 @@ impl Inner {
                     Cmd::arith(&keys::fence(key), self.fence_flags()),
                     Cmd::get(key, &["v", "f"]),
                 ];
-                let mut replies = self.pool.pipeline("acquire", &cmds).await?.into_iter();
+                let mut replies = self
+                    .pool
+                    .pipeline("acquire", &cmds)
+                    .await
+                    .map_err(|e| junk_fence(key, e))?
+                    .into_iter();
                 let (Some(fence), Some(now)) = (replies.next(), replies.next()) else {
                     return Err(ToozError::backend_msg(NAME, "acquire: replies missing"));
                 };
                 let fence = self.fence_value(key, fence).await?;
-                Ok::<_, ToozError>((fence, Self::has_reader(now.hit(), token)?))
+                Ok::<_, ToozError>((fence, Self::has_reader(key, now.hit(), token)?))
             }
             .await;
             return match checked {
@@ -436,16 +459,16 @@ impl Inner {
 
     pub(crate) async fn holds_shared(&self, key: &[u8], token: &[u8]) -> Result<bool> {
         let v = self.pool.get("is_still_owner", key, &["v", "f"]).await?;
-        Self::has_reader(v, token)
+        Self::has_reader(key, v, token)
     }
 
     /// Whether the lock item `v` (read with `v f`) lists reader `token`.
-    fn has_reader(v: Option<Item>, token: &[u8]) -> Result<bool> {
+    fn has_reader(key: &[u8], v: Option<Item>, token: &[u8]) -> Result<bool> {
         let Some(v) = v else {
             return Ok(false);
         };
         Ok(matches!(
-            LockValue::read(v.flags, v.data.as_deref().unwrap_or(&[]))?,
+            LockValue::read(key, v.flags, v.data.as_deref().unwrap_or(&[]))?,
             LockValue::Readers(r) if r.iter().any(|(t, _)| t == token)
         ))
     }
@@ -464,7 +487,7 @@ impl Inner {
                 return Ok(false);
             };
             let LockValue::Readers(mut readers) =
-                LockValue::read(v.flags, v.data.as_deref().unwrap_or(&[]))?
+                LockValue::read(key, v.flags, v.data.as_deref().unwrap_or(&[]))?
             else {
                 return Ok(false);
             };
@@ -518,8 +541,9 @@ impl Inner {
         let Some(v) = v else {
             return Err(ToozError::GroupNotCreated(g.clone()));
         };
-        let value = keys::decode(v.flags, v.data.as_deref().unwrap_or(&[]))?;
-        match GroupMap::from_value(value)? {
+        let key = keys::group(g);
+        let value = keys::decode(&key, v.flags, v.data.as_deref().unwrap_or(&[]))?;
+        match GroupMap::from_value(&key, value)? {
             Some(map) => Ok((map, v.cas.unwrap_or(0))),
             None => Err(ToozError::GroupNotCreated(g.clone())),
         }
@@ -610,7 +634,11 @@ impl Inner {
             let current = self.pool.get("group list", key, &["v", "c", "f"]).await?;
             let (mut list, cas) = match current {
                 Some(v) => (
-                    keys::group_list(keys::decode(v.flags, v.data.as_deref().unwrap_or(&[]))?),
+                    keys::group_list(keys::decode(
+                        key,
+                        v.flags,
+                        v.data.as_deref().unwrap_or(&[]),
+                    )?),
                     v.cas,
                 ),
                 None => (Vec::new(), None),
@@ -945,7 +973,11 @@ impl Driver for MemcachedDriver {
         else {
             return Ok(Vec::new());
         };
-        let list = keys::group_list(keys::decode(v.flags, v.data.as_deref().unwrap_or(&[]))?);
+        let list = keys::group_list(keys::decode(
+            keys::GROUP_LIST,
+            v.flags,
+            v.data.as_deref().unwrap_or(&[]),
+        )?);
         Ok(list
             .iter()
             .filter_map(keys::id_bytes)
@@ -1094,7 +1126,11 @@ impl Driver for MemcachedDriver {
         else {
             return Ok(None);
         };
-        match LockValue::read(v.flags, v.data.as_deref().unwrap_or(&[]))? {
+        match LockValue::read(
+            &keys::leader(group),
+            v.flags,
+            v.data.as_deref().unwrap_or(&[]),
+        )? {
             LockValue::Owner(m) if !m.is_empty() => Ok(Some(MemberId::new(m))),
             _ => Ok(None),
         }

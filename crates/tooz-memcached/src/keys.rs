@@ -134,15 +134,22 @@ pub fn check_id(id: IdRef<'_>) -> Result<()> {
     }
 }
 
-/// Decodes a value by its memcache flag: raw bytes or msgpack.
-pub(crate) fn decode(flags: Option<u32>, data: &[u8]) -> Result<Value> {
+/// Decodes the value of `key` by its memcache flag: raw bytes or msgpack. Errors
+/// name the key (another client may have written anything there).
+pub(crate) fn decode(key: &[u8], flags: Option<u32>, data: &[u8]) -> Result<Value> {
+    let key = String::from_utf8_lossy(key);
     match flags.unwrap_or(0) {
         FLAG_RAW => Ok(Value::Binary(data.to_vec())),
-        FLAG_MSGPACK => rmpv::decode::read_value(&mut &data[..]).map_err(|e| {
-            ToozError::serialization("cannot decode a msgpack value from memcached", e)
+        FLAG_MSGPACK => tooz_core::capabilities::read_msgpack(&mut &data[..]).map_err(|e| {
+            ToozError::serialization(
+                format!("memcached key {key} does not hold a msgpack value"),
+                e,
+            )
         }),
         other => Err(ToozError::serialization(
-            format!("unknown serialization format '{other}' (memcache flag) of a tooz key"),
+            format!(
+                "unknown serialization format '{other}' (memcache flag) of memcached key {key}"
+            ),
             "python tooz writes flag 1 (raw bytes) or 2 (msgpack)",
         )),
     }
@@ -212,13 +219,16 @@ pub(crate) struct GroupMap {
 
 impl GroupMap {
     /// `None` for a group being deleted (`nil`).
-    pub(crate) fn from_value(v: Value) -> Result<Option<Self>> {
+    pub(crate) fn from_value(key: &[u8], v: Value) -> Result<Option<Self>> {
         match v {
             Value::Nil => Ok(None),
             Value::Map(entries) => Ok(Some(GroupMap { entries })),
             other => Err(ToozError::serialization(
-                "a tooz group key does not hold a msgpack map",
-                format!("found {other}"),
+                format!(
+                    "memcached group key {} does not hold a msgpack map",
+                    String::from_utf8_lossy(key)
+                ),
+                format!("found {}", preview(&other)),
             )),
         }
     }
@@ -296,8 +306,23 @@ impl GroupMap {
     }
 }
 
+/// A value for an error message, cut to a few hundred characters (a junk value may
+/// be as large as memcached allows).
+fn preview(v: &Value) -> String {
+    let mut s = v.to_string();
+    if s.len() > 200 {
+        let mut end = 200;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+        s.push('…');
+    }
+    s
+}
+
 fn caps_value(caps: &Capabilities) -> Result<Value> {
-    rmpv::decode::read_value(&mut caps.as_msgpack())
+    tooz_core::capabilities::read_msgpack(&mut caps.as_msgpack())
         .map_err(|e| ToozError::serialization("capabilities are not msgpack", e))
 }
 
@@ -319,8 +344,8 @@ pub(crate) enum LockValue {
 }
 
 impl LockValue {
-    pub(crate) fn read(flags: Option<u32>, data: &[u8]) -> Result<Self> {
-        match decode(flags, data)? {
+    pub(crate) fn read(key: &[u8], flags: Option<u32>, data: &[u8]) -> Result<Self> {
+        match decode(key, flags, data)? {
             Value::Map(m) => Ok(LockValue::Readers(
                 m.iter()
                     .filter_map(|(k, v)| {
@@ -388,7 +413,7 @@ mod tests {
                 Value::Map(vec![(Value::Binary(b"capabilities".to_vec()), Value::Nil)]),
             ),
         ]);
-        let mut g = GroupMap::from_value(py).unwrap().unwrap();
+        let mut g = GroupMap::from_value(b"k", py).unwrap().unwrap();
         assert!(g.contains(b"py") && g.contains(b"str-member"));
         assert_eq!(
             g.entry(b"py").unwrap().caps.as_msgpack(),
@@ -403,28 +428,28 @@ mod tests {
         );
         assert_eq!(g.entry(b"me").unwrap().caps.as_msgpack(), [0x01]);
         assert!(g.remove(b"str-member"));
-        let back = decode(Some(FLAG_MSGPACK), &g.to_bytes()).unwrap();
-        let g2 = GroupMap::from_value(back).unwrap().unwrap();
+        let back = decode(b"k", Some(FLAG_MSGPACK), &g.to_bytes()).unwrap();
+        let g2 = GroupMap::from_value(b"k", back).unwrap().unwrap();
         assert_eq!(g2.members().count(), 2);
-        assert!(GroupMap::from_value(Value::Nil).unwrap().is_none());
+        assert!(GroupMap::from_value(b"k", Value::Nil).unwrap().is_none());
     }
 
     #[test]
     fn lock_values() {
         assert_eq!(
-            LockValue::read(Some(1), b"m").unwrap(),
+            LockValue::read(b"k", Some(1), b"m").unwrap(),
             LockValue::Owner(b"m".to_vec())
         );
         // A Python text member id: msgpack str, flag 2.
         assert_eq!(
-            LockValue::read(Some(2), &[0xa1, b'm']).unwrap(),
+            LockValue::read(b"k", Some(2), &[0xa1, b'm']).unwrap(),
             LockValue::Owner(b"m".to_vec())
         );
         let r = vec![(b"t".to_vec(), b"m".to_vec())];
         assert_eq!(
-            LockValue::read(Some(2), &LockValue::readers_bytes(&r)).unwrap(),
+            LockValue::read(b"k", Some(2), &LockValue::readers_bytes(&r)).unwrap(),
             LockValue::Readers(r)
         );
-        assert!(LockValue::read(Some(7), b"x").is_err());
+        assert!(LockValue::read(b"k", Some(7), b"x").is_err());
     }
 }

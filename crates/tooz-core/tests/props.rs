@@ -59,8 +59,22 @@ fn option_map() -> impl Strategy<Value = BTreeMap<String, String>> {
     ];
     let value = prop_oneof![
         prop::sample::select(vec![
-            "0", "-1", "1", "0.5", "1e9", "1e10", "NaN", "inf", "-inf", "true", "off", "yes",
-            "maybe", " 3 ", "", "18446744073709551616",
+            "0",
+            "-1",
+            "1",
+            "0.5",
+            "1e9",
+            "1e10",
+            "NaN",
+            "inf",
+            "-inf",
+            "true",
+            "off",
+            "yes",
+            "maybe",
+            " 3 ",
+            "",
+            "18446744073709551616",
         ])
         .prop_map(str::to_string),
         any::<String>(),

@@ -99,7 +99,9 @@ fn junk_members_leave_the_group_readable() {
             .unwrap();
         (a, raw)
     });
-    let p = rt.block_on(tooz_core::Partitioner::new(&a, group.as_str(), 8)).unwrap();
+    let p = rt
+        .block_on(tooz_core::Partitioner::new(&a, group.as_str(), 8))
+        .unwrap();
     let gk = format!("tooz/groups/{group}/");
     let strategy = (
         junk_bytes(),
@@ -115,7 +117,9 @@ fn junk_members_leave_the_group_readable() {
                 // A junk member, a member key with any bytes (including `/`)
                 // after the group prefix, junk times for the good member, a junk
                 // leader record.
-                kv.put(format!("{gk}junk"), caps.clone(), None).await.unwrap();
+                kv.put(format!("{gk}junk"), caps.clone(), None)
+                    .await
+                    .unwrap();
                 let mut odd = gk.clone().into_bytes();
                 odd.extend_from_slice(&suffix);
                 kv.put(odd.clone(), caps.clone(), None).await.unwrap();
@@ -135,7 +139,14 @@ fn junk_members_leave_the_group_readable() {
                     .await
                     .unwrap();
                 assert_eq!(all[&MemberId::from("good")].weight(), 3);
-                assert_eq!(all[&MemberId::from("junk")].as_msgpack(), if caps.is_empty() { &[0xc0][..] } else { &caps[..] });
+                assert_eq!(
+                    all[&MemberId::from("junk")].as_msgpack(),
+                    if caps.is_empty() {
+                        &[0xc0][..]
+                    } else {
+                        &caps[..]
+                    }
+                );
                 let info = timed("info", a.get_member_info(group.as_str(), "good"))
                     .await
                     .unwrap();
@@ -158,10 +169,17 @@ fn junk_members_leave_the_group_readable() {
     rt.block_on(async {
         p.stop();
         let mut kv = raw.kv_client();
-        for prefix in [gk.clone(), format!("tooz/member-times/{group}/"), format!("tooz/leaders/{group}")] {
-            kv.delete(prefix, Some(etcd_client::DeleteOptions::new().with_prefix()))
-                .await
-                .unwrap();
+        for prefix in [
+            gk.clone(),
+            format!("tooz/member-times/{group}/"),
+            format!("tooz/leaders/{group}"),
+        ] {
+            kv.delete(
+                prefix,
+                Some(etcd_client::DeleteOptions::new().with_prefix()),
+            )
+            .await
+            .unwrap();
         }
         a.stop().await.unwrap();
     });

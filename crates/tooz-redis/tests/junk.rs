@@ -138,7 +138,9 @@ async fn keys_of_the_wrong_type() {
     // A group key holding a list instead of a hash.
     let _: () = r.rpush(format!("{ns}_group:bad"), "x").await.unwrap();
     let _: () = r.sadd(format!("{ns}_groups"), "bad").await.unwrap();
-    let e = timed("get_members", a.get_members("bad")).await.unwrap_err();
+    let e = timed("get_members", a.get_members("bad"))
+        .await
+        .unwrap_err();
     println!("get_members of a list: {e}");
     assert!(e.to_string().contains(&format!("{ns}_group:bad")), "{e}");
     let e = timed("join", a.join_group("bad", &())).await.unwrap_err();
@@ -180,7 +182,10 @@ async fn keys_of_the_wrong_type() {
     assert!(l3.release().await.unwrap());
 
     // A leader key holding a set.
-    let _: () = r.sadd(format!("{ns}_leader_of_ok_lock"), "x").await.unwrap();
+    let _: () = r
+        .sadd(format!("{ns}_leader_of_ok_lock"), "x")
+        .await
+        .unwrap();
     // (MGET reads it as absent: no leader.)
     let leader = timed("get_leader", a.get_leader("ok")).await.unwrap();
     assert_eq!(leader, None);
@@ -220,8 +225,19 @@ fn junk_fencing_counters() {
     ];
     // The corners first, then random ones.
     let fixed = prop::sample::select(vec![
-        "inf", "nan", "-inf", "1e300", "-5", "1.5", "abc", "", "9007199254740993",
-        "18446744073709551616", "99999999999999999999999999", "0x10", " 7",
+        "inf",
+        "nan",
+        "-inf",
+        "1e300",
+        "-5",
+        "1.5",
+        "abc",
+        "",
+        "9007199254740993",
+        "18446744073709551616",
+        "99999999999999999999999999",
+        "0x10",
+        " 7",
     ])
     .prop_map(str::to_string);
     let mut runner = TestRunner::new(Config::with_cases(CASES));
@@ -249,7 +265,11 @@ fn junk_fencing_counters() {
                     .unwrap()
                     .expect("nobody else runs");
                 let t1 = lead.token();
-                assert!(timed("stand down", a.stand_down_group_leader("g")).await.unwrap());
+                assert!(
+                    timed("stand down", a.stand_down_group_leader("g"))
+                        .await
+                        .unwrap()
+                );
                 let lead = timed("campaign", a.try_become_leader("g"))
                     .await
                     .unwrap()

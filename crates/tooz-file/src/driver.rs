@@ -821,7 +821,22 @@ impl Driver for FileDriver {
         let caps = capabilities.clone();
         self.locked(Kind::Write, move |i| {
             let alive = i.alive_rel()?;
-            let (mut r, _) = i.live_member(&g, &i.member)?;
+            let mut r = match i.live_member(&g, &i.member) {
+                Ok((r, _)) => r,
+                // Our own record, damaged by another process (junk, a torn
+                // write): rewrite it whole (its join time is lost) rather than
+                // fail every update while listings skip us.
+                Err(ToozError::Serialization { message, .. }) => {
+                    tracing::warn!(group = %g, %message, "rewriting a damaged member record");
+                    MemberRecord {
+                        member_id: i.member.clone(),
+                        capabilities: caps.clone(),
+                        joined_on: None,
+                        alive: None,
+                    }
+                }
+                Err(e) => return Err(e),
+            };
             r.capabilities = caps;
             r.member_id = i.member.clone();
             r.alive = Some(alive);

@@ -261,7 +261,7 @@ fn encode_value(v: &Value) -> Result<Vec<u8>> {
 }
 
 fn decode_map(bytes: &[u8], what: &str) -> Result<Vec<(String, Value)>> {
-    let v = rmpv::decode::read_value(&mut &bytes[..])
+    let v = tooz_core::capabilities::read_msgpack(&mut &bytes[..])
         .map_err(|e| ToozError::serialization(format!("{what} is not msgpack"), e))?;
     let Value::Map(entries) = v else {
         return Err(ToozError::Serialization {
@@ -345,7 +345,7 @@ impl MemberRecord {
     /// encoded`) plus our liveness key. The capabilities are embedded as a msgpack
     /// value, not as bytes, exactly as Python stores the object.
     pub(crate) fn encode(&self) -> Result<Vec<u8>> {
-        let caps = rmpv::decode::read_value(&mut self.capabilities.as_msgpack())
+        let caps = tooz_core::capabilities::read_msgpack(&mut self.capabilities.as_msgpack())
             .map_err(|e| ToozError::serialization("capabilities are not msgpack", e))?;
         let mut map = vec![
             (str_key("capabilities"), caps),

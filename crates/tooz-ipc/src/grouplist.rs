@@ -35,7 +35,7 @@ impl GroupList {
             )));
         }
         let data = self.0.read(2, len);
-        let value = rmpv::decode::read_value(&mut &data[..])
+        let value = tooz_core::capabilities::read_msgpack(&mut &data[..])
             .map_err(|e| io::Error::other(format!("the group list does not decode: {e}")))?;
         let Value::Array(items) = value else {
             return Err(io::Error::other("the group list is not a msgpack array"));

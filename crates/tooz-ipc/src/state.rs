@@ -82,8 +82,10 @@ fn secs(t: SystemTime) -> f64 {
         .map_or(0.0, |d| d.as_secs_f64())
 }
 
+/// A time stored as float seconds; `None` for junk (negative, NaN, or too far
+/// out for a `Duration` or a `SystemTime`, which would panic).
 fn from_secs(s: f64) -> Option<SystemTime> {
-    (s.is_finite() && s >= 0.0).then(|| UNIX_EPOCH + Duration::from_secs_f64(s))
+    UNIX_EPOCH.checked_add(Duration::try_from_secs_f64(s).ok()?)
 }
 
 /// A group directory's state.
@@ -124,7 +126,7 @@ fn encode(pairs: Vec<(&str, Value)>) -> io::Result<Vec<u8>> {
 }
 
 fn decode(bytes: &[u8]) -> io::Result<Vec<(String, Value)>> {
-    match rmpv::decode::read_value(&mut &bytes[..]) {
+    match tooz_core::capabilities::read_msgpack(&mut &bytes[..]) {
         Ok(Value::Map(m)) => Ok(m
             .into_iter()
             .filter_map(|(k, v)| k.as_str().map(|k| (k.to_owned(), v)))
@@ -476,16 +478,24 @@ impl Layout {
         g: &GroupId,
         m: &MemberId,
     ) -> io::Result<Option<MemberRecord>> {
-        read_opt(&self.member_file(g, m))?
-            .map(|b| MemberRecord::decode(&b))
+        let path = self.member_file(g, m);
+        read_opt(&path)?
+            .map(|b| MemberRecord::decode(&b).map_err(|e| naming(&path, e)))
             .transpose()
     }
 
     pub(crate) fn leader_record(&self, g: &GroupId) -> io::Result<Option<LeaderRecord>> {
-        read_opt(&self.leader_file(g))?
-            .map(|b| LeaderRecord::decode(&b))
+        let path = self.leader_file(g);
+        read_opt(&path)?
+            .map(|b| LeaderRecord::decode(&b).map_err(|e| naming(&path, e)))
             .transpose()
     }
+}
+
+/// A decode error of the record in `path` (another process may have written
+/// anything there), naming the file.
+fn naming(path: &Path, e: io::Error) -> io::Error {
+    io::Error::new(e.kind(), format!("{}: {e}", path.display()))
 }
 
 /// Reads a file; `None` when it is missing.
@@ -503,5 +513,80 @@ pub(crate) fn remove_opt(path: &Path) -> io::Result<()> {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod junk_tests {
+    //! Records another process wrote: any bytes decode to a record or an error,
+    //! never a panic, an overflow of the stack or an allocation of a claimed size.
+    use super::*;
+    use proptest::prelude::*;
+
+    fn junk() -> impl Strategy<Value = Vec<u8>> {
+        prop_oneof![
+            prop::collection::vec(any::<u8>(), 0..96),
+            (prop::sample::select(vec![0xc6u8, 0xdb, 0xdd, 0xdf]), any::<u32>())
+                .prop_map(|(m, n)| [vec![m], n.to_be_bytes().to_vec()].concat()),
+            (1usize..5000).prop_map(|n| vec![0x91; n]),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn junk_records_decode_or_fail(bytes in junk()) {
+            let _ = MemberRecord::decode(&bytes);
+            let _ = LeaderRecord::decode(&bytes);
+        }
+
+        #[test]
+        fn junk_times_are_absent(t in prop_oneof![
+            any::<f64>(),
+            Just(1e300),
+            Just(f64::MAX),
+            Just(1.8446744073709552e19),
+            Just(f64::INFINITY),
+            Just(f64::NAN),
+            Just(-1.0),
+        ]) {
+            let bytes = encode(vec![
+                ("member", Value::Binary(b"m".to_vec())),
+                ("caps", Value::Binary(vec![0xc0])),
+                ("alive", Value::from("a")),
+                ("created", Value::F64(t)),
+                ("updated", Value::F64(t)),
+            ])
+            .unwrap();
+            let r = MemberRecord::decode(&bytes).unwrap();
+            prop_assert_eq!(r.created, from_secs(t));
+        }
+
+        #[test]
+        fn records_round_trip(
+            member in prop::collection::vec(any::<u8>(), 1..32),
+            caps in prop::collection::vec(any::<u8>(), 0..32),
+            alive in "[a-z0-9/]{0,16}",
+            secs in prop::option::of(0u32..4_000_000_000),
+            token in any::<u64>(),
+        ) {
+            let at = secs.map(|s| std::time::UNIX_EPOCH + std::time::Duration::from_secs(s.into()));
+            let r = MemberRecord {
+                member: MemberId::from(member.clone()),
+                caps: Capabilities::from_msgpack(caps),
+                alive: alive.clone(),
+                created: at,
+                updated: at,
+            };
+            let back = MemberRecord::decode(&r.encode().unwrap()).unwrap();
+            prop_assert_eq!(&back.member, &r.member);
+            prop_assert_eq!(&back.caps, &r.caps);
+            prop_assert_eq!(&back.alive, &r.alive);
+            let l = LeaderRecord { member: MemberId::from(member), alive, token };
+            let back = LeaderRecord::decode(&l.encode().unwrap()).unwrap();
+            prop_assert_eq!(back.token, token);
+            prop_assert_eq!(back.member, l.member);
+        }
     }
 }

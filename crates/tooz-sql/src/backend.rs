@@ -217,6 +217,18 @@ pub(crate) fn system_time(us: i64) -> Option<std::time::SystemTime> {
     std::time::UNIX_EPOCH.checked_add(Duration::from_micros(us))
 }
 
+/// A leadership token read from `tooz_leaders`: grants store 1 and up (a negative
+/// value another client wrote restarts at 1), so a negative one is junk; it is not
+/// cast to a huge `u64`, which the next grant would undercut.
+pub(crate) fn leader_token(group: &tooz_core::GroupId, t: i64) -> Result<u64> {
+    u64::try_from(t).map_err(|_| {
+        ToozError::serialization(
+            format!("the leadership token of group {group} in tooz_leaders is {t}"),
+            "tokens are positive",
+        )
+    })
+}
+
 /// Whole microseconds of a duration, for SQL.
 pub(crate) fn micros(d: Duration) -> i64 {
     i64::try_from(d.as_micros()).unwrap_or(i64::MAX)

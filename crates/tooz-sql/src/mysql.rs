@@ -946,7 +946,7 @@ impl Backend for MySql {
         let r = on_conn!(self, |c| sqlx::query(concat!(
             "UPDATE tooz_leaders ld LEFT JOIN tooz_leases l ON l.lease_id = ld.lease_id AND l.expires_us > ",
             now_us!(),
-            " SET ld.member_id = ?, ld.token = LAST_INSERT_ID(ld.token + 1), ld.lease_id = ? \
+            " SET ld.member_id = ?, ld.token = LAST_INSERT_ID(GREATEST(ld.token, 0) + 1), ld.lease_id = ? \
              WHERE ld.group_id = ? AND l.lease_id IS NULL"
         ))
         .bind(member.as_bytes())
@@ -978,9 +978,11 @@ impl Backend for MySql {
         .fetch_optional(c)
         .await)
         .map_err(Self::err("campaigning"))?;
-        row.map(|r| r.try_get::<i64, _>(0).map(|t| t as u64))
+        row.map(|r| r.try_get::<i64, _>(0))
             .transpose()
-            .map_err(Self::err("campaigning"))
+            .map_err(Self::err("campaigning"))?
+            .map(|t| crate::backend::leader_token(group, t))
+            .transpose()
     }
 
     async fn resign(&self, lease: i64, group: &GroupId) -> Result<bool> {

@@ -884,7 +884,7 @@ impl Backend for Pg {
         let row = on_conn!(self, |c| sqlx::query(concat!(
             "WITH up AS (INSERT INTO tooz_leaders AS ld (group_id, member_id, lease_id, token) \
              VALUES ($1, $2, $3, 1) ON CONFLICT (group_id) DO UPDATE SET \
-             member_id = EXCLUDED.member_id, lease_id = EXCLUDED.lease_id, token = ld.token + 1 \
+             member_id = EXCLUDED.member_id, lease_id = EXCLUDED.lease_id, token = GREATEST(ld.token, 0) + 1 \
              WHERE ld.lease_id IS NULL OR NOT ",
             live!("ld"),
             " RETURNING token) \
@@ -900,7 +900,9 @@ impl Backend for Pg {
         .map_err(Self::err("campaigning"))?;
         let won: Option<i64> = row.try_get(0).map_err(Self::err("campaigning"))?;
         let mine: Option<i64> = row.try_get(2).map_err(Self::err("campaigning"))?;
-        Ok(won.or(mine).map(|t| t as u64))
+        won.or(mine)
+            .map(|t| crate::backend::leader_token(group, t))
+            .transpose()
     }
 
     async fn resign(&self, lease: i64, group: &GroupId) -> Result<bool> {

@@ -119,8 +119,22 @@ fn junk_members_and_leaders() {
     runner
         .run(&strategy, |(caps, flags, odd, leader)| {
             rt.block_on(async {
-                put(&http, &api, &format!("{ns}/groups/g/junk"), flags, caps.clone()).await;
-                put(&http, &api, &format!("{ns}/groups/g/{odd}"), flags, caps.clone()).await;
+                put(
+                    &http,
+                    &api,
+                    &format!("{ns}/groups/g/junk"),
+                    flags,
+                    caps.clone(),
+                )
+                .await;
+                put(
+                    &http,
+                    &api,
+                    &format!("{ns}/groups/g/{odd}"),
+                    flags,
+                    caps.clone(),
+                )
+                .await;
                 put(&http, &api, &format!("{ns}/leaders/g"), flags, leader).await;
 
                 let members = timed("get_members", a.get_members("g")).await.unwrap();

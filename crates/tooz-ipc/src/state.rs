@@ -526,7 +526,10 @@ mod junk_tests {
     fn junk() -> impl Strategy<Value = Vec<u8>> {
         prop_oneof![
             prop::collection::vec(any::<u8>(), 0..96),
-            (prop::sample::select(vec![0xc6u8, 0xdb, 0xdd, 0xdf]), any::<u32>())
+            (
+                prop::sample::select(vec![0xc6u8, 0xdb, 0xdd, 0xdf]),
+                any::<u32>()
+            )
                 .prop_map(|(m, n)| [vec![m], n.to_be_bytes().to_vec()].concat()),
             (1usize..5000).prop_map(|n| vec![0x91; n]),
         ]

@@ -78,9 +78,21 @@ fn junk_name() -> impl Strategy<Value = String> {
     prop_oneof![
         "[a-zA-Z0-9_%.-]{1,24}",
         prop::sample::select(vec![
-            "%", "%z", "%zz", "%ff%fe", "%2", "x__lock__", "__lock__", "__lock__0000000001",
-            "x__lock__abc", "x__lock__-99999999999", "x__rlock__2147483648", "x__lock__ 1",
-            "x__lock__0000000001__lock__", "leader", "locks",
+            "%",
+            "%z",
+            "%zz",
+            "%ff%fe",
+            "%2",
+            "x__lock__",
+            "__lock__",
+            "__lock__0000000001",
+            "x__lock__abc",
+            "x__lock__-99999999999",
+            "x__rlock__2147483648",
+            "x__lock__ 1",
+            "x__lock__0000000001__lock__",
+            "leader",
+            "locks",
         ])
         .prop_map(str::to_string),
         "[^/\u{0}-\u{1f}]{1,12}",
@@ -135,9 +147,15 @@ fn junk_znodes_leave_groups_locks_and_elections_usable() {
                         made.push(path);
                     }
                 }
-                let _ = zk.create(&format!("/{ns}/g/leader"), &[], &persistent).await;
+                let _ = zk
+                    .create(&format!("/{ns}/g/leader"), &[], &persistent)
+                    .await;
                 let leader_node = format!("/{ns}/g/leader/{name}");
-                if zk.create(&leader_node, &leader_data, &persistent).await.is_ok() {
+                if zk
+                    .create(&leader_node, &leader_data, &persistent)
+                    .await
+                    .is_ok()
+                {
                     made.push(leader_node);
                 }
 

@@ -96,20 +96,12 @@ fn junk_and_torn_member_records() {
         (good, victim)
     });
     // The victim's record: the one that is not `good`'s (read while both are valid).
-    let group_dir = files(&dir.join("groups"), "")
-        .into_iter()
+    let group_dir = std::fs::read_dir(dir.join("groups"))
+        .unwrap()
         .next()
-        .map_or_else(
-            || {
-                std::fs::read_dir(dir.join("groups"))
-                    .unwrap()
-                    .next()
-                    .unwrap()
-                    .unwrap()
-                    .path()
-            },
-            |p| p,
-        );
+        .unwrap()
+        .unwrap()
+        .path();
     let records = files(&group_dir, ".raw");
     assert_eq!(records.len(), 2);
     let victim_record = records

@@ -154,11 +154,15 @@ fn check_error(url: &str, e: &ToozError, opts: Option<&BTreeMap<String, String>>
         ToozError::InvalidOption { option, .. } => {
             if let Some(opts) = opts {
                 // The option named is one given (or one derived from the URL's
-                // parts, which some drivers read as options: host, port, path).
+                // parts or scheme, which some drivers read as options: host,
+                // port, path, `rediss` meaning `ssl`).
                 assert!(
                     opts.contains_key(option)
-                        || ["host", "port", "path", "db", "dbname", "password", "user"]
-                            .contains(&option.as_str()),
+                        || [
+                            "host", "port", "path", "db", "dbname", "password", "user", "ssl",
+                            "sentinel", "scheme",
+                        ]
+                        .contains(&option.as_str()),
                     "{url}: option {option:?} was not given: {e}"
                 );
             }

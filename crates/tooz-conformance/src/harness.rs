@@ -271,6 +271,24 @@ impl Harness {
         crate::fault::url_target(self.url()).is_ok()
     }
 
+    /// Whether the URL names several servers the client may fail over between: a
+    /// host list (`h1:p1,h2:p2`) or Redis Sentinels (`?sentinel=`). A
+    /// [`FaultProxy`](crate::fault::FaultProxy) in front of the first host cannot
+    /// cut such a client off, nor does an unreachable first host make the backend
+    /// unreachable.
+    pub fn multi_host(&self) -> bool {
+        let url = self.url();
+        let Some(rest) = url.split_once("://").map(|(_, r)| r) else {
+            return false;
+        };
+        let authority = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
+        let query = rest.split_once('?').map_or("", |(_, q)| q);
+        authority.contains(',')
+            || query
+                .split(['&', '#'])
+                .any(|kv| kv.split('=').next() == Some("sentinel"))
+    }
+
     /// A fault-injecting proxy in front of the backend, and a coordinator started
     /// with heartbeats that reaches the backend through it (stopped when the case
     /// ends; the proxy goes when its last handle is dropped).

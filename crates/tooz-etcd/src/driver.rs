@@ -533,23 +533,22 @@ impl Driver for EtcdDriver {
     async fn start(&self) -> Result<()> {
         let i = &self.inner;
         let opts = connect_options(&i.config)?;
-        let endpoint = i.config.endpoint();
-        let client = match tokio::time::timeout(
-            i.config.timeout,
-            Client::connect([endpoint.as_str()], Some(opts)),
-        )
-        .await
-        {
-            Ok(Ok(c)) => c,
-            Ok(Err(e)) => return Err(map_err(&format!("connecting to {endpoint}"), e)),
-            Err(_) => {
-                return Err(ToozError::connection(
-                    "etcd3",
-                    format!("connecting to {endpoint} timed out"),
-                    std::io::Error::other("timeout"),
-                ));
-            }
-        };
+        let endpoints = i.config.endpoints();
+        let endpoint = endpoints.join(",");
+        let client =
+            match tokio::time::timeout(i.config.timeout, Client::connect(&endpoints, Some(opts)))
+                .await
+            {
+                Ok(Ok(c)) => c,
+                Ok(Err(e)) => return Err(map_err(&format!("connecting to {endpoint}"), e)),
+                Err(_) => {
+                    return Err(ToozError::connection(
+                        "etcd3",
+                        format!("connecting to {endpoint} timed out"),
+                        std::io::Error::other("timeout"),
+                    ));
+                }
+            };
         *guard(&i.client) = Some(client);
         let sent = tokio::time::Instant::now();
         match i.grant().await {

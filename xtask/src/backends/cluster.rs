@@ -129,18 +129,20 @@ impl Node {
     }
 }
 
-/// The env file lines of the clusters that have at least one node running.
+/// The env file lines of the clusters that have at least one node running. The values are
+/// single-quoted: the Redis URL holds `&`, and the file is also sourced by shells
+/// (`set -a; . target/backends/env`); [`read_env`] strips the quotes.
 pub(super) fn env_lines(st: &State, s: &mut String) {
     let alive =
         |g: Group| Node::members(g).any(|nd| st.servers.get(&nd.name()).is_some_and(rec_alive));
     if alive(Group::Etcd) {
-        let _ = writeln!(s, "TOOZ_CLUSTER_ETCD_URL={}", etcd_url());
+        let _ = writeln!(s, "TOOZ_CLUSTER_ETCD_URL='{}'", etcd_url());
     }
     if alive(Group::Zookeeper) {
-        let _ = writeln!(s, "TOOZ_CLUSTER_ZOOKEEPER_URL={}", zookeeper_url());
+        let _ = writeln!(s, "TOOZ_CLUSTER_ZOOKEEPER_URL='{}'", zookeeper_url());
     }
     if alive(Group::Redis) || alive(Group::Sentinel) {
-        let _ = writeln!(s, "TOOZ_CLUSTER_REDIS_URL={}", redis_url());
+        let _ = writeln!(s, "TOOZ_CLUSTER_REDIS_URL='{}'", redis_url());
     }
 }
 

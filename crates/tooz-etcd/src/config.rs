@@ -2,8 +2,10 @@
 //! and options (spec §11.6).
 //!
 //! Several members may be listed as `etcd3+http://h1:2379,h2:2379,h3:2379` (an
-//! extension: Python tooz's etcd3gw driver takes one host); the client then spreads
-//! its requests over them and keeps working while a minority is down.
+//! extension: Python tooz's etcd3gw driver takes one host); `start` connects to the
+//! first of them that answers, in order, so a coordinator can start while a minority
+//! of the members is down. It stays with that member: when the member fails later,
+//! requests fail (and the lease is lost) as with a single host.
 //!
 //! An unknown option is an [`InvalidOption`](tooz_core::ToozError::InvalidOption)
 //! error instead of being ignored.

@@ -533,22 +533,42 @@ impl Driver for EtcdDriver {
     async fn start(&self) -> Result<()> {
         let i = &self.inner;
         let opts = connect_options(&i.config)?;
+        // With a host list, the first member that answers: etcd-client's balanced
+        // channel over several endpoints keeps sending a share of the requests to a
+        // member that is down (they fail with `Unavailable`), so the client talks to one
+        // member, and a coordinator started while a minority is down still works.
+        // Connecting is lazy, hence the status round trip when there is a choice.
         let endpoints = i.config.endpoints();
-        let endpoint = endpoints.join(",");
-        let client =
-            match tokio::time::timeout(i.config.timeout, Client::connect(&endpoints, Some(opts)))
-                .await
-            {
-                Ok(Ok(c)) => c,
-                Ok(Err(e)) => return Err(map_err(&format!("connecting to {endpoint}"), e)),
+        let probe = endpoints.len() > 1;
+        let mut client = None;
+        let mut last_err = None;
+        for endpoint in &endpoints {
+            let attempt = async {
+                let mut c = Client::connect([endpoint.as_str()], Some(opts.clone())).await?;
+                if probe {
+                    c.status().await?;
+                }
+                Ok::<_, etcd_client::Error>(c)
+            };
+            match tokio::time::timeout(i.config.timeout, attempt).await {
+                Ok(Ok(c)) => {
+                    client = Some(c);
+                    break;
+                }
+                Ok(Err(e)) => last_err = Some(map_err(&format!("connecting to {endpoint}"), e)),
                 Err(_) => {
-                    return Err(ToozError::connection(
+                    last_err = Some(ToozError::connection(
                         "etcd3",
                         format!("connecting to {endpoint} timed out"),
                         std::io::Error::other("timeout"),
                     ));
                 }
-            };
+            }
+        }
+        let Some(client) = client else {
+            return Err(last_err
+                .unwrap_or_else(|| ToozError::backend_msg("etcd3", "no endpoint to connect to")));
+        };
         *guard(&i.client) = Some(client);
         let sent = tokio::time::Instant::now();
         match i.grant().await {

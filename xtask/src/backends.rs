@@ -89,6 +89,11 @@ pub fn read_env(root: &Path) -> Result<Vec<(String, String)>> {
     Ok(out)
 }
 
+/// The `ci` step `cluster` (see the `cluster` module).
+pub(crate) fn cluster_ci() -> Result<()> {
+    cluster::ci()
+}
+
 /// Entry point: `args` is what follows `backends` on the command line.
 pub fn main(args: &[String]) -> Result<()> {
     let Some((cmd, rest)) = args.split_first() else {

@@ -1206,6 +1206,109 @@ fn node_list() -> Result<()> {
     Ok(())
 }
 
+// ---------------------------------------------------------------------------------------------
+// CI: the drivers' conformance suites against the clusters, and a failover smoke
+// ---------------------------------------------------------------------------------------------
+
+/// The driver crates run against the clusters: crate, the URL variable its conformance
+/// suite reads, the cluster URL.
+fn suites() -> [(&'static str, &'static str, String); 3] {
+    [
+        ("tooz-etcd", "TOOZ_TEST_ETCD_URL", etcd_url()),
+        ("tooz-zookeeper", "TOOZ_TEST_ZOOKEEPER_URL", zookeeper_url()),
+        ("tooz-redis", "TOOZ_TEST_REDIS_URL", redis_url()),
+    ]
+}
+
+/// `ci` step `cluster`: brings the clusters up (the single servers are the `backends`
+/// step's), runs the etcd, ZooKeeper and Redis conformance suites against the cluster
+/// URLs, then for each cluster kills its leader, waits for another one and starts the
+/// killed node again. The clusters stay up (like the single servers).
+pub(crate) fn ci() -> Result<()> {
+    let t = Instant::now();
+    super::up(&Sel {
+        kinds: Vec::new(),
+        cluster: true,
+        only: false,
+    })?;
+    let mut times = vec![("cluster up".to_string(), t.elapsed().as_secs_f64())];
+    for (krate, key, url) in suites() {
+        let t = Instant::now();
+        crate::process::progress!("conformance of {krate} against {url}");
+        crate::process::run(
+            crate::process::cargo()
+                .args(["test", "-p", krate, "--test", "conformance"])
+                .env("TOOZ_REQUIRE_BACKENDS", "1")
+                .env(key, &url),
+        )?;
+        times.push((format!("{krate} conformance"), t.elapsed().as_secs_f64()));
+    }
+    for g in [Group::Etcd, Group::Zookeeper, Group::Redis] {
+        let t = Instant::now();
+        let (old, new, elected) = failover(g)?;
+        crate::process::progress!(
+            "{} failover: killed leader {old}, {new} elected after {elected:.1} s, {old} back",
+            g.prefix()
+        );
+        times.push((
+            format!("{} failover smoke", g.prefix()),
+            t.elapsed().as_secs_f64(),
+        ));
+    }
+    for (what, secs) in times {
+        crate::process::progress!("  {what:<28} {secs:>6.1}s");
+    }
+    Ok(())
+}
+
+/// Kills the leader of `g`, waits (bounded) until another live node leads, starts the
+/// killed node again and waits until the cluster is settled. Returns the old and new
+/// leader and how long the election took.
+fn failover(g: Group) -> Result<(String, String, f64)> {
+    let sd = state_dir(&root());
+    let old = leader(g, &State::load(&sd)?)?;
+    node_kill(Target::Cluster(old))?;
+    let t = Instant::now();
+    let limit = Duration::from_secs(30);
+    let new = loop {
+        let st = State::load(&sd)?;
+        match leader(g, &st) {
+            Ok(nd) if nd != old => break nd,
+            Ok(_) | Err(_) if t.elapsed() < limit => thread::sleep(Duration::from_millis(100)),
+            Ok(nd) => bail!(
+                "{}: {} still leads {} s after its kill",
+                g.prefix(),
+                nd.name(),
+                limit.as_secs()
+            ),
+            Err(e) => bail!(
+                "{}: no new leader {} s after killing {}: {e:#}",
+                g.prefix(),
+                limit.as_secs(),
+                old.name()
+            ),
+        }
+    };
+    let elected = t.elapsed().as_secs_f64();
+    node_start(Target::Cluster(old), false)?;
+    let deadline = Instant::now() + wait_timeout();
+    loop {
+        let st = State::load(&sd)?;
+        match group_ready(g, &st) {
+            Ok(()) => break,
+            Err(e) if Instant::now() >= deadline => {
+                bail!(
+                    "{}: not settled after {} came back: {e:#}",
+                    g.prefix(),
+                    old.name()
+                )
+            }
+            Err(_) => thread::sleep(Duration::from_millis(200)),
+        }
+    }
+    Ok((old.name(), new.name(), elected))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

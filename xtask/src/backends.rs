@@ -2572,6 +2572,26 @@ mod tests {
     }
 
     #[test]
+    fn cluster_selection() {
+        let a = |v: &[&str]| parse_sel(&v.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        let plain = a(&[]).unwrap();
+        assert_eq!((plain.kinds.len(), plain.cluster), (ALL.len(), false));
+        // down/status without options: singles and the clusters.
+        assert_eq!(plain.singles_and_cluster(), (&ALL[..], true));
+        let c = a(&["--cluster"]).unwrap();
+        assert_eq!((c.kinds.len(), c.cluster), (ALL.len(), true));
+        assert_eq!(c.singles_and_cluster(), (&[][..], true));
+        let co = a(&["--cluster-only"]).unwrap();
+        assert!(co.kinds.is_empty() && co.cluster);
+        let cr = a(&["--cluster", "--only", "redis"]).unwrap();
+        assert_eq!(cr.singles_and_cluster(), (&[Kind::Redis][..], true));
+        let r = a(&["--only", "redis"]).unwrap();
+        assert_eq!(r.singles_and_cluster(), (&[Kind::Redis][..], false));
+        assert!(a(&["--cluster-only", "--only", "redis"]).is_err());
+        assert!(a(&["--clusters"]).is_err());
+    }
+
+    #[test]
     fn env_file_round_trip() {
         let root = std::env::temp_dir().join(format!("tooz-backends-test-{}", std::process::id()));
         assert!(read_env(&root).unwrap().is_empty());

@@ -2413,26 +2413,8 @@ fn down(sel: &Sel) -> Result<()> {
             continue;
         }
         let t = Instant::now();
-        let sig = k.stop_signal();
-        let mut how = format!("SIG{sig}");
-        let result = (|| -> Result<()> {
-            send_signal(rec.pid, sig)?;
-            if wait_gone(&rec, STOP_TIMEOUT) {
-                return Ok(());
-            }
-            // Re-checked just before: still the very process we started.
-            if rec_alive(&rec) {
-                how = format!("SIG{sig}, then SIGKILL after {} s", STOP_TIMEOUT.as_secs());
-                send_signal(rec.pid, "KILL")?;
-            }
-            if wait_gone(&rec, Duration::from_secs(5)) {
-                Ok(())
-            } else {
-                bail!("pid {} is still alive after SIGKILL", rec.pid)
-            }
-        })();
-        match result {
-            Ok(()) => {
+        match cluster::stop_rec(&rec, k.stop_signal()) {
+            Ok(how) => {
                 stopped += 1;
                 println!(
                     "backends: {} stopped (pid {}, {how}, {:.1} s)",

@@ -277,16 +277,7 @@ impl Harness {
     /// cut such a client off, nor does an unreachable first host make the backend
     /// unreachable.
     pub fn multi_host(&self) -> bool {
-        let url = self.url();
-        let Some(rest) = url.split_once("://").map(|(_, r)| r) else {
-            return false;
-        };
-        let authority = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
-        let query = rest.split_once('?').map_or("", |(_, q)| q);
-        authority.contains(',')
-            || query
-                .split(['&', '#'])
-                .any(|kv| kv.split('=').next() == Some("sentinel"))
+        crate::fault::names_several_servers(self.url())
     }
 
     /// A fault-injecting proxy in front of the backend, and a coordinator started

@@ -852,6 +852,7 @@ pub(super) fn stop_rec(rec: &Rec, sig: &str) -> Result<String> {
     if wait_gone(rec, STOP_TIMEOUT) {
         return Ok(how);
     }
+    // Re-checked just before: still the very process we started.
     if rec_alive(rec) {
         how = format!("SIG{sig}, then SIGKILL after {} s", STOP_TIMEOUT.as_secs());
         send_signal(rec.pid, "KILL")?;

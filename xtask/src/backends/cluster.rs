@@ -27,7 +27,8 @@ usage: cargo xtask backends node kill NAME | start NAME [--wipe] | leader GROUP 
                 (idempotent: exits 0 at once when it is up); --wipe empties its data first
                 where that is safe: redis-1/2, the single redis and memcached (no
                 persistence: always empty anyway) and the single etcd (a new one-member
-                cluster); refused for etcd-N, zookeeper(-N), sentinel-N, mariadb, postgresql
+                cluster); refused for etcd-N, zookeeper(-N), sentinel-N, mariadb, postgresql,
+                and for a node that is running (kill it first)
   leader GROUP  GROUP = etcd, zookeeper or redis (the clusters): prints the name of the
                 current leader (etcd: the member whose status says it leads; ZooKeeper:
                 `srvr` Mode: leader; Redis: the primary the Sentinels agree on); exit 1 if none

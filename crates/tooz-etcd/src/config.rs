@@ -4,8 +4,10 @@
 //! Several members may be listed as `etcd3+http://h1:2379,h2:2379,h3:2379` (an
 //! extension: Python tooz's etcd3gw driver takes one host); `start` connects to the
 //! first of them that answers, in order, so a coordinator can start while a minority
-//! of the members is down. It stays with that member: when the member fails later,
-//! requests fail (and the lease is lost) as with a single host.
+//! of the members is down. When that member stops answering, the next heartbeat moves
+//! to the next member that answers and renews the lease there (it survives when this
+//! happens within its TTL); requests in flight at that moment fail, and watch streams
+//! opened on the old member are not moved.
 //!
 //! An unknown option is an [`InvalidOption`](tooz_core::ToozError::InvalidOption)
 //! error instead of being ignored.

@@ -1245,6 +1245,14 @@ pub(crate) fn ci() -> Result<()> {
         )?;
         times.push((format!("{krate} conformance"), t.elapsed().as_secs_f64()));
     }
+    for g in [Group::Etcd, Group::Zookeeper] {
+        let t = Instant::now();
+        member_kill_keeps_lock(g)?;
+        times.push((
+            format!("{} member kill, lock kept", g.prefix()),
+            t.elapsed().as_secs_f64(),
+        ));
+    }
     for g in [Group::Etcd, Group::Zookeeper, Group::Redis] {
         let t = Instant::now();
         let (old, new, elected) = failover(g)?;
@@ -1261,6 +1269,90 @@ pub(crate) fn ci() -> Result<()> {
         crate::process::progress!("  {what:<28} {secs:>6.1}s");
     }
     Ok(())
+}
+
+/// The `tooz` CLI (built by the `test` step; built here when missing).
+fn tooz_cli() -> Result<PathBuf> {
+    let bin = crate::process::target_dir().join("debug").join("tooz");
+    if !bin.exists() {
+        crate::process::run(crate::process::cargo().args(["build", "-p", "tooz-cli"]))?;
+    }
+    Ok(bin)
+}
+
+/// A lock held across a SIGKILL of the member its client talks to: `tooz lock` (lease
+/// TTL 5 s) runs a command that marks the lock held and sleeps 12 s while the first
+/// listed node (the one the client is on: etcd starts on the first member that answers,
+/// ZooKeeper is told not to shuffle its hosts) is killed. Exit 0 means the lock was
+/// never lost (123 would say it was): the client moved to another member in time.
+fn member_kill_keeps_lock(g: Group) -> Result<()> {
+    let first = Node::members(g)
+        .next()
+        .ok_or_else(|| anyhow!("no {} node", g.prefix()))?;
+    let url = match g {
+        Group::Etcd => format!("{}?timeout=5", etcd_url()),
+        _ => format!("{}?timeout=5&randomize_hosts=false", zookeeper_url()),
+    };
+    node_start(Target::Cluster(first), false)?;
+    let tooz = tooz_cli()?;
+    let marker = state_dir(&root()).join(format!("{}-lock-held", g.prefix()));
+    let _ = fs::remove_file(&marker);
+    let script = format!("touch '{}' && sleep 12", marker.display());
+    let mut child = Command::new(&tooz)
+        .args(["--url", &url, "lock", "xtask-cluster-member-kill", "--"])
+        .args(["sh", "-c", &script])
+        .stdin(Stdio::null())
+        .spawn()
+        .with_context(|| format!("could not run {}", tooz.display()))?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !marker.exists() {
+        if let Some(st) = child.try_wait()? {
+            bail!("tooz lock against {url} ended ({st}) before it held the lock");
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("tooz lock against {url} did not get the lock within 30 s");
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    node_kill(Target::Cluster(first))?;
+    let deadline = Instant::now() + Duration::from_secs(40);
+    let status = loop {
+        if let Some(st) = child.try_wait()? {
+            break st;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!(
+                "tooz lock against {url} still runs 40 s after {} was killed",
+                first.name()
+            );
+        }
+        thread::sleep(Duration::from_millis(50));
+    };
+    let _ = fs::remove_file(&marker);
+    node_start(Target::Cluster(first), false)?;
+    match status.code() {
+        Some(0) => {
+            crate::process::progress!(
+                "{}: a lock held through {} survived its SIGKILL",
+                g.prefix(),
+                first.name()
+            );
+            Ok(())
+        }
+        Some(123) => bail!(
+            "{}: the lock was lost when {} (the member its client was on) was killed",
+            g.prefix(),
+            first.name()
+        ),
+        _ => bail!(
+            "{}: tooz lock against {url} ended with {status}",
+            g.prefix()
+        ),
+    }
 }
 
 /// Kills the leader of `g`, waits (bounded) until another live node leads, starts the

@@ -6,8 +6,10 @@
 //!
 //! The `cluster` step starts the clusters on loopback (`backends up --cluster-only`: 3-node
 //! etcd, 3-node ZooKeeper, Redis primary + replica + 3 Sentinels), runs the etcd, ZooKeeper
-//! and Redis conformance suites against their multi-host URLs and a failover smoke (kill
-//! each cluster's leader, see another one elected, start the node again).
+//! and Redis conformance suites against their multi-host URLs, checks that a lock held
+//! through the etcd or ZooKeeper member its client is on survives that member's SIGKILL,
+//! and a failover smoke (kill each cluster's leader, see another one elected, start the
+//! node again).
 //!
 //! `msrv` checks the workspace with the toolchain of its `rust-version` (installed by
 //! rustup when missing). `examples` runs the facade's examples against the servers started for the tests.

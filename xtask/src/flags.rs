@@ -64,7 +64,8 @@ Commands:
         backends up (only the servers the present drivers need);
         cargo test --workspace (conformance included);
         cluster (backends up --cluster-only, the etcd, ZooKeeper and Redis conformance
-        suites against the cluster URLs, kill each cluster's leader and see another one
+        suites against the cluster URLs, a lock that survives the SIGKILL of the etcd or
+        ZooKeeper member its client is on, kill each cluster's leader and see another one
         elected); cargo test --workspace --doc;
         the tooz crate's examples (worker_pool on Redis, scheduler on etcd,
         observability on memory://, fenced_job on Redis

@@ -1224,7 +1224,8 @@ fn suites() -> [(&'static str, &'static str, String); 3] {
 
 /// `ci` step `cluster`: brings the clusters up (the single servers are the `backends`
 /// step's), runs the etcd, ZooKeeper and Redis conformance suites against the cluster
-/// URLs, then for each cluster kills its leader, waits for another one and starts the
+/// URLs, checks that a lock survives the SIGKILL of the etcd/ZooKeeper member its client
+/// is on, then for each cluster kills its leader, waits for another one and starts the
 /// killed node again. The clusters stay up (like the single servers).
 pub(crate) fn ci() -> Result<()> {
     let t = Instant::now();

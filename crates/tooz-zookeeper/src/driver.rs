@@ -526,7 +526,7 @@ impl Driver for ZookeeperDriver {
         // (the recursive group watch covers the election directory).
         let dir = i.layout.leader_dir(group);
         let s = i.session().await?;
-        match s.client.get_children(&dir).await {
+        match i.synced_children(&s, &dir).await {
             Ok((kids, _)) if !contenders(&kids).is_empty() => return Ok(None),
             Ok(_) | Err(ZkError::NoNode) => {}
             Err(e) => return Err(zk_err("listing the election candidates", e)),

@@ -40,6 +40,8 @@ use std::sync::Mutex;
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+mod cluster;
+
 // ---------------------------------------------------------------------------------------------
 // Public surface
 // ---------------------------------------------------------------------------------------------
@@ -87,6 +89,11 @@ pub fn read_env(root: &Path) -> Result<Vec<(String, String)>> {
     Ok(out)
 }
 
+/// The `ci` step `cluster` (see the `cluster` module).
+pub(crate) fn cluster_ci() -> Result<()> {
+    cluster::ci()
+}
+
 /// Entry point: `args` is what follows `backends` on the command line.
 pub fn main(args: &[String]) -> Result<()> {
     let Some((cmd, rest)) = args.split_first() else {
@@ -98,18 +105,20 @@ pub fn main(args: &[String]) -> Result<()> {
             print!("{USAGE}");
             Ok(())
         }
-        "up" => up(&parse_only(rest)?),
-        "down" => down(&parse_only(rest)?),
-        "status" => status(&parse_only(rest)?),
+        "up" => up(&parse_sel(rest)?),
+        "down" => down(&parse_sel(rest)?),
+        "status" => status(&parse_sel(rest)?),
+        "node" => cluster::node_main(rest),
         other => {
             print!("{USAGE}");
-            bail!("backends: unknown command {other:?} (expected up, down or status)")
+            bail!("backends: unknown command {other:?} (expected up, down, status or node)")
         }
     }
 }
 
 const USAGE: &str = "\
-usage: cargo xtask backends up|down|status [--only NAME...]
+usage: cargo xtask backends up|down|status [--only NAME...] [--cluster|--cluster-only]
+       cargo xtask backends node kill NAME | start NAME [--wipe] | leader GROUP | list
 
   up      install what is missing, start the servers on 127.0.0.1, wait until they answer,
           write their URLs to target/backends/env (idempotent)
@@ -118,7 +127,66 @@ usage: cargo xtask backends up|down|status [--only NAME...]
 
   NAME    redis, memcached, mariadb (mysql), postgresql (postgres), etcd, zookeeper (zk),
           consul; several may follow one --only, or be comma-separated. Default: all seven.
+
+  --cluster       also the clusters on loopback: 3-member etcd (etcd-1..3, clients
+                  23791-23793), 3-server ZooKeeper (zookeeper-1..3, 21811-21813), Redis
+                  primary + replica (redis-1/2, 16379/16380) and three Sentinels
+                  (sentinel-1..3, 26379-26381, master `tooz`); their URLs go to the env
+                  file as TOOZ_CLUSTER_{ETCD,ZOOKEEPER,REDIS}_URL. With `up --cluster`, a
+                  single server whose ports another process (not ours) holds is left
+                  alone with a note instead of failing the command (e.g. in a second
+                  worktree while the main one's servers run). `down --cluster` and
+                  `status --cluster` without --only: the clusters only.
+  --cluster-only  the clusters and no single server (up, down, status)
+  node ...        kill/start one node, print a cluster's leader, list the nodes
+                  (`backends node --help`)
 ";
+
+/// What `up`/`down`/`status` act on.
+#[derive(Debug, PartialEq, Eq)]
+struct Sel {
+    kinds: Vec<Kind>,
+    cluster: bool,
+    /// `--only` was given.
+    only: bool,
+}
+
+impl Sel {
+    /// `down`/`status`: `--cluster` without `--only` means the clusters alone; no option at
+    /// all means everything.
+    fn singles_and_cluster(&self) -> (&[Kind], bool) {
+        if self.cluster && !self.only {
+            (&[], true)
+        } else {
+            (&self.kinds, self.cluster || !self.only)
+        }
+    }
+}
+
+fn parse_sel(rest: &[String]) -> Result<Sel> {
+    let mut cluster = false;
+    let mut cluster_only = false;
+    let mut others = Vec::new();
+    for a in rest {
+        match a.as_str() {
+            "--cluster" => cluster = true,
+            "--cluster-only" => cluster_only = true,
+            _ => others.push(a.clone()),
+        }
+    }
+    let has_only = others
+        .iter()
+        .any(|a| a == "--only" || a.starts_with("--only="));
+    if cluster_only && has_only {
+        bail!("backends: --cluster-only excludes --only (use --cluster --only NAME)");
+    }
+    let kinds = parse_only(&others)?;
+    Ok(Sel {
+        kinds: if cluster_only { Vec::new() } else { kinds },
+        cluster: cluster || cluster_only,
+        only: has_only,
+    })
+}
 
 // ---------------------------------------------------------------------------------------------
 // The servers
@@ -426,6 +494,7 @@ fn write_env(sd: &Path, st: &State) -> Result<()> {
             let _ = writeln!(s, "{}={}", k.env_key(), k.url());
         }
     }
+    cluster::env_lines(st, &mut s);
     write_atomic(&sd.join("env"), s.as_bytes())
 }
 
@@ -2129,7 +2198,7 @@ fn check_running(k: Kind, ctx: &Ctx, rec: &Rec) -> Result<()> {
     Ok(())
 }
 
-fn up(selected: &[Kind]) -> Result<()> {
+fn up(sel: &Sel) -> Result<()> {
     require_root("up")?;
     let t0 = Instant::now();
     let root = root();
@@ -2141,40 +2210,64 @@ fn up(selected: &[Kind]) -> Result<()> {
     let mut st = State::load(&sd)?;
 
     // Forget records whose process is gone (crashed, killed, or the machine rebooted).
-    for k in ALL {
-        if let Some(r) = st.servers.get(k.name())
-            && !rec_alive(r)
-        {
-            println!(
-                "backends: {}: recorded pid {} is gone (or is now another process); forgetting it",
-                k.name(),
-                r.pid
-            );
-            st.servers.remove(k.name());
-        }
+    let dead: Vec<(String, u32)> = st
+        .servers
+        .iter()
+        .filter(|(_, r)| !rec_alive(r))
+        .map(|(n, r)| (n.clone(), r.pid))
+        .collect();
+    for (name, pid) in dead {
+        println!(
+            "backends: {name}: recorded pid {pid} is gone (or is now another process); forgetting it"
+        );
+        st.servers.remove(&name);
     }
     st.save(&sd)?;
 
-    let (running, to_start): (Vec<Kind>, Vec<Kind>) = selected
+    let mut selected = sel.kinds.clone();
+    let (running, mut to_start): (Vec<Kind>, Vec<Kind>) = selected
         .iter()
         .partition(|k| st.servers.contains_key(k.name()));
 
     // Fail before installing anything if a port is taken by a process we did not start.
-    let conflicts: Vec<String> = to_start
-        .iter()
-        .filter_map(|&k| {
-            let bad = port_conflicts(k);
-            (!bad.is_empty()).then(|| conflict_message(k, &bad))
-        })
-        .collect();
+    // With --cluster, such a single server is left alone instead (another worktree's).
+    let mut conflicts = Vec::new();
+    for &k in &to_start {
+        let bad = port_conflicts(k);
+        if bad.is_empty() {
+            continue;
+        }
+        if sel.cluster {
+            println!(
+                "backends: {}: left alone, not started: {}",
+                k.name(),
+                bad.join(", ")
+            );
+            selected.retain(|x| *x != k);
+        } else {
+            conflicts.push(conflict_message(k, &bad));
+        }
+    }
+    to_start.retain(|k| selected.contains(k));
     if !conflicts.is_empty() {
         write_env(&sd, &st)?;
         bail!("backends: {}", conflicts.join("\nbackends: "));
     }
 
-    ensure_packages(&to_start, selected, &logs)?;
+    // The clusters need the Redis, ZooKeeper and etcd binaries.
+    let mut install = to_start.clone();
+    if sel.cluster {
+        install.extend([Kind::Redis, Kind::Zookeeper, Kind::Etcd]);
+        install.sort_unstable();
+        install.dedup();
+    }
+    let mut install_sel = selected.clone();
+    install_sel.extend(install.iter().copied());
+    install_sel.sort_unstable();
+    install_sel.dedup();
+    ensure_packages(&install, &install_sel, &logs)?;
     let cache = cache_dir();
-    ensure_private(&to_start, &cache, &logs)?;
+    ensure_private(&install, &cache, &logs)?;
 
     let data = choose_data_root(&sd, &st)?;
     ensure_dir(&data, 0o755)?;
@@ -2191,7 +2284,7 @@ fn up(selected: &[Kind]) -> Result<()> {
     let state = Mutex::new(st);
     let results: Vec<(Kind, Result<()>)> = thread::scope(|s| {
         let mut handles = Vec::new();
-        for &k in selected {
+        for &k in &selected {
             let (ctx, state, sd) = (&ctx, &state, &sd);
             let rec = if running.contains(&k) {
                 state
@@ -2220,11 +2313,20 @@ fn up(selected: &[Kind]) -> Result<()> {
             })
             .collect()
     });
+    // The clusters once the single servers are up (or failed).
+    let cluster_res = if sel.cluster {
+        Some(cluster::up(&ctx, &state, &sd))
+    } else {
+        None
+    };
     let st = state
         .into_inner()
         .map_err(|_| anyhow!("state lock poisoned"))?;
     st.save(&sd)?;
     write_env(&sd, &st)?;
+    if let Some(r) = cluster_res {
+        r?;
+    }
 
     let failed: Vec<String> = results
         .iter()
@@ -2269,7 +2371,8 @@ fn wait_gone(rec: &Rec, limit: Duration) -> bool {
     }
 }
 
-fn down(selected: &[Kind]) -> Result<()> {
+fn down(sel: &Sel) -> Result<()> {
+    let (selected, with_cluster) = sel.singles_and_cluster();
     require_root("down")?;
     let t0 = Instant::now();
     let root = root();
@@ -2285,6 +2388,9 @@ fn down(selected: &[Kind]) -> Result<()> {
     let mut st = State::load(&sd)?;
     let mut errors = Vec::new();
     let mut stopped = 0;
+    if with_cluster {
+        stopped += cluster::down(&mut st, &sd, &mut errors)?;
+    }
     for &k in selected.iter().rev() {
         let Some(rec) = st.servers.get(k.name()).cloned() else {
             if let Some(who) = port_holder(k.port(), false) {
@@ -2307,26 +2413,8 @@ fn down(selected: &[Kind]) -> Result<()> {
             continue;
         }
         let t = Instant::now();
-        let sig = k.stop_signal();
-        let mut how = format!("SIG{sig}");
-        let result = (|| -> Result<()> {
-            send_signal(rec.pid, sig)?;
-            if wait_gone(&rec, STOP_TIMEOUT) {
-                return Ok(());
-            }
-            // Re-checked just before: still the very process we started.
-            if rec_alive(&rec) {
-                how = format!("SIG{sig}, then SIGKILL after {} s", STOP_TIMEOUT.as_secs());
-                send_signal(rec.pid, "KILL")?;
-            }
-            if wait_gone(&rec, Duration::from_secs(5)) {
-                Ok(())
-            } else {
-                bail!("pid {} is still alive after SIGKILL", rec.pid)
-            }
-        })();
-        match result {
-            Ok(()) => {
+        match cluster::stop_rec(&rec, k.stop_signal()) {
+            Ok(how) => {
                 stopped += 1;
                 println!(
                     "backends: {} stopped (pid {}, {how}, {:.1} s)",
@@ -2355,7 +2443,8 @@ fn down(selected: &[Kind]) -> Result<()> {
 // status
 // ---------------------------------------------------------------------------------------------
 
-fn status(selected: &[Kind]) -> Result<()> {
+fn status(sel: &Sel) -> Result<()> {
+    let (selected, with_cluster) = sel.singles_and_cluster();
     let root = root();
     let sd = state_dir(&root);
     let st = State::load(&sd)?;
@@ -2403,6 +2492,12 @@ fn status(selected: &[Kind]) -> Result<()> {
             state,
             k.url(),
         ]);
+    }
+    let any_node = cluster::NODES
+        .iter()
+        .any(|nd| st.servers.contains_key(&nd.name()));
+    if with_cluster && (sel.cluster || any_node) {
+        rows.extend(cluster::status_rows(&st));
     }
     let mut w = [0usize; 4];
     for r in &rows {
@@ -2456,6 +2551,26 @@ mod tests {
         assert!(a(&["--only", "nope"]).is_err());
         assert!(a(&["redis"]).is_err());
         assert!(a(&["--force"]).is_err());
+    }
+
+    #[test]
+    fn cluster_selection() {
+        let a = |v: &[&str]| parse_sel(&v.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        let plain = a(&[]).unwrap();
+        assert_eq!((plain.kinds.len(), plain.cluster), (ALL.len(), false));
+        // down/status without options: singles and the clusters.
+        assert_eq!(plain.singles_and_cluster(), (&ALL[..], true));
+        let c = a(&["--cluster"]).unwrap();
+        assert_eq!((c.kinds.len(), c.cluster), (ALL.len(), true));
+        assert_eq!(c.singles_and_cluster(), (&[][..], true));
+        let co = a(&["--cluster-only"]).unwrap();
+        assert!(co.kinds.is_empty() && co.cluster);
+        let cr = a(&["--cluster", "--only", "redis"]).unwrap();
+        assert_eq!(cr.singles_and_cluster(), (&[Kind::Redis][..], true));
+        let r = a(&["--only", "redis"]).unwrap();
+        assert_eq!(r.singles_and_cluster(), (&[Kind::Redis][..], false));
+        assert!(a(&["--cluster-only", "--only", "redis"]).is_err());
+        assert!(a(&["--clusters"]).is_err());
     }
 
     #[test]

@@ -4,6 +4,13 @@
 //! The `backends` step starts the servers the present drivers need (none for the file
 //! driver) and the test steps read their URLs from its env file.
 //!
+//! The `cluster` step starts the clusters on loopback (`backends up --cluster-only`: 3-node
+//! etcd, 3-node ZooKeeper, Redis primary + replica + 3 Sentinels), runs the etcd, ZooKeeper
+//! and Redis conformance suites against their multi-host URLs, checks that a lock held
+//! through the etcd or ZooKeeper member its client is on survives that member's SIGKILL,
+//! and a failover smoke (kill each cluster's leader, see another one elected, start the
+//! node again).
+//!
 //! `msrv` checks the workspace with the toolchain of its `rust-version` (installed by
 //! rustup when missing). `examples` runs the facade's examples against the servers started for the tests.
 //! `docs` builds the library crates' docs with `-D warnings`; `features` builds every
@@ -80,6 +87,10 @@ const STEPS: &[Step] = &[
     Step {
         name: "test",
         run: || process::run(&mut test_command(&["test", "--workspace"])),
+    },
+    Step {
+        name: "cluster",
+        run: crate::backends::cluster_ci,
     },
     Step {
         name: "doctest",

@@ -32,6 +32,17 @@ Commands:
         consul. `up` is idempotent and writes the URLs to target/backends/env
         (TOOZ_TEST_<DRIVER>_URL=...), which the tests and the other commands read; `down`
         stops only what `up` started. Run `backends down` before `cargo clean`.
+          --cluster       also the clusters on loopback: 3-node etcd (etcd-1..3), 3-node
+                          ZooKeeper (zookeeper-1..3), Redis primary + replica (redis-1/2)
+                          with three Sentinels (sentinel-1..3, master `tooz`); URLs in the
+                          env file as TOOZ_CLUSTER_{ETCD,ZOOKEEPER,REDIS}_URL. `up --cluster`
+                          leaves a single server whose ports another process holds alone;
+                          `down|status --cluster` without --only: the clusters only
+          --cluster-only  the clusters and no single server
+  backends node kill NAME | start NAME [--wipe] | leader etcd|zookeeper|redis | list
+        One node of the clusters or a single server: SIGKILL it; start it again with its
+        data (or empty with --wipe where that is safe) and wait until it answers; print
+        the cluster's current leader (exit 1 if none); list `NAME PID PORT STATE`.
   bench [--driver NAME|all] [--compare-python] [--quick]
         Run the benchmark harness (crates/tooz-bench, release build) per driver: floors
         (one raw round trip / write of the same client library) and the scenarios
@@ -51,7 +62,11 @@ Commands:
         cargo check --workspace --all-targets with the rust-version toolchain (MSRV,
         installed with rustup when missing);
         backends up (only the servers the present drivers need);
-        cargo test --workspace (conformance included); cargo test --workspace --doc;
+        cargo test --workspace (conformance included);
+        cluster (backends up --cluster-only, the etcd, ZooKeeper and Redis conformance
+        suites against the cluster URLs, a lock that survives the SIGKILL of the etcd or
+        ZooKeeper member its client is on, kill each cluster's leader and see another one
+        elected); cargo test --workspace --doc;
         the tooz crate's examples (worker_pool on Redis, scheduler on etcd,
         observability on memory://, fenced_job on Redis
         and PostgreSQL); interop --driver all; cargo package --workspace (with its verification

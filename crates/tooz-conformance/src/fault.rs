@@ -348,6 +348,23 @@ pub fn url_target(url: &str) -> io::Result<SocketAddr> {
         .ok_or_else(|| invalid(format!("{host} resolves to no address")))
 }
 
+/// Whether `url` names several servers a client may fail over between: a host list
+/// (`scheme://h1:p1,h2:p2/…`) or Redis Sentinels (a `sentinel` option). A proxy in
+/// front of the first one ([`proxied_url`]) does not cut such a client off.
+pub fn names_several_servers(url: &str) -> bool {
+    let Some((_, rest)) = url.split_once("://") else {
+        return false;
+    };
+    let authority = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
+    let query = rest
+        .split_once('?')
+        .map_or("", |(_, q)| q.split('#').next().unwrap_or(""));
+    authority.contains(',')
+        || query
+            .split('&')
+            .any(|kv| kv.split('=').next() == Some("sentinel"))
+}
+
 fn invalid(msg: String) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidInput, msg)
 }
@@ -603,6 +620,20 @@ async fn pump(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn several_servers() {
+        assert!(names_several_servers("zookeeper://a:1,b:2,c:3/x"));
+        assert!(names_several_servers("etcd3+http://a:1,b:2"));
+        assert!(names_several_servers(
+            "redis://a:26379?sentinel=m&sentinel_fallback=b:26380"
+        ));
+        assert!(names_several_servers("redis://a:26379?db=0&sentinel=m"));
+        assert!(!names_several_servers("redis://a:6379?sentinel_ssl=false"));
+        assert!(!names_several_servers("zookeeper://a:2181/x,y?timeout=1"));
+        assert!(!names_several_servers("file:///tmp/x"));
+        assert!(!names_several_servers("memory://x"));
+    }
+
     use super::*;
     use std::sync::Weak;
 

@@ -271,6 +271,15 @@ impl Harness {
         crate::fault::url_target(self.url()).is_ok()
     }
 
+    /// Whether the URL names several servers the client may fail over between: a
+    /// host list (`h1:p1,h2:p2`) or Redis Sentinels (`?sentinel=`). A
+    /// [`FaultProxy`](crate::fault::FaultProxy) in front of the first host cannot
+    /// cut such a client off, nor does an unreachable first host make the backend
+    /// unreachable.
+    pub fn multi_host(&self) -> bool {
+        crate::fault::names_several_servers(self.url())
+    }
+
     /// A fault-injecting proxy in front of the backend, and a coordinator started
     /// with heartbeats that reaches the backend through it (stopped when the case
     /// ends; the proxy goes when its last handle is dropped).

@@ -1,13 +1,21 @@
 //! `etcd3+http://HOST[:PORT][?OPTIONS]`, `etcd3+https://…` and `etcd://…`: URL
 //! and options (spec §11.6).
 //!
+//! Several members may be listed as `etcd3+http://h1:2379,h2:2379,h3:2379` (an
+//! extension: Python tooz's etcd3gw driver takes one host); `start` connects to the
+//! first of them that answers, in order, so a coordinator can start while a minority
+//! of the members is down. When that member stops answering, the next heartbeat moves
+//! to the next member that answers and renews the lease there (it survives when this
+//! happens within its TTL); requests in flight at that moment fail, and watch streams
+//! opened on the old member are not moved.
+//!
 //! An unknown option is an [`InvalidOption`](tooz_core::ToozError::InvalidOption)
 //! error instead of being ignored.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
-use tooz_core::options::{redact_url, redact_url_str};
+use tooz_core::options::{parse_backend_url, percent_decode, redact_url, redact_url_str};
 use tooz_core::{Options, Result, ToozError, Url};
 
 /// The driver name, as used in errors.
@@ -44,6 +52,12 @@ pub const DEFAULT_PORT: u16 = 2379;
 /// let c = EtcdConfig::from_url_str("etcd3+http://10.0.0.5:2380?timeout=10&api_version=v3").unwrap();
 /// assert_eq!(c.endpoint(), "http://10.0.0.5:2380");
 /// assert_eq!(c.lock_timeout, Duration::from_secs(10));
+///
+/// let c = EtcdConfig::from_url_str("etcd3+http://10.0.0.5:2379,10.0.0.6,[::1]:2381").unwrap();
+/// assert_eq!(
+///     c.endpoints(),
+///     ["http://10.0.0.5:2379", "http://10.0.0.6:2379", "http://[::1]:2381"]
+/// );
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -52,6 +66,9 @@ pub struct EtcdConfig {
     pub host: String,
     /// Port.
     pub port: u16,
+    /// The further members of a host list (`h1:p1,h2:p2,…`) after the first
+    /// (`host`, `port`): host (IPv6 without brackets) and port.
+    pub more_hosts: Vec<(String, u16)>,
     /// TLS (`etcd3+https`).
     pub https: bool,
     /// Request timeout (`timeout`, default 30 s).
@@ -76,7 +93,8 @@ impl EtcdConfig {
     /// `InvalidUrl` for another scheme or a path; `InvalidOption` for an unknown
     /// option or a bad value.
     pub fn from_url_str(url: &str) -> Result<Self> {
-        let parsed = Url::parse(url).map_err(|e| ToozError::invalid_url(redact_url_str(url), e))?;
+        let parsed =
+            parse_backend_url(url).map_err(|e| ToozError::invalid_url(redact_url_str(url), e))?;
         Self::from_url(&parsed, &Options::from_url(&parsed))
     }
 
@@ -97,13 +115,30 @@ impl EtcdConfig {
         if !(path.is_empty() || path == "/") {
             return Err(bad_url("expected etcd3+http://HOST[:PORT] without a path"));
         }
-        let host = tooz_core::options::host_of(url).unwrap_or_else(|| DEFAULT_HOST.to_string());
+        let (host, port, more_hosts) = match url.host_str().filter(|h| h.contains(',')) {
+            // A host list arrives percent-encoded (see `parse_backend_url`).
+            Some(list) => {
+                let mut hosts = Vec::new();
+                for item in percent_decode(list).split(',') {
+                    hosts.push(host_port(item).map_err(|e| bad_url(&e))?);
+                }
+                let mut it = hosts.into_iter();
+                let (h, p) = it.next().ok_or_else(|| bad_url("empty host list"))?;
+                (h, p, it.collect())
+            }
+            None => (
+                tooz_core::options::host_of(url).unwrap_or_else(|| DEFAULT_HOST.to_string()),
+                url.port().unwrap_or(DEFAULT_PORT),
+                Vec::new(),
+            ),
+        };
         // Every one of them is (also) the TTL of the coordinator's lease.
         let t = options.lease_timeouts(NAME, DEFAULT_TIMEOUT)?;
         let path_opt = |key: &str| options.get(key).map(PathBuf::from);
         Ok(EtcdConfig {
             host,
-            port: url.port().unwrap_or(DEFAULT_PORT),
+            port,
+            more_hosts,
             https: scheme.ends_with("https"),
             timeout: t.timeout,
             membership_timeout: t.membership_timeout,
@@ -120,15 +155,56 @@ impl EtcdConfig {
         self.membership_timeout.min(self.lock_timeout)
     }
 
-    /// The gRPC endpoint for `etcd-client` (`http://HOST:PORT` or `https://…`).
+    /// The gRPC endpoint of the first host for `etcd-client` (`http://HOST:PORT` or
+    /// `https://…`).
     pub fn endpoint(&self) -> String {
+        self.endpoint_of(&self.host, self.port)
+    }
+
+    /// Every member's gRPC endpoint, the first one first.
+    pub fn endpoints(&self) -> Vec<String> {
+        std::iter::once(self.endpoint())
+            .chain(self.more_hosts.iter().map(|(h, p)| self.endpoint_of(h, *p)))
+            .collect()
+    }
+
+    fn endpoint_of(&self, host: &str, port: u16) -> String {
         let proto = if self.https { "https" } else { "http" };
-        if self.host.contains(':') {
-            format!("{proto}://[{}]:{}", self.host, self.port)
+        if host.contains(':') {
+            format!("{proto}://[{host}]:{port}")
         } else {
-            format!("{proto}://{}:{}", self.host, self.port)
+            format!("{proto}://{host}:{port}")
         }
     }
+}
+
+/// One `host[:port]` or `[v6][:port]` of a host list.
+fn host_port(item: &str) -> std::result::Result<(String, u16), String> {
+    let item = item.trim();
+    let port_of = |p: &str| {
+        p.parse::<u16>()
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| format!("bad port in host list item {item:?}"))
+    };
+    if let Some(v6) = item.strip_prefix('[') {
+        let (h, rest) = v6
+            .split_once(']')
+            .ok_or_else(|| format!("unterminated IPv6 address in {item:?}"))?;
+        return match rest.strip_prefix(':') {
+            Some(p) => Ok((h.to_string(), port_of(p)?)),
+            None if rest.is_empty() => Ok((h.to_string(), DEFAULT_PORT)),
+            None => Err(format!("bad host list item {item:?}")),
+        };
+    }
+    let (h, p) = match item.rsplit_once(':') {
+        Some((h, p)) => (h, port_of(p)?),
+        None => (item, DEFAULT_PORT),
+    };
+    if h.is_empty() || h.contains([':', '/', '@', '?', '#', '[', ']']) {
+        return Err(format!("bad host in host list item {item:?}"));
+    }
+    Ok((h.to_string(), p))
 }
 
 #[cfg(test)]
@@ -156,6 +232,34 @@ mod tests {
         assert_eq!(c.ca_cert, Some(PathBuf::from("/ca.pem")));
         let e = EtcdConfig::from_url_str("etcd://h").unwrap_or_else(|e| panic!("{e}"));
         assert!(!e.https);
+    }
+
+    #[test]
+    fn host_list() {
+        let c = EtcdConfig::from_url_str("etcd3+http://a:1,b,[::1]:3?timeout=5")
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((c.host.as_str(), c.port), ("a", 1));
+        assert_eq!(
+            c.endpoints(),
+            ["http://a:1", "http://b:2379", "http://[::1]:3"]
+        );
+        assert_eq!(c.timeout, Duration::from_secs(5));
+        let one = EtcdConfig::from_url_str("etcd3+http://a:1").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(one.endpoints(), ["http://a:1"]);
+        for bad in [
+            "etcd3+http://a:1,,b:2",
+            "etcd3+http://a:1,b:0",
+            "etcd3+http://a:1,b:x",
+            "etcd3+http://a:1,[::1",
+        ] {
+            assert!(
+                matches!(
+                    EtcdConfig::from_url_str(bad),
+                    Err(ToozError::InvalidUrl { .. })
+                ),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

@@ -90,6 +90,8 @@ pub(crate) struct Inner {
     pub(crate) config: EtcdConfig,
     pub(crate) member: MemberId,
     client: Mutex<Option<Client>>,
+    /// Index in `config.endpoints()` of the member `client` talks to.
+    endpoint_at: Mutex<usize>,
     lease: Mutex<Option<Lease>>,
     keeper: tokio::sync::Mutex<Option<KeepAlive>>,
     /// The lease's state, for the coordinator (see `tooz_core::lease`).
@@ -440,6 +442,7 @@ impl EtcdDriver {
                 config,
                 member,
                 client: Mutex::new(None),
+                endpoint_at: Mutex::new(0),
                 lease: Mutex::new(None),
                 keeper: tokio::sync::Mutex::new(None),
                 lease_state: LeaseState::new(),
@@ -466,6 +469,43 @@ impl EtcdDriver {
     pub fn lease_id(&self) -> Option<i64> {
         (*guard(&self.inner.lease)).map(|l| l.id)
     }
+}
+
+/// A client of the first member, from the `from`-th on (wrapping around), that
+/// answers, and its index in `config.endpoints()`. With a single endpoint, connecting
+/// is lazy (the first request shows whether it answers); with several, a status
+/// request picks one that does.
+async fn connect_first(
+    config: &EtcdConfig,
+    opts: &ConnectOptions,
+    from: usize,
+) -> Result<(Client, usize)> {
+    let endpoints = config.endpoints();
+    let probe = endpoints.len() > 1;
+    let mut last_err = None;
+    for step in 0..endpoints.len() {
+        let at = (from + step) % endpoints.len();
+        let endpoint = &endpoints[at];
+        let attempt = async {
+            let mut c = Client::connect([endpoint.as_str()], Some(opts.clone())).await?;
+            if probe {
+                c.status().await?;
+            }
+            Ok::<_, etcd_client::Error>(c)
+        };
+        match tokio::time::timeout(config.timeout, attempt).await {
+            Ok(Ok(c)) => return Ok((c, at)),
+            Ok(Err(e)) => last_err = Some(map_err(&format!("connecting to {endpoint}"), e)),
+            Err(_) => {
+                last_err = Some(ToozError::connection(
+                    "etcd3",
+                    format!("connecting to {endpoint} timed out"),
+                    std::io::Error::other("timeout"),
+                ));
+            }
+        }
+    }
+    Err(last_err.unwrap_or_else(|| ToozError::backend_msg("etcd3", "no endpoint to connect to")))
 }
 
 fn connect_options(config: &EtcdConfig) -> Result<ConnectOptions> {
@@ -533,24 +573,14 @@ impl Driver for EtcdDriver {
     async fn start(&self) -> Result<()> {
         let i = &self.inner;
         let opts = connect_options(&i.config)?;
-        let endpoint = i.config.endpoint();
-        let client = match tokio::time::timeout(
-            i.config.timeout,
-            Client::connect([endpoint.as_str()], Some(opts)),
-        )
-        .await
-        {
-            Ok(Ok(c)) => c,
-            Ok(Err(e)) => return Err(map_err(&format!("connecting to {endpoint}"), e)),
-            Err(_) => {
-                return Err(ToozError::connection(
-                    "etcd3",
-                    format!("connecting to {endpoint} timed out"),
-                    std::io::Error::other("timeout"),
-                ));
-            }
-        };
+        // With a host list, the first member that answers: etcd-client's balanced
+        // channel over several endpoints keeps sending a share of the requests to a
+        // member that is down (they fail with `Unavailable`), so the client talks to one
+        // member, and a coordinator started while a minority is down still works.
+        // Connecting is lazy, hence the status round trip when there is a choice.
+        let (client, at) = connect_first(&i.config, &opts, 0).await?;
         *guard(&i.client) = Some(client);
+        *guard(&i.endpoint_at) = at;
         let sent = tokio::time::Instant::now();
         match i.grant().await {
             Ok((id, _)) => {
@@ -588,7 +618,29 @@ impl Driver for EtcdDriver {
     async fn heartbeat(&self, _held: &Held<'_>) -> Result<Renewal> {
         let i = &self.inner;
         let lease = i.lease()?;
-        if i.keep_alive(lease.id).await? {
+        let alive = match i.keep_alive(lease.id).await {
+            // With a host list, a member that stopped answering is left for the next one
+            // that answers; the lease lives in the cluster, so it survives the switch
+            // when renewed within its TTL.
+            Err(e @ (ToozError::Connection { .. } | ToozError::OperationTimedOut(_)))
+                if !i.config.more_hosts.is_empty() =>
+            {
+                let from = *guard(&i.endpoint_at) + 1;
+                let opts = connect_options(&i.config)?;
+                let Ok((client, at)) = connect_first(&i.config, &opts, from).await else {
+                    return Err(e);
+                };
+                tracing::warn!(
+                    endpoint = %i.config.endpoints().get(at).cloned().unwrap_or_default(),
+                    "etcd: the member stopped answering ({e}); switched to another one"
+                );
+                *guard(&i.client) = Some(client);
+                *guard(&i.endpoint_at) = at;
+                i.keep_alive(lease.id).await?
+            }
+            r => r?,
+        };
+        if alive {
             return Ok(Renewal::new(i.config.lease_ttl()));
         }
         // The lease expired or was revoked: everything on it is gone.

@@ -66,6 +66,37 @@ impl Inner {
             .await
     }
 
+    /// With several servers in the URL, a `sync` to send just before a read on the same
+    /// session: the server a session is on may lag behind the leader, and a read there
+    /// would miss another coordinator's join or leadership written through another
+    /// server. The server answers the session's requests in order, so the read that
+    /// follows waits for the sync, and both are sent before either answer is awaited
+    /// (no extra round trip before the read is sent). One server: nothing to do.
+    fn sync_before_read<'a>(
+        &self,
+        s: &'a Session,
+        path: &str,
+    ) -> Option<impl std::future::Future<Output = std::result::Result<(), ZkError>> + Send + 'a>
+    {
+        (self.config.hosts.len() > 1).then(|| s.client.sync(path))
+    }
+
+    /// `get_children` of `path`, synced first when there are several servers.
+    async fn synced_children(
+        &self,
+        s: &Session,
+        path: &str,
+    ) -> std::result::Result<(Vec<String>, Stat), ZkError> {
+        let sync = self.sync_before_read(s, path);
+        let r = s.client.get_children(path).await;
+        if let Some(sync) = sync {
+            // Its answer came before the read's; a failed sync (the session broke)
+            // shows in the read's result too.
+            let _ = sync.await;
+        }
+        r
+    }
+
     /// `GroupNotCreated` if the group is missing, else `MemberNotJoined`.
     async fn missing_member(&self, s: &Session, g: &GroupId, m: &MemberId) -> ToozError {
         match s.client.check_stat(&self.layout.group(g)).await {
@@ -81,7 +112,13 @@ impl Inner {
     /// A member's data and stat.
     async fn member_node(&self, g: &GroupId, m: &MemberId) -> Result<(Vec<u8>, Stat)> {
         let s = self.session().await?;
-        match s.client.get_data(&self.layout.member(g, m)).await {
+        let path = self.layout.member(g, m);
+        let sync = self.sync_before_read(&s, &path);
+        let r = s.client.get_data(&path).await;
+        if let Some(sync) = sync {
+            let _ = sync.await; // answered before the read (see `synced_children`)
+        }
+        match r {
             Ok(r) => Ok(r),
             Err(ZkError::NoNode) => Err(self.missing_member(&s, g, m).await),
             Err(e) => Err(zk_err("reading a member", e)),
@@ -89,7 +126,7 @@ impl Inner {
     }
 
     async fn children(&self, s: &Session, g: &GroupId) -> Result<Vec<String>> {
-        match s.client.get_children(&self.layout.group(g)).await {
+        match self.synced_children(s, &self.layout.group(g)).await {
             Ok((c, _)) => Ok(c),
             Err(ZkError::NoNode) => Err(ToozError::GroupNotCreated(g.clone())),
             Err(e) => Err(zk_err("listing a group", e)),
@@ -313,7 +350,7 @@ impl Driver for ZookeeperDriver {
     async fn get_groups(&self) -> Result<Vec<GroupId>> {
         let i = &self.inner;
         let s = i.session().await?;
-        let children = match s.client.get_children(i.layout.base()).await {
+        let children = match i.synced_children(&s, i.layout.base()).await {
             Ok((c, _)) => c,
             Err(ZkError::NoNode) => Vec::new(),
             Err(e) => return Err(zk_err("get_groups", e)),
@@ -489,7 +526,7 @@ impl Driver for ZookeeperDriver {
         // (the recursive group watch covers the election directory).
         let dir = i.layout.leader_dir(group);
         let s = i.session().await?;
-        match s.client.get_children(&dir).await {
+        match i.synced_children(&s, &dir).await {
             Ok((kids, _)) if !contenders(&kids).is_empty() => return Ok(None),
             Ok(_) | Err(ZkError::NoNode) => {}
             Err(e) => return Err(zk_err("listing the election candidates", e)),
@@ -524,7 +561,7 @@ impl Driver for ZookeeperDriver {
         let s = i.session().await?;
         let dir = i.layout.leader_dir(group);
         for _ in 0..5 {
-            let children = match s.client.get_children(&dir).await {
+            let children = match i.synced_children(&s, &dir).await {
                 Ok((c, _)) => c,
                 Err(ZkError::NoNode) => return Ok(None),
                 Err(e) => return Err(zk_err("get_leader", e)),

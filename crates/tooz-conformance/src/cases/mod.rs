@@ -55,6 +55,17 @@ pub(crate) fn not_applicable(name: &str, h: &crate::Harness) -> Option<&'static 
     if name.starts_with("faults::") && !h.networked() {
         return Some("network faults: the backend is not reached over TCP");
     }
+    if name.starts_with("faults::") && h.multi_host() {
+        return Some(
+            "network faults: the URL names several servers (host list or Sentinel) and the \
+             client fails over past the fault proxy, which sits in front of the first one only",
+        );
+    }
+    if name == "input::unreachable_backend_is_connection_error" && h.multi_host() {
+        return Some(
+            "an unreachable backend: only the first server of a multi-host URL is rewritten",
+        );
+    }
     if MULTI_PROCESS.contains(&name) && !f.is_some_and(|f| f.shared_across_processes) {
         return Some("several processes: the driver's state is not shared across processes");
     }

@@ -56,7 +56,7 @@ const STEPS: &[Step] = &[
                 process::cargo()
                     .args(["doc", "--workspace", "--no-deps"])
                     .args(["--exclude", "xtask", "--exclude", "tooz-bench"])
-                    .args(["--exclude", "tooz-cli"])
+                    .args(["--exclude", "tooz-cli", "--exclude", "tooz-chaos"])
                     .env("RUSTDOCFLAGS", "-D warnings"),
             )
         },
@@ -82,6 +82,10 @@ const STEPS: &[Step] = &[
         run: || process::run(&mut test_command(&["test", "--workspace"])),
     },
     Step {
+        name: "chaos",
+        run: run_chaos,
+    },
+    Step {
         name: "doctest",
         run: || process::run(&mut test_command(&["test", "--workspace", "--doc"])),
     },
@@ -102,11 +106,32 @@ const STEPS: &[Step] = &[
             process::run(
                 process::cargo()
                     .args(["package", "--workspace", "--allow-dirty"])
-                    .args(["--exclude", "tooz-bench", "--exclude", "xtask"]),
+                    .args(["--exclude", "tooz-bench", "--exclude", "xtask"])
+                    .args(["--exclude", "tooz-chaos"]),
             )
         },
     },
 ];
+
+/// Seconds of chaos per driver in CI: with the start, the final membership check and
+/// Consul's 2 × TTL probe, about 20 s a driver.
+const CI_CHAOS_SECONDS: u64 = 12;
+
+/// `chaos` for every driver; then, when the pipeline has the `cluster` step (which
+/// brings the clusters up), the cluster variants. The seed is the clock's, printed:
+/// a failure names the seed that reproduces it.
+fn run_chaos() -> Result<()> {
+    let mut flags = flags::Chaos::all();
+    flags.seconds = CI_CHAOS_SECONDS;
+    crate::chaos::run(&flags)?;
+    if STEPS.iter().any(|s| s.name == "cluster") {
+        flags.cluster = true;
+        crate::chaos::run(&flags)?;
+    } else {
+        progress!("chaos: no `cluster` step in this pipeline: cluster variants not run");
+    }
+    Ok(())
+}
 
 /// The facade's examples against the servers `backends up` started (built by the test
 /// step already): each asserts what it prints about.

@@ -139,9 +139,13 @@ impl Link {
         Ok(self.reply().await? == "ok")
     }
 
+    /// Records a failed operation, then paces the loop: a client whose server is down
+    /// retries at most ten times a second, as an application would.
     async fn error(&mut self, op: &str, e: impl std::fmt::Display) -> Result<()> {
         self.send(Event::new("", "error").detail(format!("{op}: {e}")))
-            .await
+            .await?;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        Ok(())
     }
 }
 
@@ -209,12 +213,14 @@ pub(crate) async fn run(args: ClientArgs) -> Result<()> {
             c.rejoin_op().await?;
         }
     }
-    // Recovery: a member that is not joined (a failed rejoin) joins again.
+    // Recovery, after the last fault: one more acknowledged update (which finds out
+    // whether the membership survived), and a member that is not joined joins again.
+    let before = c.acked;
     for _ in 0..3 {
-        if c.joined {
+        c.caps_op().await?;
+        if c.joined && c.acked > before {
             break;
         }
-        c.join().await?;
     }
     let acked = c.acked;
     let joined = c.joined;
@@ -228,6 +234,26 @@ pub(crate) async fn run(args: ClientArgs) -> Result<()> {
     let _ = bounded(op_timeout, c.coord.leave_group(members_group(&c.run).as_str())).await;
     let _ = bounded(op_timeout, c.coord.stop()).await;
     Ok(())
+}
+
+/// A failed call: its message, and whether it says this member is not (or no longer)
+/// in the group.
+#[derive(Debug)]
+struct OpError {
+    message: String,
+    not_joined: bool,
+}
+
+impl From<ToozError> for OpError {
+    fn from(e: ToozError) -> Self {
+        OpError {
+            not_joined: matches!(
+                e,
+                ToozError::MemberNotJoined { .. } | ToozError::GroupNotCreated(_)
+            ),
+            message: e.to_string(),
+        }
+    }
 }
 
 /// A backend call bounded by `limit`: a timeout is an error like any other.
@@ -325,7 +351,8 @@ impl Client {
                 Ok(Err(e)) => Event::new("", "released").ok(false).detail(e.to_string()),
                 Err(_) => Event::new("", "released").ok(false).detail("timed out"),
             },
-            () = lost.clone().lost() => Event::new("", "lost"),
+            // The release itself ends the hold, which resolves the signal too.
+            () = lost.clone().lost() => Event::new("", "released").detail("loss signalled during release"),
         };
         self.link.send(end.lock(&name).token(token)).await
     }
@@ -337,11 +364,16 @@ impl Client {
         self.seq += 1;
         let caps = self.caps(self.seq);
         let group = members_group(&self.run);
-        match bounded(
+        match tokio::time::timeout(
             self.op_timeout,
             self.coord.update_capabilities(group.as_str(), &caps),
         )
         .await
+        .map_err(|_| OpError {
+            message: format!("timed out after {:?}", self.op_timeout),
+            not_joined: false,
+        })
+        .and_then(|r| r.map_err(OpError::from))
         {
             Ok(()) => {
                 self.acked = self.seq;
@@ -349,7 +381,14 @@ impl Client {
                     .send(Event::new("", "cap_ack").seq(self.seq))
                     .await
             }
-            Err(e) => self.link.error("update_capabilities", e).await,
+            Err(e) => {
+                if e.not_joined {
+                    // The membership (or the group: a server restarted empty) is gone:
+                    // join again, as an application would.
+                    self.joined = false;
+                }
+                self.link.error("update_capabilities", e.message).await
+            }
         }
     }
 

@@ -168,8 +168,9 @@ async fn fault(
             } else {
                 fleet.profile.node.context("no node")?.to_owned()
             };
-            node_cmd(fleet, &["kill", &node]).await?;
+            // Logged first: the fault starts with the kill, whatever the command's latency.
             log(fleet, Event::new("nemesis", "fault").detail(kind).target(&node));
+            node_cmd(fleet, &["kill", &node]).await?;
             tokio::time::sleep(Duration::from_millis(rng.random_range(500..2000))).await;
             if kind == "wipe-node" {
                 node_cmd(fleet, &["start", &node, "--wipe"]).await?;

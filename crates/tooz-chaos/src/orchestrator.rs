@@ -117,7 +117,7 @@ async fn setup_groups(args: &RunArgs, run: &str) -> Result<()> {
     coord.start(false).await.context("setup: start")?;
     for g in [client::members_group(run), client::leader_group(run)] {
         match coord.create_group(g.as_str()).await {
-            Ok(()) | Err(ToozError::GroupAlreadyExist { .. }) => {}
+            Ok(()) | Err(ToozError::GroupAlreadyExist(_)) => {}
             Err(e) => return Err(e).with_context(|| format!("setup: create group {g}")),
         }
     }

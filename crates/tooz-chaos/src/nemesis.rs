@@ -219,7 +219,17 @@ async fn probe(fleet: &Fleet, lock: &str) {
         let coord = client::connect(&fleet.args.driver, &fleet.args.url, &id)?;
         coord.start(true).await?;
         let l = coord.get_lock(lock)?;
-        let got = l.acquire(Wait::For(wait)).await?;
+        // Tries every 50 ms rather than waiting in `acquire`: an expiry publishes no
+        // release, so a waiter would notice it only at its next backoff tick, and this
+        // measures when the server freed the lock, not the waiter's backoff.
+        let give_up = tokio::time::Instant::now() + wait;
+        let mut got = false;
+        while !got && tokio::time::Instant::now() < give_up {
+            got = l.acquire(Wait::No).await?;
+            if !got {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
         let t = now_ns();
         if got {
             let _ = l.release().await;

@@ -144,10 +144,7 @@ fn run_one(cmd: &mut Command, out: &Path) -> Result<()> {
         .with_context(|| format!("could not start `{line}`"))?;
     match status.code() {
         Some(0) => Ok(()),
-        Some(1) => bail!(
-            "violations found; history and logs in {}",
-            out.display()
-        ),
+        Some(1) => bail!("violations found; history and logs in {}", out.display()),
         _ => bail!("`{line}` failed ({status})"),
     }
 }

@@ -112,8 +112,9 @@ pub(crate) fn check(history: &[Event], profile: &Profile, started_ns: u64) -> Re
         }
     }
     for (kind, target, _) in &open {
-        r.violations
-            .push(format!("nemesis: the {kind} fault on {target} was never healed"));
+        r.violations.push(format!(
+            "nemesis: the {kind} fault on {target} was never healed"
+        ));
     }
     r.faults = faults.len() as u64;
     for f in &faults {
@@ -122,8 +123,8 @@ pub(crate) fn check(history: &[Event], profile: &Profile, started_ns: u64) -> Re
     r.rows.entry("none".into()).or_default();
     // An observation belongs to the latest fault that started before it, while the
     // effects can last: up to two leases after the heal.
-    let window = u64::try_from((profile.lease * 2 + Duration::from_secs(1)).as_nanos())
-        .unwrap_or(u64::MAX);
+    let window =
+        u64::try_from((profile.lease * 2 + Duration::from_secs(1)).as_nanos()).unwrap_or(u64::MAX);
     let attribute = |t: u64| -> String {
         faults
             .iter()
@@ -239,8 +240,16 @@ pub(crate) fn check(history: &[Event], profile: &Profile, started_ns: u64) -> Re
     }
 
     // (d) a killed holder's lock is free within the bound.
+    let bound_ns = u64::try_from(r.free_bound.as_nanos()).unwrap_or(u64::MAX);
     for (t_kill, client, lock) in &kills {
         let Some(lock) = lock else { continue };
+        // A server down during the window times the outage, not the expiry.
+        if faults
+            .iter()
+            .any(|f| f.kind.ends_with("-node") && f.start <= t_kill + bound_ns && f.end >= *t_kill)
+        {
+            continue;
+        }
         let free = h
             .iter()
             .filter(|e| e.t > *t_kill && e.lock.as_deref() == Some(lock.as_str()))
@@ -393,7 +402,9 @@ mod tests {
             .target("a")
             .lock("l");
         kill.t = s;
-        let mut heal = Event::new("nemesis", "heal").detail("kill-client").target("a");
+        let mut heal = Event::new("nemesis", "heal")
+            .detail("kill-client")
+            .target("a");
         heal.t = s + 1;
         let late = vec![
             ev(0, "a", "acquired", "l", 1),
@@ -402,7 +413,11 @@ mod tests {
             ev(10 * s, "b", "acquired", "l", 2),
         ];
         let r = check(&late, profile(), 0);
-        assert!(r.violations.iter().any(|v| v.starts_with("(d)")), "{:?}", r.violations);
+        assert!(
+            r.violations.iter().any(|v| v.starts_with("(d)")),
+            "{:?}",
+            r.violations
+        );
         let soon = vec![
             ev(0, "a", "acquired", "l", 1),
             kill,

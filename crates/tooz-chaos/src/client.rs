@@ -231,7 +231,11 @@ pub(crate) async fn run(args: ClientArgs) -> Result<()> {
     if bye != "bye" {
         bail!("expected `bye` from the orchestrator, got {bye:?}");
     }
-    let _ = bounded(op_timeout, c.coord.leave_group(members_group(&c.run).as_str())).await;
+    let _ = bounded(
+        op_timeout,
+        c.coord.leave_group(members_group(&c.run).as_str()),
+    )
+    .await;
     let _ = bounded(op_timeout, c.coord.stop()).await;
     Ok(())
 }
@@ -315,8 +319,11 @@ impl Client {
             Ok(l) => l,
             Err(e) => return self.link.error("get_lock", e).await,
         };
-        let guard = match bounded(self.op_timeout, lock.guard(Wait::For(Duration::from_secs(1))))
-            .await
+        let guard = match bounded(
+            self.op_timeout,
+            lock.guard(Wait::For(Duration::from_secs(1))),
+        )
+        .await
         {
             Ok(Some(g)) => g,
             Ok(None) => {
@@ -342,6 +349,10 @@ impl Client {
             return Ok(());
         }
         self.link.fenced_write(&name, token).await?;
+        // The client stops believing it holds the lock when it decides to release (it
+        // writes no more): the end of its interval. The release returning is later by
+        // a round trip, during which the server may already have granted the lock.
+        let release_called = now_ns();
         let release = tokio::time::timeout(self.op_timeout, guard.release());
         tokio::pin!(release);
         let end = tokio::select! {
@@ -354,7 +365,9 @@ impl Client {
             // The release itself ends the hold, which resolves the signal too.
             () = lost.clone().lost() => Event::new("", "released").detail("loss signalled during release"),
         };
-        self.link.send(end.lock(&name).token(token)).await
+        let mut end = end.lock(&name).token(token);
+        end.t = release_called;
+        self.link.send(end).await
     }
 
     async fn caps_op(&mut self) -> Result<()> {
@@ -407,8 +420,7 @@ impl Client {
     }
 
     async fn leader_op(&mut self, group: &str) -> Result<()> {
-        let leadership = match bounded(self.op_timeout, self.coord.try_become_leader(group)).await
-        {
+        let leadership = match bounded(self.op_timeout, self.coord.try_become_leader(group)).await {
             Ok(Some(l)) => l,
             Ok(None) => return self.link.send(Event::new("", "follower")).await,
             Err(e) => return self.link.error("campaign", e).await,
@@ -430,10 +442,13 @@ impl Client {
                 .await;
         }
         self.link.fenced_write("leader", token).await?;
+        let stand_down_called = now_ns();
         let end = match bounded(self.op_timeout, self.coord.stand_down_group_leader(group)).await {
             Ok(_) => Event::new("", "leader_end").ok(true),
             Err(e) => Event::new("", "leader_end").ok(false).detail(e),
         };
-        self.link.send(end.lock("leader").token(token)).await
+        let mut end = end.lock("leader").token(token);
+        end.t = stand_down_called;
+        self.link.send(end).await
     }
 }

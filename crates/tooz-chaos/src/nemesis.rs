@@ -69,7 +69,11 @@ pub(crate) async fn run(fleet: Arc<Fleet>) -> Vec<JoinHandle<()>> {
     loop {
         // A fault must be over before the deadline.
         let room = fleet.deadline_ns.saturating_sub(now_ns());
-        let kind = kinds[rng.random_range(0..kinds.len())];
+        let mut kind = kinds[rng.random_range(0..kinds.len())];
+        // A server fault while a (d) probe runs would time the outage, not the expiry.
+        if kind.ends_with("-node") && probes.iter().any(|p: &JoinHandle<()>| !p.is_finished()) {
+            kind = "pause";
+        }
         let needs = match kind {
             "pause" | "partition" => out,
             "kill-node" | "wipe-node" => Duration::from_secs(4),
@@ -105,10 +109,16 @@ async fn fault(
                 (s.id.clone(), s.pid().context("the client has exited")?)
             };
             kill(Pid::from_raw(pid), Signal::SIGSTOP).context("SIGSTOP")?;
-            log(fleet, Event::new("nemesis", "fault").detail(kind).target(&id));
+            log(
+                fleet,
+                Event::new("nemesis", "fault").detail(kind).target(&id),
+            );
             tokio::time::sleep(out).await;
             kill(Pid::from_raw(pid), Signal::SIGCONT).context("SIGCONT")?;
-            log(fleet, Event::new("nemesis", "heal").detail(kind).target(&id));
+            log(
+                fleet,
+                Event::new("nemesis", "heal").detail(kind).target(&id),
+            );
         }
         "partition" | "cut" => {
             let (id, proxy) = {
@@ -118,14 +128,23 @@ async fn fault(
             };
             if kind == "partition" {
                 proxy.freeze();
-                log(fleet, Event::new("nemesis", "fault").detail(kind).target(&id));
+                log(
+                    fleet,
+                    Event::new("nemesis", "fault").detail(kind).target(&id),
+                );
                 tokio::time::sleep(out).await;
                 proxy.heal();
             } else {
                 proxy.cut_all();
-                log(fleet, Event::new("nemesis", "fault").detail(kind).target(&id));
+                log(
+                    fleet,
+                    Event::new("nemesis", "fault").detail(kind).target(&id),
+                );
             }
-            log(fleet, Event::new("nemesis", "heal").detail(kind).target(&id));
+            log(
+                fleet,
+                Event::new("nemesis", "heal").detail(kind).target(&id),
+            );
         }
         "kill-client" => {
             // A holder if there is one: that is what (d) is about.
@@ -155,7 +174,10 @@ async fn fault(
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .push(killed.clone());
-            log(fleet, Event::new("nemesis", "heal").detail(kind).target(&killed));
+            log(
+                fleet,
+                Event::new("nemesis", "heal").detail(kind).target(&killed),
+            );
             if let Some(lock) = lock {
                 let fleet = Arc::clone(fleet);
                 probes.push(tokio::spawn(async move { probe(&fleet, &lock).await }));
@@ -169,7 +191,10 @@ async fn fault(
                 fleet.profile.node.context("no node")?.to_owned()
             };
             // Logged first: the fault starts with the kill, whatever the command's latency.
-            log(fleet, Event::new("nemesis", "fault").detail(kind).target(&node));
+            log(
+                fleet,
+                Event::new("nemesis", "fault").detail(kind).target(&node),
+            );
             node_cmd(fleet, &["kill", &node]).await?;
             tokio::time::sleep(Duration::from_millis(rng.random_range(500..2000))).await;
             if kind == "wipe-node" {
@@ -177,7 +202,10 @@ async fn fault(
             } else {
                 node_cmd(fleet, &["start", &node]).await?;
             }
-            log(fleet, Event::new("nemesis", "heal").detail(kind).target(&node));
+            log(
+                fleet,
+                Event::new("nemesis", "heal").detail(kind).target(&node),
+            );
         }
         other => bail!("unknown fault kind {other}"),
     }
@@ -186,11 +214,7 @@ async fn fault(
 
 /// Runs the node-control command (`xtask backends node ARGS`); its stdout, trimmed.
 async fn node_cmd(fleet: &Fleet, args: &[&str]) -> Result<String> {
-    let (program, prefix) = fleet
-        .args
-        .node_cmd
-        .split_first()
-        .context("no --node-cmd")?;
+    let (program, prefix) = fleet.args.node_cmd.split_first().context("no --node-cmd")?;
     let output = tokio::process::Command::new(program)
         .args(prefix)
         .args(args)

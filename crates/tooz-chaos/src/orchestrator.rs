@@ -195,7 +195,9 @@ fn judge_members(
             .filter(|(m, _)| m.to_string() == *id)
             .collect();
         match found.as_slice() {
-            [] => problems.push(format!("{id} is joined (last ack seq {acked}) but not a member")),
+            [] => problems.push(format!(
+                "{id} is joined (last ack seq {acked}) but not a member"
+            )),
             [(_, caps)] => match caps.decode::<Caps>() {
                 Ok(c) if c.client == *id && c.seq >= acked => {}
                 Ok(c) => problems.push(format!(

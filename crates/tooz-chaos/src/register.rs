@@ -125,15 +125,18 @@ async fn connection(stream: TcpStream, shared: Arc<Shared>) {
         let ev: Event = match serde_json::from_str(&line) {
             Ok(ev) => ev,
             Err(e) => {
-                shared.record(
-                    Event::new("orchestrator", "bad-line").detail(format!("{e}: {line}")),
-                );
+                shared
+                    .record(Event::new("orchestrator", "bad-line").detail(format!("{e}: {line}")));
                 continue;
             }
         };
         match ev.ev.as_str() {
             "write" => {
-                let reply: &[u8] = if shared.write(ev) { b"ok\n" } else { b"stale\n" };
+                let reply: &[u8] = if shared.write(ev) {
+                    b"ok\n"
+                } else {
+                    b"stale\n"
+                };
                 if write.write_all(reply).await.is_err() {
                     return;
                 }
@@ -143,8 +146,7 @@ async fn connection(stream: TcpStream, shared: Arc<Shared>) {
                 shared.record(ev);
                 shared.changed.notify_waiters();
                 let mut bye = shared.bye.subscribe();
-                if bye.wait_for(|b| *b).await.is_err() || write.write_all(b"bye\n").await.is_err()
-                {
+                if bye.wait_for(|b| *b).await.is_err() || write.write_all(b"bye\n").await.is_err() {
                     return;
                 }
             }

@@ -152,8 +152,10 @@ pub(crate) fn check(history: &[Event], profile: &Profile, started_ns: u64) -> Re
                         who.push(e.c.clone());
                     }
                 }
-                if !open_holds.contains_key(&(e.c.clone(), key.clone(), token)) {
-                    open_holds.insert((e.c.clone(), key.clone(), token), holds.len());
+                if let std::collections::btree_map::Entry::Vacant(slot) =
+                    open_holds.entry((e.c.clone(), key.clone(), token))
+                {
+                    slot.insert(holds.len());
                     holds.push(Hold {
                         client: e.c.clone(),
                         key,

@@ -67,21 +67,32 @@ pub(crate) async fn run(fleet: Arc<Fleet>) -> Vec<JoinHandle<()>> {
     // Let the clients start and take their first locks.
     tokio::time::sleep(Duration::from_secs(2)).await;
     loop {
-        // A fault must be over before the deadline.
+        // A fault must be over before the deadline: pick among those that fit.
         let room = fleet.deadline_ns.saturating_sub(now_ns());
-        let mut kind = kinds[rng.random_range(0..kinds.len())];
-        // A server fault while a (d) probe runs would time the outage, not the expiry.
-        if kind.ends_with("-node") && probes.iter().any(|p: &JoinHandle<()>| !p.is_finished()) {
-            kind = "pause";
-        }
-        let needs = match kind {
-            "pause" | "partition" => out,
-            "kill-node" | "wipe-node" => Duration::from_secs(4),
-            _ => Duration::from_secs(1),
-        };
-        if u128::from(room) < (needs + Duration::from_millis(500)).as_nanos() {
+        let probing = probes.iter().any(|p: &JoinHandle<()>| !p.is_finished());
+        let fits: Vec<&'static str> = kinds
+            .iter()
+            .copied()
+            .filter(|k| {
+                let needs = match *k {
+                    "pause" | "partition" => out,
+                    "kill-node" | "wipe-node" => Duration::from_secs(4),
+                    _ => Duration::from_secs(1),
+                };
+                u128::from(room) >= (needs + Duration::from_millis(500)).as_nanos()
+                    // A server fault while a (d) probe runs would time the outage,
+                    // not the expiry.
+                    && !(probing && k.ends_with("-node"))
+            })
+            .collect();
+        if fits.is_empty() {
+            if probing && u128::from(room) > Duration::from_secs(5).as_nanos() {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
             break;
         }
+        let kind = fits[rng.random_range(0..fits.len())];
         if let Err(e) = fault(&fleet, kind, &mut rng, out, &mut probes).await {
             log(
                 &fleet,

@@ -11,6 +11,10 @@
 //! `cargo hack --each-feature` does); `package` runs `cargo package --workspace` with
 //! its verification build.
 //!
+//! `chaos` runs `cargo xtask chaos` for every driver (12 s each, the clock's seed,
+//! printed) after the tests, then the `--cluster` variants when the pipeline has a
+//! `cluster` step that brought the clusters up.
+//!
 //! Conformance is not a step of its own: every driver crate's `tests/conformance.rs` is a
 //! test target, so `cargo test --workspace` already runs it.
 
@@ -124,7 +128,13 @@ fn run_chaos() -> Result<()> {
     let mut flags = flags::Chaos::all();
     flags.seconds = CI_CHAOS_SECONDS;
     crate::chaos::run(&flags)?;
-    if STEPS.iter().any(|s| s.name == "cluster") {
+    let position = |name: &str| STEPS.iter().position(|s| s.name == name);
+    if let Some(cluster) = position("cluster") {
+        if position("chaos").is_some_and(|chaos| chaos < cluster) {
+            bail!(
+                "the `chaos` step must come after the `cluster` step (which brings the clusters up)"
+            );
+        }
         flags.cluster = true;
         crate::chaos::run(&flags)?;
     } else {

@@ -260,7 +260,8 @@ async fn probe(fleet: &Fleet, lock: &str) {
         let give_up = tokio::time::Instant::now() + wait;
         let mut got = false;
         while !got && tokio::time::Instant::now() < give_up {
-            got = l.acquire(Wait::No).await?;
+            // An error (a connection still settling) is tried again like a refusal.
+            got = matches!(l.acquire(Wait::No).await, Ok(true));
             if !got {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }

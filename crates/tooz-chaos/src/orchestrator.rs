@@ -100,6 +100,14 @@ impl Fleet {
     }
 }
 
+/// The last line of a client's log, for a violation's message.
+fn log_tail(out: &Path, id: &str) -> String {
+    fs::read_to_string(out.join(format!("{id}.log")))
+        .ok()
+        .and_then(|t| t.lines().last().map(str::to_owned))
+        .unwrap_or_else(|| "(empty log)".to_owned())
+}
+
 fn client_id(index: usize, generation: u32) -> String {
     format!("c{index}g{generation}")
 }
@@ -282,11 +290,33 @@ pub(crate) async fn run(args: RunArgs) -> Result<bool> {
     let op_timeout = profile.lease * 2 + Duration::from_secs(2);
     let grace = op_timeout * 4 + Duration::from_secs(5);
     let hard_ns = deadline_ns + u64::try_from(grace.as_nanos()).unwrap_or(u64::MAX);
+    let mut exited: Vec<String> = Vec::new();
     loop {
         let waiting = {
-            let slots = fleet.slots.lock().await;
+            let mut slots = fleet.slots.lock().await;
             let idle = shared.idle();
-            slots.iter().any(|s| !idle.contains_key(&s.id))
+            let mut waiting = false;
+            for s in slots.iter_mut() {
+                if idle.contains_key(&s.id) || exited.contains(&s.id) {
+                    continue;
+                }
+                // A client that exited before its `idle` failed: say so now, with
+                // the end of its log, instead of waiting for the grace to pass.
+                if let Ok(Some(status)) = s.child.try_wait() {
+                    shared.record(
+                        Event::new("orchestrator", "client-failed")
+                            .target(&s.id)
+                            .detail(format!(
+                                "exited with {status} before the end of its workload: {}",
+                                log_tail(&args.out, &s.id)
+                            )),
+                    );
+                    exited.push(s.id.clone());
+                    continue;
+                }
+                waiting = true;
+            }
+            waiting
         };
         if !waiting || now_ns() >= hard_ns {
             break;
@@ -309,6 +339,9 @@ pub(crate) async fn run(args: RunArgs) -> Result<bool> {
     let mut slots = std::mem::take(&mut *fleet.slots.lock().await);
     let idle = shared.idle();
     for slot in &mut slots {
+        if exited.contains(&slot.id) {
+            continue;
+        }
         if !idle.contains_key(&slot.id) {
             let _ = slot.child.start_kill();
             let _ = slot.child.wait().await;

@@ -400,3 +400,44 @@ pub(crate) async fn run(args: RunArgs) -> Result<bool> {
         Ok(false)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn caps(client: &str, seq: u64) -> tooz::Capabilities {
+        tooz::Capabilities::encode(&Caps {
+            client: client.to_owned(),
+            seq,
+        })
+        .unwrap_or_else(|e| panic!("encode: {e}"))
+    }
+
+    fn idle(seq: u64, joined: bool) -> Event {
+        Event::new("x", "idle").seq(seq).ok(joined)
+    }
+
+    #[test]
+    fn membership_judged_against_acknowledged_updates() {
+        let mut members = BTreeMap::new();
+        members.insert(tooz::MemberId::from("a"), caps("a", 5));
+        members.insert(tooz::MemberId::from("b"), caps("b", 2));
+        members.insert(tooz::MemberId::from("dead"), caps("dead", 1));
+        let mut idles = std::collections::HashMap::new();
+        idles.insert("a".to_owned(), idle(5, true));
+        idles.insert("b".to_owned(), idle(3, true));
+        idles.insert("c".to_owned(), idle(1, true));
+        // Not joined at the end: neither required nor forbidden.
+        idles.insert("d".to_owned(), idle(1, false));
+        let problems = judge_members(&members, &idles, &["dead".to_owned()]);
+        assert_eq!(problems.len(), 3, "{problems:?}");
+        assert!(problems.iter().any(|p| p.starts_with("b: capabilities")));
+        assert!(problems.iter().any(|p| p.starts_with("c is joined")));
+        assert!(problems.iter().any(|p| p.contains("killed client dead")));
+
+        members.remove(&tooz::MemberId::from("dead"));
+        members.insert(tooz::MemberId::from("b"), caps("b", 3));
+        members.insert(tooz::MemberId::from("c"), caps("c", 1));
+        assert!(judge_members(&members, &idles, &["dead".to_owned()]).is_empty());
+    }
+}

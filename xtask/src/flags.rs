@@ -70,7 +70,8 @@ Commands:
         cargo check --workspace --all-targets with the rust-version toolchain (MSRV,
         installed with rustup when missing);
         backends up (only the servers the present drivers need);
-        cargo test --workspace (conformance included); cargo test --workspace --doc;
+        cargo test --workspace (conformance included); chaos --driver all --seconds 12
+        (and chaos --cluster after a `cluster` step); cargo test --workspace --doc;
         the tooz crate's examples (worker_pool on Redis, scheduler on etcd,
         observability on memory://, fenced_job on Redis
         and PostgreSQL); interop --driver all; cargo package --workspace (with its verification

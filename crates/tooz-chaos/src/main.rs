@@ -99,7 +99,7 @@ impl Event {
 }
 
 const USAGE: &str = "usage: tooz-chaos run --driver D --url U --seconds N --seed S --out DIR \
-[--clients K] [--cluster] [--node-cmd ARGS...]";
+[--clients K] [--cluster] [--keep] [--node-cmd ARGS...]";
 
 /// Options of `tooz-chaos run`.
 #[derive(Debug, Clone)]
@@ -111,6 +111,8 @@ pub(crate) struct RunArgs {
     pub(crate) out: std::path::PathBuf,
     pub(crate) clients: usize,
     pub(crate) cluster: bool,
+    /// Keep the history and logs of a clean run too.
+    pub(crate) keep: bool,
     /// The node-control command prefix (`xtask backends node`), empty for none.
     pub(crate) node_cmd: Vec<String>,
 }
@@ -124,6 +126,7 @@ fn parse_run(args: &[String]) -> Result<RunArgs> {
         out: std::path::PathBuf::from("target/chaos"),
         clients: 4,
         cluster: false,
+        keep: false,
         node_cmd: Vec::new(),
     };
     let mut it = args.iter();
@@ -149,6 +152,7 @@ fn parse_run(args: &[String]) -> Result<RunArgs> {
                     .context("--clients: a number of client processes")?;
             }
             "--cluster" => run.cluster = true,
+            "--keep" => run.keep = true,
             "--node-cmd" => {
                 run.node_cmd = it.by_ref().cloned().collect();
             }

@@ -391,13 +391,13 @@ pub(crate) async fn run(args: RunArgs) -> Result<bool> {
             membership.waited.as_secs_f64()
         );
     }
-    if report.violations.is_empty() {
+    if report.violations.is_empty() && !args.keep {
         // A clean run keeps nothing but its summary.
         let _ = fs::remove_dir_all(&args.out);
         Ok(true)
     } else {
         println!("history and logs kept in {}", args.out.display());
-        Ok(false)
+        Ok(report.violations.is_empty())
     }
 }
 

@@ -174,8 +174,10 @@ async fn fault(
                     (i, Some(l))
                 }
             };
-            let killed = fleet.replace(index).await?;
+            let (killed, killed_at) = fleet.replace(index).await?;
             let mut ev = Event::new("nemesis", "fault").detail(kind).target(&killed);
+            // The fault is the SIGKILL, not the respawn that followed.
+            ev.t = killed_at;
             if let Some(l) = &lock {
                 ev = ev.lock(l);
             }

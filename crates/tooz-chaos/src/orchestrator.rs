@@ -83,12 +83,14 @@ impl Fleet {
             .with_context(|| format!("cannot start client {id}"))
     }
 
-    /// Kills client `index` and starts its next generation (same proxy).
-    pub(crate) async fn replace(&self, index: usize) -> Result<String> {
+    /// Kills client `index` and starts its next generation (same proxy). Returns the
+    /// killed client's id and when the SIGKILL was sent.
+    pub(crate) async fn replace(&self, index: usize) -> Result<(String, u64)> {
         let mut slots = self.slots.lock().await;
         let slot = slots
             .get_mut(index)
             .with_context(|| format!("no client slot {index}"))?;
+        let killed_at = now_ns();
         let _ = slot.child.start_kill();
         let _ = slot.child.wait().await;
         let generation = slot.generation + 1;
@@ -96,7 +98,7 @@ impl Fleet {
         let old = std::mem::replace(&mut slot.id, client_id(index, generation));
         slot.child = child;
         slot.generation = generation;
-        Ok(old)
+        Ok((old, killed_at))
     }
 }
 

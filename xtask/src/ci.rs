@@ -18,6 +18,10 @@
 //! `cargo hack --each-feature` does); `package` runs `cargo package --workspace` with
 //! its verification build.
 //!
+//! `chaos` runs `cargo xtask chaos` for every driver (12 s each, the clock's seed,
+//! printed) after the tests, then the `--cluster` variants when the pipeline has a
+//! `cluster` step that brought the clusters up.
+//!
 //! Conformance is not a step of its own: every driver crate's `tests/conformance.rs` is a
 //! test target, so `cargo test --workspace` already runs it.
 
@@ -63,7 +67,7 @@ const STEPS: &[Step] = &[
                 process::cargo()
                     .args(["doc", "--workspace", "--no-deps"])
                     .args(["--exclude", "xtask", "--exclude", "tooz-bench"])
-                    .args(["--exclude", "tooz-cli"])
+                    .args(["--exclude", "tooz-cli", "--exclude", "tooz-chaos"])
                     .env("RUSTDOCFLAGS", "-D warnings"),
             )
         },
@@ -93,6 +97,10 @@ const STEPS: &[Step] = &[
         run: crate::backends::cluster_ci,
     },
     Step {
+        name: "chaos",
+        run: run_chaos,
+    },
+    Step {
         name: "doctest",
         run: || process::run(&mut test_command(&["test", "--workspace", "--doc"])),
     },
@@ -113,11 +121,38 @@ const STEPS: &[Step] = &[
             process::run(
                 process::cargo()
                     .args(["package", "--workspace", "--allow-dirty"])
-                    .args(["--exclude", "tooz-bench", "--exclude", "xtask"]),
+                    .args(["--exclude", "tooz-bench", "--exclude", "xtask"])
+                    .args(["--exclude", "tooz-chaos"]),
             )
         },
     },
 ];
+
+/// Seconds of chaos per driver in CI: with the start, the final membership check and
+/// Consul's 2 × TTL probe, about 20 s a driver.
+const CI_CHAOS_SECONDS: u64 = 12;
+
+/// `chaos` for every driver; then, when the pipeline has the `cluster` step (which
+/// brings the clusters up), the cluster variants. The seed is the clock's, printed:
+/// a failure names the seed that reproduces it.
+fn run_chaos() -> Result<()> {
+    let mut flags = flags::Chaos::all();
+    flags.seconds = CI_CHAOS_SECONDS;
+    crate::chaos::run(&flags)?;
+    let position = |name: &str| STEPS.iter().position(|s| s.name == name);
+    if let Some(cluster) = position("cluster") {
+        if position("chaos").is_some_and(|chaos| chaos < cluster) {
+            bail!(
+                "the `chaos` step must come after the `cluster` step (which brings the clusters up)"
+            );
+        }
+        flags.cluster = true;
+        crate::chaos::run(&flags)?;
+    } else {
+        progress!("chaos: no `cluster` step in this pipeline: cluster variants not run");
+    }
+    Ok(())
+}
 
 /// The facade's examples against the servers `backends up` started (built by the test
 /// step already): each asserts what it prints about.

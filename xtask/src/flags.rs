@@ -54,6 +54,25 @@ Commands:
                             virtualenv) against the same server, print both side by side
                             and write target/bench/<driver>-python.json
           --quick           a tenth of the iterations (a smoke run)
+  chaos [--driver NAME|all] [--cluster] [--seconds N] [--seed S] [--clients K]
+        [--client-faults-only]
+        Fault run (crates/tooz-chaos): K client processes (default 4) lock and write to a
+        fenced register, update capabilities, rejoin and campaign for leadership for N
+        seconds (default 20) while a seeded nemesis pauses clients (SIGSTOP), cuts them
+        off through a fault proxy, kills lock holders, and kills -9 / restarts the server
+        (`backends node`; Redis and memcached also restarted empty). A checker then
+        verifies the history: no stale fenced write accepted, one leader per token, a
+        dead holder's lock free within its TTL bound, every acknowledged capability
+        visible, no client hung; and reports how long two clients believed they held one
+        lock at once, per fault kind. Prints a table per driver and
+        `N ops, N faults, N violations`; exits non-zero on violations (history kept in
+        target/chaos/<driver>/). URLs come from TOOZ_TEST_<DRIVER>_URL (environment, else
+        the backends' env file).
+          --cluster              the cluster variants (etcd, zookeeper, redis Sentinel:
+                                 `backends up --cluster`); the leader / primary is killed
+          --seed S               the nemesis's and workload's seed (default: the clock;
+                                 printed, to repeat a run)
+          --client-faults-only   no server kill (for servers shared with other runs)
   ci
         What .ci/run runs, in order, stopping at the first failure:
         cargo fmt --all --check; cargo clippy --workspace --all-targets -- -D warnings;
@@ -66,7 +85,8 @@ Commands:
         cluster (backends up --cluster-only, the etcd, ZooKeeper and Redis conformance
         suites against the cluster URLs, a lock that survives the SIGKILL of the etcd or
         ZooKeeper member its client is on, kill each cluster's leader and see another one
-        elected); cargo test --workspace --doc;
+        elected); chaos --driver all --seconds 12, then chaos --cluster for etcd,
+        ZooKeeper and Redis Sentinel; cargo test --workspace --doc;
         the tooz crate's examples (worker_pool on Redis, scheduler on etcd,
         observability on memory://, fenced_job on Redis
         and PostgreSQL); interop --driver all; cargo package --workspace (with its verification
@@ -95,6 +115,8 @@ pub(crate) enum Command {
     Backends(Vec<String>),
     /// `bench`.
     Bench(Bench),
+    /// `chaos`.
+    Chaos(Chaos),
     /// `ci`.
     Ci,
     /// `readme`.
@@ -128,6 +150,37 @@ pub(crate) struct Bench {
     pub(crate) compare_python: bool,
     /// A tenth of the iterations.
     pub(crate) quick: bool,
+}
+
+/// Options of `cargo xtask chaos`.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct Chaos {
+    /// Which drivers to run.
+    pub(crate) driver: DriverSelection,
+    /// The cluster variants.
+    pub(crate) cluster: bool,
+    /// Seconds of workload per driver.
+    pub(crate) seconds: u64,
+    /// The seed; `None` takes the clock.
+    pub(crate) seed: Option<u64>,
+    /// Client processes.
+    pub(crate) clients: usize,
+    /// No server kills.
+    pub(crate) client_faults_only: bool,
+}
+
+impl Chaos {
+    /// The defaults: every driver, 20 s, 4 clients, every fault.
+    pub(crate) fn all() -> Self {
+        Self {
+            driver: DriverSelection::All,
+            cluster: false,
+            seconds: 20,
+            seed: None,
+            clients: 4,
+            client_faults_only: false,
+        }
+    }
 }
 
 impl Interop {
@@ -194,6 +247,39 @@ pub(crate) fn parse(args: impl IntoIterator<Item = String>) -> Result<Command> {
                 }
             }
             Ok(Command::Bench(bench))
+        }
+        "chaos" => {
+            let mut chaos = Chaos::all();
+            let mut opts = Options::new("chaos", rest);
+            while let Some(flag) = opts.next_flag()? {
+                match flag.as_str() {
+                    "--driver" => chaos.driver = opts.value(&flag)?.parse()?,
+                    "--cluster" => chaos.cluster = true,
+                    "--seconds" => {
+                        let v = opts.value(&flag)?;
+                        chaos.seconds = match v.parse() {
+                            Ok(n @ 5..=3600) => n,
+                            _ => bail!("--seconds: a whole number from 5 to 3600, not `{v}`"),
+                        };
+                    }
+                    "--seed" => {
+                        let v = opts.value(&flag)?;
+                        chaos.seed = Some(v.parse().map_err(|_| {
+                            anyhow::anyhow!("--seed: an unsigned integer, not `{v}`")
+                        })?);
+                    }
+                    "--clients" => {
+                        let v = opts.value(&flag)?;
+                        chaos.clients = match v.parse() {
+                            Ok(n @ 2..=16) => n,
+                            _ => bail!("--clients: a number from 2 to 16, not `{v}`"),
+                        };
+                    }
+                    "--client-faults-only" => chaos.client_faults_only = true,
+                    _ => return Err(opts.unknown(&flag)),
+                }
+            }
+            Ok(Command::Chaos(chaos))
         }
         "ci" => {
             let mut opts = Options::new("ci", rest);
@@ -314,6 +400,28 @@ mod tests {
         );
         assert!(parse_str("bench --driver nosuch").is_err());
         assert!(parse_str("bench --python x").is_err());
+    }
+
+    #[test]
+    fn parses_chaos() {
+        assert_eq!(parse_str("chaos").unwrap(), Command::Chaos(Chaos::all()));
+        assert_eq!(
+            parse_str("chaos --driver redis --cluster --seconds 30 --seed 7 --clients 3 --client-faults-only")
+                .unwrap(),
+            Command::Chaos(Chaos {
+                driver: DriverSelection::One("redis".into()),
+                cluster: true,
+                seconds: 30,
+                seed: Some(7),
+                clients: 3,
+                client_faults_only: true,
+            })
+        );
+        assert!(parse_str("chaos --seconds 2").is_err());
+        assert!(parse_str("chaos --seconds x").is_err());
+        assert!(parse_str("chaos --seed -1").is_err());
+        assert!(parse_str("chaos --clients 1").is_err());
+        assert!(parse_str("chaos --driver nosuch").is_err());
     }
 
     #[test]

@@ -7,6 +7,7 @@
 
 mod backends;
 mod bench;
+mod chaos;
 mod ci;
 mod conformance;
 mod drivers;
@@ -36,6 +37,7 @@ fn main() -> ExitCode {
         flags::Command::Interop(flags) => interop::run(&flags),
         flags::Command::Backends(args) => backends::main(&args),
         flags::Command::Bench(flags) => bench::run(&flags),
+        flags::Command::Chaos(flags) => chaos::run(&flags),
         flags::Command::Ci => ci::run(),
         flags::Command::Readme => {
             progress!("readme: regenerating the driver feature table");

@@ -6,7 +6,8 @@
 //!
 //! * `lock_pair`: one uncontended acquire + release, as ours.
 //! * `lock_handoff`: A holds, B blocks in the peer's own blocking acquire for
-//!   [`HANDOFF_WAIT`], A releases; the figure is A's release returning → B's acquire
+//!   [`HANDOFF_WAIT`] plus a spread offset of 0–10 ms (so a polling peer's retry phase
+//!   varies), A releases; the figure is A's release returning → B's acquire
 //!   returning. How B learns the lock is free is the peer's [`Peer::wake_up`].
 //! * `cancel` (see [`cancel`]): acquires dropped mid-flight, then holds left behind
 //!   counted.
@@ -25,7 +26,6 @@ use std::{
 use anyhow::{Context, Result, bail, ensure};
 use futures_util::future::join_all;
 use serde_json::{Value, json};
-use tokio::sync::oneshot;
 
 use crate::{
     Target,
@@ -102,22 +102,21 @@ impl Cancel {
     }
 }
 
-/// Runs `fut` and drops it when `delay` has passed (measured on a thread, so delays
-/// below tokio's millisecond timer land where they should). `Some` if it finished first.
+/// Runs `fut` and drops it when `delay` has passed. The deadline is checked by a
+/// future that yields to the scheduler until then (busy, but microsecond-precise:
+/// a Redis acquire takes tens of microseconds, far below tokio's millisecond timer or
+/// the wake-up of a sleeping thread). `Some` if `fut` finished first.
 async fn drop_after<T>(delay: Duration, fut: impl Future<Output = T>) -> Option<T> {
-    let (tx, rx) = oneshot::channel::<()>();
-    if delay.is_zero() {
-        let _ = tx.send(());
-    } else {
-        std::thread::spawn(move || {
-            std::thread::sleep(delay);
-            let _ = tx.send(());
-        });
-    }
+    let deadline = Instant::now() + delay;
+    let expired = async {
+        while Instant::now() < deadline {
+            tokio::task::yield_now().await;
+        }
+    };
     tokio::select! {
         biased;
         r = fut => Some(r),
-        _ = rx => None,
+        () = expired => None,
     }
 }
 
@@ -166,7 +165,14 @@ pub(crate) async fn cancel<P: PeerLock>(
         } else {
             None
         };
-        match drop_after(delay, a.acquire(key(i))).await {
+        let outcome = drop_after(delay, a.acquire(key(i))).await;
+        if std::env::var_os("TOOZ_BENCH_DEBUG_CANCEL").is_some() {
+            eprintln!(
+                "cancel {prefix} #{i}: delay {delay:?}, contended {contended}, dropped {}",
+                outcome.is_none()
+            );
+        }
+        match outcome {
             Some(Ok(held)) => {
                 ensure!(!contended, "a dropped waiter acquired a held lock");
                 a.release(held).await?;
@@ -222,14 +228,17 @@ async fn lock_pair<P: PeerLock>(c: &P, key: &str, n: usize) -> Result<Measured> 
 
 async fn lock_handoff<P: PeerLock>(a: &P, b: &P, key: &str, n: usize) -> Result<Measured> {
     let mut samples = Vec::with_capacity(n);
-    for _ in 0..n {
+    for i in 0..n {
         let held = a.acquire(key.to_owned()).await?;
         let wait = b.acquire(key.to_owned());
         let waiter = tokio::spawn(async move {
             let res = wait.await;
             (res, Instant::now())
         });
-        tokio::time::sleep(HANDOFF_WAIT).await;
+        // Plus a spread offset (0–9.9 ms), so the release lands at varied phases of a
+        // polling peer's retry interval instead of always the same one.
+        let offset = Duration::from_micros((i as u64 * 1_370) % 10_000);
+        tokio::time::sleep(HANDOFF_WAIT + offset).await;
         if waiter.is_finished() {
             bail!("B acquired a lock A holds");
         }

@@ -438,6 +438,8 @@ impl PeerLock for Ours {
         }
     }
 
+    // Not `async fn`: that future would borrow `self`, and the trait wants `'static`.
+    #[allow(clippy::manual_async_fn)]
     fn release(&self, held: Self::Held) -> impl Future<Output = Result<()>> + Send + 'static {
         async move {
             ensure!(

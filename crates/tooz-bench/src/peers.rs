@@ -12,6 +12,9 @@
 //! * `cancel` (see [`cancel`]): acquires dropped mid-flight, then holds left behind
 //!   counted.
 //!
+//! `TOOZ_BENCH_DEBUG_CANCEL=1` prints every cancellation attempt (delay, contended,
+//! dropped) on stderr.
+//!
 //! Peers: on Redis `rslock` (Redlock over the one server) and a hand-written
 //! `SET key token NX PX ttl` lock with an owner-checked Lua `DEL` (polling every 10 ms
 //! while blocked); on etcd, etcd-client's Lock service and its Election service

@@ -6,6 +6,9 @@
 //! `target/bench/<driver>.json`. With `--compare-python`, `xtask/bench/python_bench.py`
 //! runs the same scenarios through Python tooz 9.1.0 (the interop virtualenv) against the
 //! same server, writes `target/bench/<driver>-python.json`, and a side-by-side table follows.
+//! With `--compare-peers`, tooz-bench also runs the peer lock crates (its `peers` module)
+//! and a "compared with peers" table follows: lock_pair, handoff, wake-up style and holds
+//! left behind by dropped acquires, ours against each peer.
 
 use std::{
     fs,
@@ -77,7 +80,14 @@ pub(crate) fn run(flags: &flags::Bench) -> Result<()> {
 
     let mut failed = Vec::new();
     for driver in &drivers {
-        if let Err(err) = run_one(driver, &env, &out_dir, flags.quick, python.as_deref()) {
+        if let Err(err) = run_one(
+            driver,
+            &env,
+            &out_dir,
+            flags.quick,
+            flags.compare_peers,
+            python.as_deref(),
+        ) {
             progress!("bench {}: {err:#}", driver.name);
             failed.push(driver.name);
         }
@@ -93,6 +103,7 @@ fn run_one(
     env: &[(String, String)],
     out_dir: &Path,
     quick: bool,
+    compare_peers: bool,
     python: Option<&Path>,
 ) -> Result<()> {
     let rust_json = out_dir.join(format!("{}.json", driver.name));
@@ -105,7 +116,13 @@ fn run_one(
     if quick {
         cmd.arg("--quick");
     }
+    if compare_peers {
+        cmd.arg("--compare-peers");
+    }
     process::run(&mut cmd)?;
+    if compare_peers {
+        print!("{}", peers_table(driver.name, &read_json(&rust_json)?));
+    }
 
     let Some(python) = python else {
         return Ok(());
@@ -201,7 +218,12 @@ fn render(driver: &str, rust: &Value, python: &Value) -> String {
         .copied()
         .filter(|n| rs.contains_key(*n))
         .collect();
-    names.extend(rs.keys().map(String::as_str).filter(|n| !ORDER.contains(n)));
+    // Only timed scenarios (`cancel` is a count, shown by the peers table).
+    names.extend(
+        rs.keys()
+            .map(String::as_str)
+            .filter(|n| !ORDER.contains(n) && rs[*n]["median_us"].is_number()),
+    );
     for name in names {
         let r = &rs[name];
         let p = ps.get(name).unwrap_or(&Value::Null);
@@ -225,9 +247,134 @@ fn render(driver: &str, rust: &Value, python: &Value) -> String {
     out
 }
 
+/// How our lock's blocked acquire learns of a release, per driver (the peers report
+/// their own in the JSON).
+fn our_wake_up(driver: &str) -> &'static str {
+    match driver {
+        "redis" => "pub/sub",
+        "etcd" | "zookeeper" => "watch",
+        _ => "-",
+    }
+}
+
+fn cancel_cell(c: &Value) -> String {
+    match (c["left_behind"].as_u64(), c["n"].as_u64()) {
+        (Some(left), Some(n)) => format!("{left} of {n}"),
+        _ => c["error"]
+            .as_str()
+            .map_or_else(|| "n/a".to_owned(), |_| "failed".to_owned()),
+    }
+}
+
+/// The "compared with peers" table: ours (the `scenarios` of the JSON) and every entry of
+/// its `peers`, then whether the targets hold in this run.
+fn peers_table(driver: &str, doc: &Value) -> String {
+    let mut out = format!(
+        "\nbench {driver}: compared with peers (same server, same run; medians, µs)\n{:<18} | {:>12} | {:>12} | {:<32} | {:>14}\n{}\n",
+        "lock",
+        "lock_pair",
+        "handoff",
+        "wake-up",
+        "left behind",
+        "-".repeat(18 + 12 * 2 + 32 + 14 + 12)
+    );
+    let sc = &doc["scenarios"];
+    let ours_pair = sc["lock_pair"]["median_us"].as_f64();
+    let ours_handoff = sc["lock_handoff"]["median_us"].as_f64();
+    out.push_str(&format!(
+        "{:<18} | {:>12} | {:>12} | {:<32} | {:>14}\n",
+        "ours",
+        cell(ours_pair, 0),
+        cell(ours_handoff, 0),
+        our_wake_up(driver),
+        cancel_cell(&sc["cancel"]),
+    ));
+    let empty = serde_json::Map::new();
+    let peers = doc["peers"].as_object().unwrap_or(&empty);
+    let mut failures = Vec::new();
+    let (mut best_pair, mut best_handoff): (Option<f64>, Option<f64>) = (None, None);
+    for (name, p) in peers {
+        let pair = p["lock_pair"]["median_us"].as_f64();
+        let handoff = p["lock_handoff"]["median_us"].as_f64();
+        best_pair = match (best_pair, pair) {
+            (Some(b), Some(v)) => Some(b.min(v)),
+            (b, v) => b.or(v),
+        };
+        best_handoff = match (best_handoff, handoff) {
+            (Some(b), Some(v)) => Some(b.min(v)),
+            (b, v) => b.or(v),
+        };
+        out.push_str(&format!(
+            "{name:<18} | {:>12} | {:>12} | {:<32} | {:>14}\n",
+            cell(pair, 0),
+            cell(handoff, 0),
+            p["wake_up"].as_str().unwrap_or("-"),
+            cancel_cell(&p["cancel"]),
+        ));
+        for what in ["lock_pair", "lock_handoff", "cancel"] {
+            if let Some(e) = p[what]["error"].as_str() {
+                failures.push(format!("peer {name} {what} failed: {e}"));
+            }
+        }
+    }
+    let verdict = |ours: Option<f64>, peer: Option<f64>| match (ours, peer) {
+        (Some(o), Some(p)) if o <= p => format!("met ({o:.0} ≤ {p:.0})"),
+        (Some(o), Some(p)) => format!("NOT met ({o:.0} > {p:.0}, ×{:.2})", o / p),
+        _ => "n/a".to_owned(),
+    };
+    if !peers.is_empty() {
+        out.push_str(&format!(
+            "targets: lock_pair ≤ best peer's: {}; handoff ≤ every peer's: {}\n",
+            verdict(ours_pair, best_pair),
+            verdict(ours_handoff, best_handoff),
+        ));
+    }
+    if sc["cancel"]["left_behind"].as_u64().is_some_and(|n| n > 0) {
+        out.push_str("WARNING: our lock left a hold behind after a dropped acquire (DESIGN §5a)\n");
+    }
+    for f in failures {
+        out.push_str(&format!("{f}\n"));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn peers_table_and_targets() {
+        let doc = serde_json::json!({"driver": "redis",
+            "scenarios": {
+                "lock_pair": {"median_us": 250.0},
+                "lock_handoff": {"median_us": 230.0},
+                "cancel": {"n": 40, "left_behind": 0, "attempts": 48}},
+            "peers": {
+                "rslock": {"wake_up": "polls", "lock_pair": {"median_us": 200.0},
+                    "lock_handoff": {"median_us": 90000.0},
+                    "cancel": {"n": 44, "left_behind": 7}},
+                "redis-setnx": {"wake_up": "polls (10 ms)",
+                    "lock_pair": {"error": "boom"},
+                    "lock_handoff": {"median_us": 6000.0},
+                    "cancel": {"error": "boom"}}}});
+        let table = peers_table("redis", &doc);
+        assert!(table.contains("pub/sub"), "{table}");
+        assert!(table.contains("7 of 44"), "{table}");
+        assert!(table.contains("0 of 40"), "{table}");
+        assert!(
+            table.contains("lock_pair ≤ best peer's: NOT met (250 > 200"),
+            "{table}"
+        );
+        assert!(
+            table.contains("handoff ≤ every peer's: met (230 ≤ 6000)"),
+            "{table}"
+        );
+        assert!(
+            table.contains("peer redis-setnx lock_pair failed: boom"),
+            "{table}"
+        );
+        assert!(!table.contains("WARNING"), "{table}");
+    }
 
     #[test]
     fn side_by_side_ratio() {

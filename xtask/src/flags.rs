@@ -43,7 +43,7 @@ Commands:
         One node of the clusters or a single server: SIGKILL it; start it again with its
         data (or empty with --wipe where that is safe) and wait until it answers; print
         the cluster's current leader (exit 1 if none); list `NAME PID PORT STATE`.
-  bench [--driver NAME|all] [--compare-python] [--quick]
+  bench [--driver NAME|all] [--compare-python] [--compare-peers] [--quick]
         Run the benchmark harness (crates/tooz-bench, release build) per driver: floors
         (one raw round trip / write of the same client library) and the scenarios
         lock_pair, lock_handoff, join_leave, get_members_1000, heartbeat_100,
@@ -53,6 +53,14 @@ Commands:
           --compare-python  also run the scenarios through Python tooz 9.1.0 (the interop
                             virtualenv) against the same server, print both side by side
                             and write target/bench/<driver>-python.json
+          --compare-peers   also run lock_pair, lock_handoff and the cancellation scenario
+                            with the lock crates a Rust user would pick instead (redis:
+                            rslock, a hand-written SET NX lock; etcd: etcd-client's Lock
+                            and Election services; zookeeper: zookeeper-client's lock
+                            recipe) on the same server, print them against ours and add
+                            them to target/bench/<driver>.json under `peers`. Every run
+                            has the scenario `cancel` (acquires dropped mid-flight, holds
+                            left behind) for our lock.
           --quick           a tenth of the iterations (a smoke run)
   chaos [--driver NAME|all] [--cluster] [--seconds N] [--seed S] [--clients K]
         [--client-faults-only]
@@ -148,6 +156,8 @@ pub(crate) struct Bench {
     pub(crate) driver: DriverSelection,
     /// Also run the scenarios through Python tooz and compare.
     pub(crate) compare_python: bool,
+    /// Also run the lock scenarios with the peer lock crates and compare.
+    pub(crate) compare_peers: bool,
     /// A tenth of the iterations.
     pub(crate) quick: bool,
 }
@@ -235,6 +245,7 @@ pub(crate) fn parse(args: impl IntoIterator<Item = String>) -> Result<Command> {
             let mut bench = Bench {
                 driver: DriverSelection::All,
                 compare_python: false,
+                compare_peers: false,
                 quick: false,
             };
             let mut opts = Options::new("bench", rest);
@@ -242,6 +253,7 @@ pub(crate) fn parse(args: impl IntoIterator<Item = String>) -> Result<Command> {
                 match flag.as_str() {
                     "--driver" => bench.driver = opts.value(&flag)?.parse()?,
                     "--compare-python" => bench.compare_python = true,
+                    "--compare-peers" => bench.compare_peers = true,
                     "--quick" => bench.quick = true,
                     _ => return Err(opts.unknown(&flag)),
                 }
@@ -387,6 +399,7 @@ mod tests {
             Command::Bench(Bench {
                 driver: DriverSelection::All,
                 compare_python: false,
+                compare_peers: false,
                 quick: false,
             })
         );
@@ -395,7 +408,17 @@ mod tests {
             Command::Bench(Bench {
                 driver: DriverSelection::One("redis".into()),
                 compare_python: true,
+                compare_peers: false,
                 quick: true,
+            })
+        );
+        assert_eq!(
+            parse_str("bench --driver etcd --compare-peers").unwrap(),
+            Command::Bench(Bench {
+                driver: DriverSelection::One("etcd".into()),
+                compare_python: false,
+                compare_peers: true,
+                quick: false,
             })
         );
         assert!(parse_str("bench --driver nosuch").is_err());

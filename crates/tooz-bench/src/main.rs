@@ -1,7 +1,7 @@
 //! `tooz-bench`: the benchmark harness behind `cargo xtask bench` (DESIGN.md §8).
 //!
 //! ```text
-//! tooz-bench --driver file|ipc|redis|zookeeper|etcd|memcached|consul|postgresql|mysql [--json-out PATH] [--quick] [--url URL]
+//! tooz-bench --driver file|ipc|redis|zookeeper|etcd|memcached|consul|postgresql|mysql [--json-out PATH] [--quick] [--url URL] [--compare-peers]
 //! ```
 //!
 //! Runs the floors and the scenarios against one driver, prints a table and writes
@@ -54,7 +54,15 @@
 //!
 //! Every ratio is a median over the `floor_rtt` median; `ratio_to_write_floor` (file
 //! driver) is the median over the `floor_write` median.
+//!
+//! Every driver also runs the cancellation scenario (see [`peers::cancel`]): scenario
+//! `cancel` in the JSON is `{"attempts", "n", "left_behind", "check_grace_ms"}` (`n`
+//! acquires dropped mid-flight, `left_behind` of them left a hold another client could
+//! not take). With `--compare-peers`, the lock crates a Rust user would pick instead
+//! (see [`peers`]) run `lock_pair`, `lock_handoff` and `cancel` on the same server, under
+//! `"peers": {"<peer>": {"wake_up", "lock_pair", "lock_handoff", "cancel"}}`.
 
+mod peers;
 mod proxy;
 mod report;
 mod scenarios;
@@ -70,7 +78,7 @@ use tooz_core::{Coordinator, Registry, Url};
 
 use crate::proxy::{Counting, Proxy};
 
-const USAGE: &str = "usage: tooz-bench --driver file|ipc|redis|zookeeper|etcd|memcached|consul|postgresql|mysql [--json-out PATH] [--quick] [--url URL]";
+const USAGE: &str = "usage: tooz-bench --driver file|ipc|redis|zookeeper|etcd|memcached|consul|postgresql|mysql [--json-out PATH] [--quick] [--url URL] [--compare-peers]";
 
 #[derive(Debug)]
 struct Args {
@@ -78,6 +86,7 @@ struct Args {
     json_out: Option<PathBuf>,
     quick: bool,
     url: Option<String>,
+    compare_peers: bool,
 }
 
 fn parse_args() -> Result<Option<Args>> {
@@ -85,6 +94,7 @@ fn parse_args() -> Result<Option<Args>> {
     let mut json_out = None;
     let mut quick = false;
     let mut url = None;
+    let mut compare_peers = false;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let mut value = |name: &str| {
@@ -97,6 +107,7 @@ fn parse_args() -> Result<Option<Args>> {
             "--json-out" => json_out = Some(PathBuf::from(value("--json-out")?)),
             "--url" => url = Some(value("--url")?),
             "--quick" => quick = true,
+            "--compare-peers" => compare_peers = true,
             other => bail!("unexpected argument `{other}`; {USAGE}"),
         }
     }
@@ -108,6 +119,7 @@ fn parse_args() -> Result<Option<Args>> {
         json_out,
         quick,
         url,
+        compare_peers,
     }))
 }
 
@@ -141,16 +153,55 @@ async fn run(args: Args) -> Result<()> {
         scenarios::Sizes::full()
     };
     let outcome = scenarios::run_all(&target, &sizes).await;
+    let peer_sizes = peers::Sizes::new(args.quick);
+    let (cancel, peer_results) = match &outcome {
+        Ok(_) if target.has_driver() => {
+            let cancel = peers::ours_cancel(&target, peer_sizes.cancel).await;
+            let peer_results = if args.compare_peers {
+                peers::run(&target, peer_sizes).await
+            } else {
+                Vec::new()
+            };
+            (Some(cancel), peer_results)
+        }
+        _ => (None, Vec::new()),
+    };
     target.cleanup();
     let (mut figures, notes) = outcome?;
+    let cancel = cancel.transpose()?;
     report::add_ratios(&mut figures);
     print!("{}", report::table(target.driver, &figures, &notes));
+    if let Some(c) = &cancel {
+        println!(
+            "cancel: {} of {} acquires dropped mid-flight left a hold behind ({} completed first)",
+            c.left_behind,
+            c.n,
+            c.attempts - c.n
+        );
+    }
+    for p in &peer_results {
+        println!("{}", p.line());
+    }
     if let Some(path) = &args.json_out {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)
                 .with_context(|| format!("cannot create {}", dir.display()))?;
         }
-        let doc = report::json(target.driver, &figures, &notes);
+        let mut doc = report::json(target.driver, &figures, &notes);
+        if let Some(c) = &cancel {
+            doc["scenarios"]["cancel"] = c.json();
+        }
+        if args.compare_peers {
+            let floor = figures
+                .iter()
+                .find(|f| f.name == "floor_rtt")
+                .map(|f| f.median_us);
+            let peers: serde_json::Map<String, serde_json::Value> = peer_results
+                .iter()
+                .map(|p| (p.name.to_owned(), p.json(floor)))
+                .collect();
+            doc["peers"] = serde_json::Value::Object(peers);
+        }
         std::fs::write(path, serde_json::to_string_pretty(&doc)? + "\n")
             .with_context(|| format!("cannot write {}", path.display()))?;
         println!("wrote {}", path.display());

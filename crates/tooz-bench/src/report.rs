@@ -129,22 +129,27 @@ pub(crate) fn table(driver: &str, figures: &[Figures], notes: &[String]) -> Stri
 pub(crate) fn json(driver: &str, figures: &[Figures], notes: &[String]) -> Value {
     let mut scenarios = Map::new();
     for f in figures {
-        let mut s = json!({
-            "median_us": f.median_us,
-            "p99_us": f.p99_us,
-            "ops_per_s": f.ops_per_s,
-            "requests_per_op": f.requests_per_op,
-            "ratio_to_floor": f.ratio_to_floor,
-        });
-        if let Some(w) = f.ratio_to_write_floor {
-            s["ratio_to_write_floor"] = json!(w);
-        }
-        if let Some(c) = f.commands_per_op {
-            s["commands_per_op"] = json!(c);
-        }
-        scenarios.insert(f.name.to_owned(), s);
+        scenarios.insert(f.name.to_owned(), figure_json(f));
     }
     json!({ "driver": driver, "scenarios": scenarios, "notes": notes })
+}
+
+/// One scenario's figures as JSON (also the shape of a peer's scenarios).
+pub(crate) fn figure_json(f: &Figures) -> Value {
+    let mut s = json!({
+        "median_us": f.median_us,
+        "p99_us": f.p99_us,
+        "ops_per_s": f.ops_per_s,
+        "requests_per_op": f.requests_per_op,
+        "ratio_to_floor": f.ratio_to_floor,
+    });
+    if let Some(w) = f.ratio_to_write_floor {
+        s["ratio_to_write_floor"] = json!(w);
+    }
+    if let Some(c) = f.commands_per_op {
+        s["commands_per_op"] = json!(c);
+    }
+    s
 }
 
 #[cfg(test)]

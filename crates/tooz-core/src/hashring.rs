@@ -450,7 +450,9 @@ impl HashRing {
             .iter()
             .enumerate()
             .filter(|&(i, node)| {
-                !ignore[..i].iter().any(|seen| seen.as_ref() == node.as_ref())
+                !ignore[..i]
+                    .iter()
+                    .any(|seen| seen.as_ref() == node.as_ref())
                     && self.weight(node).is_some_and(|weight| weight > 0)
             })
             .count();

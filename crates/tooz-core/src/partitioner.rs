@@ -222,9 +222,11 @@ impl Partitioner {
     ) -> bool {
         let key = obj.tooz_hash();
         let mut owns = false;
-        self.state.ring().walk(&key, &[] as &[&[u8]], replicas, |node| {
-            owns |= **node == *member.as_bytes();
-        });
+        self.state
+            .ring()
+            .walk(&key, &[] as &[&[u8]], replicas, |node| {
+                owns |= **node == *member.as_bytes();
+            });
         owns
     }
 

@@ -769,13 +769,19 @@ mod tests {
         let legacy = now_us() + 3_000_000_000;
         std::fs::write(layout.lock_fence(&rel), format!("{legacy}\n")).unwrap();
         let a = FileLock::new(&layout, &name).unwrap();
-        let t1 = acquire(&a, Mode::Exclusive, Wait::No).await.unwrap().unwrap();
+        let t1 = acquire(&a, Mode::Exclusive, Wait::No)
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(t1, FencingToken(legacy + 1));
         assert_eq!(std::fs::read(&path).unwrap(), layout::format_counter(t1.0));
         assert!(a.release().await.unwrap());
         // From now on the lock file's value counts, not the legacy one.
         std::fs::write(layout.lock_fence(&rel), b"5\n").unwrap();
-        let t2 = acquire(&a, Mode::Exclusive, Wait::No).await.unwrap().unwrap();
+        let t2 = acquire(&a, Mode::Exclusive, Wait::No)
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(t2.0, t1.0 + 1);
         assert!(a.release().await.unwrap());
         std::fs::remove_dir_all(r).unwrap();

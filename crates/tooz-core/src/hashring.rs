@@ -34,6 +34,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::sync::Arc;
 
 use md5::{Digest, Md5};
 
@@ -62,10 +63,11 @@ pub const DEFAULT_PARTITIONS: u32 = 32;
 pub struct HashRing {
     /// Points per unit of weight.
     partitions: u32,
-    /// Members in insertion order: key bytes and weight.
-    nodes: Vec<(Box<[u8]>, u32)>,
+    /// Members in insertion order: key bytes and weight. Shared (`Arc`) so that
+    /// the partitioner hands out member ids without copying them.
+    nodes: Vec<(Arc<[u8]>, u32)>,
     /// Key bytes -> position in `nodes`.
-    index: HashMap<Box<[u8]>, usize>,
+    index: HashMap<Arc<[u8]>, usize>,
     /// All points of all nodes as `(point, position in nodes)`, sorted.
     ///
     /// Colliding points appear once per owner; within a run of equal points the
@@ -173,8 +175,9 @@ impl HashRing {
                 self.detach(pos, &mut sorted_len);
             }
             let pos = self.nodes.len();
-            self.nodes.push((key.into(), weight));
-            self.index.insert(key.into(), pos);
+            let shared: Arc<[u8]> = Arc::from(key);
+            self.nodes.push((Arc::clone(&shared), weight));
+            self.index.insert(shared, pos);
             if weight > 0 {
                 self.weighted += 1;
             }
@@ -334,22 +337,49 @@ impl HashRing {
         ignore: &[&[u8]],
         replicas: usize,
     ) -> Vec<&'a [u8]> {
+        let mut found = Vec::new();
+        self.walk(data, ignore, replicas, |node| found.push(&**node));
+        found
+    }
+
+    /// The walk behind [`get_nodes`](Self::get_nodes): calls `visit` with each of
+    /// up to `replicas` distinct nodes for `data` not in `ignore`, primary first,
+    /// and returns how many it visited. Hashes `data` once and allocates nothing.
+    pub(crate) fn walk<'a, I: AsRef<[u8]>>(
+        &'a self,
+        data: &[u8],
+        ignore: &[I],
+        replicas: usize,
+        mut visit: impl FnMut(&'a Arc<[u8]>),
+    ) -> usize {
         let wanted = replicas.min(self.candidates(ignore));
-        let mut found = Vec::with_capacity(wanted);
         if wanted == 0 {
-            return found;
+            return 0;
         }
+        // The nodes found so far, as positions in `nodes`: on the stack for the
+        // usual replica counts.
+        let mut small = [usize::MAX; 8];
+        let mut more = Vec::new();
+        let mut count = 0;
         let total = self.points.len();
         let mut at = self.start(data);
         // One full turn visits every point, so it always finds every eligible
         // node; the bound only guards against looping forever.
         for _ in 0..total {
-            if let Some(node) = self.owner_at(at)
-                && !ignore.contains(&node)
-                && !found.contains(&node)
+            if let Some(pos) = self.owner_pos(at)
+                && let Some((node, _)) = self.nodes.get(pos)
+                && !small[..count.min(small.len())].contains(&pos)
+                && !more.contains(&pos)
+                && !ignore.iter().any(|i| i.as_ref() == &**node)
             {
-                found.push(node);
-                if found.len() == wanted {
+                if count < small.len() {
+                    small[count] = pos;
+                } else {
+                    more.push(pos);
+                }
+                count += 1;
+                visit(node);
+                if count == wanted {
                     break;
                 }
             }
@@ -358,7 +388,7 @@ impl HashRing {
                 at = 0;
             }
         }
-        found
+        count
     }
 
     /// Returns the primary node for `data`, or `None` if the ring is empty.
@@ -396,25 +426,23 @@ impl HashRing {
     /// Index of the first point strictly greater than `md5(data)`, wrapping to 0.
     /// Only meaningful on a non-empty ring.
     fn start(&self, data: &[u8]) -> usize {
-        let mut hasher = Md5::new();
-        hasher.update(data);
-        let hash = digest_to_u128(hasher);
+        let hash = md5_u128(data);
         let at = self.points.partition_point(|&(point, _)| point <= hash);
         if at == self.points.len() { 0 } else { at }
     }
 
-    /// The node owning the slot of entry `at`, or `None` if a later-added node
-    /// with the same point owns it.
-    fn owner_at(&self, at: usize) -> Option<&[u8]> {
+    /// The position in `nodes` of the node owning the slot of entry `at`, or
+    /// `None` if a later-added node with the same point owns it.
+    fn owner_pos(&self, at: usize) -> Option<usize> {
         let &(point, pos) = self.points.get(at)?;
         match self.points.get(at + 1) {
             Some(&(next, _)) if next == point => None,
-            _ => self.nodes.get(pos).map(|(key, _)| &**key),
+            _ => Some(pos),
         }
     }
 
     /// Number of distinct nodes owning points that are not in `ignore`.
-    fn candidates(&self, ignore: &[&[u8]]) -> usize {
+    fn candidates<I: AsRef<[u8]>>(&self, ignore: &[I]) -> usize {
         if self.points.is_empty() {
             return 0;
         }
@@ -422,7 +450,10 @@ impl HashRing {
             .iter()
             .enumerate()
             .filter(|&(i, node)| {
-                !ignore[..i].contains(node) && self.weight(node).is_some_and(|weight| weight > 0)
+                !ignore[..i]
+                    .iter()
+                    .any(|seen| seen.as_ref() == node.as_ref())
+                    && self.weight(node).is_some_and(|weight| weight > 0)
             })
             .count();
         self.weighted.saturating_sub(ignored)
@@ -487,7 +518,7 @@ impl Default for HashRing {
 
 impl fmt::Debug for HashRing {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        struct Nodes<'a>(&'a [(Box<[u8]>, u32)]);
+        struct Nodes<'a>(&'a [(Arc<[u8]>, u32)]);
         impl fmt::Debug for Nodes<'_> {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 f.debug_map()
@@ -510,6 +541,33 @@ impl fmt::Debug for HashRing {
 /// Finalizes `hasher` and reads the digest as a big-endian `u128`.
 fn digest_to_u128(hasher: Md5) -> u128 {
     let digest: [u8; 16] = hasher.finalize().into();
+    u128::from_be_bytes(digest)
+}
+
+/// `md5(data)` read as a big-endian `u128`.
+///
+/// Data that fits one block with its padding (at most 55 bytes: most keys) is
+/// padded on the stack and compressed once, without the streaming hasher's
+/// buffering; longer data goes through [`Md5`].
+fn md5_u128(data: &[u8]) -> u128 {
+    const INIT: [u32; 4] = [0x6745_2301, 0xefcd_ab89, 0x98ba_dcfe, 0x1032_5476];
+    if data.len() > 55 {
+        let mut hasher = Md5::new();
+        hasher.update(data);
+        return digest_to_u128(hasher);
+    }
+    let mut block = [0u8; 64];
+    block[..data.len()].copy_from_slice(data);
+    block[data.len()] = 0x80;
+    // At most 55 bytes: the bit length fits easily.
+    let bits = (data.len() as u64) * 8;
+    block[56..].copy_from_slice(&bits.to_le_bytes());
+    let mut state = INIT;
+    md5::block_api::compress(&mut state, std::slice::from_ref(&block));
+    let mut digest = [0u8; 16];
+    for (out, word) in digest.chunks_exact_mut(4).zip(state) {
+        out.copy_from_slice(&word.to_le_bytes());
+    }
     u128::from_be_bytes(digest)
 }
 
@@ -747,6 +805,19 @@ mod tests {
     }
 
     #[test]
+    fn one_block_md5_matches_the_streaming_hasher() {
+        // Every length around the one-block limit (55) and the block size.
+        for len in 0..=140usize {
+            let data: Vec<u8> = (0..len).map(|i| (i * 7 + len) as u8).collect();
+            let mut hasher = Md5::new();
+            hasher.update(&data);
+            assert_eq!(md5_u128(&data), digest_to_u128(hasher), "length {len}");
+        }
+        // A known digest: md5("") = d41d8cd98f00b204e9800998ecf8427e.
+        assert_eq!(md5_u128(b""), 0xd41d8cd98f00b204e9800998ecf8427e);
+    }
+
+    #[test]
     fn colliding_points_belong_to_last_added() {
         // "abab" * k == "ab" * 2k, so these nodes share points.
         let mut ring = HashRing::with_partitions(4);
@@ -755,7 +826,11 @@ mod tests {
         assert_eq!(ring.len(), 7);
         let owned_by = |ring: &HashRing, node: &[u8]| {
             (0..ring.points.len())
-                .filter(|&at| ring.owner_at(at) == Some(node))
+                .filter(|&at| {
+                    ring.owner_pos(at)
+                        .and_then(|pos| ring.nodes.get(pos))
+                        .is_some_and(|(key, _)| &**key == node)
+                })
                 .count()
         };
         assert_eq!(owned_by(&ring, b"ab"), 3);

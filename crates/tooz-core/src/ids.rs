@@ -112,6 +112,13 @@ byte_id!(
     MemberId,
     "member id"
 );
+impl MemberId {
+    /// Wraps bytes already shared (the hash ring's nodes) without copying them.
+    pub(crate) fn from_shared(bytes: Arc<[u8]>) -> Self {
+        MemberId(bytes)
+    }
+}
+
 byte_id!(
     /// A lock name.
     LockName,

@@ -205,13 +205,12 @@ impl Partitioner {
         replicas: usize,
     ) -> Vec<MemberId> {
         let key = obj.tooz_hash();
-        let ignore: Vec<&[u8]> = ignore.iter().map(MemberId::as_bytes).collect();
-        self.state
-            .ring()
-            .get_nodes(&key, &ignore, replicas)
-            .into_iter()
-            .map(MemberId::from)
-            .collect()
+        let mut found = Vec::with_capacity(replicas.min(4));
+        // The ring's node bytes are shared: the ids are handed out without copies.
+        self.state.ring().walk(&key, ignore, replicas, |node| {
+            found.push(MemberId::from_shared(Arc::clone(node)));
+        });
+        found
     }
 
     /// Whether `member` is among the `replicas` owners of `obj`.
@@ -222,10 +221,13 @@ impl Partitioner {
         replicas: usize,
     ) -> bool {
         let key = obj.tooz_hash();
+        let mut owns = false;
         self.state
             .ring()
-            .get_nodes(&key, &[], replicas)
-            .contains(&member.as_bytes())
+            .walk(&key, &[] as &[&[u8]], replicas, |node| {
+                owns |= **node == *member.as_bytes();
+            });
+        owns
     }
 
     /// Whether this coordinator's member is among the owners of `obj`.

@@ -546,7 +546,7 @@ impl LeaderState {
 pub(crate) const RECOVERY_MARGIN_US: u64 = 3_600_000_000;
 
 /// Microseconds since the epoch (0 before it).
-fn micros(t: SystemTime) -> u64 {
+pub(crate) fn micros(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)
         .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
         .unwrap_or(0)

@@ -83,13 +83,19 @@ impl FileLock {
     }
 }
 
-/// Opens the lock file, creating it and its parent directories.
+/// Opens the lock file, creating it (and its parent directories when missing).
 fn open(path: &Path) -> Result<File> {
-    if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent)
-            .map_err(|e| io_err("cannot create lock directory", parent, e))?;
+    match ofd::open_lock_file(path) {
+        Err(e) if ofd::is_missing(&e) => {
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent)
+                    .map_err(|e| io_err("cannot create lock directory", parent, e))?;
+            }
+            ofd::open_lock_file(path)
+        }
+        res => res,
     }
-    ofd::open_lock_file(path).map_err(|e| io_err("cannot open lock file", path, e))
+    .map_err(|e| io_err("cannot open lock file", path, e))
 }
 
 /// The identity of `file` if it is still the file at `path` (not removed or replaced).
@@ -120,33 +126,63 @@ fn held_by_ofd(file: &File, kind: Kind) -> io::Result<bool> {
     Ok(i32::from(fl.l_type) != libc::F_UNLCK && fl.l_pid == -1)
 }
 
-/// Advances a fencing counter file under its own short exclusive lock and
-/// returns the new value, which is on disk before it is returned.
+/// Reads the start of `f` (a counter is at most 21 bytes; `buf` is larger, so a
+/// full buffer means a damaged file). Returns how many bytes were read.
+fn read_prefix(f: &File, buf: &mut [u8]) -> io::Result<usize> {
+    use std::os::unix::fs::FileExt;
+    let mut n = 0;
+    while n < buf.len() {
+        match f.read_at(&mut buf[n..], n as u64) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+/// Advances the fencing counter kept at the start of the lock file `f` (opened at
+/// `path`) and returns the new value. The caller holds the lock file: a write
+/// lock, or a read lock plus the shared holders' counter lock (see
+/// [`advance_shared`]), so nobody else reads or writes the counter meanwhile.
+/// Costs one `pread` and one `pwrite`, no extra lock.
 ///
 /// - The value is `max(stored + 1, now in µs)` ([`layout::next_token`]); a counter
 ///   at `u64::MAX` is an error (a repeated token would be worse).
-/// - A counter that does not parse (a torn write, a stray edit) is not fatal for
-///   ever: it restarts at [`layout::recovery_token`], above every token it can
-///   have handed out, and says so in a warning. An empty or missing file is a
-///   counter never advanced (we only write complete values, synced before the
-///   token is returned), and starts from the clock like a restarted Redis does.
-/// - Durability: the value is overwritten in place and `fdatasync`ed (one flush
-///   per grant; the values only grow, so the new text covers the old). The first
-///   write of a new counter also syncs the directory, so the file's name
-///   survives a crash too. An in-place write of at most 21 bytes lies within one
-///   sector, which disks write whole; a torn one would not parse and would be
-///   recovered as above.
-pub(crate) fn bump_counter(path: &std::path::Path) -> Result<u64> {
-    use std::io::{Read, Seek, SeekFrom, Write};
-    let held = ofd::lock_path_blocking(path, Kind::Write, COUNTER_WAIT)?;
-    let mut f = held.file();
-    let mut buf = Vec::new();
-    f.seek(SeekFrom::Start(0))
-        .and_then(|_| f.read_to_end(&mut buf))
-        .map_err(|e| io_err("cannot read fencing counter", path, e))?;
+/// - An empty file (new, created by Python, or replaced by `break_lock` without a
+///   value) is a counter never advanced: it continues from `legacy` (the separate
+///   counter file earlier versions kept in `.tooz/fence/`) if that exists, else
+///   from the clock.
+/// - A counter that does not parse (a stray edit) is not fatal for ever: it
+///   restarts at [`layout::recovery_token`], above every token it can have handed
+///   out, and says so in a warning.
+/// - Crash semantics: the value is written in place (it only grows, so the new
+///   text covers the old) into the page cache, not synced. A process that dies,
+///   even in the middle, loses nothing (a `pwrite` of 21 bytes is done or not
+///   done, and the page cache survives the process). A machine that crashes may
+///   come back with an older value, an empty file or no file; since every token
+///   is at most the wall clock at its grant unless it ran ahead of it, the clock
+///   after the reboot is above every lost token, so the first token after the
+///   crash is still greater. A token that runs ahead of the clock (more than one
+///   grant per microsecond, or a clock stepped back) is the exception: it is
+///   `fdatasync`ed before it is returned, as is a recovered counter.
+pub(crate) fn advance_counter(f: &File, path: &Path, legacy: &Path) -> Result<u64> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = [0u8; 64];
+    let n = read_prefix(f, &mut buf).map_err(|e| io_err("cannot read fencing counter", path, e))?;
+    let stored = &buf[..n];
+    let parsed = if stored.iter().all(u8::is_ascii_whitespace) {
+        match ofd::read_opt(legacy)? {
+            Some(old) => layout::parse_counter(&old),
+            None => Ok(0),
+        }
+    } else {
+        layout::parse_counter(stored)
+    };
     let now = SystemTime::now();
-    let next = match layout::parse_counter(&buf) {
-        Ok(prev) => layout::next_token(prev, now)?,
+    let (next, recovered) = match parsed {
+        Ok(prev) => (layout::next_token(prev, now)?, false),
         Err(e) => {
             let mtime = f.metadata().and_then(|m| m.modified()).ok();
             let next = layout::recovery_token(now, mtime)?;
@@ -156,27 +192,40 @@ pub(crate) fn bump_counter(path: &std::path::Path) -> Result<u64> {
                 restart = next,
                 "damaged fencing counter: restarting it above every token it can have given"
             );
-            next
+            (next, true)
         }
     };
     let text = layout::format_counter(next);
-    f.seek(SeekFrom::Start(0))
-        .and_then(|_| f.write_all(&text))
+    f.write_all_at(&text, 0)
         .and_then(|()| {
-            if (text.len() as u64) < buf.len() as u64 {
+            if text.len() < n {
                 f.set_len(text.len() as u64)
             } else {
                 Ok(())
             }
         })
-        .and_then(|()| f.sync_data())
+        .and_then(|()| {
+            if recovered || next > layout::micros(now) {
+                f.sync_data()
+            } else {
+                Ok(())
+            }
+        })
         .map_err(|e| io_err("cannot write fencing counter", path, e))?;
-    if buf.is_empty()
-        && let Some(dir) = path.parent()
-    {
-        ofd::sync_dir(dir).map_err(|e| io_err("cannot sync", dir, e))?;
-    }
     Ok(next)
+}
+
+/// [`advance_counter`] for a shared grant: shared holders hold the lock file
+/// together, so they advance its counter one at a time under a short write lock
+/// on `fence` (held for microseconds; exclusive holders never take it, the lock
+/// file itself keeps them apart from shared holders). Blocking: run it on a
+/// blocking thread.
+fn advance_shared(f: &File, path: &Path, fence: &Path) -> Result<u64> {
+    if let Some(dir) = fence.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| io_err("cannot create", dir, e))?;
+    }
+    let _turn = ofd::lock_path_blocking(fence, Kind::Write, COUNTER_WAIT)?;
+    advance_counter(f, path, fence)
 }
 
 /// Drops `x` on a blocking thread: closing an inotify instance waits for an RCU
@@ -315,22 +364,19 @@ fn drain(ino: &Inotify) -> io::Result<bool> {
     }
 }
 
-#[tooz_core::async_trait]
-impl DriverLock for FileLock {
-    fn name(&self) -> &LockName {
-        &self.name
-    }
+/// The outcome of one synchronous attempt.
+enum Step {
+    /// Granted (exclusive) or refused.
+    Done(Attempt),
+    /// A shared hold taken on this file, whose counter is still to be advanced
+    /// (on a blocking thread, see [`advance_shared`]).
+    Shared(File),
+}
 
-    /// One non-blocking try-lock on the lock file, then, when granted, the fencing
-    /// counter's advance on a blocking thread (it waits for the counter's lock and
-    /// syncs the counter to disk). A refused attempt runs on the caller's thread.
-    ///
-    /// A holder "notifies" when it is a Rust holder (an OFD lock), whose release
-    /// closes its descriptor, and this handle watches that very file; a Python
-    /// holder (a process-associated lock) is polled for, inotify still waking the
-    /// waiter early when Python closes the file.
-    #[tracing::instrument(level = "debug", skip(self), fields(lock = %self.name))]
-    async fn try_acquire(&self, mode: Mode) -> Result<Attempt> {
+impl FileLock {
+    /// One non-blocking try-lock on the lock file; an exclusive grant also
+    /// advances the counter in the file (a `pread` and a `pwrite`).
+    fn attempt(&self, mode: Mode) -> Result<Step> {
         let kind = match mode {
             Mode::Exclusive => Kind::Write,
             Mode::Shared => Kind::Read,
@@ -341,12 +387,15 @@ impl DriverLock for FileLock {
                 Some(f) => f,
                 None => open(&self.path)?,
             };
+            let locked =
+                ofd::try_lock(&f, kind).map_err(|e| io_err("cannot lock", &self.path, e))?;
             // A file replaced by `break_lock` (or removed) is not the lock any more:
-            // waiting on it would wait for the broken holder.
+            // holding it would not exclude anyone, waiting on it would wait for the
+            // broken holder. Closing it drops the lock taken on it, if any.
             let Some(id) = id_at(&f, &self.path) else {
                 continue;
             };
-            if !ofd::try_lock(&f, kind).map_err(|e| io_err("cannot lock", &self.path, e))? {
+            if !locked {
                 let ofd_holder =
                     held_by_ofd(&f, kind).map_err(|e| io_err("cannot probe", &self.path, e))?;
                 let mut w = lock_of(&self.waiting);
@@ -354,28 +403,96 @@ impl DriverLock for FileLock {
                 if w.watched.is_some() {
                     w.idle = Some(f);
                 }
-                return Ok(Attempt::Held {
+                return Ok(Step::Done(Attempt::Held {
                     expires_in: None,
                     notifies,
-                });
+                }));
             }
-            if id_at(&f, &self.path).is_none() {
-                continue; // locked a file replaced meanwhile; closing it unlocks it
+            if mode == Mode::Shared {
+                return Ok(Step::Shared(f));
             }
-            let fence = self.fence.clone();
-            // Not cancelled in flight (the core awaits attempts); if it were, `f`
-            // would be dropped here and the lock with it.
-            let token = tokio::task::spawn_blocking(move || bump_counter(&fence))
-                .await
-                .map_err(|e| ToozError::backend("file", "fencing counter task failed", e))??;
+            // On an error `f` is closed, which releases the lock.
+            let token = advance_counter(&f, &self.path, &self.fence)?;
             *self.held() = Some(Held { file: f, mode });
-            return Ok(Attempt::Granted(FencingToken(token)));
+            return Ok(Step::Done(Attempt::Granted(FencingToken(token))));
         }
         // Replaced again and again: let the core try later.
-        Ok(Attempt::Held {
+        Ok(Step::Done(Attempt::Held {
             expires_in: None,
             notifies: false,
+        }))
+    }
+
+    /// Unlocks and closes the descriptor; see [`DriverLock::release`].
+    fn release_now(&self) -> Result<bool> {
+        let Some(h) = self.held().take() else {
+            return Ok(false);
+        };
+        let still = ofd::same_file(&h.file, &self.path);
+        let res = ofd::unlock(&h.file).map_err(|e| io_err("cannot unlock", &self.path, e));
+        tracing::trace!(mode = ?h.mode, broken = !still, "released");
+        drop(h);
+        res.map(|()| still)
+    }
+}
+
+#[tooz_core::async_trait]
+impl DriverLock for FileLock {
+    fn name(&self) -> &LockName {
+        &self.name
+    }
+
+    /// An exclusive attempt is a few system calls (open, try-lock, `stat`s,
+    /// `pread`, `pwrite`), made inline; shared ones go the usual way (their counter
+    /// waits for the shared holders' counter lock).
+    fn try_acquire_local(&self, mode: Mode) -> Option<Result<Option<FencingToken>>> {
+        if mode == Mode::Shared {
+            return None;
+        }
+        Some(match self.attempt(mode) {
+            Ok(Step::Done(Attempt::Granted(token))) => Ok(Some(token)),
+            // Not returned for an exclusive attempt; dropping the file releases it.
+            Ok(Step::Done(_) | Step::Shared(_)) => Ok(None),
+            Err(e) => Err(e),
         })
+    }
+
+    /// Unlocking and closing a descriptor: done inline.
+    fn release_local(&self) -> Option<Result<bool>> {
+        Some(self.release_now())
+    }
+
+    /// One non-blocking try-lock on the lock file; when granted, the fencing
+    /// counter's advance in the lock file (for a shared grant on a blocking
+    /// thread, as it waits for the shared holders' counter lock). A refused
+    /// attempt runs on the caller's thread.
+    ///
+    /// A holder "notifies" when it is a Rust holder (an OFD lock), whose release
+    /// closes its descriptor, and this handle watches that very file; a Python
+    /// holder (a process-associated lock) is polled for, inotify still waking the
+    /// waiter early when Python closes the file.
+    #[tracing::instrument(level = "debug", skip(self), fields(lock = %self.name))]
+    async fn try_acquire(&self, mode: Mode) -> Result<Attempt> {
+        match self.attempt(mode)? {
+            Step::Done(attempt) => Ok(attempt),
+            Step::Shared(f) => {
+                let (path, fence) = (self.path.clone(), self.fence.clone());
+                // Not cancelled in flight (the core awaits attempts); if it were, `f`
+                // would be dropped on the blocking thread and the lock with it.
+                let (f, token) = tokio::task::spawn_blocking(move || {
+                    let token = advance_shared(&f, &path, &fence);
+                    (f, token)
+                })
+                .await
+                .map_err(|e| ToozError::backend("file", "fencing counter task failed", e))?;
+                let token = token?;
+                *self.held() = Some(Held {
+                    file: f,
+                    mode: Mode::Shared,
+                });
+                Ok(Attempt::Granted(FencingToken(token)))
+            }
+        }
     }
 
     /// An inotify watch on the lock file; see [`LockWatch`].
@@ -388,14 +505,7 @@ impl DriverLock for FileLock {
     /// path is no longer the one this handle locked).
     #[tracing::instrument(level = "debug", skip(self), fields(lock = %self.name))]
     async fn release(&self) -> Result<bool> {
-        let Some(h) = self.held().take() else {
-            return Ok(false);
-        };
-        let still = ofd::same_file(&h.file, &self.path);
-        let res = ofd::unlock(&h.file).map_err(|e| io_err("cannot unlock", &self.path, e));
-        tracing::trace!(mode = ?h.mode, broken = !still, "released");
-        drop(h);
-        res.map(|()| still)
+        self.release_now()
     }
 
     /// Nothing to renew: the kernel keeps the lock until it is released or the
@@ -432,7 +542,8 @@ impl DriverLock for FileLock {
     }
 }
 
-/// Replaces `path` with a new empty file if any lock is held on it.
+/// Replaces `path` with a new file (carrying the fencing counter over) if any
+/// lock is held on it.
 fn break_file(path: &std::path::Path) -> Result<bool> {
     let file = match std::fs::OpenOptions::new()
         .read(true)
@@ -446,6 +557,10 @@ fn break_file(path: &std::path::Path) -> Result<bool> {
     if !ofd::is_locked(&file).map_err(|e| io_err("cannot probe", path, e))? {
         return Ok(false);
     }
+    // The fencing counter moves over to the new file, so the next holder's token
+    // is above the broken holder's.
+    let mut counter = [0u8; 64];
+    let n = read_prefix(&file, &mut counter).map_err(|e| io_err("cannot read", path, e))?;
     drop(file);
     // The replacement is created beside the lock file (same file system). Its
     // name must not grow with the lock's: a lock name component may already be
@@ -456,7 +571,8 @@ fn break_file(path: &std::path::Path) -> Result<bool> {
         .write(true)
         .create_new(true)
         .open(&tmp)
-        .and_then(|f| {
+        .and_then(|mut f| {
+            std::io::Write::write_all(&mut f, &counter[..n])?;
             drop(f);
             std::fs::rename(&tmp, path)
         });
@@ -522,6 +638,13 @@ mod tests {
         let p = std::env::temp_dir().join(format!("tooz-file-lock-{}", uuid::Uuid::new_v4()));
         std::fs::create_dir_all(p.join(".tooz/fence")).unwrap();
         p
+    }
+
+    /// Advances the counter in the lock file `path` the way an exclusive grant
+    /// does: under the file's own write lock.
+    fn bump_counter(path: &Path) -> Result<u64> {
+        let held = ofd::lock_path_blocking(path, Kind::Write, COUNTER_WAIT)?;
+        advance_counter(held.file(), path, &path.with_extension("legacy"))
     }
 
     #[test]
@@ -612,8 +735,7 @@ mod tests {
         let r = root();
         let layout = Arc::new(Layout::new(&r));
         let a = FileLock::new(&layout, &"max".into()).unwrap();
-        let (_, rel) = layout.lock_path(&"max".into()).unwrap();
-        let fence = layout.lock_fence(&rel);
+        let (fence, _) = layout.lock_path(&"max".into()).unwrap();
         std::fs::write(&fence, format!("{}\n", u64::MAX - 1)).unwrap();
         assert_eq!(
             acquire(&a, Mode::Exclusive, Wait::No).await.unwrap(),
@@ -635,7 +757,72 @@ mod tests {
         std::fs::remove_dir_all(r).unwrap();
     }
 
-    /// A missing counter starts from the clock; the file is created and synced.
+    /// The counter lives in the lock file itself; a lock file without one (new,
+    /// or written by an earlier version) continues from the separate counter
+    /// earlier versions kept in `.tooz/fence/`, else from the clock.
+    #[tokio::test]
+    async fn counter_lives_in_the_lock_file_and_continues_a_legacy_one() {
+        let r = root();
+        let layout = Arc::new(Layout::new(&r));
+        let name: LockName = "legacy".into();
+        let (path, rel) = layout.lock_path(&name).unwrap();
+        let legacy = now_us() + 3_000_000_000;
+        std::fs::write(layout.lock_fence(&rel), format!("{legacy}\n")).unwrap();
+        let a = FileLock::new(&layout, &name).unwrap();
+        let t1 = acquire(&a, Mode::Exclusive, Wait::No)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(t1, FencingToken(legacy + 1));
+        assert_eq!(std::fs::read(&path).unwrap(), layout::format_counter(t1.0));
+        assert!(a.release().await.unwrap());
+        // From now on the lock file's value counts, not the legacy one.
+        std::fs::write(layout.lock_fence(&rel), b"5\n").unwrap();
+        let t2 = acquire(&a, Mode::Exclusive, Wait::No)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(t2.0, t1.0 + 1);
+        assert!(a.release().await.unwrap());
+        std::fs::remove_dir_all(r).unwrap();
+    }
+
+    /// Shared holders advance the one counter in turn: distinct tokens, and the
+    /// next exclusive holder's is above all of them.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn shared_holders_get_distinct_tokens() {
+        let r = root();
+        let layout = Arc::new(Layout::new(&r));
+        let handles: Vec<_> = (0..6)
+            .map(|_| Arc::new(FileLock::new(&layout, &"sh".into()).unwrap()))
+            .collect();
+        let tasks: Vec<_> = handles
+            .iter()
+            .map(|h| {
+                let h = Arc::clone(h);
+                tokio::spawn(async move { acquire(&h, Mode::Shared, Wait::No).await })
+            })
+            .collect();
+        let mut tokens = Vec::new();
+        for t in tasks {
+            tokens.push(t.await.unwrap().unwrap().unwrap().0);
+        }
+        let top = *tokens.iter().max().unwrap();
+        tokens.sort_unstable();
+        tokens.dedup();
+        assert_eq!(tokens.len(), 6, "every shared grant has its own token");
+        for h in &handles {
+            assert!(h.release().await.unwrap());
+        }
+        let x = acquire(&handles[0], Mode::Exclusive, Wait::No)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(x.0 > top);
+        std::fs::remove_dir_all(r).unwrap();
+    }
+
+    /// A missing counter starts from the clock.
     #[test]
     fn missing_counter_starts_from_the_clock() {
         let r = root();
@@ -704,6 +891,10 @@ mod tests {
         let layout = Arc::new(Layout::new(&r));
         let new = || FileLock::new(&layout, &"b".into()).unwrap();
         let (a, b, c) = (new(), new(), new());
+        // A counter ahead of the clock: only carrying it over to the new file
+        // keeps the next token above it.
+        let (path, _) = layout.lock_path(&"b".into()).unwrap();
+        std::fs::write(&path, format!("{}\n", now_us() + 3_000_000_000)).unwrap();
         let t1 = acquire(&a, Mode::Exclusive, Wait::No)
             .await
             .unwrap()

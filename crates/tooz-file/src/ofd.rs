@@ -110,11 +110,16 @@ pub(crate) fn same_file(file: &File, path: &Path) -> bool {
 /// An exclusive or shared hold on a lock file, released on drop.
 #[derive(Debug)]
 pub(crate) struct Held {
+    #[cfg_attr(
+        not(test),
+        expect(dead_code, reason = "kept open for its lock, released on drop")
+    )]
     file: File,
 }
 
 impl Held {
     /// The locked file.
+    #[cfg(test)]
     pub(crate) fn file(&self) -> &File {
         &self.file
     }

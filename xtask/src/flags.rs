@@ -32,7 +32,7 @@ Commands:
         consul. `up` is idempotent and writes the URLs to target/backends/env
         (TOOZ_TEST_<DRIVER>_URL=...), which the tests and the other commands read; `down`
         stops only what `up` started. Run `backends down` before `cargo clean`.
-  bench [--driver NAME|all] [--compare-python] [--quick]
+  bench [--driver NAME|all] [--compare-python] [--quick] [--no-scale|--scale-only]
         Run the benchmark harness (crates/tooz-bench, release build) per driver: floors
         (one raw round trip / write of the same client library) and the scenarios
         lock_pair, lock_handoff, join_leave, get_members_1000, heartbeat_100,
@@ -42,7 +42,22 @@ Commands:
           --compare-python  also run the scenarios through Python tooz 9.1.0 (the interop
                             virtualenv) against the same server, print both side by side
                             and write target/bench/<driver>-python.json
-          --quick           a tenth of the iterations (a smoke run)
+          --quick           a tenth of the iterations (a smoke run); smaller scale sizes
+          --no-scale        skip the scale scenarios (held locks, concurrent acquires,
+                            waiters, 10,000 members, 1,000 watched groups; see
+                            crates/tooz-bench/src/scale.rs), which run by default and go
+                            under `scale` in the JSON, with a table across drivers at the end
+          --scale-only      run only the scale scenarios (the JSON keeps the main figures
+                            of an earlier run)
+  soak [--driver NAME|all] [--seconds N] [--coordinators N] [--release]
+        A bounded load run per driver (tooz-bench --soak): N coordinators (default 200;
+        fewer where the server takes fewer connections, said in the output) in one
+        process join groups, heartbeat, watch, lock and update capabilities for N
+        seconds (default 60). Prints per-operation counts, errors, median/p99/max
+        latencies, and RSS, tokio tasks and open fds at start, warm-up, end and after
+        stop; fails on any error or on growth after warm-up past the printed tolerance.
+        Writes target/soak/<driver>.json.
+          --release         build tooz-bench in release mode (default: debug, as CI)
   ci
         What .ci/run runs, in order, stopping at the first failure:
         cargo fmt --all --check; cargo clippy --workspace --all-targets -- -D warnings;
@@ -51,7 +66,8 @@ Commands:
         cargo check --workspace --all-targets with the rust-version toolchain (MSRV,
         installed with rustup when missing);
         backends up (only the servers the present drivers need);
-        cargo test --workspace (conformance included); cargo test --workspace --doc;
+        cargo test --workspace (conformance included); soak --driver all --seconds 6
+        (debug build); cargo test --workspace --doc;
         the tooz crate's examples (worker_pool on Redis, scheduler on etcd,
         observability on memory://, fenced_job on Redis
         and PostgreSQL); interop --driver all; cargo package --workspace (with its verification
@@ -80,6 +96,8 @@ pub(crate) enum Command {
     Backends(Vec<String>),
     /// `bench`.
     Bench(Bench),
+    /// `soak`.
+    Soak(Soak),
     /// `ci`.
     Ci,
     /// `readme`.
@@ -113,6 +131,32 @@ pub(crate) struct Bench {
     pub(crate) compare_python: bool,
     /// A tenth of the iterations.
     pub(crate) quick: bool,
+    /// `--no-scale` / `--scale-only`: which of the main and the scale scenarios run.
+    pub(crate) scale: ScaleRun,
+}
+
+/// Which scenarios `bench` runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ScaleRun {
+    /// The main scenarios, then the scale ones.
+    Both,
+    /// Only the main scenarios.
+    Skip,
+    /// Only the scale scenarios.
+    Only,
+}
+
+/// Options of `cargo xtask soak`.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct Soak {
+    /// Which drivers to soak.
+    pub(crate) driver: DriverSelection,
+    /// How long each driver runs.
+    pub(crate) seconds: u64,
+    /// Coordinators in the process.
+    pub(crate) coordinators: usize,
+    /// Build tooz-bench in release mode.
+    pub(crate) release: bool,
 }
 
 impl Interop {
@@ -168,6 +212,7 @@ pub(crate) fn parse(args: impl IntoIterator<Item = String>) -> Result<Command> {
                 driver: DriverSelection::All,
                 compare_python: false,
                 quick: false,
+                scale: ScaleRun::Both,
             };
             let mut opts = Options::new("bench", rest);
             while let Some(flag) = opts.next_flag()? {
@@ -175,10 +220,31 @@ pub(crate) fn parse(args: impl IntoIterator<Item = String>) -> Result<Command> {
                     "--driver" => bench.driver = opts.value(&flag)?.parse()?,
                     "--compare-python" => bench.compare_python = true,
                     "--quick" => bench.quick = true,
+                    "--no-scale" => bench.scale = ScaleRun::Skip,
+                    "--scale-only" => bench.scale = ScaleRun::Only,
                     _ => return Err(opts.unknown(&flag)),
                 }
             }
             Ok(Command::Bench(bench))
+        }
+        "soak" => {
+            let mut soak = Soak {
+                driver: DriverSelection::All,
+                seconds: 60,
+                coordinators: 200,
+                release: false,
+            };
+            let mut opts = Options::new("soak", rest);
+            while let Some(flag) = opts.next_flag()? {
+                match flag.as_str() {
+                    "--driver" => soak.driver = opts.value(&flag)?.parse()?,
+                    "--seconds" => soak.seconds = opts.positive(&flag)?,
+                    "--coordinators" => soak.coordinators = opts.positive(&flag)?,
+                    "--release" => soak.release = true,
+                    _ => return Err(opts.unknown(&flag)),
+                }
+            }
+            Ok(Command::Soak(soak))
         }
         "ci" => {
             let mut opts = Options::new("ci", rest);
@@ -239,6 +305,18 @@ impl Options {
         }
     }
 
+    /// A value that must be a positive integer.
+    fn positive<T: std::str::FromStr + PartialOrd + Default>(&mut self, flag: &str) -> Result<T> {
+        let v = self.value(flag)?;
+        match v.parse::<T>() {
+            Ok(n) if n > T::default() => Ok(n),
+            _ => bail!(
+                "`{flag}` takes a positive integer, not `{v}` (cargo xtask {})",
+                self.command
+            ),
+        }
+    }
+
     fn unknown(&self, flag: &str) -> anyhow::Error {
         anyhow::anyhow!(
             "unknown option `{flag}` for `cargo xtask {}`; run `cargo xtask --help`",
@@ -287,6 +365,7 @@ mod tests {
                 driver: DriverSelection::All,
                 compare_python: false,
                 quick: false,
+                scale: ScaleRun::Both,
             })
         );
         assert_eq!(
@@ -295,10 +374,50 @@ mod tests {
                 driver: DriverSelection::One("redis".into()),
                 compare_python: true,
                 quick: true,
+                scale: ScaleRun::Both,
+            })
+        );
+        assert_eq!(
+            parse_str("bench --scale-only").unwrap(),
+            Command::Bench(Bench {
+                driver: DriverSelection::All,
+                compare_python: false,
+                quick: false,
+                scale: ScaleRun::Only,
             })
         );
         assert!(parse_str("bench --driver nosuch").is_err());
         assert!(parse_str("bench --python x").is_err());
+    }
+
+    #[test]
+    fn parses_soak() {
+        assert_eq!(
+            parse_str("soak").unwrap(),
+            Command::Soak(Soak {
+                driver: DriverSelection::All,
+                seconds: 60,
+                coordinators: 200,
+                release: false,
+            })
+        );
+        assert_eq!(
+            parse_str("soak --driver redis --seconds 5 --coordinators=300 --release").unwrap(),
+            Command::Soak(Soak {
+                driver: DriverSelection::One("redis".into()),
+                seconds: 5,
+                coordinators: 300,
+                release: true,
+            })
+        );
+        for bad in [
+            "soak --seconds 0",
+            "soak --seconds x",
+            "soak --coordinators -3",
+            "soak --quick",
+        ] {
+            assert!(parse_str(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -14,6 +14,7 @@ mod features;
 mod flags;
 mod interop;
 mod process;
+mod soak;
 
 use std::process::ExitCode;
 
@@ -36,6 +37,7 @@ fn main() -> ExitCode {
         flags::Command::Interop(flags) => interop::run(&flags),
         flags::Command::Backends(args) => backends::main(&args),
         flags::Command::Bench(flags) => bench::run(&flags),
+        flags::Command::Soak(flags) => soak::run(&flags),
         flags::Command::Ci => ci::run(),
         flags::Command::Readme => {
             progress!("readme: regenerating the driver feature table");

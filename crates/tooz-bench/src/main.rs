@@ -57,7 +57,9 @@
 
 mod proxy;
 mod report;
+mod scale;
 mod scenarios;
+mod soak;
 
 use std::{
     path::PathBuf,
@@ -70,7 +72,7 @@ use tooz_core::{Coordinator, Registry, Url};
 
 use crate::proxy::{Counting, Proxy};
 
-const USAGE: &str = "usage: tooz-bench --driver file|ipc|redis|zookeeper|etcd|memcached|consul|postgresql|mysql [--json-out PATH] [--quick] [--url URL]";
+const USAGE: &str = "usage: tooz-bench --driver file|ipc|redis|zookeeper|etcd|memcached|consul|postgresql|mysql [--json-out PATH] [--quick] [--url URL] [--no-scale|--scale-only] [--soak [--seconds N] [--coordinators N]]";
 
 #[derive(Debug)]
 struct Args {
@@ -78,6 +80,18 @@ struct Args {
     json_out: Option<PathBuf>,
     quick: bool,
     url: Option<String>,
+    /// Which of the main scenarios and the scale scenarios ([`scale`]) run.
+    scale: ScaleMode,
+    /// `--soak`: run the soak ([`soak`]) instead of the benchmark.
+    soak: Option<soak::SoakArgs>,
+}
+
+/// Whether the scale scenarios run (after the main ones, instead of them, or not at all).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ScaleMode {
+    Also,
+    Only,
+    Skip,
 }
 
 fn parse_args() -> Result<Option<Args>> {
@@ -85,6 +99,10 @@ fn parse_args() -> Result<Option<Args>> {
     let mut json_out = None;
     let mut quick = false;
     let mut url = None;
+    let mut scale = ScaleMode::Also;
+    let mut soak = false;
+    let mut seconds = 60;
+    let mut coordinators = 200;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let mut value = |name: &str| {
@@ -97,6 +115,22 @@ fn parse_args() -> Result<Option<Args>> {
             "--json-out" => json_out = Some(PathBuf::from(value("--json-out")?)),
             "--url" => url = Some(value("--url")?),
             "--quick" => quick = true,
+            "--no-scale" => scale = ScaleMode::Skip,
+            "--scale-only" => scale = ScaleMode::Only,
+            "--soak" => soak = true,
+            "--seconds" => {
+                let v = value("--seconds")?;
+                seconds =
+                    v.parse().ok().filter(|s| *s > 0).with_context(|| {
+                        format!("`--seconds` takes a positive number, not `{v}`")
+                    })?;
+            }
+            "--coordinators" => {
+                let v = value("--coordinators")?;
+                coordinators = v.parse().ok().filter(|n| *n > 0).with_context(|| {
+                    format!("`--coordinators` takes a positive number, not `{v}`")
+                })?;
+            }
             other => bail!("unexpected argument `{other}`; {USAGE}"),
         }
     }
@@ -108,6 +142,11 @@ fn parse_args() -> Result<Option<Args>> {
         json_out,
         quick,
         url,
+        scale,
+        soak: soak.then_some(soak::SoakArgs {
+            seconds,
+            coordinators,
+        }),
     }))
 }
 
@@ -124,6 +163,24 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Some(soak) = args.soak {
+        let result = match Target::new(&args).await {
+            Ok(target) => {
+                let r = soak::run(&target, soak, args.json_out.as_deref()).await;
+                target.cleanup();
+                r
+            }
+            Err(err) => Err(err),
+        };
+        return match result {
+            Ok(true) => ExitCode::SUCCESS,
+            Ok(false) => ExitCode::FAILURE,
+            Err(err) => {
+                eprintln!("tooz-bench: soak error: {err:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     match run(args).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
@@ -140,17 +197,44 @@ async fn run(args: Args) -> Result<()> {
     } else {
         scenarios::Sizes::full()
     };
-    let outcome = scenarios::run_all(&target, &sizes).await;
+    let outcome = if args.scale == ScaleMode::Only {
+        Ok((Vec::new(), Vec::new()))
+    } else {
+        scenarios::run_all(&target, &sizes).await
+    };
+    let scaled = match (&outcome, args.scale) {
+        (Ok(_), ScaleMode::Also | ScaleMode::Only) => Some(scale::run(&target, args.quick).await),
+        _ => None,
+    };
     target.cleanup();
     let (mut figures, notes) = outcome?;
+    let scaled = scaled.transpose()?;
     report::add_ratios(&mut figures);
-    print!("{}", report::table(target.driver, &figures, &notes));
+    if args.scale != ScaleMode::Only {
+        print!("{}", report::table(target.driver, &figures, &notes));
+    }
+    if let Some(s) = &scaled {
+        print!("{}", scale::table(target.driver, s));
+    }
     if let Some(path) = &args.json_out {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)
                 .with_context(|| format!("cannot create {}", dir.display()))?;
         }
-        let doc = report::json(target.driver, &figures, &notes);
+        let mut doc = report::json(target.driver, &figures, &notes);
+        if args.scale == ScaleMode::Only {
+            // Keep the main scenarios of an earlier run; replace only its scale figures.
+            if let Some(old) = std::fs::read_to_string(path)
+                .ok()
+                .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
+                .filter(|v| v["driver"] == target.driver)
+            {
+                doc = old;
+            }
+        }
+        if let Some(s) = &scaled {
+            doc["scale"] = scale::json(s);
+        }
         std::fs::write(path, serde_json::to_string_pretty(&doc)? + "\n")
             .with_context(|| format!("cannot write {}", path.display()))?;
         println!("wrote {}", path.display());

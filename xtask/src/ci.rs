@@ -30,7 +30,7 @@ use crate::{
 /// The `soak` step: every driver, briefly (a debug build, as the tests).
 const CI_SOAK: flags::Soak = flags::Soak {
     driver: crate::drivers::DriverSelection::All,
-    seconds: 6,
+    seconds: 8,
     coordinators: 200,
     release: false,
 };

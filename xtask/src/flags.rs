@@ -66,7 +66,7 @@ Commands:
         cargo check --workspace --all-targets with the rust-version toolchain (MSRV,
         installed with rustup when missing);
         backends up (only the servers the present drivers need);
-        cargo test --workspace (conformance included); soak --driver all --seconds 6
+        cargo test --workspace (conformance included); soak --driver all --seconds 8
         (debug build); cargo test --workspace --doc;
         the tooz crate's examples (worker_pool on Redis, scheduler on etcd,
         observability on memory://, fenced_job on Redis

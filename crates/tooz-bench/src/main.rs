@@ -54,6 +54,12 @@
 //!
 //! Every ratio is a median over the `floor_rtt` median; `ratio_to_write_floor` (file
 //! driver) is the median over the `floor_write` median.
+//!
+//! After the main scenarios come the scale scenarios ([`scale`]: 10,000 held locks,
+//! 1,000 concurrent acquires, 100 waiters, 10,000 members, 1,000 watched groups; smaller
+//! with `--quick`, capped per driver with a note), written under `"scale"` in the JSON;
+//! `--no-scale` skips them, `--scale-only` runs only them. `--soak` runs the soak
+//! ([`soak`]) instead of the benchmark.
 
 mod proxy;
 mod report;

@@ -251,6 +251,13 @@ fn cap(driver: &str, asked: usize) -> (usize, Option<String>) {
             "the agent takes 200 HTTP connections per client address and each coordinator \
              keeps several (session renewals, blocking queries)",
         ),
+        "ipc" | "file" => (
+            50,
+            "every group write (capability update, join, leave) takes one lock file \
+             (ipc: host-wide; file: per group), so writers queue behind each other: 200 \
+             coordinators writing every second overload it (p99 of seconds, 10 s \
+             state-lock timeouts) on this machine",
+        ),
         _ => return (asked, None),
     };
     if asked > max {
@@ -374,17 +381,29 @@ pub(crate) async fn run(
                 tokio::time::sleep_until(next).await;
                 next += CYCLE;
                 round += 1;
+                // Each step starts only before the deadline, so an overloaded backend
+                // (rounds of seconds) does not stretch the run by whole rounds.
+                let open = || tokio::time::Instant::now() < deadline;
                 shared.time(0, c.heartbeat()).await;
+                if !open() {
+                    break;
+                }
                 if shared.time(1, lock.acquire(Wait::For(LOCK_WAIT))).await == Some(false) {
                     shared.lock_timeouts.fetch_add(1, Ordering::Relaxed);
                 } else if lock.is_held() {
                     shared.time(2, lock.release()).await;
                 }
+                if !open() {
+                    break;
+                }
                 shared
                     .time(3, c.update_capabilities(group.as_str(), &round))
                     .await;
+                if !open() {
+                    break;
+                }
                 shared.time(4, c.get_members(group.as_str())).await;
-                if round.is_multiple_of(REJOIN_EVERY) {
+                if open() && round.is_multiple_of(REJOIN_EVERY) {
                     shared
                         .time(5, async {
                             c.leave_group(group.as_str()).await?;

@@ -43,6 +43,10 @@ const REJOIN_EVERY: u64 = 5;
 const WATCH_EVERY: usize = 10;
 /// Coordinators started at once.
 const START_CHUNK: usize = 20;
+/// How often RSS, tasks and fds are sampled during the run.
+const SAMPLE_EVERY: Duration = Duration::from_millis(250);
+/// The window over which the least of each resource is taken (after warm-up, at the end).
+const WINDOW: Duration = Duration::from_secs(1);
 /// Error messages kept per operation kind.
 const KEEP_ERRORS: usize = 3;
 
@@ -89,7 +93,7 @@ impl Tolerance {
     fn describe(&self) -> String {
         format!(
             "RSS may grow by {:.0}% + {} MiB, tasks and fds by max({}, {:.0}%) between \
-             warm-up and end",
+             warm-up and end (each the least over one second of samples)",
             self.rss_fraction * 100.0,
             self.rss_slack >> 20,
             self.count_slack,
@@ -227,6 +231,15 @@ struct Resources {
     fds: u64,
 }
 
+/// The least of each resource over `samples` (`None` when there are none).
+fn least(samples: impl Iterator<Item = Resources>) -> Option<Resources> {
+    samples.reduce(|a, b| Resources {
+        rss: a.rss.min(b.rss),
+        tasks: a.tasks.min(b.tasks),
+        fds: a.fds.min(b.fds),
+    })
+}
+
 fn resources() -> Resources {
     let fds = std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count() as u64);
     Resources {
@@ -286,7 +299,9 @@ pub(crate) async fn run(
         println!("soak: note: {note}");
     }
     let duration = Duration::from_secs(args.seconds.max(1));
-    let warm = (duration / 4).max(CYCLE * 3).min(duration);
+    let warm = (duration / 4)
+        .max(CYCLE * 3)
+        .min(duration.saturating_sub(WINDOW * 2));
     let start_res = resources();
     let groups: Vec<String> = (0..GROUPS).map(|g| t.name(&format!("soak-g{g}"))).collect();
     let shared = Arc::new(Shared {
@@ -418,11 +433,34 @@ pub(crate) async fn run(
         }));
     }
 
-    tokio::time::sleep_until(began + warm).await;
-    let warm_res = resources();
-    let warm_stats = snapshot_counts(&shared);
-    tokio::time::sleep_until(deadline).await;
-    let end_res = resources();
+    // Samples every SAMPLE_EVERY; the warm-up and end figures are the least of each
+    // resource over one second (after warm-up, and before the deadline), so what is only
+    // in flight at one instant (a wait's connection, a request's socket) does not count
+    // as growth.
+    let mut series: Vec<(Duration, Resources)> = Vec::new();
+    let mut tick = tokio::time::interval(SAMPLE_EVERY);
+    let mut warm_stats = None;
+    loop {
+        let at = tick.tick().await;
+        if at >= deadline {
+            break;
+        }
+        series.push((at - began, resources()));
+        if warm_stats.is_none() && at >= began + warm {
+            warm_stats = Some(snapshot_counts(&shared));
+        }
+    }
+    let warm_stats = warm_stats.unwrap_or(0);
+    let window = |from: Duration| {
+        least(
+            series
+                .iter()
+                .filter(|(at, _)| *at >= from && *at < from + WINDOW)
+                .map(|(_, r)| *r),
+        )
+    };
+    let warm_res = window(warm).unwrap_or_else(resources);
+    let end_res = window(duration.saturating_sub(WINDOW)).unwrap_or_else(resources);
     for task in tasks {
         task.await.context("a soak task panicked")?;
     }
@@ -629,6 +667,14 @@ mod tests {
         assert_eq!(t.count_limit(1000), 1100);
         assert_eq!(t.rss_limit(64 << 20), (80 << 20) + (16 << 20));
         assert!(t.describe().contains("25%"));
+    }
+
+    #[test]
+    fn least_takes_each_minimum() {
+        let r = |rss, tasks, fds| Resources { rss, tasks, fds };
+        let l = least([r(5, 1, 9), r(3, 4, 8), r(7, 2, 10)].into_iter()).unwrap();
+        assert_eq!((l.rss, l.tasks, l.fds), (3, 1, 8));
+        assert!(least(std::iter::empty()).is_none());
     }
 
     #[test]

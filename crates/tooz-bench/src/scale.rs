@@ -110,12 +110,12 @@ impl ScaleSizes {
             }
         };
         match driver {
-            "zookeeper" | "etcd" => cap(
+            "zookeeper" | "etcd" | "file" | "ipc" => cap(
                 "members",
                 &mut self.members,
                 2_000,
-                "a member lives on its coordinator's session, so each needs a live \
-                 coordinator (connection, session, tasks) in this one process",
+                "a member lives on its coordinator (session, lease, open lock file or \
+                 semaphore undo), so each needs a live coordinator in this one process",
             ),
             "postgresql" | "mysql" => {
                 cap(
@@ -640,8 +640,12 @@ async fn members(t: &Target, s: &ScaleSizes) -> Result<(Row, Row)> {
     reader.create_group(group.as_str()).await?;
     // Members whose liveness outlasts their coordinator (a key or row with a TTL, a file)
     // are joined by coordinators that are then dropped ("parked"), so set-up holds few
-    // connections at once; ZooKeeper and etcd members live on their sessions.
-    let parked = !matches!(t.driver, "zookeeper" | "etcd");
+    // connections at once; ZooKeeper, etcd, file and IPC members live on their
+    // coordinators.
+    let parked = matches!(
+        t.driver,
+        "redis" | "memcached" | "consul" | "postgresql" | "mysql"
+    );
     let chunk = if matches!(t.driver, "postgresql" | "mysql") {
         COORD_CHUNK / 5
     } else {

@@ -9,6 +9,8 @@
 //! With `--compare-peers`, tooz-bench also runs the peer lock crates (its `peers` module)
 //! and a "compared with peers" table follows: lock_pair, handoff, wake-up style and holds
 //! left behind by dropped acquires, ours against each peer.
+//! The scale scenarios (tooz-bench's `scale` module) run too unless `--no-scale`; their
+//! figures go under `"scale"` in the JSON, and a table across drivers closes the run.
 
 use std::{
     fs,
@@ -72,7 +74,7 @@ pub(crate) fn run(flags: &flags::Bench) -> Result<()> {
     let out_dir = process::target_dir().join("bench");
     fs::create_dir_all(&out_dir).with_context(|| format!("cannot create {}", out_dir.display()))?;
     process::run(process::cargo().args(["build", "--release", "-p", "tooz-bench"]))?;
-    let python = if flags.compare_python {
+    let python = if flags.compare_python && flags.scale != flags::ScaleRun::Only {
         Some(venv::ensure(None)?)
     } else {
         None
@@ -84,13 +86,22 @@ pub(crate) fn run(flags: &flags::Bench) -> Result<()> {
             driver,
             &env,
             &out_dir,
-            flags.quick,
-            flags.compare_peers,
+            (flags.quick, flags.scale, flags.compare_peers),
             python.as_deref(),
         ) {
             progress!("bench {}: {err:#}", driver.name);
             failed.push(driver.name);
         }
+    }
+    if flags.scale != flags::ScaleRun::Skip {
+        let docs: Vec<(&str, Value)> = drivers
+            .iter()
+            .filter_map(|d| {
+                let doc = read_json(&out_dir.join(format!("{}.json", d.name))).ok()?;
+                Some((d.name, doc))
+            })
+            .collect();
+        print!("{}", scaling_table(&docs));
     }
     if !failed.is_empty() {
         bail!("bench failed for: {}", failed.join(", "));
@@ -98,12 +109,66 @@ pub(crate) fn run(flags: &flags::Bench) -> Result<()> {
     Ok(())
 }
 
+/// The scaling table across drivers, from each driver's `"scale"` figures: per scale
+/// scenario the median latency (µs per operation) and requests per operation, and the
+/// concurrent acquires' ratio to their floor.
+fn scaling_table(docs: &[(&str, Value)]) -> String {
+    let mut out = format!(
+        "\nbench: scaling (medians; req = requests per operation; see each driver's table for sizes and caps)\n\
+         {:<10} | {:>17} | {:>22} | {:>17} | {:>17} | {:>17} | {:>17} | {:>7}\n{}\n",
+        "driver",
+        "heartbeat µs/req",
+        "1k acquires µs/op ×fl",
+        "handoff µs/req",
+        "get_members µs/req",
+        "watch 10k µs/req",
+        "watch 1k grp µs/req",
+        "conns",
+        "-".repeat(10 + 17 * 5 + 22 + 7 + 21)
+    );
+    let pair = |s: &Value, name: &str| {
+        let r = &s[name];
+        format!(
+            "{} / {}",
+            cell(r["median_us"].as_f64(), 0),
+            cell(r["requests_per_op"].as_f64(), 1)
+        )
+    };
+    for (driver, doc) in docs {
+        let s = &doc["scale"]["scenarios"];
+        if s.is_null() {
+            continue;
+        }
+        let acq = &s["scale_acquire"];
+        out.push_str(&format!(
+            "{driver:<10} | {:>17} | {:>22} | {:>17} | {:>17} | {:>17} | {:>17} | {:>7}\n",
+            pair(s, "scale_heartbeat"),
+            format!(
+                "{} / {}",
+                cell(acq["median_us"].as_f64(), 1),
+                cell(acq["ratio_to_floor"].as_f64(), 1)
+            ),
+            pair(s, "scale_waiters"),
+            pair(s, "scale_get_members"),
+            pair(s, "scale_watch_members"),
+            pair(s, "scale_watch_groups"),
+            cell(
+                s["scale_watch_groups"]["watch_setup_connections"].as_f64(),
+                0
+            ),
+        ));
+    }
+    out.push_str(
+        "conns = connections the watcher opened to watch every group (0: it reused its own)\n",
+    );
+    out
+}
+
 fn run_one(
     driver: &Driver,
     env: &[(String, String)],
     out_dir: &Path,
-    quick: bool,
-    compare_peers: bool,
+    (quick, scale, compare_peers): (bool, flags::ScaleRun, bool),
     python: Option<&Path>,
 ) -> Result<()> {
     let rust_json = out_dir.join(format!("{}.json", driver.name));
@@ -118,6 +183,15 @@ fn run_one(
     }
     if compare_peers {
         cmd.arg("--compare-peers");
+    }
+    match scale {
+        flags::ScaleRun::Both => {}
+        flags::ScaleRun::Skip => {
+            cmd.arg("--no-scale");
+        }
+        flags::ScaleRun::Only => {
+            cmd.arg("--scale-only");
+        }
     }
     process::run(&mut cmd)?;
     if compare_peers {
@@ -392,5 +466,23 @@ mod tests {
         let lock = table.find("lock_pair").unwrap();
         let members = table.find("get_members_1000").unwrap();
         assert!(lock < members, "{table}");
+    }
+
+    #[test]
+    fn scaling_table_rows() {
+        let doc = serde_json::json!({"driver": "redis", "scale": {"scenarios": {
+            "scale_heartbeat": {"median_us": 812.4, "requests_per_op": 2.0},
+            "scale_acquire": {"median_us": 3.25, "ratio_to_floor": 1.5},
+            "scale_watch_groups": {"median_us": 300.0, "requests_per_op": 4.0,
+                                   "watch_setup_connections": 1}}}});
+        let none = serde_json::json!({"driver": "file"});
+        let table = scaling_table(&[("redis", doc), ("file", none)]);
+        assert!(table.contains("812 / 2.0"), "{table}");
+        assert!(
+            table.contains("3.2 / 1.5") || table.contains("3.3 / 1.5"),
+            "{table}"
+        );
+        assert!(table.contains("300 / 4.0"), "{table}");
+        assert!(!table.contains("\nfile "), "{table}");
     }
 }

@@ -22,6 +22,10 @@
 //! printed) after the tests, then the `--cluster` variants when the pipeline has a
 //! `cluster` step that brought the clusters up.
 //!
+//! `soak` runs `cargo xtask soak` for every driver for a few seconds each ([`CI_SOAK`]):
+//! 200 coordinators (fewer where a server takes fewer connections), failing on an error
+//! or on resources growing after warm-up.
+//!
 //! Conformance is not a step of its own: every driver crate's `tests/conformance.rs` is a
 //! test target, so `cargo test --workspace` already runs it.
 
@@ -32,6 +36,14 @@ use anyhow::{Result, bail};
 use crate::{
     flags, interop,
     process::{self, progress},
+};
+
+/// The `soak` step: every driver, briefly (a debug build, as the tests).
+const CI_SOAK: flags::Soak = flags::Soak {
+    driver: crate::drivers::DriverSelection::All,
+    seconds: 8,
+    coordinators: 200,
+    release: false,
 };
 
 /// One step of the pipeline.
@@ -91,6 +103,10 @@ const STEPS: &[Step] = &[
     Step {
         name: "test",
         run: || process::run(&mut test_command(&["test", "--workspace"])),
+    },
+    Step {
+        name: "soak",
+        run: || crate::soak::run(&CI_SOAK),
     },
     Step {
         name: "cluster",

@@ -44,6 +44,7 @@ Commands:
         data (or empty with --wipe where that is safe) and wait until it answers; print
         the cluster's current leader (exit 1 if none); list `NAME PID PORT STATE`.
   bench [--driver NAME|all] [--compare-python] [--compare-peers] [--quick]
+        [--no-scale|--scale-only]
         Run the benchmark harness (crates/tooz-bench, release build) per driver: floors
         (one raw round trip / write of the same client library) and the scenarios
         lock_pair, lock_handoff, join_leave, get_members_1000, heartbeat_100,
@@ -61,7 +62,22 @@ Commands:
                             them to target/bench/<driver>.json under `peers`. Every run
                             has the scenario `cancel` (acquires dropped mid-flight, holds
                             left behind) for our lock.
-          --quick           a tenth of the iterations (a smoke run)
+          --quick           a tenth of the iterations (a smoke run); smaller scale sizes
+          --no-scale        skip the scale scenarios (held locks, concurrent acquires,
+                            waiters, 10,000 members, 1,000 watched groups; see
+                            crates/tooz-bench/src/scale.rs), which run by default and go
+                            under `scale` in the JSON, with a table across drivers at the end
+          --scale-only      run only the scale scenarios (the JSON keeps the main figures
+                            of an earlier run)
+  soak [--driver NAME|all] [--seconds N] [--coordinators N] [--release]
+        A bounded load run per driver (tooz-bench --soak): N coordinators (default 200;
+        fewer where the server takes fewer connections, said in the output) in one
+        process join groups, heartbeat, watch, lock and update capabilities for N
+        seconds (default 60). Prints per-operation counts, errors, median/p99/max
+        latencies, and RSS, tokio tasks and open fds at start, warm-up, end and after
+        stop; fails on any error or on growth after warm-up past the printed tolerance.
+        Writes target/soak/<driver>.json.
+          --release         build tooz-bench in release mode (default: debug, as CI)
   chaos [--driver NAME|all] [--cluster] [--seconds N] [--seed S] [--clients K]
         [--client-faults-only]
         Fault run (crates/tooz-chaos): K client processes (default 4) lock and write to a
@@ -89,8 +105,8 @@ Commands:
         cargo check --workspace --all-targets with the rust-version toolchain (MSRV,
         installed with rustup when missing);
         backends up (only the servers the present drivers need);
-        cargo test --workspace (conformance included);
-        cluster (backends up --cluster-only, the etcd, ZooKeeper and Redis conformance
+        cargo test --workspace (conformance included); soak --driver all --seconds 8
+        (debug build); cluster (backends up --cluster-only, the etcd, ZooKeeper and Redis conformance
         suites against the cluster URLs, a lock that survives the SIGKILL of the etcd or
         ZooKeeper member its client is on, kill each cluster's leader and see another one
         elected); chaos --driver all --seconds 12, then chaos --cluster for etcd,
@@ -125,6 +141,8 @@ pub(crate) enum Command {
     Bench(Bench),
     /// `chaos`.
     Chaos(Chaos),
+    /// `soak`.
+    Soak(Soak),
     /// `ci`.
     Ci,
     /// `readme`.
@@ -160,6 +178,32 @@ pub(crate) struct Bench {
     pub(crate) compare_peers: bool,
     /// A tenth of the iterations.
     pub(crate) quick: bool,
+    /// `--no-scale` / `--scale-only`: which of the main and the scale scenarios run.
+    pub(crate) scale: ScaleRun,
+}
+
+/// Which scenarios `bench` runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ScaleRun {
+    /// The main scenarios, then the scale ones.
+    Both,
+    /// Only the main scenarios.
+    Skip,
+    /// Only the scale scenarios.
+    Only,
+}
+
+/// Options of `cargo xtask soak`.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct Soak {
+    /// Which drivers to soak.
+    pub(crate) driver: DriverSelection,
+    /// How long each driver runs.
+    pub(crate) seconds: u64,
+    /// Coordinators in the process.
+    pub(crate) coordinators: usize,
+    /// Build tooz-bench in release mode.
+    pub(crate) release: bool,
 }
 
 /// Options of `cargo xtask chaos`.
@@ -247,6 +291,7 @@ pub(crate) fn parse(args: impl IntoIterator<Item = String>) -> Result<Command> {
                 compare_python: false,
                 compare_peers: false,
                 quick: false,
+                scale: ScaleRun::Both,
             };
             let mut opts = Options::new("bench", rest);
             while let Some(flag) = opts.next_flag()? {
@@ -255,6 +300,8 @@ pub(crate) fn parse(args: impl IntoIterator<Item = String>) -> Result<Command> {
                     "--compare-python" => bench.compare_python = true,
                     "--compare-peers" => bench.compare_peers = true,
                     "--quick" => bench.quick = true,
+                    "--no-scale" => bench.scale = ScaleRun::Skip,
+                    "--scale-only" => bench.scale = ScaleRun::Only,
                     _ => return Err(opts.unknown(&flag)),
                 }
             }
@@ -292,6 +339,25 @@ pub(crate) fn parse(args: impl IntoIterator<Item = String>) -> Result<Command> {
                 }
             }
             Ok(Command::Chaos(chaos))
+        }
+        "soak" => {
+            let mut soak = Soak {
+                driver: DriverSelection::All,
+                seconds: 60,
+                coordinators: 200,
+                release: false,
+            };
+            let mut opts = Options::new("soak", rest);
+            while let Some(flag) = opts.next_flag()? {
+                match flag.as_str() {
+                    "--driver" => soak.driver = opts.value(&flag)?.parse()?,
+                    "--seconds" => soak.seconds = opts.positive(&flag)?,
+                    "--coordinators" => soak.coordinators = opts.positive(&flag)?,
+                    "--release" => soak.release = true,
+                    _ => return Err(opts.unknown(&flag)),
+                }
+            }
+            Ok(Command::Soak(soak))
         }
         "ci" => {
             let mut opts = Options::new("ci", rest);
@@ -352,6 +418,18 @@ impl Options {
         }
     }
 
+    /// A value that must be a positive integer.
+    fn positive<T: std::str::FromStr + PartialOrd + Default>(&mut self, flag: &str) -> Result<T> {
+        let v = self.value(flag)?;
+        match v.parse::<T>() {
+            Ok(n) if n > T::default() => Ok(n),
+            _ => bail!(
+                "`{flag}` takes a positive integer, not `{v}` (cargo xtask {})",
+                self.command
+            ),
+        }
+    }
+
     fn unknown(&self, flag: &str) -> anyhow::Error {
         anyhow::anyhow!(
             "unknown option `{flag}` for `cargo xtask {}`; run `cargo xtask --help`",
@@ -401,6 +479,7 @@ mod tests {
                 compare_python: false,
                 compare_peers: false,
                 quick: false,
+                scale: ScaleRun::Both,
             })
         );
         assert_eq!(
@@ -410,6 +489,17 @@ mod tests {
                 compare_python: true,
                 compare_peers: false,
                 quick: true,
+                scale: ScaleRun::Both,
+            })
+        );
+        assert_eq!(
+            parse_str("bench --scale-only").unwrap(),
+            Command::Bench(Bench {
+                driver: DriverSelection::All,
+                compare_python: false,
+                compare_peers: false,
+                quick: false,
+                scale: ScaleRun::Only,
             })
         );
         assert_eq!(
@@ -419,6 +509,7 @@ mod tests {
                 compare_python: false,
                 compare_peers: true,
                 quick: false,
+                scale: ScaleRun::Both,
             })
         );
         assert!(parse_str("bench --driver nosuch").is_err());
@@ -445,6 +536,36 @@ mod tests {
         assert!(parse_str("chaos --seed -1").is_err());
         assert!(parse_str("chaos --clients 1").is_err());
         assert!(parse_str("chaos --driver nosuch").is_err());
+    }
+
+    #[test]
+    fn parses_soak() {
+        assert_eq!(
+            parse_str("soak").unwrap(),
+            Command::Soak(Soak {
+                driver: DriverSelection::All,
+                seconds: 60,
+                coordinators: 200,
+                release: false,
+            })
+        );
+        assert_eq!(
+            parse_str("soak --driver redis --seconds 5 --coordinators=300 --release").unwrap(),
+            Command::Soak(Soak {
+                driver: DriverSelection::One("redis".into()),
+                seconds: 5,
+                coordinators: 300,
+                release: true,
+            })
+        );
+        for bad in [
+            "soak --seconds 0",
+            "soak --seconds x",
+            "soak --coordinators -3",
+            "soak --quick",
+        ] {
+            assert!(parse_str(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -15,6 +15,7 @@ mod features;
 mod flags;
 mod interop;
 mod process;
+mod soak;
 
 use std::process::ExitCode;
 
@@ -38,6 +39,7 @@ fn main() -> ExitCode {
         flags::Command::Backends(args) => backends::main(&args),
         flags::Command::Bench(flags) => bench::run(&flags),
         flags::Command::Chaos(flags) => chaos::run(&flags),
+        flags::Command::Soak(flags) => soak::run(&flags),
         flags::Command::Ci => ci::run(),
         flags::Command::Readme => {
             progress!("readme: regenerating the driver feature table");

@@ -61,11 +61,18 @@
 //! not take). With `--compare-peers`, the lock crates a Rust user would pick instead
 //! (see [`peers`]) run `lock_pair`, `lock_handoff` and `cancel` on the same server, under
 //! `"peers": {"<peer>": {"wake_up", "lock_pair", "lock_handoff", "cancel"}}`.
+//! After the main scenarios come the scale scenarios ([`scale`]: 10,000 held locks,
+//! 1,000 concurrent acquires, 100 waiters, 10,000 members, 1,000 watched groups; smaller
+//! with `--quick`, capped per driver with a note), written under `"scale"` in the JSON;
+//! `--no-scale` skips them, `--scale-only` runs only them. `--soak` runs the soak
+//! ([`soak`]) instead of the benchmark.
 
 mod peers;
 mod proxy;
 mod report;
+mod scale;
 mod scenarios;
+mod soak;
 
 use std::{
     path::PathBuf,
@@ -78,7 +85,7 @@ use tooz_core::{Coordinator, Registry, Url};
 
 use crate::proxy::{Counting, Proxy};
 
-const USAGE: &str = "usage: tooz-bench --driver file|ipc|redis|zookeeper|etcd|memcached|consul|postgresql|mysql [--json-out PATH] [--quick] [--url URL] [--compare-peers]";
+const USAGE: &str = "usage: tooz-bench --driver file|ipc|redis|zookeeper|etcd|memcached|consul|postgresql|mysql [--json-out PATH] [--quick] [--url URL] [--compare-peers] [--no-scale|--scale-only] [--soak [--seconds N] [--coordinators N]]";
 
 #[derive(Debug)]
 struct Args {
@@ -87,6 +94,18 @@ struct Args {
     quick: bool,
     url: Option<String>,
     compare_peers: bool,
+    /// Which of the main scenarios and the scale scenarios ([`scale`]) run.
+    scale: ScaleMode,
+    /// `--soak`: run the soak ([`soak`]) instead of the benchmark.
+    soak: Option<soak::SoakArgs>,
+}
+
+/// Whether the scale scenarios run (after the main ones, instead of them, or not at all).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ScaleMode {
+    Also,
+    Only,
+    Skip,
 }
 
 fn parse_args() -> Result<Option<Args>> {
@@ -95,6 +114,10 @@ fn parse_args() -> Result<Option<Args>> {
     let mut quick = false;
     let mut url = None;
     let mut compare_peers = false;
+    let mut scale = ScaleMode::Also;
+    let mut soak = false;
+    let mut seconds = 60;
+    let mut coordinators = 200;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let mut value = |name: &str| {
@@ -108,6 +131,22 @@ fn parse_args() -> Result<Option<Args>> {
             "--url" => url = Some(value("--url")?),
             "--quick" => quick = true,
             "--compare-peers" => compare_peers = true,
+            "--no-scale" => scale = ScaleMode::Skip,
+            "--scale-only" => scale = ScaleMode::Only,
+            "--soak" => soak = true,
+            "--seconds" => {
+                let v = value("--seconds")?;
+                seconds =
+                    v.parse().ok().filter(|s| *s > 0).with_context(|| {
+                        format!("`--seconds` takes a positive number, not `{v}`")
+                    })?;
+            }
+            "--coordinators" => {
+                let v = value("--coordinators")?;
+                coordinators = v.parse().ok().filter(|n| *n > 0).with_context(|| {
+                    format!("`--coordinators` takes a positive number, not `{v}`")
+                })?;
+            }
             other => bail!("unexpected argument `{other}`; {USAGE}"),
         }
     }
@@ -120,6 +159,11 @@ fn parse_args() -> Result<Option<Args>> {
         quick,
         url,
         compare_peers,
+        scale,
+        soak: soak.then_some(soak::SoakArgs {
+            seconds,
+            coordinators,
+        }),
     }))
 }
 
@@ -136,6 +180,24 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Some(soak) = args.soak {
+        let result = match Target::new(&args).await {
+            Ok(target) => {
+                let r = soak::run(&target, soak, args.json_out.as_deref()).await;
+                target.cleanup();
+                r
+            }
+            Err(err) => Err(err),
+        };
+        return match result {
+            Ok(true) => ExitCode::SUCCESS,
+            Ok(false) => ExitCode::FAILURE,
+            Err(err) => {
+                eprintln!("tooz-bench: soak error: {err:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     match run(args).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
@@ -152,10 +214,14 @@ async fn run(args: Args) -> Result<()> {
     } else {
         scenarios::Sizes::full()
     };
-    let outcome = scenarios::run_all(&target, &sizes).await;
+    let outcome = if args.scale == ScaleMode::Only {
+        Ok((Vec::new(), Vec::new()))
+    } else {
+        scenarios::run_all(&target, &sizes).await
+    };
     let peer_sizes = peers::Sizes::new(args.quick);
     let (cancel, peer_results) = match &outcome {
-        Ok(_) if target.has_driver() => {
+        Ok(_) if target.has_driver() && args.scale != ScaleMode::Only => {
             let cancel = peers::ours_cancel(&target, peer_sizes.cancel).await;
             let peer_results = if args.compare_peers {
                 peers::run(&target, peer_sizes).await
@@ -166,11 +232,18 @@ async fn run(args: Args) -> Result<()> {
         }
         _ => (None, Vec::new()),
     };
+    let scaled = match (&outcome, args.scale) {
+        (Ok(_), ScaleMode::Also | ScaleMode::Only) => Some(scale::run(&target, args.quick).await),
+        _ => None,
+    };
     target.cleanup();
     let (mut figures, notes) = outcome?;
     let cancel = cancel.transpose()?;
+    let scaled = scaled.transpose()?;
     report::add_ratios(&mut figures);
-    print!("{}", report::table(target.driver, &figures, &notes));
+    if args.scale != ScaleMode::Only {
+        print!("{}", report::table(target.driver, &figures, &notes));
+    }
     if let Some(c) = &cancel {
         println!(
             "cancel: {} of {} acquires dropped mid-flight left a hold behind ({} completed first)",
@@ -182,12 +255,25 @@ async fn run(args: Args) -> Result<()> {
     for p in &peer_results {
         println!("{}", p.line());
     }
+    if let Some(s) = &scaled {
+        print!("{}", scale::table(target.driver, s));
+    }
     if let Some(path) = &args.json_out {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)
                 .with_context(|| format!("cannot create {}", dir.display()))?;
         }
         let mut doc = report::json(target.driver, &figures, &notes);
+        if args.scale == ScaleMode::Only {
+            // Keep the main scenarios of an earlier run; replace only its scale figures.
+            if let Some(old) = std::fs::read_to_string(path)
+                .ok()
+                .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
+                .filter(|v| v["driver"] == target.driver)
+            {
+                doc = old;
+            }
+        }
         if let Some(c) = &cancel {
             doc["scenarios"]["cancel"] = c.json();
         }
@@ -201,6 +287,9 @@ async fn run(args: Args) -> Result<()> {
                 .map(|p| (p.name.to_owned(), p.json(floor)))
                 .collect();
             doc["peers"] = serde_json::Value::Object(peers);
+        }
+        if let Some(s) = &scaled {
+            doc["scale"] = scale::json(s);
         }
         std::fs::write(path, serde_json::to_string_pretty(&doc)? + "\n")
             .with_context(|| format!("cannot write {}", path.display()))?;

@@ -64,6 +64,8 @@ pub(crate) struct Proxy {
     counting: Counting,
     count: Arc<AtomicU64>,
     commands: Arc<AtomicU64>,
+    /// Client connections accepted so far.
+    connections: Arc<AtomicU64>,
     accept: JoinHandle<()>,
 }
 
@@ -75,12 +77,15 @@ impl Proxy {
         let addr = listener.local_addr()?;
         let count = Arc::new(AtomicU64::new(0));
         let commands = Arc::new(AtomicU64::new(0));
+        let connections = Arc::new(AtomicU64::new(0));
         let counters = (Arc::clone(&count), Arc::clone(&commands));
+        let accepted = Arc::clone(&connections);
         let accept = tokio::spawn(async move {
             loop {
                 let Ok((client, _)) = listener.accept().await else {
                     continue;
                 };
+                accepted.fetch_add(1, Ordering::SeqCst);
                 let upstream = upstream.clone();
                 let counters = (Arc::clone(&counters.0), Arc::clone(&counters.1));
                 tokio::spawn(async move {
@@ -94,6 +99,7 @@ impl Proxy {
             counting,
             count,
             commands,
+            connections,
             accept,
         })
     }
@@ -111,6 +117,11 @@ impl Proxy {
     /// Round trips counted so far, over every connection.
     pub(crate) fn round_trips(&self) -> u64 {
         self.count.load(Ordering::SeqCst)
+    }
+
+    /// Client connections accepted so far.
+    pub(crate) fn connections(&self) -> u64 {
+        self.connections.load(Ordering::SeqCst)
     }
 
     /// memcached command lines counted so far (0 in the other modes).

@@ -460,7 +460,7 @@ async fn etcd_put(t: &Target, n: usize) -> Result<Measured> {
 }
 
 #[cfg(feature = "memcached")]
-async fn mc_get(t: &Target, n: usize) -> Result<Measured> {
+pub(crate) async fn mc_get(t: &Target, n: usize) -> Result<Measured> {
     use async_memcached::{Client, MetaProtocol};
     let addr = t.raw_addr()?;
     let mut mc = Client::new(format!("tcp://{addr}"))
@@ -493,7 +493,7 @@ async fn mc_get(t: &Target, n: usize) -> Result<Measured> {
 }
 
 #[cfg(feature = "consul")]
-async fn consul_kv(t: &Target, n: usize, write: bool) -> Result<Measured> {
+pub(crate) async fn consul_kv(t: &Target, n: usize, write: bool) -> Result<Measured> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let http = reqwest::Client::new();
     let url = format!(
@@ -540,7 +540,7 @@ async fn consul_kv(t: &Target, n: usize, write: bool) -> Result<Measured> {
 
 /// The SQL floors: `SELECT 1` and a one-row `UPDATE` on one sqlx connection.
 #[cfg(any(feature = "postgresql", feature = "mysql"))]
-mod sql_floor {
+pub(crate) mod sql_floor {
     use std::time::Instant;
 
     use anyhow::{Context, Result};
@@ -576,7 +576,7 @@ mod sql_floor {
     }
 
     #[cfg(feature = "postgresql")]
-    pub(super) async fn pg(t: &Target, n: usize, write: bool) -> Result<Measured> {
+    pub(crate) async fn pg(t: &Target, n: usize, write: bool) -> Result<Measured> {
         let url = t.raw_url();
         let opts = tooz_sql::PgConfig::from_url_str(&url)?.connect;
         let mut c = sqlx::PgConnection::connect_with(&opts)
@@ -604,7 +604,7 @@ mod sql_floor {
     }
 
     #[cfg(feature = "mysql")]
-    pub(super) async fn mysql(t: &Target, n: usize, write: bool) -> Result<Measured> {
+    pub(crate) async fn mysql(t: &Target, n: usize, write: bool) -> Result<Measured> {
         let url = t.raw_url();
         let opts = tooz_sql::MySqlConfig::from_url_str(&url)?.connect;
         let mut c = sqlx::MySqlConnection::connect_with(&opts)
@@ -918,7 +918,7 @@ async fn heartbeat(t: &Target, count: usize, n: usize) -> Result<Measured> {
 }
 
 /// Waits for `want` about `member` on `events`, skipping anything else.
-async fn wait_event(
+pub(crate) async fn wait_event(
     events: &mut tooz_core::EventStream,
     member: &MemberId,
     joined: bool,

@@ -71,22 +71,26 @@ impl Shared {
 
     /// The fenced write: accepted when `token` is above the key's last accepted token
     /// (or equal to it from the same writer: a leader writing again in its term).
+    ///
+    /// The event is stamped with the time of the decision and recorded under the fence's
+    /// lock, so the history orders writes as the register decided them (the client's own
+    /// stamp is taken before the request travels, and two writers' requests can arrive
+    /// in the other order).
     fn write(&self, mut ev: Event) -> bool {
         let key = ev.lock.clone().unwrap_or_default();
         let token = ev.token.unwrap_or(0);
-        let accepted = {
-            let mut fence = guard(&self.fence);
-            let ok = match fence.get(&key) {
-                None => true,
-                Some((last, writer)) => token > *last || (token == *last && *writer == ev.c),
-            };
-            if ok {
-                fence.insert(key, (token, ev.c.clone()));
-            }
-            ok
+        let mut fence = guard(&self.fence);
+        let accepted = match fence.get(&key) {
+            None => true,
+            Some((last, writer)) => token > *last || (token == *last && *writer == ev.c),
         };
+        if accepted {
+            fence.insert(key, (token, ev.c.clone()));
+        }
+        ev.t = crate::now_ns();
         ev.ok = Some(accepted);
         self.record(ev);
+        drop(fence);
         accepted
     }
 

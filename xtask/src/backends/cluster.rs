@@ -420,6 +420,33 @@ fn sentinel_master_port() -> Result<u16> {
     Ok(port)
 }
 
+/// The primary a restarted Redis node follows. When the Sentinels still name the node
+/// itself (it was the primary and they have not failed over yet), wait for the failover
+/// first, bounded: started at once, the node would come back as an empty second primary
+/// that clients can reach until the Sentinels demote it about ten seconds later, and
+/// every write it acknowledged meanwhile would then be wiped (a split brain the harness
+/// would have caused, not one a real restart causes where the node's configuration
+/// follows the Sentinels).
+fn redis_rejoin_primary(nd: Node) -> u16 {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        match sentinel_master_port() {
+            Ok(p) if p != nd.port() => return p,
+            Ok(_) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Ok(p) => {
+                println!(
+                    "backends: {}: the Sentinels still name it the primary after 15 s; starting it as the primary",
+                    nd.name()
+                );
+                return p;
+            }
+            Err(_) => return n(Group::Redis, 1).port(),
+        }
+    }
+}
+
 /// Whether every Sentinel names the same primary and counts a healthy replica and the two
 /// other Sentinels.
 fn sentinels_settled() -> Result<()> {
@@ -619,7 +646,7 @@ fn prepare_node(nd: Node, ctx: &Ctx, mode: Mode) -> Result<Launch> {
                 Mode::Bootstrap => n(Group::Redis, 1).port(),
                 // Follow the primary the Sentinels name; when none answers, the slot's
                 // initial role.
-                Mode::Rejoin => sentinel_master_port().unwrap_or(n(Group::Redis, 1).port()),
+                Mode::Rejoin => redis_rejoin_primary(nd),
             };
             if primary != nd.port() {
                 args.extend(os(&["--replicaof", HOST, &primary.to_string()]));

@@ -477,6 +477,19 @@ pub(crate) async fn run(
         }
     }
     drop(coords);
+    // Leave nothing behind: the IPC driver's group list is host-wide and fixed in size
+    // (Python tooz's 1 KiB segment), so groups left by every soak would fill it.
+    let cleaner = t.coordinator("soak-cleaner", false).await?;
+    for g in &groups {
+        match cleaner.delete_group(g.as_str()).await {
+            Ok(()) | Err(tooz_core::ToozError::GroupNotCreated(_)) => {}
+            Err(e) => stop_errors.push(format!("delete group {g}: {e}")),
+        }
+    }
+    cleaner
+        .stop()
+        .await
+        .context("stopping the soak's cleaner")?;
     // Reported, not checked: closed connections and aborted tasks may still be winding
     // down.
     let stopped_res = resources();

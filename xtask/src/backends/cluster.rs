@@ -1195,6 +1195,12 @@ fn node_start(t: Target, wipe: bool) -> Result<()> {
             println!("backends: {name}: wiped {}", dir.display());
         }
     }
+    if let Target::Single(Kind::Postgresql) = t {
+        clear_stale_postmaster_pid(
+            &ctx.data.join("postgres").join("data"),
+            &ctx.pg_socket_dir(),
+        )?;
+    }
     let state = Mutex::new(st);
     let res = match t {
         Target::Cluster(nd) => start_node(nd, &ctx, &state, &sd, Mode::Rejoin),
@@ -1206,6 +1212,70 @@ fn node_start(t: Target, wipe: bool) -> Result<()> {
     st.save(&sd)?;
     write_env(&sd, &st)?;
     res
+}
+
+/// After a SIGKILL, PostgreSQL's `postmaster.pid` still names the killed postmaster, and
+/// where nobody reaps it (a container whose init does not) that pid stays a zombie that
+/// `kill(pid, 0)` calls alive: a restart refuses to start ("lock file already exists").
+/// Remove the file when its pid is gone or a zombie, once the old server's backends
+/// (which exit on their postmaster's death) are gone too, bounded.
+fn clear_stale_postmaster_pid(data: &Path, socket_dir: &Path) -> Result<()> {
+    let file = data.join("postmaster.pid");
+    let Ok(text) = fs::read_to_string(&file) else {
+        return Ok(());
+    };
+    let Some(pid) = text
+        .lines()
+        .next()
+        .and_then(|l| l.trim().parse::<u32>().ok())
+    else {
+        return Ok(());
+    };
+    let dead = |pid: u32| proc_stat(pid).is_none_or(|p| p.state == 'Z');
+    if !dead(pid) {
+        return Ok(());
+    }
+    // The old backends (reparented when their postmaster died; they exit on noticing
+    // it): processes titled `postgres: ...`. Bounded: this only waits.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let children = fs::read_dir("/proc")
+            .map(|d| {
+                d.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+                    .filter(|p| {
+                        fs::read(format!("/proc/{p}/cmdline"))
+                            .is_ok_and(|c| c.starts_with(b"postgres: "))
+                    })
+                    .filter(|p| !dead(*p))
+                    .count()
+            })
+            .unwrap_or(0);
+        if children == 0 || Instant::now() >= deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    fs::remove_file(&file).with_context(|| format!("removing stale {}", file.display()))?;
+    // The Unix socket's lock file names the same postmaster.
+    if let Ok(dir) = fs::read_dir(socket_dir) {
+        for e in dir.flatten() {
+            let path = e.path();
+            let is_lock = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(".s.PGSQL.") && n.ends_with(".lock"));
+            let same = fs::read_to_string(&path)
+                .ok()
+                .and_then(|t| t.lines().next().and_then(|l| l.trim().parse::<u32>().ok()))
+                == Some(pid);
+            if is_lock && same {
+                fs::remove_file(&path)
+                    .with_context(|| format!("removing stale {}", path.display()))?;
+            }
+        }
+    }
+    println!("backends: postgresql: removed the stale postmaster.pid of killed pid {pid}");
+    Ok(())
 }
 
 fn single_ctx(sd: &Path, st: &State) -> Result<Ctx> {

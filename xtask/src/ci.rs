@@ -134,6 +134,7 @@ const STEPS: &[Step] = &[
             // Every publishable crate packaged and its package built on its own, as
             // crates.io would receive it (workspace path dependencies resolved
             // from the packages themselves).
+            forget_extracted_packages();
             process::run(
                 process::cargo()
                     .args(["package", "--workspace", "--allow-dirty"])
@@ -143,6 +144,37 @@ const STEPS: &[Step] = &[
         },
     },
 ];
+
+/// Removes the copies of this workspace's packages that earlier `cargo package` runs
+/// extracted under `$CARGO_HOME/registry/src`: cargo does not extract a package again
+/// when its `name-version` directory exists, so verification would build a later
+/// package against an earlier run's sources of the same version.
+fn forget_extracted_packages() {
+    let home = std::env::var_os("CARGO_HOME")
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| std::path::Path::new(&h).join(".cargo")));
+    let Some(home) = home else { return };
+    let Ok(registries) = std::fs::read_dir(home.join("registry").join("src")) else {
+        return;
+    };
+    for reg in registries.flatten() {
+        let Ok(entries) = std::fs::read_dir(reg.path()) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if (name.starts_with("tooz-") || name.starts_with("tooz_"))
+                && name.ends_with(concat!("-", env!("CARGO_PKG_VERSION")))
+                && std::fs::remove_dir_all(e.path()).is_ok()
+            {
+                progress!(
+                    "package: removed the stale extracted {}",
+                    e.path().display()
+                );
+            }
+        }
+    }
+}
 
 /// Seconds of chaos per driver in CI: with the start, the final membership check and
 /// Consul's 2 × TTL probe, about 20 s a driver.

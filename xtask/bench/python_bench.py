@@ -159,6 +159,8 @@ class Bench:
         self.notes.append(
             "floor_rtt: one sysv_ipc acquire + release (SEM_UNDO) of a private semaphore"
         )
+        return figures(samples)
+
     def sql_floor(self):
         """One `SELECT 1` with Python tooz's client library (psycopg2, PyMySQL)."""
         from urllib.parse import unquote, urlsplit

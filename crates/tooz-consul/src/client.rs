@@ -4,6 +4,7 @@
 //! `unlock`, `cas`, `check-*`, `delete-cas`), which also returns the written
 //! entry's indexes.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine;
@@ -145,7 +146,17 @@ pub(crate) struct Client {
     base: String,
     token: Option<String>,
     timeout: Duration,
+    /// Permits for requests in flight: HTTP/1.1 needs a connection per request in
+    /// flight, and an agent takes at most 200 connections per client address
+    /// (`limits.http_max_conns_per_client`) and closes the rest, so one busy
+    /// coordinator must not open hundreds at once. Blocking queries and session
+    /// renewals do not take one (a renewal must never queue behind a burst).
+    inflight: Arc<tokio::sync::Semaphore>,
 }
+
+/// Requests in flight at once per coordinator, besides blocking queries and
+/// session renewals.
+const MAX_IN_FLIGHT: usize = 64;
 
 fn build_http(config: &ConsulConfig) -> Result<reqwest::Client> {
     // reqwest without a default TLS provider needs rustls' ring provider
@@ -178,6 +189,7 @@ impl Client {
             base: config.api_base(),
             token: config.acl_token.clone(),
             timeout: config.timeout,
+            inflight: Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT)),
         })
     }
 
@@ -216,6 +228,21 @@ impl Client {
     }
 
     async fn send(
+        &self,
+        what: &str,
+        r: reqwest::RequestBuilder,
+    ) -> Result<(
+        reqwest::StatusCode,
+        reqwest::header::HeaderMap,
+        bytes_body::Body,
+    )> {
+        // The semaphore is never closed, so acquiring only waits.
+        let _permit = self.inflight.acquire().await.ok();
+        self.send_unbounded(what, r).await
+    }
+
+    /// [`send`](Self::send) without taking an in-flight permit.
+    async fn send_unbounded(
         &self,
         what: &str,
         r: reqwest::RequestBuilder,
@@ -300,7 +327,7 @@ impl Client {
             &format!("session/renew/{}", path_escape(id)),
             self.timeout,
         );
-        let (status, _, b) = self.send("renewing the session", r).await?;
+        let (status, _, b) = self.send_unbounded("renewing the session", r).await?;
         if status == reqwest::StatusCode::NOT_FOUND {
             return Ok(false);
         }
@@ -395,7 +422,11 @@ impl Client {
             timeout += wait + wait / 16;
         }
         let r = self.request(reqwest::Method::GET, &path, timeout);
-        let (status, headers, b) = self.send(what, r).await?;
+        let (status, headers, b) = if index > 0 {
+            self.send_unbounded(what, r).await?
+        } else {
+            self.send(what, r).await?
+        };
         let at = headers
             .get("X-Consul-Index")
             .and_then(|v| v.to_str().ok())

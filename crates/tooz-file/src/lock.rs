@@ -962,45 +962,6 @@ mod tests {
         std::fs::remove_dir_all(r).unwrap();
     }
 
-    /// Uncontended acquire+release pairs (what `cargo xtask bench` calls
-    /// `lock_pair`), on the file system holding `TOOZ_BENCH_DIR` (default: the
-    /// system temporary directory). Run with
-    /// `cargo test -p tooz-file --release --lib -- --ignored --nocapture lock_pair_cost`.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    #[ignore = "a measurement, not a test"]
-    async fn lock_pair_cost() {
-        let base = std::env::var_os("TOOZ_BENCH_DIR")
-            .map_or_else(std::env::temp_dir, PathBuf::from)
-            .join(format!("tooz-file-bench-{}", uuid::Uuid::new_v4()));
-        std::fs::create_dir_all(base.join(".tooz/fence")).unwrap();
-        let layout = Arc::new(Layout::new(&base));
-        let l = FileLock::new(&layout, &"bench".into()).unwrap();
-        let mut times = Vec::new();
-        for i in 0..2200 {
-            let t = std::time::Instant::now();
-            assert!(
-                acquire(&l, Mode::Exclusive, Wait::No)
-                    .await
-                    .unwrap()
-                    .is_some()
-            );
-            assert!(l.release().await.unwrap());
-            if i >= 200 {
-                times.push(t.elapsed());
-            }
-        }
-        times.sort_unstable();
-        let mean = times.iter().sum::<Duration>() / u32::try_from(times.len()).unwrap();
-        println!(
-            "lock_pair on {}: median {:?}, p90 {:?}, mean {:?}",
-            base.display(),
-            times[times.len() / 2],
-            times[times.len() * 9 / 10],
-            mean
-        );
-        std::fs::remove_dir_all(base).unwrap();
-    }
-
     /// The core never drops an attempt in flight, but if one were dropped (at the
     /// counter's blocking step) the lock would go with it.
     #[tokio::test]

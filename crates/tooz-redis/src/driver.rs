@@ -634,7 +634,7 @@ impl Driver for RedisDriver {
     /// Everything in one round trip: the beat key, every lock hold (from the
     /// coordinator's held set), every leadership and a membership check of every
     /// joined group, in calls of the heartbeat script of at most
-    /// [`HEARTBEAT_BATCH_KEYS`] keys each, pipelined.
+    /// 500 keys each (`HEARTBEAT_BATCH_KEYS`), pipelined.
     #[tracing::instrument(level = "debug", skip_all)]
     async fn heartbeat(&self, held: &Held<'_>) -> Result<Renewal> {
         let i = &self.inner;

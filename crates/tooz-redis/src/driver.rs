@@ -1096,4 +1096,53 @@ mod tests {
         assert!(info.requires_beating);
         assert_eq!(info.characteristics, CHARACTERISTICS);
     }
+
+    fn lock_item(n: usize) -> BeatItem {
+        BeatItem::Lock {
+            n,
+            keys: [b"k".to_vec(), b"r".to_vec()],
+            kind: "x",
+            token: b"t".to_vec(),
+        }
+    }
+
+    fn group_item(g: &str) -> BeatItem {
+        BeatItem::Group {
+            group: GroupId::from(g),
+            key: g.as_bytes().to_vec(),
+        }
+    }
+
+    #[test]
+    fn heartbeat_batches_are_bounded_and_never_split_an_item() {
+        // Nothing held: one call all the same (it sets the beat key).
+        let b = beat_batches(Vec::new(), HEARTBEAT_BATCH_KEYS);
+        assert_eq!(b.len(), 1);
+        assert!(b[0].is_empty());
+        // 600 holds (1,200 keys) and 101 groups: 250 holds per call, then the rest.
+        let mut items: Vec<BeatItem> = (0..600).map(lock_item).collect();
+        items.extend((0..101).map(|i| group_item(&format!("g{i}"))));
+        let b = beat_batches(items, HEARTBEAT_BATCH_KEYS);
+        let keys: Vec<usize> = b
+            .iter()
+            .map(|x| x.iter().map(BeatItem::key_count).sum())
+            .collect();
+        assert_eq!(keys, vec![500, 500, 301]);
+        assert_eq!(b.iter().map(Vec::len).sum::<usize>(), 701);
+        // An odd bound: a two-key hold is never cut across calls.
+        let b = beat_batches(vec![group_item("a"), lock_item(0), lock_item(1)], 2);
+        let shape: Vec<usize> = b.iter().map(Vec::len).collect();
+        assert_eq!(shape, vec![1, 1, 1]);
+        // Holds keep their order (the reply is matched by position).
+        let b = beat_batches((0..5).map(lock_item).collect(), 4);
+        let order: Vec<usize> = b
+            .iter()
+            .flatten()
+            .filter_map(|i| match i {
+                BeatItem::Lock { n, .. } => Some(*n),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(order, vec![0, 1, 2, 3, 4]);
+    }
 }

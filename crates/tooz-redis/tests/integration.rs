@@ -392,7 +392,12 @@ async fn server_restart_is_a_connection_error_then_recovers() {
     // The first heartbeat finds the membership gone with the server's data, and the
     // coordinator creates the group again and re-joins it.
     a.heartbeat().await.unwrap();
-    assert!(a.get_members("g").await.unwrap().contains(&MemberId::from("a")));
+    assert!(
+        a.get_members("g")
+            .await
+            .unwrap()
+            .contains(&MemberId::from("a"))
+    );
     assert!(lock.acquire(Wait::No).await.unwrap());
     // Fencing tokens never go backwards, even though the server forgot the counter.
     let t1 = lock.fencing_token().unwrap();

@@ -162,6 +162,13 @@ pub struct Renewal {
     pub lost_locks: Vec<usize>,
     /// Leaderships found lost.
     pub lost_leaderships: Vec<GroupId>,
+    /// Groups of [`Held::joined`] in which the backend no longer has this member,
+    /// although its lease is alive: the backend lost an acknowledged membership (a
+    /// failover with asynchronous replication, a restart without persistence, a
+    /// record deleted behind the driver's back). The core re-joins them with the
+    /// member's last capabilities. A driver reports this only where checking costs
+    /// no extra request.
+    pub lost_groups: Vec<GroupId>,
 }
 
 impl Renewal {
@@ -171,6 +178,7 @@ impl Renewal {
             ttl,
             lost_locks: Vec::new(),
             lost_leaderships: Vec::new(),
+            lost_groups: Vec::new(),
         }
     }
 
@@ -183,6 +191,13 @@ impl Renewal {
     /// Marks the leadership of `group` lost.
     pub fn lose_leadership(&mut self, group: GroupId) -> &mut Self {
         self.lost_leaderships.push(group);
+        self
+    }
+
+    /// Marks the membership in `group` (one of [`Held::joined`]) lost by the
+    /// backend: the core re-joins it.
+    pub fn lose_group(&mut self, group: GroupId) -> &mut Self {
+        self.lost_groups.push(group);
         self
     }
 }
@@ -232,7 +247,9 @@ pub trait Driver: Send + Sync + fmt::Debug + 'static {
     /// allows (one, where it can): its membership in `held.joined`, the locks in
     /// `held.locks` and the leaderships in `held.leading`. Returns the lease TTL
     /// (the time until the next heartbeat is due) and what it found lost (a lock
-    /// key expired or taken, a leader key gone), which the core signals.
+    /// key expired or taken, a leader key gone), which the core signals, and, where
+    /// the same request can tell, the groups whose membership the backend lost
+    /// ([`Renewal::lost_groups`]), which the core re-joins.
     ///
     /// # Errors
     /// Backend errors (the core reports the lease at risk and retries).

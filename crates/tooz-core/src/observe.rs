@@ -14,7 +14,8 @@
 //! | `tooz_lock_acquisitions_total` | counter | `driver`, `mode` | locks granted |
 //! | `tooz_lock_waits_total` | counter | `driver` | acquisitions that found the lock held and waited |
 //! | `tooz_lock_wait_seconds` | histogram | `driver` | time from the first attempt to the grant or give-up, for waits |
-//! | `tooz_losses_total` | counter | `driver`, `what` (`lease`, `lock`, `leadership`) | loss signals fired |
+//! | `tooz_losses_total` | counter | `driver`, `what` (`lease`, `lock`, `leadership`, `membership`) | loss signals fired; `membership`: a group the heartbeat found the backend had lost this member from |
+//! | `tooz_rejoins_total` | counter | `driver` | groups re-joined after the backend lost the membership |
 //! | `tooz_lease_replaced_total` | counter | – | sessions or leases replaced after a loss (reconnects) |
 //!
 //! `examples/observability.rs` of the `tooz` crate prints both.

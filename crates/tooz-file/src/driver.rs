@@ -533,7 +533,8 @@ impl Driver for FileDriver {
     }
 
     /// Touches this member's record in every joined group (so Python readers see
-    /// it alive) and returns `timeout`.
+    /// it alive) and returns `timeout`, with the groups whose record the touch
+    /// found deleted (the coordinator re-joins them).
     #[tracing::instrument(level = "debug", skip_all)]
     async fn heartbeat(&self, held: &Held<'_>) -> Result<Renewal> {
         let healed = self.blocking(Inner::heal_alive).await?;
@@ -577,25 +578,37 @@ impl Driver for FileDriver {
             .await?;
             drop(slots);
         }
-        self.locked(Kind::Read, move |i| {
-            for g in &groups {
-                let path = i.layout.member_file(g, &i.member);
-                match utimensat(
-                    nix::fcntl::AT_FDCWD,
-                    &path,
-                    &TimeSpec::UTIME_NOW,
-                    &TimeSpec::UTIME_NOW,
-                    UtimensatFlags::FollowSymlink,
-                ) {
-                    Ok(()) | Err(nix::errno::Errno::ENOENT | nix::errno::Errno::ENOTDIR) => {}
-                    Err(e) => return Err(io_err("cannot touch", &path, io::Error::from(e))),
+        let lost = self
+            .locked(Kind::Read, move |i| {
+                let mut lost = Vec::new();
+                for g in groups {
+                    let path = i.layout.member_file(&g, &i.member);
+                    match utimensat(
+                        nix::fcntl::AT_FDCWD,
+                        &path,
+                        &TimeSpec::UTIME_NOW,
+                        &TimeSpec::UTIME_NOW,
+                        UtimensatFlags::FollowSymlink,
+                    ) {
+                        Ok(()) => {}
+                        // The record (or the group's directory) was deleted while
+                        // this member lives: the coordinator re-joins.
+                        Err(nix::errno::Errno::ENOENT | nix::errno::Errno::ENOTDIR) => {
+                            tracing::info!(group = %g, "file: this member's record is gone while it lives");
+                            lost.push(g);
+                        }
+                        Err(e) => return Err(io_err("cannot touch", &path, io::Error::from(e))),
+                    }
                 }
-            }
-            Ok(())
-        })
-        .await?;
+                Ok(lost)
+            })
+            .await?;
         // Locks and leaderships are open-file-description locks: nothing to renew.
-        Ok(Renewal::new(self.inner.config.timeout))
+        let mut renewal = Renewal::new(self.inner.config.timeout);
+        for g in lost {
+            renewal.lose_group(g);
+        }
+        Ok(renewal)
     }
 
     #[tracing::instrument(level = "debug", skip_all, fields(group = %group))]
@@ -1213,6 +1226,26 @@ mod tests {
         b.stop().await.unwrap();
         a.stop().await.unwrap();
         std::fs::remove_dir_all(root).unwrap();
+    }
+
+    #[tokio::test]
+    async fn heartbeat_reports_a_deleted_record_as_a_lost_group() {
+        let root = temp_root();
+        let d = driver(&root, "m");
+        d.start().await.unwrap();
+        let (g, h) = (GroupId::from("g"), GroupId::from("h"));
+        for x in [&g, &h] {
+            d.create_group(x).await.unwrap();
+            d.join_group(x, &Capabilities::none()).await.unwrap();
+        }
+        std::fs::remove_file(Layout::new(&root).member_file(&g, &"m".into())).unwrap();
+        let joined = [g.clone(), h.clone()];
+        let r = d.heartbeat(&Held::new(&joined, &[], &[])).await.unwrap();
+        assert_eq!(r.lost_groups, vec![g.clone()]);
+        // Re-joined (as the coordinator does), nothing is lost any more.
+        d.join_group(&g, &Capabilities::none()).await.unwrap();
+        let r = d.heartbeat(&Held::new(&joined, &[], &[])).await.unwrap();
+        assert!(r.lost_groups.is_empty(), "{r:?}");
     }
 
     #[tokio::test]

@@ -795,7 +795,9 @@ impl Driver for MemcachedDriver {
     /// pipeline (one round trip whatever is held); exclusive holds are rewritten
     /// under their CAS value, so a renewal never touches another owner's key.
     /// Shared holds (a read-modify-write of the reader map each) follow, at most
-    /// `max_pool_size` at a time.
+    /// `max_pool_size` at a time. The same pipeline checks that each joined
+    /// group's key still exists, and reports the groups a restart or an eviction
+    /// lost (the coordinator re-joins them).
     #[tracing::instrument(level = "debug", skip_all)]
     async fn heartbeat(&self, held: &Held<'_>) -> Result<Renewal> {
         let i = &self.inner;
@@ -840,6 +842,12 @@ impl Driver for MemcachedDriver {
         for (g, cas) in &leading {
             cmds.push(renew(&keys::leader(g), *cas, i.config.leader_timeout));
         }
+        // Whether each joined group's key still exists (`mg` without flags: `HD`
+        // or `EN`, no value sent): a restart or an eviction loses it, and the
+        // membership with it.
+        for g in held.joined {
+            cmds.push(Cmd::get(&keys::group(g), &[]));
+        }
         let width = i.config.max_pool_size.max(1);
         type Boxed<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
         let shared_renewals: Vec<Boxed<'_, (usize, Result<bool>)>> = shared
@@ -878,7 +886,7 @@ impl Driver for MemcachedDriver {
                 Err(e) => error = Some(e),
             }
         }
-        for ((g, cas), reply) in leading.into_iter().zip(replies) {
+        for ((g, cas), reply) in leading.into_iter().zip(replies.by_ref()) {
             match reply.stored() {
                 Ok(Reply::Stored(Some(new))) => {
                     i.replace_cas(cas, new);
@@ -894,6 +902,12 @@ impl Driver for MemcachedDriver {
                 }
                 Ok(other) => error = Some(unexpected("renew", other)),
                 Err(e) => error = Some(e),
+            }
+        }
+        for (g, reply) in held.joined.iter().zip(replies) {
+            if reply.status == Status::Miss {
+                tracing::info!(group = %g, "memcached: the group's key is gone (a restart or an eviction) while the member is alive");
+                renewal.lose_group(g.clone());
             }
         }
         for (n, r) in shared {

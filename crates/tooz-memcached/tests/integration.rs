@@ -142,6 +142,44 @@ async fn a_vanished_member_key_means_booted_out() {
     b.stop().await.unwrap();
 }
 
+/// A group key lost by the server (a restart, an eviction) takes the memberships
+/// with it: the next heartbeat sees the key gone in its own pipeline, and the
+/// coordinator creates the group again and re-joins with its capabilities.
+#[tokio::test]
+async fn a_lost_group_key_is_rejoined_by_the_next_heartbeat() {
+    let Some(base) = base("a_lost_group_key_is_rejoined_by_the_next_heartbeat") else {
+        return;
+    };
+    let am = unique("a");
+    let a = coordinator(&base, &am).await;
+    let g = unique("g");
+    a.create_group(g.as_str()).await.unwrap();
+    a.join_group(g.as_str(), &std::collections::BTreeMap::from([("w", 3)]))
+        .await
+        .unwrap();
+    evict(&base, &key("_TOOZ_GROUP_", g.as_bytes())).await;
+    assert!(
+        a.get_members(g.as_str()).await.is_err(),
+        "the group is gone"
+    );
+    a.heartbeat().await.unwrap();
+    let caps = a
+        .get_member_capabilities(g.as_str(), am.as_str())
+        .await
+        .unwrap();
+    assert_eq!(caps.as_msgpack(), &b"\x81\xa1w\x03"[..]);
+    assert!(
+        a.get_groups()
+            .await
+            .unwrap()
+            .iter()
+            .any(|x| x.as_str() == Some(g.as_str()))
+    );
+    a.leave_group(g.as_str()).await.unwrap();
+    a.delete_group(g.as_str()).await.unwrap();
+    a.stop().await.unwrap();
+}
+
 #[tokio::test]
 async fn fencing_never_goes_backwards_when_the_counter_is_evicted() {
     let Some(base) = base("fencing_never_goes_backwards_when_the_counter_is_evicted") else {

@@ -95,6 +95,77 @@ fn array(v: &Value) -> Option<&[Value]> {
     }
 }
 
+/// At most this many keys per call of the heartbeat script (besides the beat
+/// key): a large heartbeat is split into calls of this size, pipelined in one
+/// round trip, so no single call holds single-threaded Redis for long.
+pub(crate) const HEARTBEAT_BATCH_KEYS: usize = 500;
+
+/// One thing a heartbeat renews or checks.
+enum BeatItem {
+    /// A lock hold, by its position in `Held::locks`.
+    Lock {
+        n: usize,
+        keys: [Vec<u8>; 2],
+        kind: &'static str,
+        token: Vec<u8>,
+    },
+    /// A leadership.
+    Leader {
+        group: GroupId,
+        keys: [Vec<u8>; 2],
+        token: Vec<u8>,
+    },
+    /// A joined group whose hash must still list the member.
+    Group { group: GroupId, key: Vec<u8> },
+}
+
+impl BeatItem {
+    fn keys(&self) -> impl Iterator<Item = &[u8]> {
+        let (a, b): (&[u8], Option<&[u8]>) = match self {
+            BeatItem::Lock { keys, .. } | BeatItem::Leader { keys, .. } => {
+                (&keys[0], Some(&keys[1]))
+            }
+            BeatItem::Group { key, .. } => (key, None),
+        };
+        std::iter::once(a).chain(b)
+    }
+
+    /// Kind and token of a hold (`None` for a group check).
+    fn hold_args(&self) -> Option<(&'static str, &[u8])> {
+        match self {
+            BeatItem::Lock { kind, token, .. } => Some((kind, token)),
+            BeatItem::Leader { token, .. } => Some(("l", token)),
+            BeatItem::Group { .. } => None,
+        }
+    }
+
+    fn key_count(&self) -> usize {
+        match self {
+            BeatItem::Group { .. } => 1,
+            _ => 2,
+        }
+    }
+}
+
+/// Splits the items into script calls of at most `max_keys` keys each (an item
+/// is never split; at least one call, which sets the beat key).
+fn beat_batches(items: Vec<BeatItem>, max_keys: usize) -> Vec<Vec<BeatItem>> {
+    let mut batches: Vec<Vec<BeatItem>> = vec![Vec::new()];
+    let mut used = 0;
+    for item in items {
+        let k = item.key_count();
+        if used + k > max_keys && batches.last().is_some_and(|b| !b.is_empty()) {
+            batches.push(Vec::new());
+            used = 0;
+        }
+        used += k;
+        if let Some(b) = batches.last_mut() {
+            b.push(item);
+        }
+    }
+    batches
+}
+
 fn unexpected(what: &str, v: &Value) -> ToozError {
     ToozError::backend_msg("redis", format!("unexpected reply to {what}: {v:?}"))
 }
@@ -560,60 +631,131 @@ impl Driver for RedisDriver {
         Ok(())
     }
 
-    /// Everything in one script call: the beat key, every lock hold (from the
-    /// coordinator's held set) and every leadership.
+    /// Everything in one round trip: the beat key, every lock hold (from the
+    /// coordinator's held set), every leadership and a membership check of every
+    /// joined group, in calls of the heartbeat script of at most
+    /// 500 keys each (`HEARTBEAT_BATCH_KEYS`), pipelined.
     #[tracing::instrument(level = "debug", skip_all)]
     async fn heartbeat(&self, held: &Held<'_>) -> Result<Renewal> {
         let i = &self.inner;
-        enum Item {
-            Lock(usize),
-            Leader(GroupId),
-        }
-        let mut keys: Vec<Vec<u8>> = vec![i.keys.beat(&i.member)];
-        let mut args: Vec<Vec<u8>> = vec![
-            ms(i.config.membership_timeout).to_string().into_bytes(),
-            ms(i.config.lock_timeout).to_string().into_bytes(),
-        ];
         let mut items = Vec::new();
         for (n, h) in held.locks.iter().enumerate() {
             let Some((lk, mode, token)) = h.downcast::<RedisLock>().and_then(RedisLock::renewal)
             else {
                 continue;
             };
-            keys.push(lk.lock.clone());
-            keys.push(lk.readers.clone());
-            args.push(mode_arg(mode).as_bytes().to_vec());
-            args.push(token.into_bytes());
-            items.push(Item::Lock(n));
+            items.push(BeatItem::Lock {
+                n,
+                keys: [lk.lock.clone(), lk.readers.clone()],
+                kind: mode_arg(mode),
+                token: token.into_bytes(),
+            });
         }
         for (g, l) in guard(&i.leaders).iter() {
-            keys.push(i.keys.leader(g));
-            keys.push(i.keys.leader_owner(g));
-            args.push(b"l".to_vec());
-            args.push(l.token.clone().into_bytes());
-            items.push(Item::Leader(g.clone()));
+            items.push(BeatItem::Leader {
+                group: g.clone(),
+                keys: [i.keys.leader(g), i.keys.leader_owner(g)],
+                token: l.token.clone().into_bytes(),
+            });
         }
-        let k: Vec<&[u8]> = keys.iter().map(Vec::as_slice).collect();
-        let a: Vec<&[u8]> = args.iter().map(Vec::as_slice).collect();
-        let v = i.eval("heartbeat", &i.scripts.heartbeat, &k, &a).await?;
-        let results: Vec<bool> = match array(&v) {
-            Some(a) => a.iter().map(|x| int(x) == Some(1)).collect(),
-            None => return Err(unexpected("heartbeat", &v)),
-        };
-        let mut renewal = Renewal::new(i.config.heartbeat_interval());
-        for (item, ok) in items
-            .into_iter()
-            .zip(results.into_iter().chain(std::iter::repeat(false)))
-        {
-            match (item, ok) {
-                (_, true) => {}
-                (Item::Lock(n), false) => {
-                    renewal.lose_lock(n);
+        for g in held.joined {
+            items.push(BeatItem::Group {
+                key: i.keys.group(g),
+                group: g.clone(),
+            });
+        }
+        let batches = beat_batches(items, HEARTBEAT_BATCH_KEYS);
+        let beat = i.keys.beat(&i.member);
+        let beat_ms = ms(i.config.membership_timeout).to_string();
+        let lock_ms = ms(i.config.lock_timeout).to_string();
+        let script = &i.scripts.heartbeat;
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        for (b, batch) in batches.iter().enumerate() {
+            let keys: Vec<&[u8]> = batch.iter().flat_map(BeatItem::keys).collect();
+            let cmd = pipe
+                .cmd("EVALSHA")
+                .arg(script.get_hash())
+                .arg(keys.len() + 1);
+            cmd.arg(&beat);
+            for k in keys {
+                cmd.arg(k);
+            }
+            // Only the first call sets the beat key.
+            cmd.arg(if b == 0 { beat_ms.as_str() } else { "0" })
+                .arg(&lock_ms)
+                .arg(i.member.as_bytes());
+            for item in batch {
+                if let Some((kind, token)) = item.hold_args() {
+                    cmd.arg(kind).arg(token);
                 }
-                (Item::Leader(g), false) => {
-                    tracing::info!(group = %g, "redis: leadership lost (the leader key expired or was taken)");
-                    guard(&i.leaders).remove(&g);
-                    renewal.lose_leadership(g);
+            }
+        }
+        let replies: Vec<Value> = i
+            .connector
+            .run("heartbeat", |mut c| {
+                let pipe = pipe.clone();
+                async move {
+                    let replies: Vec<Value> = pipe.query_async(&mut c).await?;
+                    let no_script = replies.iter().any(|v| {
+                        matches!(v, Value::ServerError(e) if e.kind() == Some(redis::ServerErrorKind::NoScript))
+                    });
+                    if !no_script {
+                        return Ok(replies);
+                    }
+                    // The server forgot its scripts (a restart, a failover, SCRIPT
+                    // FLUSH): load it and send the beat again.
+                    script.load_async(&mut c).await?;
+                    pipe.query_async(&mut c).await
+                }
+            })
+            .await?;
+        if replies.len() != batches.len() {
+            return Err(ToozError::backend_msg(
+                "redis",
+                format!(
+                    "heartbeat: {} replies to {} script calls",
+                    replies.len(),
+                    batches.len()
+                ),
+            ));
+        }
+        let mut renewal = Renewal::new(i.config.heartbeat_interval());
+        for (batch, v) in batches.into_iter().zip(replies) {
+            if let Value::ServerError(e) = &v {
+                let keys: Vec<&[u8]> = batch.iter().flat_map(BeatItem::keys).collect();
+                let err = ToozError::backend_msg("redis", format!("heartbeat failed: {e:?}"));
+                return Err(with_keys(err, &keys));
+            }
+            let results: Vec<bool> = match array(&v) {
+                Some(a) => a.iter().map(|x| int(x) == Some(1)).collect(),
+                None => return Err(unexpected("heartbeat", &v)),
+            };
+            let holds = batch.iter().filter(|b| b.hold_args().is_some()).count();
+            let groups = batch.len() - holds;
+            if results.len() != holds + groups {
+                return Err(unexpected("heartbeat", &v));
+            }
+            let mut holds_then_groups: Vec<BeatItem> = Vec::with_capacity(batch.len());
+            let (h, g): (Vec<BeatItem>, Vec<BeatItem>) =
+                batch.into_iter().partition(|b| b.hold_args().is_some());
+            holds_then_groups.extend(h);
+            holds_then_groups.extend(g);
+            for (item, ok) in holds_then_groups.into_iter().zip(results) {
+                match (item, ok) {
+                    (_, true) => {}
+                    (BeatItem::Lock { n, .. }, false) => {
+                        renewal.lose_lock(n);
+                    }
+                    (BeatItem::Leader { group, .. }, false) => {
+                        tracing::info!(group = %group, "redis: leadership lost (the leader key expired or was taken)");
+                        guard(&i.leaders).remove(&group);
+                        renewal.lose_leadership(group);
+                    }
+                    (BeatItem::Group { group, .. }, false) => {
+                        tracing::info!(group = %group, "redis: membership missing from the group hash while the member beats");
+                        renewal.lose_group(group);
+                    }
                 }
             }
         }
@@ -953,5 +1095,54 @@ mod tests {
         assert_eq!(info.name, "redis");
         assert!(info.requires_beating);
         assert_eq!(info.characteristics, CHARACTERISTICS);
+    }
+
+    fn lock_item(n: usize) -> BeatItem {
+        BeatItem::Lock {
+            n,
+            keys: [b"k".to_vec(), b"r".to_vec()],
+            kind: "x",
+            token: b"t".to_vec(),
+        }
+    }
+
+    fn group_item(g: &str) -> BeatItem {
+        BeatItem::Group {
+            group: GroupId::from(g),
+            key: g.as_bytes().to_vec(),
+        }
+    }
+
+    #[test]
+    fn heartbeat_batches_are_bounded_and_never_split_an_item() {
+        // Nothing held: one call all the same (it sets the beat key).
+        let b = beat_batches(Vec::new(), HEARTBEAT_BATCH_KEYS);
+        assert_eq!(b.len(), 1);
+        assert!(b[0].is_empty());
+        // 600 holds (1,200 keys) and 101 groups: 250 holds per call, then the rest.
+        let mut items: Vec<BeatItem> = (0..600).map(lock_item).collect();
+        items.extend((0..101).map(|i| group_item(&format!("g{i}"))));
+        let b = beat_batches(items, HEARTBEAT_BATCH_KEYS);
+        let keys: Vec<usize> = b
+            .iter()
+            .map(|x| x.iter().map(BeatItem::key_count).sum())
+            .collect();
+        assert_eq!(keys, vec![500, 500, 301]);
+        assert_eq!(b.iter().map(Vec::len).sum::<usize>(), 701);
+        // An odd bound: a two-key hold is never cut across calls.
+        let b = beat_batches(vec![group_item("a"), lock_item(0), lock_item(1)], 2);
+        let shape: Vec<usize> = b.iter().map(Vec::len).collect();
+        assert_eq!(shape, vec![1, 1, 1]);
+        // Holds keep their order (the reply is matched by position).
+        let b = beat_batches((0..5).map(lock_item).collect(), 4);
+        let order: Vec<usize> = b
+            .iter()
+            .flatten()
+            .filter_map(|i| match i {
+                BeatItem::Lock { n, .. } => Some(*n),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(order, vec![0, 1, 2, 3, 4]);
     }
 }

@@ -62,7 +62,11 @@ impl Shared {
         }
     }
 
-    pub(super) async fn beat(&self) -> Result<Duration> {
+    /// One heartbeat: renews everything held, signals the holds and leaderships
+    /// found lost, and returns the TTL with the groups the backend lost this member
+    /// from (still joined as far as the coordinator knows), for
+    /// [`Shared::restore_groups`].
+    pub(super) async fn beat(&self) -> Result<(Duration, Vec<GroupId>)> {
         let joined: Vec<GroupId> = lock(&self.run).joined.keys().cloned().collect();
         let inners = self.held_locks();
         let locks: Vec<HeldLock> = inners.iter().filter_map(|l| l.held_lock()).collect();
@@ -97,8 +101,67 @@ impl Shared {
                 });
             }
         }
+        let mut lost = Vec::new();
+        if !renewal.lost_groups.is_empty() {
+            let run = lock(&self.run);
+            let mut restoring = lock(&self.restoring);
+            for g in renewal.lost_groups {
+                // A group left meanwhile, or reported twice, is not re-joined.
+                if run.joined.contains_key(&g) && !lost.contains(&g) {
+                    if restoring.insert(g.clone()) {
+                        crate::observe::lost(self.info.name, "membership");
+                        tracing::warn!(
+                            group = %g,
+                            "membership lost by the backend (found gone by the heartbeat); re-joining"
+                        );
+                    }
+                    lost.push(g);
+                }
+            }
+        }
         self.beats.fetch_add(1, Ordering::Relaxed);
-        Ok(renewal.ttl)
+        Ok((renewal.ttl, lost))
+    }
+
+    /// Re-joins groups the backend lost this member from, with its last
+    /// capabilities; a group gone with the membership is created again (a group
+    /// with a live member cannot have been deleted, so its absence is the same
+    /// loss). Serialised with `leave_group` and `stop`: a group left meanwhile is
+    /// not re-joined. A failure is logged; the next heartbeat reports the group
+    /// again.
+    pub(super) async fn restore_groups(&self, groups: Vec<GroupId>) {
+        for g in groups {
+            let _membership = self.membership.lock().await;
+            let caps = lock(&self.run).joined.get(&g).cloned();
+            let Some(caps) = caps else {
+                lock(&self.restoring).remove(&g);
+                continue;
+            };
+            let mut res = self.driver.join_group(&g, &caps).await;
+            if let Err(ToozError::GroupNotCreated(_)) = res {
+                match self.driver.create_group(&g).await {
+                    Ok(()) | Err(ToozError::GroupAlreadyExist(_)) => {
+                        res = self.driver.join_group(&g, &caps).await;
+                    }
+                    Err(e) => res = Err(e),
+                }
+            }
+            match res {
+                Ok(()) => {
+                    metrics::counter!("tooz_rejoins_total", "driver" => self.info.name)
+                        .increment(1);
+                    tracing::info!(group = %g, "re-joined a group the backend had lost");
+                    lock(&self.restoring).remove(&g);
+                }
+                // Back already (an update or another re-join put it there).
+                Err(ToozError::MemberAlreadyExist { .. }) => {
+                    lock(&self.restoring).remove(&g);
+                }
+                Err(e) => {
+                    tracing::warn!(group = %g, error = %e, "re-joining a group the backend lost failed; the next heartbeat retries");
+                }
+            }
+        }
     }
 
     /// Whether the lease is currently declared lost (holds granted now would have
@@ -156,6 +219,11 @@ impl Shared {
                 .map(|(g, c)| (g.clone(), c.clone()))
                 .collect();
             for (g, caps) in joined {
+                // Not a group left since (see `restore_groups`).
+                let _membership = me.membership.lock().await;
+                if !lock(&me.run).joined.contains_key(&g) {
+                    continue;
+                }
                 match me.driver.join_group(&g, &caps).await {
                     Ok(()) | Err(ToozError::MemberAlreadyExist { .. }) => {}
                     Err(e) => {
@@ -199,9 +267,17 @@ pub(super) async fn heart_loop(shared: Weak<Shared>, lease: LeaseState, stop: Ca
             _ = stop.cancelled() => return,
         };
         let pause = match res {
-            Ok(Ok(interval)) => {
+            Ok(Ok((interval, lost))) => {
                 ttl = interval;
                 lease.renewed(sent, interval);
+                if !lost.is_empty() && !s.restoring_now.swap(true, Ordering::SeqCst) {
+                    // In a task of its own: the next renewal never waits on it.
+                    let me = Arc::clone(&s);
+                    tokio::spawn(async move {
+                        me.restore_groups(lost).await;
+                        me.restoring_now.store(false, Ordering::SeqCst);
+                    });
+                }
                 (interval / 3).saturating_sub(sent.elapsed())
             }
             Ok(Err(e)) => {

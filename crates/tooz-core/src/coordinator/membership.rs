@@ -114,9 +114,11 @@ impl Coordinator {
     /// `GroupNotCreated` (unknown group), `MemberNotJoined`, backend errors.
     pub async fn leave_group(&self, group: impl Into<GroupId>) -> Result<()> {
         let g = self.shared.group(group)?;
+        let _membership = self.shared.membership.lock().await;
         let res = self.shared.driver.leave_group(&g).await;
         if matches!(res, Ok(()) | Err(ToozError::MemberNotJoined { .. })) {
             lock(&self.shared.run).joined.remove(&g);
+            lock(&self.shared.restoring).remove(&g);
         }
         res
     }

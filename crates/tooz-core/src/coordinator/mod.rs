@@ -157,6 +157,14 @@ pub(crate) struct Shared {
     rejoin_pending: AtomicBool,
     /// A re-join task is running.
     rejoining: AtomicBool,
+    /// Groups the heartbeat found lost by the backend and not yet re-joined:
+    /// meanwhile our member missing from them is that loss, not a boot-out.
+    restoring: Mutex<BTreeSet<GroupId>>,
+    /// Serialises leaving groups (`leave_group`, `stop`) with re-joining them, so
+    /// a re-join never brings back a membership its owner has just left.
+    membership: tokio::sync::Mutex<()>,
+    /// A task re-joining lost groups is running.
+    restoring_now: AtomicBool,
     /// Serialises `start` and `stop`, so a `start` cannot slip in while `stop` is
     /// still leaving groups and disconnecting the driver.
     lifecycle: tokio::sync::Mutex<()>,
@@ -241,6 +249,9 @@ impl Coordinator {
                 beats: AtomicU64::new(0),
                 rejoin_pending: AtomicBool::new(false),
                 rejoining: AtomicBool::new(false),
+                restoring: Mutex::new(BTreeSet::new()),
+                membership: tokio::sync::Mutex::new(()),
+                restoring_now: AtomicBool::new(false),
                 lifecycle: tokio::sync::Mutex::new(()),
             }),
         }
@@ -383,11 +394,14 @@ impl Coordinator {
             let _ = t.await;
         }
         let d = &self.shared.driver;
+        let membership = self.shared.membership.lock().await;
         for g in joined.keys() {
             if let Err(e) = d.leave_group(g).await {
                 tracing::debug!(group = %g, error = %e, "leave on stop failed");
             }
         }
+        drop(membership);
+        lock(&self.shared.restoring).clear();
         for l in self.shared.held_locks() {
             if let Err(e) = l.release_hold(true, None).await {
                 tracing::warn!(error = %e, "releasing a lock on stop failed");
@@ -411,7 +425,9 @@ impl Coordinator {
     }
 
     /// Renews liveness once (membership, held locks) and returns the time until the
-    /// next heartbeat is due.
+    /// next heartbeat is due. Groups the backend is found to have lost this member
+    /// from ([`Renewal::lost_groups`](crate::driver::Renewal::lost_groups)) are
+    /// re-joined, with the member's last capabilities, before it returns.
     ///
     /// # Errors
     /// `NotStarted`, or a backend error.
@@ -427,11 +443,15 @@ impl Coordinator {
         let res = self.shared.beat().await;
         if let Some(lease) = lease {
             match &res {
-                Ok(ttl) => lease.renewed(sent, *ttl),
+                Ok((ttl, _)) => lease.renewed(sent, *ttl),
                 Err(_) => lease.at_risk(),
             }
         }
-        res
+        let (ttl, lost) = res?;
+        if !lost.is_empty() {
+            self.shared.restore_groups(lost).await;
+        }
+        Ok(ttl)
     }
 
     // ----- locks --------------------------------------------------------------

@@ -210,6 +210,7 @@ impl Coordinator {
                 if run.joined.contains_key(&g)
                     && !members.contains(&me)
                     && !self.shared.rejoin_pending.load(Ordering::SeqCst)
+                    && !lock(&self.shared.restoring).contains(&g)
                 {
                     tracing::info!(group = %g, "booted out of the group");
                     run.joined.remove(&g);

@@ -114,6 +114,7 @@ impl<B: Backend> SqlLock<B> {
             task: Some(task),
             inner: Arc::clone(&self.inner),
             key: self.key(),
+            name: self.name.clone(),
             mode,
             reader: reader.to_string(),
         };
@@ -189,14 +190,14 @@ async fn try_on_session<B: Backend>(
     reader: &str,
 ) -> Result<Option<(Token, u64)>> {
     let mut s = inner.session.lock().await;
-    // The server counts session locks per connection: a key this session already
-    // holds in a conflicting mode is held, whichever handle holds it.
-    if let Some((m, _)) = s.held.get(key)
-        && (mode == Mode::Exclusive || *m == Mode::Exclusive)
-    {
+    // The server counts session locks per connection: a name this session already
+    // holds in a conflicting mode is held, whichever handle holds it. Another name
+    // on the same key (a PostgreSQL key collision) is the server's to decide: it
+    // grants this session its own key again.
+    if s.conflicts(key, name, mode) {
         return Ok(None);
     }
-    let unaccounted = !s.held.contains_key(key);
+    let unaccounted = !s.accounts_for(key, mode);
     let conn = s.conn(inner).await?;
     let mut res = inner.db.try_lock(conn, key, name, mode, reader).await;
     if let Err(e) = &res
@@ -217,7 +218,7 @@ async fn try_on_session<B: Backend>(
     };
     match res {
         Ok(Some(token)) => {
-            s.add(key, mode);
+            s.add(key, name, mode);
             Ok(Some((token, s.generation)))
         }
         Ok(None) => Ok(None),
@@ -242,6 +243,7 @@ async fn try_on_session<B: Backend>(
 async fn unlock_on_session<B: Backend>(
     inner: &Inner<B>,
     key: &B::Key,
+    name: &LockName,
     mode: Mode,
     reader: &str,
     generation: u64,
@@ -254,14 +256,14 @@ async fn unlock_on_session<B: Backend>(
     let res = inner.db.unlock(conn, key, mode, reader).await;
     match res {
         Ok(was) => {
-            s.remove(key);
+            s.remove(key, name);
             Ok(was)
         }
         Err(e) => {
             if is_broken(&e) {
                 s.broken(inner);
             } else {
-                s.remove(key);
+                s.remove(key, name);
             }
             Err(to_tooz(B::NAME, "releasing a lock", e))
         }
@@ -277,6 +279,7 @@ struct Orphan<B: Backend> {
     task: Option<JoinHandle<Result<SessionGrant>>>,
     inner: Arc<Inner<B>>,
     key: B::Key,
+    name: LockName,
     mode: Mode,
     reader: String,
 }
@@ -285,15 +288,16 @@ impl<B: Backend> Drop for Orphan<B> {
     fn drop(&mut self) {
         let Some(task) = self.task.take() else { return };
         let inner = Arc::clone(&self.inner);
-        let (key, mode, reader) = (
+        let (key, name, mode, reader) = (
             self.key.clone(),
+            self.name.clone(),
             self.mode,
             std::mem::take(&mut self.reader),
         );
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(async move {
                 if let Ok(Ok(Some((_, generation)))) = task.await
-                    && let Err(e) = unlock_on_session(&inner, &key, mode, &reader, generation).await
+                    && let Err(e) = unlock_on_session(&inner, &key, &name, mode, &reader, generation).await
                 {
                     tracing::debug!(error = %e, "giving back an abandoned grant failed");
                 }
@@ -371,7 +375,14 @@ impl<B: Backend> DriverLock for SqlLock<B> {
         match hold.at {
             At::Lost => Ok(false),
             At::Session(g) => {
-                unlock_on_session(&self.inner, &self.key(), hold.mode, &hold.reader, g).await
+                unlock_on_session(
+                    &self.inner,
+                    &self.key(),
+                    &self.name,
+                    hold.mode,
+                    &hold.reader,
+                    g,
+                ).await
             }
             At::Own(mut conn, id) => {
                 match self

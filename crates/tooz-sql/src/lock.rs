@@ -224,20 +224,36 @@ async fn try_on_session<B: Backend>(
         Ok(None) => Ok(None),
         Err(e) if is_broken(&e) => {
             s.broken(inner);
-            Err(to_tooz(B::NAME, "trying a lock", e))
+            Err(to_tooz(B::NAME, &attempt_what(name), e))
         }
         Err(e) => {
             // The statement failed on a live connection: whatever it may have taken
             // that no handle accounts for is given back.
-            if unaccounted && let Err(e2) = inner.db.abandon(conn, key, mode, reader).await {
-                tracing::debug!(error = %e2, "giving back a failed attempt failed");
-                if is_broken(&e2) {
-                    s.broken(inner);
+            if unaccounted {
+                if let Err(e2) = inner.db.abandon(conn, key, mode, reader).await {
+                    tracing::debug!(error = %e2, "giving back a failed attempt failed");
+                    if is_broken(&e2) {
+                        s.broken(inner);
+                    }
                 }
+            } else {
+                // Another name holds this key on the session in this mode: a count
+                // the failed statement may have added cannot be told from theirs, so
+                // it is left (the key is held anyway); it goes with the session.
+                tracing::warn!(
+                    driver = B::NAME,
+                    lock = %name,
+                    "a failed lock attempt on a key this session already holds may leave one count of it held"
+                );
             }
-            Err(to_tooz(B::NAME, "trying a lock", e))
+            Err(to_tooz(B::NAME, &attempt_what(name), e))
         }
     }
+}
+
+/// What a failed attempt was doing, for its error.
+fn attempt_what(name: &LockName) -> String {
+    format!("taking lock {name} and advancing its fencing counter")
 }
 
 async fn unlock_on_session<B: Backend>(

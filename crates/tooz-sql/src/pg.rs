@@ -303,12 +303,17 @@ fn unlock_fn(mode: Mode) -> &'static str {
 /// only waits for no WAL flush). A crash that loses the last increments cannot make a
 /// token go back: the clock has moved past every token handed out before it (unless
 /// the server clock steps back across the crash).
+///
+/// A stored `i64::MAX` (only another client can have written it: the clock is about
+/// 2^50 µs) cannot be advanced; the counter restarts from the server clock rather
+/// than failing the statement after the advisory lock was taken.
 const FENCE_UPSERT: &str = concat!(
     ", a AS (SELECT set_config('synchronous_commit', 'off', true)) \
      INSERT INTO tooz_fences (kind, name, token) SELECT $3, $4, ",
     now_us!(),
     " FROM l, a ON CONFLICT (kind, name) DO UPDATE SET \
-     token = GREATEST(tooz_fences.token + 1, EXCLUDED.token) RETURNING token"
+     token = CASE WHEN tooz_fences.token = 9223372036854775807 THEN EXCLUDED.token \
+     ELSE GREATEST(tooz_fences.token + 1, EXCLUDED.token) END RETURNING token"
 );
 
 #[tooz_core::async_trait]

@@ -103,6 +103,16 @@ const DDL: &[&str] = &[
     "INSERT IGNORE INTO tooz_schema (name, version) VALUES ('tooz', 1)",
 ];
 
+/// The next value of a lock fence `token` (in `ON DUPLICATE KEY UPDATE`): one more,
+/// or 1 again when another client left it where it cannot count up from (negative,
+/// which `LAST_INSERT_ID` would turn into a huge unsigned token, or `i64::MAX`,
+/// which cannot be advanced and used to fail the grant).
+macro_rules! fence_next {
+    () => {
+        "IF(token < 0 OR token = 9223372036854775807, 1, token + 1)"
+    };
+}
+
 /// Runs one statement on an idle dedicated connection (see [`Idle`]).
 macro_rules! on_conn {
     ($self:ident, |$c:ident| $body:expr) => {
@@ -201,8 +211,12 @@ impl MySql {
         name: &LockName,
     ) -> std::result::Result<Token, sqlx::Error> {
         let r = sqlx::query(
-            "INSERT INTO tooz_fences (kind, name, token) VALUES (?, ?, LAST_INSERT_ID(1)) \
-             ON DUPLICATE KEY UPDATE token = LAST_INSERT_ID(token + 1)",
+            concat!(
+                "INSERT INTO tooz_fences (kind, name, token) VALUES (?, ?, LAST_INSERT_ID(1)) \
+                 ON DUPLICATE KEY UPDATE token = LAST_INSERT_ID(",
+                fence_next!(),
+                ")"
+            ),
         )
         .bind(FENCE_LOCK)
         .bind(name.as_bytes())
@@ -255,8 +269,9 @@ impl MySql {
             "SET @tooz_n := (SELECT IF(GET_LOCK(X'{k}', {secs}) = 1, \
              (SELECT COUNT(*) FROM tooz_readers WHERE name = X'{k}' AND IS_USED_LOCK(reader) IS NOT NULL), -1)); \
              INSERT INTO tooz_fences (kind, name, token) SELECT {FENCE_LOCK}, X'{n}', LAST_INSERT_ID(1) FROM DUAL \
-             WHERE @tooz_n = 0 ON DUPLICATE KEY UPDATE token = LAST_INSERT_ID(token + 1); \
-             SELECT @tooz_n, IF(@tooz_n = 0, LAST_INSERT_ID(), NULL), {release}"
+             WHERE @tooz_n = 0 ON DUPLICATE KEY UPDATE token = LAST_INSERT_ID({next}); \
+             SELECT @tooz_n, IF(@tooz_n = 0, LAST_INSERT_ID(), NULL), {release}",
+            next = fence_next!()
         );
         let rows = conn.fetch_all(sqlx::raw_sql(&sql)).await?;
         let row = rows

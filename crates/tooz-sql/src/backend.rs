@@ -73,6 +73,18 @@ pub(crate) trait Backend: Send + Sync + fmt::Debug + Sized + 'static {
         mode: Mode,
         reader: &str,
     ) -> std::result::Result<Option<Token>, sqlx::Error>;
+    /// Tries several exclusive locks (distinct keys no handle of `conn` holds)
+    /// without waiting, in one round trip and one commit where the database can:
+    /// the token of each grant. On an error nothing of the batch is held any more
+    /// (given back, or the connection is broken). `Ok(None)`: the database has no
+    /// batch; they are tried one by one.
+    async fn try_lock_batch(
+        &self,
+        _conn: &mut Self::Conn,
+        _items: &[(Self::Key, LockName)],
+    ) -> std::result::Result<Option<Vec<Option<Token>>>, sqlx::Error> {
+        Ok(None)
+    }
     /// Waits server-side for the lock on `conn`, at most `wait` (`None`: for ever).
     /// `Ok(None)` when the wait ran out with nothing held.
     async fn wait_lock(

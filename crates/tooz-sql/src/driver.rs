@@ -23,7 +23,7 @@ const CHARACTERISTICS: &[Characteristic] = &[
     Characteristic::DistributedAcrossHosts,
 ];
 
-fn guard<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn guard<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -123,6 +123,9 @@ pub(crate) struct Inner<B: Backend> {
     lease_id: AtomicI64,
     pub(crate) lease: LeaseState,
     pub(crate) session: tokio::sync::Mutex<Session<B>>,
+    /// Attempts waiting for the session: whoever gets it next serves them all, in
+    /// one batch where the database can (see [`crate::lock`]).
+    pub(crate) pending: Mutex<Vec<crate::lock::Pending<B>>>,
     /// Connections holding nothing, kept for the next wait.
     spares: Mutex<Vec<(B::Conn, i64, Instant)>>,
     /// Broken connections kept open until the heartbeat has reported their holds
@@ -203,6 +206,7 @@ impl<B: Backend> SqlDriver<B> {
                     generation: 0,
                     held: HashMap::new(),
                 }),
+                pending: Mutex::new(Vec::new()),
                 spares: Mutex::new(Vec::new()),
                 graveyard: Mutex::new(Vec::new()),
                 readers: AtomicU64::new(0),

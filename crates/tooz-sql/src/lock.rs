@@ -16,7 +16,8 @@ use tokio::task::JoinHandle;
 use tooz_core::{DriverLock, FencingToken, LockName, Mode, Result, ToozError, Wait};
 
 use crate::backend::{Backend, Token, is_broken, to_tooz};
-use crate::driver::Inner;
+use crate::driver::{Inner, Session, guard};
+use tokio::sync::oneshot;
 
 /// Slack of the client-side bound on a server-side wait (the server ends it).
 const WAIT_SLACK: Duration = Duration::from_secs(2);
@@ -182,14 +183,157 @@ impl<B: Backend> SqlLock<B> {
     }
 }
 
+/// An attempt waiting for the session connection.
+pub(crate) struct Pending<B: Backend> {
+    key: B::Key,
+    name: LockName,
+    mode: Mode,
+    reader: String,
+    reply: oneshot::Sender<Result<SessionGrant>>,
+}
+
+/// The most attempts in one batch statement.
+const MAX_BATCH: usize = 256;
+
+/// One attempt on the session connection. Attempts that arrive while the session
+/// is busy queue up; whoever gets the session next serves every queued attempt
+/// (concurrent acquires from one coordinator become a few batches, not one
+/// statement and one commit each).
 async fn try_on_session<B: Backend>(
     inner: &Inner<B>,
     key: &B::Key,
     name: &LockName,
     mode: Mode,
     reader: &str,
-) -> Result<Option<(Token, u64)>> {
+) -> Result<SessionGrant> {
+    let (reply, mut answer) = oneshot::channel();
+    guard(&inner.pending).push(Pending {
+        key: key.clone(),
+        name: name.clone(),
+        mode,
+        reader: reader.to_string(),
+        reply,
+    });
     let mut s = inner.session.lock().await;
+    // Served by whoever had the session before (it answers before letting go).
+    if let Ok(r) = answer.try_recv() {
+        return r;
+    }
+    let queued = std::mem::take(&mut *guard(&inner.pending));
+    serve(inner, &mut s, queued).await;
+    drop(s);
+    answer.await.unwrap_or_else(|_| {
+        Err(ToozError::backend_msg(
+            B::NAME,
+            "the lock attempt was dropped unanswered",
+        ))
+    })
+}
+
+/// Serves queued attempts on the session: exclusive attempts on distinct keys that
+/// no handle holds go in batches (where the database has them); the rest, and a
+/// batch that failed, one by one.
+async fn serve<B: Backend>(inner: &Inner<B>, s: &mut Session<B>, queued: Vec<Pending<B>>) {
+    let mut batch: Vec<Pending<B>> = Vec::new();
+    let mut one_by_one: Vec<Pending<B>> = Vec::new();
+    if queued.len() > 1 {
+        let mut keys = std::collections::HashSet::new();
+        for p in queued {
+            if p.mode == Mode::Exclusive
+                && !s.held.contains_key(&p.key)
+                && keys.insert(p.key.clone())
+            {
+                batch.push(p);
+            } else {
+                one_by_one.push(p);
+            }
+        }
+    } else {
+        one_by_one = queued;
+    }
+    while !batch.is_empty() {
+        let rest = batch.split_off(batch.len().min(MAX_BATCH));
+        let chunk = std::mem::replace(&mut batch, rest);
+        if chunk.len() == 1 {
+            one_by_one.extend(chunk);
+            continue;
+        }
+        let items: Vec<(B::Key, LockName)> = chunk
+            .iter()
+            .map(|p| (p.key.clone(), p.name.clone()))
+            .collect();
+        let res = match s.conn(inner).await {
+            Ok(conn) => inner.db.try_lock_batch(conn, &items).await,
+            // Each attempt connects (and says why it cannot) on its own.
+            Err(_) => {
+                one_by_one.extend(chunk);
+                continue;
+            }
+        };
+        match res {
+            Ok(Some(tokens)) if tokens.len() == chunk.len() => {
+                for (p, token) in chunk.into_iter().zip(tokens) {
+                    let answer = token.map(|t| {
+                        s.add(&p.key, &p.name, Mode::Exclusive);
+                        (t, s.generation)
+                    });
+                    if let Err(Ok(Some(_))) = p.reply.send(Ok(answer)) {
+                        // Nobody waits for the grant any more (its attempt task
+                        // ended): give it back.
+                        let generation = s.generation;
+                        let r = match s.conn(inner).await {
+                            Ok(conn) => inner.db.unlock(conn, &p.key, Mode::Exclusive, "").await,
+                            Err(_) => Ok(false),
+                        };
+                        if let Err(e) = r {
+                            tracing::debug!(lock = %p.name, error = %e, "giving back an unclaimed grant failed");
+                            if is_broken(&e) && s.generation == generation {
+                                s.broken(inner);
+                            }
+                        }
+                        s.remove(&p.key, &p.name);
+                    }
+                }
+            }
+            Ok(_) => one_by_one.extend(chunk),
+            Err(e) => {
+                tracing::debug!(driver = B::NAME, error = %e, "a batch of lock attempts failed; trying them one by one");
+                if is_broken(&e) && s.held.is_empty() {
+                    s.broken(inner);
+                } else if is_broken(&e) {
+                    // The session and its holds are gone; each attempt says so.
+                    s.broken(inner);
+                    for p in chunk {
+                        let _ = p
+                            .reply
+                            .send(Err(to_tooz(B::NAME, &attempt_what(&p.name), clone_err(&e))));
+                    }
+                    continue;
+                }
+                one_by_one.extend(chunk);
+            }
+        }
+    }
+    for p in one_by_one {
+        let r = try_one(inner, s, &p.key, &p.name, p.mode, &p.reader).await;
+        let _ = p.reply.send(r);
+    }
+}
+
+/// A copy of a batch's error for each of its attempts.
+fn clone_err(e: &sqlx::Error) -> sqlx::Error {
+    sqlx::Error::Protocol(e.to_string())
+}
+
+/// One attempt on the (locked) session connection.
+async fn try_one<B: Backend>(
+    inner: &Inner<B>,
+    s: &mut Session<B>,
+    key: &B::Key,
+    name: &LockName,
+    mode: Mode,
+    reader: &str,
+) -> Result<SessionGrant> {
     // The server counts session locks per connection: a name this session already
     // holds in a conflicting mode is held, whichever handle holds it. Another name
     // on the same key (a PostgreSQL key collision) is the server's to decide: it

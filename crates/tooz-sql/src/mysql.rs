@@ -10,6 +10,7 @@
 //! on each reader lock in turn. A Python holder takes only the name, so it does not
 //! see our shared holders (Python has no shared locks on MySQL).
 
+use std::fmt::Write as _;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
@@ -496,6 +497,104 @@ impl Backend for MySql {
                     return Ok(None);
                 }
                 Ok(Some(Self::register_reader(conn, key, name, reader).await?))
+            }
+        }
+    }
+
+    async fn try_lock_batch(
+        &self,
+        conn: &mut MySqlConnection,
+        items: &[(Vec<u8>, LockName)],
+    ) -> std::result::Result<Option<Vec<Option<Token>>>, sqlx::Error> {
+        // One round trip: take each name (as `exclusive_batch` does), advance the
+        // fences of those taken with no live reader in one transaction (one commit
+        // for the batch, durable before any token is handed out), give back names
+        // taken while readers live, and report.
+        let mut sql = String::with_capacity(items.len() * 420);
+        for (i, (key, _)) in items.iter().enumerate() {
+            let k = hex::encode(key);
+            let _ = write!(
+                sql,
+                "SET @tooz_n{i} := (SELECT IF(GET_LOCK(X'{k}', 0) = 1, \
+                 (SELECT COUNT(*) FROM tooz_readers WHERE name = X'{k}' AND IS_USED_LOCK(reader) IS NOT NULL), -1)); "
+            );
+        }
+        sql.push_str("START TRANSACTION; ");
+        for (i, (_, name)) in items.iter().enumerate() {
+            let n = hex::encode(name.as_bytes());
+            let _ = write!(
+                sql,
+                "INSERT INTO tooz_fences (kind, name, token) SELECT {FENCE_LOCK}, X'{n}', LAST_INSERT_ID(1) FROM DUAL \
+                 WHERE @tooz_n{i} = 0 ON DUPLICATE KEY UPDATE token = LAST_INSERT_ID({next}); \
+                 SET @tooz_t{i} := IF(@tooz_n{i} = 0, LAST_INSERT_ID(), NULL); ",
+                next = fence_next!()
+            );
+        }
+        sql.push_str("COMMIT; DO 0");
+        for (i, (key, _)) in items.iter().enumerate() {
+            let _ = write!(
+                sql,
+                ", IF(@tooz_n{i} > 0, RELEASE_LOCK(X'{}'), NULL)",
+                hex::encode(key)
+            );
+        }
+        sql.push_str("; ");
+        for i in 0..items.len() {
+            if i > 0 {
+                sql.push_str(" UNION ALL ");
+            }
+            let _ = write!(
+                sql,
+                "SELECT CAST(@tooz_n{i} AS SIGNED), CAST(@tooz_t{i} AS SIGNED)"
+            );
+        }
+        let rows = match conn.fetch_all(sqlx::raw_sql(&sql)).await {
+            Ok(rows) => rows,
+            Err(e) => {
+                if !crate::backend::is_broken(&e) {
+                    // Nothing of the batch may stay: undo the fences, give back
+                    // every name it may have taken (no handle holds them).
+                    sqlx::query("ROLLBACK").execute(&mut *conn).await?;
+                    for (key, _) in items {
+                        self.abandon(conn, key, Mode::Exclusive, "").await?;
+                    }
+                }
+                return Err(e);
+            }
+        };
+        // The last statement's rows (the batch's other statements return none).
+        let rows = &rows[rows.len().saturating_sub(items.len())..];
+        if rows.len() != items.len() {
+            for (key, _) in items {
+                self.abandon(conn, key, Mode::Exclusive, "").await?;
+            }
+            return Err(sqlx::Error::Protocol(format!(
+                "the lock batch of {} returned {} rows",
+                items.len(),
+                rows.len()
+            )));
+        }
+        let parsed = rows
+            .iter()
+            .map(|r| {
+                let readers: Option<i64> = r.try_get(0)?;
+                let token: Option<i64> = r.try_get(1)?;
+                Ok(match (readers, token) {
+                    (Some(0), Some(t)) => Some(u64::try_from(t).map_err(|_| {
+                        sqlx::Error::Protocol(format!("the lock batch returned token {t}"))
+                    })?),
+                    _ => None,
+                })
+            })
+            .collect::<std::result::Result<Vec<_>, sqlx::Error>>();
+        match parsed {
+            Ok(tokens) => Ok(Some(tokens)),
+            Err(e) => {
+                // Grants nobody can account for: give them all back.
+                for (key, _) in items {
+                    self.abandon(conn, key, Mode::Exclusive, "").await?;
+                }
+                Err(e)
             }
         }
     }

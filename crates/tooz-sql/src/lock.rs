@@ -304,9 +304,11 @@ async fn serve<B: Backend>(inner: &Inner<B>, s: &mut Session<B>, queued: Vec<Pen
                     // The session and its holds are gone; each attempt says so.
                     s.broken(inner);
                     for p in chunk {
-                        let _ = p
-                            .reply
-                            .send(Err(to_tooz(B::NAME, &attempt_what(&p.name), clone_err(&e))));
+                        let _ = p.reply.send(Err(to_tooz(
+                            B::NAME,
+                            &attempt_what(&p.name),
+                            clone_err(&e),
+                        )));
                     }
                     continue;
                 }
@@ -457,7 +459,8 @@ impl<B: Backend> Drop for Orphan<B> {
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(async move {
                 if let Ok(Ok(Some((_, generation)))) = task.await
-                    && let Err(e) = unlock_on_session(&inner, &key, &name, mode, &reader, generation).await
+                    && let Err(e) =
+                        unlock_on_session(&inner, &key, &name, mode, &reader, generation).await
                 {
                     tracing::debug!(error = %e, "giving back an abandoned grant failed");
                 }
@@ -542,7 +545,8 @@ impl<B: Backend> DriverLock for SqlLock<B> {
                     hold.mode,
                     &hold.reader,
                     g,
-                ).await
+                )
+                .await
             }
             At::Own(mut conn, id) => {
                 match self

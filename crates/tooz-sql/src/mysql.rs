@@ -211,14 +211,12 @@ impl MySql {
         conn: &mut MySqlConnection,
         name: &LockName,
     ) -> std::result::Result<Token, sqlx::Error> {
-        let r = sqlx::query(
-            concat!(
-                "INSERT INTO tooz_fences (kind, name, token) VALUES (?, ?, LAST_INSERT_ID(1)) \
+        let r = sqlx::query(concat!(
+            "INSERT INTO tooz_fences (kind, name, token) VALUES (?, ?, LAST_INSERT_ID(1)) \
                  ON DUPLICATE KEY UPDATE token = LAST_INSERT_ID(",
-                fence_next!(),
-                ")"
-            ),
-        )
+            fence_next!(),
+            ")"
+        ))
         .bind(FENCE_LOCK)
         .bind(name.as_bytes())
         .execute(conn)

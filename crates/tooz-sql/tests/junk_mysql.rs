@@ -95,11 +95,7 @@ fn fence_counter() -> impl Strategy<Value = i64> {
 /// A reader name another client wrote into `tooz_readers`: any text that fits the
 /// column, the empty name (not a valid lock name) included.
 fn junk_reader() -> impl Strategy<Value = String> {
-    prop_oneof![
-        Just(String::new()),
-        "[ -~]{0,64}",
-        "\\PC{0,64}",
-    ]
+    prop_oneof![Just(String::new()), "[ -~]{0,64}", "\\PC{0,64}",]
 }
 
 #[test]

@@ -86,7 +86,12 @@ async fn concurrent_acquires_from_one_coordinator() {
                 g2.is_some()
             );
             let t = g1.as_ref().or(g2.as_ref()).unwrap().token().0;
-            assert!(t > last[i], "round {round}, {}: token {t} after {}", names[i], last[i]);
+            assert!(
+                t > last[i],
+                "round {round}, {}: token {t} after {}",
+                names[i],
+                last[i]
+            );
             last[i] = t;
         }
         // Another client gets none of them while they are held.

@@ -155,12 +155,9 @@ async fn concurrent_distinct_names_all_granted() {
             .map(|(n, _)| n)
             .collect();
         assert!(refused.is_empty(), "free locks refused: {refused:?}");
-        let released = timed(
-            "releases",
-            try_join_all(locks.iter().map(|l| l.release())),
-        )
-        .await
-        .unwrap();
+        let released = timed("releases", try_join_all(locks.iter().map(|l| l.release())))
+            .await
+            .unwrap();
         assert!(released.iter().all(|r| *r));
     }
     c.stop().await.unwrap();

@@ -175,8 +175,9 @@ impl MySql {
 
     /// A connection for statements that hold nothing.
     async fn lend(&self) -> std::result::Result<(Lent<'_, MySqlConnection>, bool), sqlx::Error> {
+        let turn = self.idle.turn().await?;
         if let Some(c) = self.idle.pop() {
-            return Ok((self.idle.lend(c), true));
+            return Ok((self.idle.lend(c, turn), true));
         }
         let mut c = tokio::time::timeout(
             self.cfg.common.connect_timeout,
@@ -185,7 +186,7 @@ impl MySql {
         .await
         .map_err(|_| sqlx::Error::PoolTimedOut)??;
         c.execute(ISOLATION).await?;
-        Ok((self.idle.lend(c), false))
+        Ok((self.idle.lend(c, turn), false))
     }
 
     fn err(what: &str) -> impl FnOnce(sqlx::Error) -> ToozError + '_ {

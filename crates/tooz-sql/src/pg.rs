@@ -160,8 +160,9 @@ impl Pg {
 
     /// A connection for statements that hold nothing.
     async fn lend(&self) -> std::result::Result<(Lent<'_, PgConnection>, bool), sqlx::Error> {
+        let turn = self.idle.turn().await?;
         if let Some(c) = self.idle.pop() {
-            return Ok((self.idle.lend(c), true));
+            return Ok((self.idle.lend(c, turn), true));
         }
         let c = tokio::time::timeout(
             self.cfg.common.connect_timeout,
@@ -169,7 +170,7 @@ impl Pg {
         )
         .await
         .map_err(|_| sqlx::Error::PoolTimedOut)??;
-        Ok((self.idle.lend(c), false))
+        Ok((self.idle.lend(c, turn), false))
     }
 
     fn err(what: &str) -> impl FnOnce(sqlx::Error) -> ToozError + '_ {

@@ -73,6 +73,18 @@ pub(crate) trait Backend: Send + Sync + fmt::Debug + Sized + 'static {
         mode: Mode,
         reader: &str,
     ) -> std::result::Result<Option<Token>, sqlx::Error>;
+    /// Tries several exclusive locks (distinct keys no handle of `conn` holds)
+    /// without waiting, in one round trip and one commit where the database can:
+    /// the token of each grant. On an error nothing of the batch is held any more
+    /// (given back, or the connection is broken). `Ok(None)`: the database has no
+    /// batch; they are tried one by one.
+    async fn try_lock_batch(
+        &self,
+        _conn: &mut Self::Conn,
+        _items: &[(Self::Key, LockName)],
+    ) -> std::result::Result<Option<Vec<Option<Token>>>, sqlx::Error> {
+        Ok(None)
+    }
     /// Waits server-side for the lock on `conn`, at most `wait` (`None`: for ever).
     /// `Ok(None)` when the wait ran out with nothing held.
     async fn wait_lock(
@@ -237,19 +249,38 @@ pub(crate) fn micros(d: Duration) -> i64 {
 /// Idle dedicated connections for statements that hold nothing. sqlx's pool pings
 /// every connection it takes back (one more round trip per statement); these are
 /// handed back as they are, and dropped when a statement found them broken.
+///
+/// At most [`MAX_OPEN`] are lent at once: further statements wait for one to come
+/// back rather than open a connection each (200 concurrent `join_group`s used to
+/// open 200 connections and exhaust the server's slots).
 #[derive(Debug)]
 pub(crate) struct Idle<C> {
     conns: std::sync::Mutex<Vec<C>>,
+    open: tokio::sync::Semaphore,
 }
 
 /// The most idle connections kept.
 const MAX_IDLE: usize = 4;
 
+/// The most connections lent at once.
+pub(crate) const MAX_OPEN: usize = 16;
+
 impl<C> Idle<C> {
     pub(crate) fn new() -> Self {
         Idle {
             conns: std::sync::Mutex::new(Vec::new()),
+            open: tokio::sync::Semaphore::new(MAX_OPEN),
         }
+    }
+
+    /// Waits for a turn to use a connection (see [`MAX_OPEN`]).
+    pub(crate) async fn turn(
+        &self,
+    ) -> std::result::Result<tokio::sync::SemaphorePermit<'_>, sqlx::Error> {
+        self.open
+            .acquire()
+            .await
+            .map_err(|_| sqlx::Error::PoolClosed)
     }
 
     fn guard(&self) -> std::sync::MutexGuard<'_, Vec<C>> {
@@ -261,12 +292,18 @@ impl<C> Idle<C> {
         self.guard().pop()
     }
 
-    /// Lends `conn`; it comes back when the loan is dropped, unless found broken.
-    pub(crate) fn lend(&self, conn: C) -> Lent<'_, C> {
+    /// Lends `conn` on a turn; it comes back when the loan is dropped, unless found
+    /// broken.
+    pub(crate) fn lend<'a>(
+        &'a self,
+        conn: C,
+        turn: tokio::sync::SemaphorePermit<'a>,
+    ) -> Lent<'a, C> {
         Lent {
             conn: Some(conn),
             home: self,
             broken: false,
+            _turn: turn,
         }
     }
 
@@ -282,6 +319,8 @@ pub(crate) struct Lent<'a, C> {
     conn: Option<C>,
     home: &'a Idle<C>,
     broken: bool,
+    /// Given back after the connection (fields drop in order).
+    _turn: tokio::sync::SemaphorePermit<'a>,
 }
 
 impl<C> Lent<'_, C> {
@@ -328,5 +367,30 @@ impl<C> Drop for Lent<'_, C> {
                 idle.push(c);
             }
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use futures_util::FutureExt;
+
+    use super::{Idle, MAX_OPEN};
+
+    #[tokio::test]
+    async fn lends_at_most_max_open_connections() {
+        let idle: Idle<usize> = Idle::new();
+        let mut loans = Vec::new();
+        for i in 0..MAX_OPEN {
+            let turn = idle.turn().await.unwrap();
+            loans.push(idle.lend(i, turn));
+        }
+        // Every turn is out: the next statement waits.
+        assert!(idle.turn().now_or_never().is_none());
+        // A loan given back makes a turn and an idle connection.
+        drop(loans.pop());
+        let turn = idle.turn().now_or_never().unwrap().unwrap();
+        assert_eq!(idle.pop(), Some(MAX_OPEN - 1));
+        drop(turn);
     }
 }

@@ -23,19 +23,25 @@ const CHARACTERISTICS: &[Characteristic] = &[
     Characteristic::DistributedAcrossHosts,
 ];
 
-fn guard<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn guard<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// The coordinator's session connection: it renews the lease and holds every lock
 /// taken without waiting (session locks are counted per connection, so `held`
-/// keeps two handles of one key from sharing a hold the server would count twice).
+/// keeps two handles of one lock name from sharing a hold the server would count
+/// twice).
+///
+/// `held` is kept per server key *and* lock name: distinct names can share a key
+/// (PostgreSQL's keys have 65,536 slots, as Python tooz's), and a second name on a
+/// key this session already holds is granted by the server (it counts the key
+/// again); only the same name in a conflicting mode is refused here.
 pub(crate) struct Session<B: Backend> {
     pub(crate) conn: Option<(B::Conn, i64)>,
     /// Bumped each time the connection is found broken: holds of an older
     /// generation are gone.
     pub(crate) generation: u64,
-    pub(crate) held: HashMap<B::Key, (Mode, u32)>,
+    pub(crate) held: HashMap<B::Key, HashMap<LockName, (Mode, u32)>>,
 }
 
 impl<B: Backend> Session<B> {
@@ -69,17 +75,43 @@ impl<B: Backend> Session<B> {
         self.generation == g && self.conn.is_some()
     }
 
-    pub(crate) fn add(&mut self, key: &B::Key, mode: Mode) {
-        let e = self.held.entry(key.clone()).or_insert((mode, 0));
+    /// Whether a handle of this session holds `name` in a mode that excludes `mode`.
+    pub(crate) fn conflicts(&self, key: &B::Key, name: &LockName, mode: Mode) -> bool {
+        self.held
+            .get(key)
+            .and_then(|names| names.get(name))
+            .is_some_and(|(m, _)| mode == Mode::Exclusive || *m == Mode::Exclusive)
+    }
+
+    /// Whether some handle accounts for a hold of `key` in `mode` (whatever its name).
+    pub(crate) fn accounts_for(&self, key: &B::Key, mode: Mode) -> bool {
+        self.held
+            .get(key)
+            .is_some_and(|names| names.values().any(|(m, _)| *m == mode))
+    }
+
+    pub(crate) fn add(&mut self, key: &B::Key, name: &LockName, mode: Mode) {
+        let e = self
+            .held
+            .entry(key.clone())
+            .or_default()
+            .entry(name.clone())
+            .or_insert((mode, 0));
         e.1 += 1;
     }
 
-    pub(crate) fn remove(&mut self, key: &B::Key) {
-        if let Some(e) = self.held.get_mut(key) {
+    pub(crate) fn remove(&mut self, key: &B::Key, name: &LockName) {
+        let Some(names) = self.held.get_mut(key) else {
+            return;
+        };
+        if let Some(e) = names.get_mut(name) {
             e.1 = e.1.saturating_sub(1);
             if e.1 == 0 {
-                self.held.remove(key);
+                names.remove(name);
             }
+        }
+        if names.is_empty() {
+            self.held.remove(key);
         }
     }
 }
@@ -91,6 +123,9 @@ pub(crate) struct Inner<B: Backend> {
     lease_id: AtomicI64,
     pub(crate) lease: LeaseState,
     pub(crate) session: tokio::sync::Mutex<Session<B>>,
+    /// Attempts waiting for the session: whoever gets it next serves them all, in
+    /// one batch where the database can (see [`crate::lock`]).
+    pub(crate) pending: Mutex<Vec<crate::lock::Pending<B>>>,
     /// Connections holding nothing, kept for the next wait.
     spares: Mutex<Vec<(B::Conn, i64, Instant)>>,
     /// Broken connections kept open until the heartbeat has reported their holds
@@ -171,6 +206,7 @@ impl<B: Backend> SqlDriver<B> {
                     generation: 0,
                     held: HashMap::new(),
                 }),
+                pending: Mutex::new(Vec::new()),
                 spares: Mutex::new(Vec::new()),
                 graveyard: Mutex::new(Vec::new()),
                 readers: AtomicU64::new(0),

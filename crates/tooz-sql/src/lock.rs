@@ -16,7 +16,8 @@ use tokio::task::JoinHandle;
 use tooz_core::{DriverLock, FencingToken, LockName, Mode, Result, ToozError, Wait};
 
 use crate::backend::{Backend, Token, is_broken, to_tooz};
-use crate::driver::Inner;
+use crate::driver::{Inner, Session, guard};
+use tokio::sync::oneshot;
 
 /// Slack of the client-side bound on a server-side wait (the server ends it).
 const WAIT_SLACK: Duration = Duration::from_secs(2);
@@ -114,6 +115,7 @@ impl<B: Backend> SqlLock<B> {
             task: Some(task),
             inner: Arc::clone(&self.inner),
             key: self.key(),
+            name: self.name.clone(),
             mode,
             reader: reader.to_string(),
         };
@@ -181,22 +183,167 @@ impl<B: Backend> SqlLock<B> {
     }
 }
 
+/// An attempt waiting for the session connection.
+pub(crate) struct Pending<B: Backend> {
+    key: B::Key,
+    name: LockName,
+    mode: Mode,
+    reader: String,
+    reply: oneshot::Sender<Result<SessionGrant>>,
+}
+
+/// The most attempts in one batch statement.
+const MAX_BATCH: usize = 256;
+
+/// One attempt on the session connection. Attempts that arrive while the session
+/// is busy queue up; whoever gets the session next serves every queued attempt
+/// (concurrent acquires from one coordinator become a few batches, not one
+/// statement and one commit each).
 async fn try_on_session<B: Backend>(
     inner: &Inner<B>,
     key: &B::Key,
     name: &LockName,
     mode: Mode,
     reader: &str,
-) -> Result<Option<(Token, u64)>> {
+) -> Result<SessionGrant> {
+    let (reply, mut answer) = oneshot::channel();
+    guard(&inner.pending).push(Pending {
+        key: key.clone(),
+        name: name.clone(),
+        mode,
+        reader: reader.to_string(),
+        reply,
+    });
     let mut s = inner.session.lock().await;
-    // The server counts session locks per connection: a key this session already
-    // holds in a conflicting mode is held, whichever handle holds it.
-    if let Some((m, _)) = s.held.get(key)
-        && (mode == Mode::Exclusive || *m == Mode::Exclusive)
-    {
+    // Served by whoever had the session before (it answers before letting go).
+    if let Ok(r) = answer.try_recv() {
+        return r;
+    }
+    let queued = std::mem::take(&mut *guard(&inner.pending));
+    serve(inner, &mut s, queued).await;
+    drop(s);
+    answer.await.unwrap_or_else(|_| {
+        Err(ToozError::backend_msg(
+            B::NAME,
+            "the lock attempt was dropped unanswered",
+        ))
+    })
+}
+
+/// Serves queued attempts on the session: exclusive attempts on distinct keys that
+/// no handle holds go in batches (where the database has them); the rest, and a
+/// batch that failed, one by one.
+async fn serve<B: Backend>(inner: &Inner<B>, s: &mut Session<B>, queued: Vec<Pending<B>>) {
+    let mut batch: Vec<Pending<B>> = Vec::new();
+    let mut one_by_one: Vec<Pending<B>> = Vec::new();
+    if queued.len() > 1 {
+        let mut keys = std::collections::HashSet::new();
+        for p in queued {
+            if p.mode == Mode::Exclusive
+                && !s.held.contains_key(&p.key)
+                && keys.insert(p.key.clone())
+            {
+                batch.push(p);
+            } else {
+                one_by_one.push(p);
+            }
+        }
+    } else {
+        one_by_one = queued;
+    }
+    while !batch.is_empty() {
+        let rest = batch.split_off(batch.len().min(MAX_BATCH));
+        let chunk = std::mem::replace(&mut batch, rest);
+        if chunk.len() == 1 {
+            one_by_one.extend(chunk);
+            continue;
+        }
+        let items: Vec<(B::Key, LockName)> = chunk
+            .iter()
+            .map(|p| (p.key.clone(), p.name.clone()))
+            .collect();
+        let res = match s.conn(inner).await {
+            Ok(conn) => inner.db.try_lock_batch(conn, &items).await,
+            // Each attempt connects (and says why it cannot) on its own.
+            Err(_) => {
+                one_by_one.extend(chunk);
+                continue;
+            }
+        };
+        match res {
+            Ok(Some(tokens)) if tokens.len() == chunk.len() => {
+                for (p, token) in chunk.into_iter().zip(tokens) {
+                    let answer = token.map(|t| {
+                        s.add(&p.key, &p.name, Mode::Exclusive);
+                        (t, s.generation)
+                    });
+                    if let Err(Ok(Some(_))) = p.reply.send(Ok(answer)) {
+                        // Nobody waits for the grant any more (its attempt task
+                        // ended): give it back.
+                        let generation = s.generation;
+                        let r = match s.conn(inner).await {
+                            Ok(conn) => inner.db.unlock(conn, &p.key, Mode::Exclusive, "").await,
+                            Err(_) => Ok(false),
+                        };
+                        if let Err(e) = r {
+                            tracing::debug!(lock = %p.name, error = %e, "giving back an unclaimed grant failed");
+                            if is_broken(&e) && s.generation == generation {
+                                s.broken(inner);
+                            }
+                        }
+                        s.remove(&p.key, &p.name);
+                    }
+                }
+            }
+            Ok(_) => one_by_one.extend(chunk),
+            Err(e) => {
+                tracing::debug!(driver = B::NAME, error = %e, "a batch of lock attempts failed; trying them one by one");
+                if is_broken(&e) && s.held.is_empty() {
+                    s.broken(inner);
+                } else if is_broken(&e) {
+                    // The session and its holds are gone; each attempt says so.
+                    s.broken(inner);
+                    for p in chunk {
+                        let _ = p.reply.send(Err(to_tooz(
+                            B::NAME,
+                            &attempt_what(&p.name),
+                            clone_err(&e),
+                        )));
+                    }
+                    continue;
+                }
+                one_by_one.extend(chunk);
+            }
+        }
+    }
+    for p in one_by_one {
+        let r = try_one(inner, s, &p.key, &p.name, p.mode, &p.reader).await;
+        let _ = p.reply.send(r);
+    }
+}
+
+/// A copy of a batch's error for each of its attempts.
+fn clone_err(e: &sqlx::Error) -> sqlx::Error {
+    sqlx::Error::Protocol(e.to_string())
+}
+
+/// One attempt on the (locked) session connection.
+async fn try_one<B: Backend>(
+    inner: &Inner<B>,
+    s: &mut Session<B>,
+    key: &B::Key,
+    name: &LockName,
+    mode: Mode,
+    reader: &str,
+) -> Result<SessionGrant> {
+    // The server counts session locks per connection: a name this session already
+    // holds in a conflicting mode is held, whichever handle holds it. Another name
+    // on the same key (a PostgreSQL key collision) is the server's to decide: it
+    // grants this session its own key again.
+    if s.conflicts(key, name, mode) {
         return Ok(None);
     }
-    let unaccounted = !s.held.contains_key(key);
+    let unaccounted = !s.accounts_for(key, mode);
     let conn = s.conn(inner).await?;
     let mut res = inner.db.try_lock(conn, key, name, mode, reader).await;
     if let Err(e) = &res
@@ -217,31 +364,48 @@ async fn try_on_session<B: Backend>(
     };
     match res {
         Ok(Some(token)) => {
-            s.add(key, mode);
+            s.add(key, name, mode);
             Ok(Some((token, s.generation)))
         }
         Ok(None) => Ok(None),
         Err(e) if is_broken(&e) => {
             s.broken(inner);
-            Err(to_tooz(B::NAME, "trying a lock", e))
+            Err(to_tooz(B::NAME, &attempt_what(name), e))
         }
         Err(e) => {
             // The statement failed on a live connection: whatever it may have taken
             // that no handle accounts for is given back.
-            if unaccounted && let Err(e2) = inner.db.abandon(conn, key, mode, reader).await {
-                tracing::debug!(error = %e2, "giving back a failed attempt failed");
-                if is_broken(&e2) {
-                    s.broken(inner);
+            if unaccounted {
+                if let Err(e2) = inner.db.abandon(conn, key, mode, reader).await {
+                    tracing::debug!(error = %e2, "giving back a failed attempt failed");
+                    if is_broken(&e2) {
+                        s.broken(inner);
+                    }
                 }
+            } else {
+                // Another name holds this key on the session in this mode: a count
+                // the failed statement may have added cannot be told from theirs, so
+                // it is left (the key is held anyway); it goes with the session.
+                tracing::warn!(
+                    driver = B::NAME,
+                    lock = %name,
+                    "a failed lock attempt on a key this session already holds may leave one count of it held"
+                );
             }
-            Err(to_tooz(B::NAME, "trying a lock", e))
+            Err(to_tooz(B::NAME, &attempt_what(name), e))
         }
     }
+}
+
+/// What a failed attempt was doing, for its error.
+fn attempt_what(name: &LockName) -> String {
+    format!("taking lock {name} and advancing its fencing counter")
 }
 
 async fn unlock_on_session<B: Backend>(
     inner: &Inner<B>,
     key: &B::Key,
+    name: &LockName,
     mode: Mode,
     reader: &str,
     generation: u64,
@@ -254,14 +418,14 @@ async fn unlock_on_session<B: Backend>(
     let res = inner.db.unlock(conn, key, mode, reader).await;
     match res {
         Ok(was) => {
-            s.remove(key);
+            s.remove(key, name);
             Ok(was)
         }
         Err(e) => {
             if is_broken(&e) {
                 s.broken(inner);
             } else {
-                s.remove(key);
+                s.remove(key, name);
             }
             Err(to_tooz(B::NAME, "releasing a lock", e))
         }
@@ -277,6 +441,7 @@ struct Orphan<B: Backend> {
     task: Option<JoinHandle<Result<SessionGrant>>>,
     inner: Arc<Inner<B>>,
     key: B::Key,
+    name: LockName,
     mode: Mode,
     reader: String,
 }
@@ -285,15 +450,17 @@ impl<B: Backend> Drop for Orphan<B> {
     fn drop(&mut self) {
         let Some(task) = self.task.take() else { return };
         let inner = Arc::clone(&self.inner);
-        let (key, mode, reader) = (
+        let (key, name, mode, reader) = (
             self.key.clone(),
+            self.name.clone(),
             self.mode,
             std::mem::take(&mut self.reader),
         );
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(async move {
                 if let Ok(Ok(Some((_, generation)))) = task.await
-                    && let Err(e) = unlock_on_session(&inner, &key, mode, &reader, generation).await
+                    && let Err(e) =
+                        unlock_on_session(&inner, &key, &name, mode, &reader, generation).await
                 {
                     tracing::debug!(error = %e, "giving back an abandoned grant failed");
                 }
@@ -371,7 +538,15 @@ impl<B: Backend> DriverLock for SqlLock<B> {
         match hold.at {
             At::Lost => Ok(false),
             At::Session(g) => {
-                unlock_on_session(&self.inner, &self.key(), hold.mode, &hold.reader, g).await
+                unlock_on_session(
+                    &self.inner,
+                    &self.key(),
+                    &self.name,
+                    hold.mode,
+                    &hold.reader,
+                    g,
+                )
+                .await
             }
             At::Own(mut conn, id) => {
                 match self

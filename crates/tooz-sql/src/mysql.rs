@@ -10,6 +10,7 @@
 //! on each reader lock in turn. A Python holder takes only the name, so it does not
 //! see our shared holders (Python has no shared locks on MySQL).
 
+use std::fmt::Write as _;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
@@ -103,6 +104,16 @@ const DDL: &[&str] = &[
     "INSERT IGNORE INTO tooz_schema (name, version) VALUES ('tooz', 1)",
 ];
 
+/// The next value of a lock fence `token` (in `ON DUPLICATE KEY UPDATE`): one more,
+/// or 1 again when another client left it where it cannot count up from (negative,
+/// which `LAST_INSERT_ID` would turn into a huge unsigned token, or `i64::MAX`,
+/// which cannot be advanced and used to fail the grant).
+macro_rules! fence_next {
+    () => {
+        "IF(token < 0 OR token = 9223372036854775807, 1, token + 1)"
+    };
+}
+
 /// Runs one statement on an idle dedicated connection (see [`Idle`]).
 macro_rules! on_conn {
     ($self:ident, |$c:ident| $body:expr) => {
@@ -164,8 +175,9 @@ impl MySql {
 
     /// A connection for statements that hold nothing.
     async fn lend(&self) -> std::result::Result<(Lent<'_, MySqlConnection>, bool), sqlx::Error> {
+        let turn = self.idle.turn().await?;
         if let Some(c) = self.idle.pop() {
-            return Ok((self.idle.lend(c), true));
+            return Ok((self.idle.lend(c, turn), true));
         }
         let mut c = tokio::time::timeout(
             self.cfg.common.connect_timeout,
@@ -174,7 +186,7 @@ impl MySql {
         .await
         .map_err(|_| sqlx::Error::PoolTimedOut)??;
         c.execute(ISOLATION).await?;
-        Ok((self.idle.lend(c), false))
+        Ok((self.idle.lend(c, turn), false))
     }
 
     fn err(what: &str) -> impl FnOnce(sqlx::Error) -> ToozError + '_ {
@@ -200,10 +212,12 @@ impl MySql {
         conn: &mut MySqlConnection,
         name: &LockName,
     ) -> std::result::Result<Token, sqlx::Error> {
-        let r = sqlx::query(
+        let r = sqlx::query(concat!(
             "INSERT INTO tooz_fences (kind, name, token) VALUES (?, ?, LAST_INSERT_ID(1)) \
-             ON DUPLICATE KEY UPDATE token = LAST_INSERT_ID(token + 1)",
-        )
+                 ON DUPLICATE KEY UPDATE token = LAST_INSERT_ID(",
+            fence_next!(),
+            ")"
+        ))
         .bind(FENCE_LOCK)
         .bind(name.as_bytes())
         .execute(conn)
@@ -255,8 +269,9 @@ impl MySql {
             "SET @tooz_n := (SELECT IF(GET_LOCK(X'{k}', {secs}) = 1, \
              (SELECT COUNT(*) FROM tooz_readers WHERE name = X'{k}' AND IS_USED_LOCK(reader) IS NOT NULL), -1)); \
              INSERT INTO tooz_fences (kind, name, token) SELECT {FENCE_LOCK}, X'{n}', LAST_INSERT_ID(1) FROM DUAL \
-             WHERE @tooz_n = 0 ON DUPLICATE KEY UPDATE token = LAST_INSERT_ID(token + 1); \
-             SELECT @tooz_n, IF(@tooz_n = 0, LAST_INSERT_ID(), NULL), {release}"
+             WHERE @tooz_n = 0 ON DUPLICATE KEY UPDATE token = LAST_INSERT_ID({next}); \
+             SELECT @tooz_n, IF(@tooz_n = 0, LAST_INSERT_ID(), NULL), {release}",
+            next = fence_next!()
         );
         let rows = conn.fetch_all(sqlx::raw_sql(&sql)).await?;
         let row = rows
@@ -481,6 +496,104 @@ impl Backend for MySql {
                     return Ok(None);
                 }
                 Ok(Some(Self::register_reader(conn, key, name, reader).await?))
+            }
+        }
+    }
+
+    async fn try_lock_batch(
+        &self,
+        conn: &mut MySqlConnection,
+        items: &[(Vec<u8>, LockName)],
+    ) -> std::result::Result<Option<Vec<Option<Token>>>, sqlx::Error> {
+        // One round trip: take each name (as `exclusive_batch` does), advance the
+        // fences of those taken with no live reader in one transaction (one commit
+        // for the batch, durable before any token is handed out), give back names
+        // taken while readers live, and report.
+        let mut sql = String::with_capacity(items.len() * 420);
+        for (i, (key, _)) in items.iter().enumerate() {
+            let k = hex::encode(key);
+            let _ = write!(
+                sql,
+                "SET @tooz_n{i} := (SELECT IF(GET_LOCK(X'{k}', 0) = 1, \
+                 (SELECT COUNT(*) FROM tooz_readers WHERE name = X'{k}' AND IS_USED_LOCK(reader) IS NOT NULL), -1)); "
+            );
+        }
+        sql.push_str("START TRANSACTION; ");
+        for (i, (_, name)) in items.iter().enumerate() {
+            let n = hex::encode(name.as_bytes());
+            let _ = write!(
+                sql,
+                "INSERT INTO tooz_fences (kind, name, token) SELECT {FENCE_LOCK}, X'{n}', LAST_INSERT_ID(1) FROM DUAL \
+                 WHERE @tooz_n{i} = 0 ON DUPLICATE KEY UPDATE token = LAST_INSERT_ID({next}); \
+                 SET @tooz_t{i} := IF(@tooz_n{i} = 0, LAST_INSERT_ID(), NULL); ",
+                next = fence_next!()
+            );
+        }
+        sql.push_str("COMMIT; DO 0");
+        for (i, (key, _)) in items.iter().enumerate() {
+            let _ = write!(
+                sql,
+                ", IF(@tooz_n{i} > 0, RELEASE_LOCK(X'{}'), NULL)",
+                hex::encode(key)
+            );
+        }
+        sql.push_str("; ");
+        for i in 0..items.len() {
+            if i > 0 {
+                sql.push_str(" UNION ALL ");
+            }
+            let _ = write!(
+                sql,
+                "SELECT CAST(@tooz_n{i} AS SIGNED), CAST(@tooz_t{i} AS SIGNED)"
+            );
+        }
+        let rows = match conn.fetch_all(sqlx::raw_sql(&sql)).await {
+            Ok(rows) => rows,
+            Err(e) => {
+                if !crate::backend::is_broken(&e) {
+                    // Nothing of the batch may stay: undo the fences, give back
+                    // every name it may have taken (no handle holds them).
+                    sqlx::query("ROLLBACK").execute(&mut *conn).await?;
+                    for (key, _) in items {
+                        self.abandon(conn, key, Mode::Exclusive, "").await?;
+                    }
+                }
+                return Err(e);
+            }
+        };
+        // The last statement's rows (the batch's other statements return none).
+        let rows = &rows[rows.len().saturating_sub(items.len())..];
+        if rows.len() != items.len() {
+            for (key, _) in items {
+                self.abandon(conn, key, Mode::Exclusive, "").await?;
+            }
+            return Err(sqlx::Error::Protocol(format!(
+                "the lock batch of {} returned {} rows",
+                items.len(),
+                rows.len()
+            )));
+        }
+        let parsed = rows
+            .iter()
+            .map(|r| {
+                let readers: Option<i64> = r.try_get(0)?;
+                let token: Option<i64> = r.try_get(1)?;
+                Ok(match (readers, token) {
+                    (Some(0), Some(t)) => Some(u64::try_from(t).map_err(|_| {
+                        sqlx::Error::Protocol(format!("the lock batch returned token {t}"))
+                    })?),
+                    _ => None,
+                })
+            })
+            .collect::<std::result::Result<Vec<_>, sqlx::Error>>();
+        match parsed {
+            Ok(tokens) => Ok(Some(tokens)),
+            Err(e) => {
+                // Grants nobody can account for: give them all back.
+                for (key, _) in items {
+                    self.abandon(conn, key, Mode::Exclusive, "").await?;
+                }
+                Err(e)
             }
         }
     }

@@ -160,8 +160,9 @@ impl Pg {
 
     /// A connection for statements that hold nothing.
     async fn lend(&self) -> std::result::Result<(Lent<'_, PgConnection>, bool), sqlx::Error> {
+        let turn = self.idle.turn().await?;
         if let Some(c) = self.idle.pop() {
-            return Ok((self.idle.lend(c), true));
+            return Ok((self.idle.lend(c, turn), true));
         }
         let c = tokio::time::timeout(
             self.cfg.common.connect_timeout,
@@ -169,7 +170,7 @@ impl Pg {
         )
         .await
         .map_err(|_| sqlx::Error::PoolTimedOut)??;
-        Ok((self.idle.lend(c), false))
+        Ok((self.idle.lend(c, turn), false))
     }
 
     fn err(what: &str) -> impl FnOnce(sqlx::Error) -> ToozError + '_ {
@@ -303,12 +304,17 @@ fn unlock_fn(mode: Mode) -> &'static str {
 /// only waits for no WAL flush). A crash that loses the last increments cannot make a
 /// token go back: the clock has moved past every token handed out before it (unless
 /// the server clock steps back across the crash).
+///
+/// A stored `i64::MAX` (only another client can have written it: the clock is about
+/// 2^50 µs) cannot be advanced; the counter restarts from the server clock rather
+/// than failing the statement after the advisory lock was taken.
 const FENCE_UPSERT: &str = concat!(
     ", a AS (SELECT set_config('synchronous_commit', 'off', true)) \
      INSERT INTO tooz_fences (kind, name, token) SELECT $3, $4, ",
     now_us!(),
     " FROM l, a ON CONFLICT (kind, name) DO UPDATE SET \
-     token = GREATEST(tooz_fences.token + 1, EXCLUDED.token) RETURNING token"
+     token = CASE WHEN tooz_fences.token = 9223372036854775807 THEN EXCLUDED.token \
+     ELSE GREATEST(tooz_fences.token + 1, EXCLUDED.token) END RETURNING token"
 );
 
 #[tooz_core::async_trait]
@@ -503,6 +509,59 @@ impl Backend for Pg {
             .await?;
         row.map(|r| r.try_get::<i64, _>(0).map(|t| t as u64))
             .transpose()
+    }
+
+    async fn try_lock_batch(
+        &self,
+        conn: &mut PgConnection,
+        items: &[((i32, i32), LockName)],
+    ) -> std::result::Result<Option<Vec<Option<Token>>>, sqlx::Error> {
+        // One statement: try each key (distinct, held by no handle of this
+        // session), advance the fences of those taken.
+        let k1: Vec<i32> = items.iter().map(|(k, _)| k.0).collect();
+        let k2: Vec<i32> = items.iter().map(|(k, _)| k.1).collect();
+        let names: Vec<Vec<u8>> = items.iter().map(|(_, n)| n.as_bytes().to_vec()).collect();
+        let sql = concat!(
+            "WITH it AS (SELECT * FROM unnest($1::int4[], $2::int4[], $4::bytea[]) AS t(k1, k2, name)), \
+             l AS MATERIALIZED (SELECT name FROM it WHERE pg_try_advisory_lock(k1, k2)), \
+             a AS (SELECT set_config('synchronous_commit', 'off', true)) \
+             INSERT INTO tooz_fences (kind, name, token) SELECT $3, l.name, ",
+            now_us!(),
+            " FROM l, a ON CONFLICT (kind, name) DO UPDATE SET \
+             token = CASE WHEN tooz_fences.token = 9223372036854775807 THEN EXCLUDED.token \
+             ELSE GREATEST(tooz_fences.token + 1, EXCLUDED.token) END RETURNING name, token"
+        );
+        let rows = match sqlx::query(sql)
+            .bind(&k1)
+            .bind(&k2)
+            .bind(FENCE_LOCK)
+            .bind(&names)
+            .fetch_all(&mut *conn)
+            .await
+        {
+            Ok(rows) => rows,
+            Err(e) => {
+                if !is_broken(&e) {
+                    // Session locks outlive the failed statement: give back what
+                    // it may have taken (no handle holds these keys).
+                    for (key, _) in items {
+                        self.abandon(conn, key, Mode::Exclusive, "").await?;
+                    }
+                }
+                return Err(e);
+            }
+        };
+        let mut tokens: std::collections::HashMap<Vec<u8>, i64> =
+            std::collections::HashMap::with_capacity(rows.len());
+        for r in &rows {
+            tokens.insert(r.try_get(0)?, r.try_get(1)?);
+        }
+        Ok(Some(
+            names
+                .iter()
+                .map(|n| tokens.get(n).map(|t| *t as u64))
+                .collect(),
+        ))
     }
 
     async fn wait_lock(

@@ -54,7 +54,8 @@ pub struct MemcachedConfig {
     pub lock_timeout: Duration,
     /// TTL of leader keys (`leader_timeout`, default `timeout`).
     pub leader_timeout: Duration,
-    /// Most idle connections kept open (`max_pool_size`, default 8).
+    /// Most shared-lock renewals a heartbeat runs at once (`max_pool_size`,
+    /// default 8; every request shares one multiplexed connection).
     pub max_pool_size: usize,
     /// Whether waiters and group watches read memcached's mutation log
     /// (`watch mutations`) for wake-up hints (`mutation_log`, default `true`;

@@ -685,7 +685,7 @@ impl MemcachedDriver {
         ));
         MemcachedDriver {
             inner: Arc::new(Inner {
-                pool: Pool::new(config.address(), config.timeout, config.max_pool_size),
+                pool: Pool::new(config.address(), config.timeout),
                 config,
                 member,
                 lease: LeaseState::new(),

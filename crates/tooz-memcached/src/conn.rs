@@ -677,7 +677,10 @@ mod tests {
             parse(b"SERVER_ERROR out of memory\r\n").await,
             Err(Failure::Refused(s)) if s.contains("out of memory")
         ));
-        assert!(matches!(parse(b"XX 3\r\n").await, Err(Failure::Protocol(_))));
+        assert!(matches!(
+            parse(b"XX 3\r\n").await,
+            Err(Failure::Protocol(_))
+        ));
         assert!(matches!(parse(b"VA 3\r\nab").await, Err(Failure::Io(_))));
     }
 
@@ -716,8 +719,7 @@ mod tests {
         let pool = Pool::new(addr, Duration::from_secs(10));
         let keys: Vec<Vec<u8>> = (0..500).map(|i| format!("k{i}").into_bytes()).collect();
         let replies =
-            futures_util::future::join_all(keys.iter().map(|k| pool.get("test", k, &["v"])))
-                .await;
+            futures_util::future::join_all(keys.iter().map(|k| pool.get("test", k, &["v"]))).await;
         assert_eq!(replies.len(), 500);
         assert!(replies.iter().all(|r| matches!(r, Ok(None))));
         let many = pool.get_multi("test", &keys, &["v"]).await.unwrap();

@@ -616,12 +616,14 @@ impl Driver for ConsulDriver {
         )))
     }
 
-    /// Blocking queries on the group's prefix and on the leader keys.
+    /// Blocking queries on the prefix of every group (`<ns>/groups/`, recursive)
+    /// and on the leader keys, each shared by every group this coordinator
+    /// watches: two long-polls (two connections) however many groups are watched.
     #[tracing::instrument(level = "debug", skip_all, fields(group = %group))]
     async fn watch_group(&self, group: &GroupId) -> Result<Option<DriverEventStream>> {
         let i = &self.inner;
         let (gk, entries) = i.group_entries("watch_group", group).await?;
-        let members_rx = i.hubs.subscribe(&i.client, &gk);
+        let members_rx = i.hubs.subscribe(&i.client, &i.layout.groups());
         let leaders_rx = i.hubs.subscribe(&i.client, &i.layout.leaders());
         Ok(Some(group_events(
             members_rx,

@@ -1,6 +1,7 @@
 //! Push from blocking queries: one long-poll per watched prefix per coordinator
-//! (a group's members, every leader key, every lock key), shared by everything
-//! that watches it, and stopped when the last watcher goes.
+//! (every group's members, every leader key, every lock key), shared by everything
+//! that watches it, and stopped when the last watcher goes. Each group watch
+//! picks its own group's keys out of the shared listing.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};

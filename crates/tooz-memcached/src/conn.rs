@@ -457,10 +457,10 @@ impl Pool {
         }
     }
 
-    pub(crate) fn close(&self) {
-        if let Ok(mut l) = self.link.try_lock() {
-            *l = None;
-        }
+    /// Closes the connection (requests still in flight on it fail); the next
+    /// request opens a new one.
+    pub(crate) async fn close(&self) {
+        *self.link.lock().await = None;
     }
 
     /// The open link, connecting when there is none.

@@ -860,7 +860,7 @@ impl Driver for MemcachedDriver {
             tracing::warn!(error = %e, "memcached: deleting the liveness key on stop failed");
         }
         i.watcher.clear();
-        i.pool.close();
+        i.pool.close().await;
         Ok(())
     }
 

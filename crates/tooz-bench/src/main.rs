@@ -30,7 +30,8 @@
 //!   as a lease keep-alive). Floors: `floor_rtt` is one range read of a key, `floor_write`
 //!   one put (which waits for etcd's fsync).
 //!
-//! * `memcached`: the server is `--url`, else `$TOOZ_TEST_MEMCACHED_URL`; the same two
+//! * `memcached`: the server is `--url`, else `$TOOZ_TEST_MEMCACHED_URL`, with
+//!   `membership_timeout=300` (no heartbeat task); the same two
 //!   passes. req/op are client round trips (as for Redis); the proxy also counts memcached
 //!   command lines (`commands_per_op` in the JSON, a line under the table). Floor:
 //!   `floor_rtt` is one `mg` of a key (async-memcached, an independent client).
@@ -344,7 +345,10 @@ const SERVERS: &[Server] = &[
         port: 11211,
         counting: Counting::MemcachedRoundTrips,
         namespace: None,
-        options: &[],
+        // Coordinators run without a heartbeat task: the scale scenario's parked
+        // members must stay alive through a set-up that can outlast the default 30 s
+        // on a loaded machine (their liveness keys expired and were pruned).
+        options: &[("membership_timeout", "300")],
     },
     Server {
         driver: "consul",

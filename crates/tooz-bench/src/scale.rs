@@ -150,13 +150,6 @@ impl ScaleSizes {
                     "the agent takes 200 HTTP connections per client address and each \
                  waiting coordinator keeps several (session renewals, a blocking query)",
                 );
-                cap(
-                    "watched groups",
-                    &mut self.watched_groups,
-                    50,
-                    "the driver keeps one blocking query (one HTTP connection) per watched \
-                     group, and the agent takes 200 connections per client address",
-                );
             }
             _ => {}
         }

@@ -616,12 +616,22 @@ impl Driver for ConsulDriver {
         )))
     }
 
-    /// Blocking queries on the group's prefix and on the leader keys.
+    /// Blocking queries on the group's prefix (for the first
+    /// [`OWN_GROUP_POLLS`](crate::watch::OWN_GROUP_POLLS) watched groups) or on
+    /// the prefix of every group (`<ns>/groups/`, recursive, shared by the rest),
+    /// and on the leader keys: at most that many + 2 long-polls (connections)
+    /// however many groups are watched.
     #[tracing::instrument(level = "debug", skip_all, fields(group = %group))]
     async fn watch_group(&self, group: &GroupId) -> Result<Option<DriverEventStream>> {
         let i = &self.inner;
         let (gk, entries) = i.group_entries("watch_group", group).await?;
-        let members_rx = i.hubs.subscribe(&i.client, &gk);
+        let all = i.layout.groups();
+        let prefix = if i.hubs.under(&all) < crate::watch::OWN_GROUP_POLLS {
+            gk.as_str()
+        } else {
+            all.as_str()
+        };
+        let members_rx = i.hubs.subscribe(&i.client, prefix);
         let leaders_rx = i.hubs.subscribe(&i.client, &i.layout.leaders());
         Ok(Some(group_events(
             members_rx,

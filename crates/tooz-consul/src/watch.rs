@@ -1,6 +1,8 @@
 //! Push from blocking queries: one long-poll per watched prefix per coordinator
-//! (a group's members, every leader key, every lock key), shared by everything
-//! that watches it, and stopped when the last watcher goes.
+//! (every group's members, every leader key, every lock key), shared by everything
+//! that watches it, and stopped when the last watcher goes. The first
+//! [`OWN_GROUP_POLLS`] watched groups get a long-poll on their own prefix; further
+//! ones share one on every group's prefix and pick their group's keys out of it.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -14,6 +16,11 @@ use tooz_core::{DriverEvent, DriverEventStream, MemberId, WakeStream};
 use crate::client::{Client, Kv};
 use crate::driver::guard;
 use crate::keys::Layout;
+
+/// How many watched groups of one coordinator get a long-poll of their own; the
+/// rest share one on `<ns>/groups/` (whose every return carries every group's keys,
+/// so it is the cheaper choice only once many groups are watched).
+pub(crate) const OWN_GROUP_POLLS: usize = 4;
 
 /// How long one blocking query waits for a change.
 pub(crate) const WAIT: Duration = Duration::from_secs(30);
@@ -51,6 +58,15 @@ impl Hubs {
     /// Allows long-polls again (after a restart).
     pub(crate) fn restart(&self) {
         self.stop.send_replace(false);
+    }
+
+    /// How many long-polls run on prefixes that start with `parent` (and are not
+    /// `parent` itself).
+    pub(crate) fn under(&self, parent: &str) -> usize {
+        guard(&self.map)
+            .keys()
+            .filter(|k| k.len() > parent.len() && k.starts_with(parent))
+            .count()
     }
 
     /// A receiver of `prefix`'s snapshots, starting its long-poll if none runs.

@@ -258,3 +258,70 @@ async fn a_reader_keeps_the_shared_marker_when_its_holder_dies() {
     b.stop().await.unwrap();
     a.stop().await.unwrap();
 }
+
+/// Groups watched beyond the first few share one blocking query on every group's
+/// prefix: a join and a leave in the first and in the last of 10 watched groups
+/// reach the right streams, and only those.
+#[tokio::test]
+async fn many_watched_groups_share_one_blocking_query() {
+    let Some(base) = base("many_watched_groups_share_one_blocking_query") else {
+        return;
+    };
+    let url = format!("{base}?ttl=30");
+    let watcher = Registry::new()
+        .with(tooz_consul::DRIVER)
+        .connect(&url, unique("watcher").as_str())
+        .unwrap();
+    watcher.start(false).await.unwrap();
+    let joiner = Registry::new()
+        .with(tooz_consul::DRIVER)
+        .connect(&url, unique("joiner").as_str())
+        .unwrap();
+    joiner.start(false).await.unwrap();
+    let groups: Vec<String> = (0..10).map(|i| unique(&format!("wg{i}"))).collect();
+    let mut streams = Vec::new();
+    for g in &groups {
+        watcher.create_group(g.as_str()).await.unwrap();
+        streams.push(watcher.events(g.as_str()).await.unwrap());
+    }
+    for gi in [0, 9] {
+        let g = groups[gi].as_str();
+        joiner.join_group(g, &()).await.unwrap();
+        let ev = tokio::time::timeout(Duration::from_secs(10), streams[gi].next_event())
+            .await
+            .expect("the join arrives");
+        assert_eq!(
+            ev.unwrap(),
+            tooz_core::GroupEvent::MemberJoined {
+                group: g.into(),
+                member: joiner.member_id().clone(),
+            }
+        );
+        joiner.leave_group(g).await.unwrap();
+        let ev = tokio::time::timeout(Duration::from_secs(10), streams[gi].next_event())
+            .await
+            .expect("the leave arrives");
+        assert_eq!(
+            ev.unwrap(),
+            tooz_core::GroupEvent::MemberLeft {
+                group: g.into(),
+                member: joiner.member_id().clone(),
+            }
+        );
+    }
+    for (i, s) in streams.iter_mut().enumerate() {
+        if i != 0 && i != 9 {
+            use futures_util::FutureExt;
+            assert!(
+                s.next_event().now_or_never().is_none(),
+                "group {i} saw another group's event"
+            );
+        }
+    }
+    drop(streams);
+    for g in &groups {
+        watcher.delete_group(g.as_str()).await.unwrap();
+    }
+    joiner.stop().await.unwrap();
+    watcher.stop().await.unwrap();
+}

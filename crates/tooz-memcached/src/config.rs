@@ -28,6 +28,7 @@ pub const KNOWN_OPTIONS: &[&str] = &[
     "ssl_check_hostname",
     "executor",
     "mutation_log",
+    "watch_interval",
 ];
 
 const TLS_FILE_OPTIONS: &[&str] = &[
@@ -54,8 +55,13 @@ pub struct MemcachedConfig {
     pub lock_timeout: Duration,
     /// TTL of leader keys (`leader_timeout`, default `timeout`).
     pub leader_timeout: Duration,
-    /// Most idle connections kept open (`max_pool_size`, default 8).
+    /// Most shared-lock renewals a heartbeat runs at once (`max_pool_size`,
+    /// default 8; every request shares one multiplexed connection).
     pub max_pool_size: usize,
+    /// How often the one poller of a coordinator's watched groups reads them all
+    /// (`watch_interval`, seconds, default 0.5: the core's default
+    /// `poll_interval`; an extension over Python tooz).
+    pub watch_interval: Duration,
     /// Whether waiters and group watches read memcached's mutation log
     /// (`watch mutations`) for wake-up hints (`mutation_log`, default `true`;
     /// not a Python option).
@@ -118,6 +124,20 @@ impl MemcachedConfig {
                 Some(n) => n,
                 None => 8,
             };
+        let watch_interval =
+            match options.parse::<f64>(NAME, "watch_interval", "a positive number of seconds")? {
+                None => Duration::from_millis(500),
+                Some(v) => Duration::try_from_secs_f64(v)
+                    .ok()
+                    .filter(|d| !d.is_zero())
+                    .ok_or_else(|| {
+                        ToozError::invalid_option(
+                            NAME,
+                            "watch_interval",
+                            format!("expected a positive number of seconds, got {v}"),
+                        )
+                    })?,
+            };
         if let Some(e) = options.get("executor") {
             const EXECUTORS: &[&str] = &["threaded", "thread", "threading", "synchronous", "sync"];
             if !EXECUTORS.contains(&e) {
@@ -155,6 +175,7 @@ impl MemcachedConfig {
             lock_timeout: lease("lock_timeout")?,
             leader_timeout: lease("leader_timeout")?,
             max_pool_size,
+            watch_interval,
             mutation_log: options.bool(NAME, "mutation_log")?.unwrap_or(true),
         })
     }
@@ -194,6 +215,9 @@ mod tests {
         .unwrap();
         assert_eq!(c.heartbeat_interval(), Duration::from_secs(3));
         assert_eq!(c.max_pool_size, 2);
+        assert_eq!(c.watch_interval, Duration::from_millis(500));
+        let c = MemcachedConfig::from_url_str("memcached://h?watch_interval=0.1").unwrap();
+        assert_eq!(c.watch_interval, Duration::from_millis(100));
     }
 
     #[test]
@@ -204,6 +228,9 @@ mod tests {
             ("memcached://h?executor=eventlet", "executor"),
             ("memcached://h?timeout=0.1", "timeout"),
             ("memcached://h?bogus=1", "bogus"),
+            ("memcached://h?watch_interval=0", "watch_interval"),
+            ("memcached://h?watch_interval=-1", "watch_interval"),
+            ("memcached://h?watch_interval=soon", "watch_interval"),
         ] {
             match MemcachedConfig::from_url_str(url) {
                 Err(ToozError::InvalidOption { option, .. }) => assert_eq!(option, opt, "{url}"),

@@ -1,14 +1,20 @@
-//! A small meta-protocol client of our own: pooled connections (TCP_NODELAY), a
-//! timeout on every exchange, and **pipelines**: any number of `mg`/`ms`/`md`/`ma`
-//! commands written at once and answered in order, one round trip for all of them.
-//! Every command is sent without the quiet flag, so each gets exactly one reply and
-//! replies pair with commands by position.
+//! A small meta-protocol client of our own: one multiplexed connection
+//! (TCP_NODELAY) shared by every operation of a coordinator, a timeout on every
+//! exchange, and **pipelines**: any number of `mg`/`ms`/`md`/`ma` commands written
+//! at once and answered in order, one round trip for all of them. Requests queued
+//! by concurrent operations go out in one write as well. Every command is sent
+//! without the quiet flag, so each gets exactly one reply and replies pair with
+//! commands by position.
 
-use std::sync::{Mutex, MutexGuard};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::AbortHandle;
 use tooz_core::{Result, ToozError};
 
 const NAME: &str = "memcached";
@@ -169,8 +175,11 @@ impl Item {
 #[derive(Debug)]
 enum Failure {
     Io(std::io::Error),
-    /// `ERROR`, `CLIENT_ERROR …` or `SERVER_ERROR …`, or a line we cannot read.
+    /// A line we cannot read: the connection is out of step and is closed.
     Protocol(String),
+    /// `ERROR`, `CLIENT_ERROR …` or `SERVER_ERROR …`: one whole line, so the
+    /// replies that follow still pair with their commands.
+    Refused(String),
 }
 
 impl From<std::io::Error> for Failure {
@@ -179,68 +188,168 @@ impl From<std::io::Error> for Failure {
     }
 }
 
-/// One connection.
-#[derive(Debug)]
-struct Conn {
-    stream: TcpStream,
-    line: Vec<u8>,
+/// What a request expects back.
+#[derive(Debug, Clone, Copy)]
+enum Expect {
+    /// One meta reply per command.
+    Meta(usize),
+    /// The lines of `stats` up to `END`.
+    Stats,
 }
 
-impl Conn {
-    async fn connect(address: &str) -> std::io::Result<Conn> {
+/// The answer to a request.
+#[derive(Debug)]
+enum Answer {
+    Items(Vec<Item>),
+    Time(Option<u64>),
+}
+
+type Answered = oneshot::Sender<std::result::Result<Answer, Failure>>;
+
+/// One request handed to a connection's writer.
+#[derive(Debug)]
+struct Request {
+    bytes: Vec<u8>,
+    expect: Expect,
+    reply: Answered,
+}
+
+/// Most bytes of queued requests the writer coalesces into one write.
+const WRITE_BATCH: usize = 64 * 1024;
+
+/// One **multiplexed** connection: any number of callers queue requests; a writer
+/// task writes whatever is queued in one write, a reader task reads the replies in
+/// order (memcached answers in order) and hands each caller its own. So concurrent
+/// operations share round trips instead of waiting for each other or opening a
+/// connection each. Dropping the last handle stops both tasks; callers still
+/// waiting then get a connection error.
+#[derive(Debug)]
+struct Link {
+    tx: mpsc::UnboundedSender<Request>,
+    writer: AbortHandle,
+    reader: AbortHandle,
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        self.writer.abort();
+        self.reader.abort();
+    }
+}
+
+impl Link {
+    async fn connect(address: &str) -> std::io::Result<Link> {
         let s = TcpStream::connect(address).await?;
         s.set_nodelay(true)?;
-        Ok(Conn {
-            stream: s,
-            line: Vec::new(),
-        })
+        let (r, w) = s.into_split();
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (ptx, prx) = mpsc::unbounded_channel();
+        let writer = tokio::spawn(write_loop(w, rx, ptx)).abort_handle();
+        let reader = tokio::spawn(read_loop(BufReader::new(r), prx)).abort_handle();
+        Ok(Link { tx, writer, reader })
     }
 
-    /// Writes every command and reads one reply each, reading while writing so that
-    /// a pipeline larger than the socket buffers cannot stall.
-    async fn exchange(&mut self, cmds: &[Cmd]) -> std::result::Result<Vec<Item>, Failure> {
-        let mut out = Vec::with_capacity(cmds.len() * 48);
-        for c in cmds {
-            c.encode(&mut out);
+    fn is_open(&self) -> bool {
+        !self.tx.is_closed() && !self.writer.is_finished() && !self.reader.is_finished()
+    }
+}
+
+/// Writes queued requests, coalescing what is queued at once into one write, and
+/// hands each request's expectation to the reader before its bytes go out. Ends
+/// when the reader ends (a failed connection) or every handle is gone.
+async fn write_loop(
+    mut w: OwnedWriteHalf,
+    mut rx: mpsc::UnboundedReceiver<Request>,
+    pending: mpsc::UnboundedSender<(Expect, Answered)>,
+) {
+    let mut buf = Vec::new();
+    loop {
+        let first = tokio::select! {
+            r = rx.recv() => r,
+            () = pending.closed() => None,
+        };
+        let Some(first) = first else { return };
+        buf.clear();
+        let mut next = Some(first);
+        while let Some(req) = next {
+            buf.extend_from_slice(&req.bytes);
+            if pending.send((req.expect, req.reply)).is_err() {
+                return;
+            }
+            next = if buf.len() < WRITE_BATCH {
+                rx.try_recv().ok()
+            } else {
+                None
+            };
         }
-        let Conn { stream, line } = self;
-        let (reader, writer) = stream.split();
-        let mut reader = BufReader::new(reader);
-        let write = async {
-            let mut writer = writer;
-            writer.write_all(&out).await?;
-            writer.flush().await?;
-            Ok::<_, Failure>(())
-        };
-        let read = async {
-            let mut items = Vec::with_capacity(cmds.len());
-            for _ in cmds {
-                items.push(read_reply(&mut reader, line).await?);
-            }
-            Ok::<_, Failure>(items)
-        };
-        let ((), items) = tokio::try_join!(write, read)?;
-        Ok(items)
+        if let Err(e) = w.write_all(&buf).await {
+            tracing::debug!(error = %e, "memcached: write failed; the connection is closed");
+            return;
+        }
     }
+}
 
-    /// `stats`: the server's `time`.
-    async fn stats_time(&mut self) -> std::result::Result<Option<u64>, Failure> {
-        let Conn { stream, line } = self;
-        stream.write_all(b"stats\r\n").await?;
-        let mut reader = BufReader::new(stream);
-        let mut time = None;
-        loop {
-            read_line(&mut reader, line).await?;
-            if line.as_slice() == b"END" {
-                return Ok(time);
+/// Reads the replies of each request in order and answers its caller. Ends on an
+/// I/O error or a reply it cannot read (the connection is then out of step).
+async fn read_loop(
+    mut r: BufReader<OwnedReadHalf>,
+    mut pending: mpsc::UnboundedReceiver<(Expect, Answered)>,
+) {
+    let mut line = Vec::new();
+    while let Some((expect, reply)) = pending.recv().await {
+        let res = match expect {
+            Expect::Meta(n) => read_replies(&mut r, &mut line, n).await.map(Answer::Items),
+            Expect::Stats => stats_time(&mut r, &mut line).await.map(Answer::Time),
+        };
+        let fatal = matches!(res, Err(Failure::Io(_) | Failure::Protocol(_)));
+        let _ = reply.send(res);
+        if fatal {
+            return;
+        }
+    }
+}
+
+/// `n` meta replies; a refusal of one command fails the request once all its
+/// replies are read.
+async fn read_replies<R: tokio::io::AsyncBufRead + Unpin>(
+    r: &mut R,
+    line: &mut Vec<u8>,
+    n: usize,
+) -> std::result::Result<Vec<Item>, Failure> {
+    let mut items = Vec::with_capacity(n);
+    let mut refused = None;
+    for _ in 0..n {
+        match read_reply(r, line).await {
+            Ok(item) => items.push(item),
+            Err(Failure::Refused(s)) => {
+                refused.get_or_insert(s);
             }
-            let text = String::from_utf8_lossy(line);
-            let mut parts = text.split(' ');
-            match (parts.next(), parts.next(), parts.next()) {
-                (Some("STAT"), Some("time"), Some(v)) => time = v.parse().ok(),
-                (Some("STAT"), _, _) => {}
-                _ => return Err(Failure::Protocol(format!("unexpected stats line {text:?}"))),
-            }
+            Err(e) => return Err(e),
+        }
+    }
+    match refused {
+        Some(s) => Err(Failure::Refused(s)),
+        None => Ok(items),
+    }
+}
+
+/// The `stats` lines up to `END`: the server's `time`.
+async fn stats_time<R: tokio::io::AsyncBufRead + Unpin>(
+    r: &mut R,
+    line: &mut Vec<u8>,
+) -> std::result::Result<Option<u64>, Failure> {
+    let mut time = None;
+    loop {
+        read_line(r, line).await?;
+        if line.as_slice() == b"END" {
+            return Ok(time);
+        }
+        let text = String::from_utf8_lossy(line);
+        let mut parts = text.split(' ');
+        match (parts.next(), parts.next(), parts.next()) {
+            (Some("STAT"), Some("time"), Some(v)) => time = v.parse().ok(),
+            (Some("STAT"), _, _) => {}
+            _ => return Err(Failure::Protocol(format!("unexpected stats line {text:?}"))),
         }
     }
 }
@@ -279,6 +388,9 @@ async fn read_reply<R: tokio::io::AsyncBufRead + Unpin>(
         "NS" => Status::NotStored,
         "EX" => Status::Exists,
         "NF" => Status::NotFound,
+        "ERROR" | "CLIENT_ERROR" | "SERVER_ERROR" => {
+            return Err(Failure::Refused(text.to_string()));
+        }
         _ => return Err(Failure::Protocol(text.to_string())),
     };
     let size = if status == Status::Value {
@@ -315,12 +427,14 @@ async fn read_reply<R: tokio::io::AsyncBufRead + Unpin>(
     Ok(item)
 }
 
-/// Pooled connections to one server.
+/// The connection to one server: one multiplexed [`Link`], opened on first use and
+/// again after it failed or a request on it timed out.
 pub(crate) struct Pool {
     address: String,
     timeout: Duration,
-    max_idle: usize,
-    idle: Mutex<Vec<Conn>>,
+    link: tokio::sync::Mutex<Option<Arc<Link>>>,
+    /// Links opened so far (for tests and debugging).
+    opened: AtomicUsize,
 }
 
 impl std::fmt::Debug for Pool {
@@ -328,60 +442,83 @@ impl std::fmt::Debug for Pool {
         f.debug_struct("Pool")
             .field("address", &self.address)
             .field("timeout", &self.timeout)
-            .field("idle", &self.idle().len())
+            .field("opened", &self.opened.load(Ordering::Relaxed))
             .finish()
     }
 }
 
 impl Pool {
-    pub(crate) fn new(address: String, timeout: Duration, max_idle: usize) -> Self {
+    pub(crate) fn new(address: String, timeout: Duration) -> Self {
         Pool {
             address,
             timeout,
-            max_idle,
-            idle: Mutex::new(Vec::new()),
+            link: tokio::sync::Mutex::new(None),
+            opened: AtomicUsize::new(0),
         }
     }
 
-    fn idle(&self) -> MutexGuard<'_, Vec<Conn>> {
-        self.idle.lock().unwrap_or_else(|p| p.into_inner())
+    /// Closes the connection (requests still in flight on it fail); the next
+    /// request opens a new one.
+    pub(crate) async fn close(&self) {
+        *self.link.lock().await = None;
     }
 
-    pub(crate) fn close(&self) {
-        self.idle().clear();
+    /// The open link, connecting when there is none.
+    async fn link(&self) -> Result<Arc<Link>> {
+        let mut slot = self.link.lock().await;
+        if let Some(l) = slot.as_ref().filter(|l| l.is_open()) {
+            return Ok(Arc::clone(l));
+        }
+        let l = Arc::new(Link::connect(&self.address).await.map_err(|e| {
+            ToozError::connection(
+                NAME,
+                format!("cannot connect to memcached at {}", self.address),
+                e,
+            )
+        })?);
+        self.opened.fetch_add(1, Ordering::Relaxed);
+        *slot = Some(Arc::clone(&l));
+        Ok(l)
     }
 
-    /// Runs `op` on a pooled connection within the request timeout. A connection
-    /// whose exchange failed or timed out is dropped (it may hold unread replies).
-    async fn with_conn<T>(
-        &self,
-        what: &str,
-        op: impl AsyncFnOnce(&mut Conn) -> std::result::Result<T, Failure>,
-    ) -> Result<T> {
-        let pooled = self.idle().pop();
+    /// Forgets `link` if it is still the current one (a request on it timed out:
+    /// its replies may never come).
+    async fn retire(&self, link: &Arc<Link>) {
+        let mut slot = self.link.lock().await;
+        if slot.as_ref().is_some_and(|l| Arc::ptr_eq(l, link)) {
+            *slot = None;
+        }
+    }
+
+    /// Sends `bytes` on the link and waits for the answer, within the request
+    /// timeout.
+    async fn request(&self, what: &str, bytes: Vec<u8>, expect: Expect) -> Result<Answer> {
+        let mut used = None;
         let res = tokio::time::timeout(self.timeout, async {
-            let mut conn = match pooled {
-                Some(c) => c,
-                None => Conn::connect(&self.address).await.map_err(|e| {
-                    ToozError::connection(
-                        NAME,
-                        format!("cannot connect to memcached at {}", self.address),
-                        e,
-                    )
-                })?,
+            let link = self.link().await?;
+            used = Some(Arc::clone(&link));
+            let (reply, answer) = oneshot::channel();
+            let lost = || {
+                ToozError::connection(
+                    NAME,
+                    format!("{what} failed"),
+                    "the connection to memcached closed",
+                )
             };
-            match op(&mut conn).await {
-                Ok(out) => {
-                    let mut idle = self.idle();
-                    if idle.len() < self.max_idle {
-                        idle.push(conn);
-                    }
-                    Ok(out)
-                }
+            link.tx
+                .send(Request {
+                    bytes,
+                    expect,
+                    reply,
+                })
+                .map_err(|_| lost())?;
+            drop(link);
+            match answer.await.map_err(|_| lost())? {
+                Ok(a) => Ok(a),
                 Err(Failure::Io(e)) => {
                     Err(ToozError::connection(NAME, format!("{what} failed"), e))
                 }
-                Err(Failure::Protocol(s)) => Err(ToozError::backend_msg(
+                Err(Failure::Protocol(s) | Failure::Refused(s)) => Err(ToozError::backend_msg(
                     NAME,
                     format!("{what}: memcached replied {s:?}"),
                 )),
@@ -390,27 +527,39 @@ impl Pool {
         .await;
         match res {
             Ok(r) => r,
-            Err(_) => Err(ToozError::connection(
-                NAME,
-                format!(
-                    "{what}: no reply from {} within {:?}",
-                    self.address, self.timeout
-                ),
-                "timed out",
-            )),
+            Err(_) => {
+                if let Some(l) = used {
+                    self.retire(&l).await;
+                }
+                Err(ToozError::connection(
+                    NAME,
+                    format!(
+                        "{what}: no reply from {} within {:?}",
+                        self.address, self.timeout
+                    ),
+                    "timed out",
+                ))
+            }
         }
     }
 
-    /// Sends `cmds` in one write and returns their replies in order: one round trip.
+    /// Sends `cmds` in one write and returns their replies in order: one round
+    /// trip, shared with whatever else is in flight on the connection.
     pub(crate) async fn pipeline(&self, what: &str, cmds: &[Cmd]) -> Result<Vec<Item>> {
         if cmds.is_empty() {
             return Ok(Vec::new());
         }
-        let items = self
-            .with_conn(what, async |c: &mut Conn| c.exchange(cmds).await)
-            .await?;
-        debug_assert_eq!(items.len(), cmds.len());
-        Ok(items)
+        let mut out = Vec::with_capacity(cmds.len() * 48);
+        for c in cmds {
+            c.encode(&mut out);
+        }
+        match self.request(what, out, Expect::Meta(cmds.len())).await? {
+            Answer::Items(items) if items.len() == cmds.len() => Ok(items),
+            _ => Err(ToozError::backend_msg(
+                NAME,
+                format!("{what}: replies missing"),
+            )),
+        }
     }
 
     async fn one(&self, what: &str, cmd: Cmd) -> Result<Item> {
@@ -469,8 +618,13 @@ impl Pool {
 
     /// The server's clock (`stats` `time`, seconds since the epoch).
     pub(crate) async fn server_time(&self) -> Result<Option<u64>> {
-        self.with_conn("stats", async |c: &mut Conn| c.stats_time().await)
-            .await
+        match self
+            .request("stats", b"stats\r\n".to_vec(), Expect::Stats)
+            .await?
+        {
+            Answer::Time(t) => Ok(t),
+            Answer::Items(_) => Err(ToozError::backend_msg(NAME, "stats: unexpected reply")),
+        }
     }
 }
 
@@ -521,8 +675,68 @@ mod tests {
         assert_eq!(parse(b"EN\r\n").await.ok().and_then(Item::hit), None);
         assert!(matches!(
             parse(b"SERVER_ERROR out of memory\r\n").await,
-            Err(Failure::Protocol(s)) if s.contains("out of memory")
+            Err(Failure::Refused(s)) if s.contains("out of memory")
+        ));
+        assert!(matches!(
+            parse(b"XX 3\r\n").await,
+            Err(Failure::Protocol(_))
         ));
         assert!(matches!(parse(b"VA 3\r\nab").await, Err(Failure::Io(_))));
+    }
+
+    /// A fake server: counts connections, answers every `mg` line with `EN` unless
+    /// `silent`, and answers nothing on a silent connection.
+    async fn fake_server(
+        silent_first: bool,
+    ) -> (String, Arc<AtomicUsize>, tokio::task::JoinHandle<()>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = Arc::clone(&accepted);
+        let task = tokio::spawn(async move {
+            while let Ok((s, _)) = listener.accept().await {
+                let n = count.fetch_add(1, Ordering::SeqCst);
+                let silent = silent_first && n == 0;
+                tokio::spawn(async move {
+                    let (r, mut w) = s.into_split();
+                    let mut r = BufReader::new(r);
+                    let mut line = Vec::new();
+                    while r.read_until(b'\n', &mut line).await.is_ok_and(|n| n > 0) {
+                        if !silent && line.starts_with(b"mg ") {
+                            let _ = w.write_all(b"EN\r\n").await;
+                        }
+                        line.clear();
+                    }
+                });
+            }
+        });
+        (addr, accepted, task)
+    }
+
+    #[tokio::test]
+    async fn concurrent_requests_share_one_connection() {
+        let (addr, accepted, server) = fake_server(false).await;
+        let pool = Pool::new(addr, Duration::from_secs(10));
+        let keys: Vec<Vec<u8>> = (0..500).map(|i| format!("k{i}").into_bytes()).collect();
+        let replies =
+            futures_util::future::join_all(keys.iter().map(|k| pool.get("test", k, &["v"]))).await;
+        assert_eq!(replies.len(), 500);
+        assert!(replies.iter().all(|r| matches!(r, Ok(None))));
+        let many = pool.get_multi("test", &keys, &["v"]).await.unwrap();
+        assert_eq!(many.len(), 500);
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+        assert_eq!(pool.opened.load(Ordering::Relaxed), 1);
+        server.abort();
+    }
+
+    #[tokio::test]
+    async fn a_timed_out_connection_is_replaced() {
+        let (addr, accepted, server) = fake_server(true).await;
+        let pool = Pool::new(addr, Duration::from_millis(200));
+        let err = pool.get("test", b"k", &["v"]).await.unwrap_err();
+        assert!(err.to_string().contains("no reply"), "{err}");
+        assert!(matches!(pool.get("test", b"k", &["v"]).await, Ok(None)));
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+        server.abort();
     }
 }

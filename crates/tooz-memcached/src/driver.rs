@@ -20,6 +20,7 @@ use crate::conn::{Cmd, Item, Pool, Reply, Status};
 use crate::keys::{self, FLAG_MSGPACK, FLAG_RAW, GroupMap, LockValue, STILL_ALIVE};
 use crate::lock::{Hold, MemcachedLock};
 use crate::notify::{self, Notifier};
+use crate::watch::{Polled, Snapshot, Watcher};
 
 const CHARACTERISTICS: &[Characteristic] = &[
     Characteristic::DistributedAcrossThreads,
@@ -102,6 +103,8 @@ pub(crate) struct Inner {
     /// The other members of each group as last read: their liveness keys are
     /// read with the group map (one round trip while membership is stable).
     seen: Mutex<HashMap<GroupId, Vec<Vec<u8>>>>,
+    /// The watched groups and their one poller.
+    pub(crate) watcher: Watcher,
 }
 
 static TOKENS: AtomicU64 = AtomicU64::new(0);
@@ -529,6 +532,74 @@ impl Inner {
     // ----- groups ------------------------------------------------------------------
 
     /// The member map of a group and its CAS value.
+    /// One read of watched groups, in one pipelined round trip: each group's map
+    /// and leader key, and the liveness keys of the members (`Polled`) its map
+    /// listed last time. Per group: what the watcher compares, and the members
+    /// the map lists now.
+    pub(crate) async fn poll_groups(
+        &self,
+        groups: &[Polled],
+    ) -> Result<Vec<(GroupId, Snapshot, Vec<Vec<u8>>)>> {
+        let mut members: Vec<Vec<u8>> = groups
+            .iter()
+            .flat_map(|(_, ms)| ms.iter().cloned())
+            .filter(|m| m.as_slice() != self.member.as_bytes())
+            .collect();
+        members.sort();
+        members.dedup();
+        let mut cmds = Vec::with_capacity(groups.len() * 2 + members.len());
+        for (g, _) in groups {
+            cmds.push(Cmd::get(&keys::group(g), &["v", "c", "f"]));
+            cmds.push(Cmd::get(&keys::leader(g), &["v"]));
+        }
+        for m in &members {
+            cmds.push(Cmd::get(&keys::member(m), &[]));
+        }
+        let mut replies = self.pool.pipeline("watch", &cmds).await?.into_iter();
+        let mut read = Vec::with_capacity(groups.len());
+        for (g, _) in groups {
+            let (Some(map), Some(leader)) = (replies.next(), replies.next()) else {
+                return Err(ToozError::backend_msg(NAME, "watch: replies missing"));
+            };
+            let (snap, listed) = Self::snapshot(g, map.hit(), leader.hit());
+            read.push((g.clone(), snap, listed));
+        }
+        let dead: HashSet<&[u8]> = members
+            .iter()
+            .zip(replies)
+            .filter(|(_, r)| !matches!(r.status, Status::Value | Status::Done))
+            .map(|(m, _)| m.as_slice())
+            .collect();
+        for ((_, checked), (_, snap, _)) in groups.iter().zip(read.iter_mut()) {
+            snap.dead = checked
+                .iter()
+                .filter(|m| dead.contains(m.as_slice()))
+                .cloned()
+                .collect();
+        }
+        Ok(read)
+    }
+
+    /// What the watcher compares of a group, from its map and leader key as read
+    /// (dead members are filled in by the caller), and the members its map lists.
+    pub(crate) fn snapshot(
+        g: &GroupId,
+        map: Option<Item>,
+        leader: Option<Item>,
+    ) -> (Snapshot, Vec<Vec<u8>>) {
+        let cas = map.as_ref().and_then(|m| m.cas);
+        let listed = match Self::group_map(g, map) {
+            Ok((map, _)) => map.members().map(<[u8]>::to_vec).collect(),
+            Err(_) => Vec::new(),
+        };
+        let snap = Snapshot {
+            group: cas,
+            leader: leader.map(|l| l.data.unwrap_or_default()),
+            dead: BTreeSet::new(),
+        };
+        (snap, listed)
+    }
+
     async fn read_group(&self, what: &str, g: &GroupId) -> Result<(GroupMap, u64)> {
         let v = self
             .pool
@@ -685,7 +756,7 @@ impl MemcachedDriver {
         ));
         MemcachedDriver {
             inner: Arc::new(Inner {
-                pool: Pool::new(config.address(), config.timeout, config.max_pool_size),
+                pool: Pool::new(config.address(), config.timeout),
                 config,
                 member,
                 lease: LeaseState::new(),
@@ -693,6 +764,7 @@ impl MemcachedDriver {
                 held_cas: Mutex::new(HashSet::new()),
                 clock: Mutex::new(None),
                 seen: Mutex::new(HashMap::new()),
+                watcher: Watcher::default(),
                 notifier,
             }),
         }
@@ -787,7 +859,8 @@ impl Driver for MemcachedDriver {
         {
             tracing::warn!(error = %e, "memcached: deleting the liveness key on stop failed");
         }
-        i.pool.close();
+        i.watcher.clear();
+        i.pool.close().await;
         Ok(())
     }
 
@@ -1157,20 +1230,34 @@ impl Driver for MemcachedDriver {
         )))
     }
 
-    /// memcached cannot push: the core polls, and stores of the group or leader key
-    /// seen in the mutation log (see the crate README) make it look at once.
-    /// Checks that the group exists.
+    /// memcached cannot push: one poller per coordinator reads every watched group
+    /// in one round trip (see the `watch` module) and wakes the groups that
+    /// changed; stores of the group or leader key seen in the mutation log (see
+    /// the crate README) make the core look at once. Checks that the group exists.
     async fn watch_group(&self, group: &GroupId) -> Result<Option<DriverEventStream>> {
         let i = &self.inner;
-        i.read_group("watch_group", group).await?;
+        let cmds = [
+            Cmd::get(&keys::group(group), &["v", "c", "f"]),
+            Cmd::get(&keys::leader(group), &["v"]),
+        ];
+        let mut replies = i.pool.pipeline("watch_group", &cmds).await?.into_iter();
+        let (Some(map), Some(leader)) = (replies.next(), replies.next()) else {
+            return Err(ToozError::backend_msg(NAME, "watch_group: replies missing"));
+        };
+        let map = map.hit();
+        Inner::group_map(group, map.clone())?;
+        let (first, members) = Inner::snapshot(group, map, leader.hit());
+        let polled = i.watcher.subscribe(i, group, first, members);
         let hints = i
             .notifier
             .subscribe(&[keys::group(group), keys::leader(group)])
             .await;
-        Ok(hints.map(|h| -> DriverEventStream { Box::pin(h.map(|()| DriverEvent::Changed)) }))
-    }
-
-    fn watch_needs_polling(&self) -> bool {
-        true
+        let changes: DriverEventStream = match hints {
+            Some(h) => {
+                Box::pin(futures_util::stream::select(polled, h).map(|()| DriverEvent::Changed))
+            }
+            None => Box::pin(polled.map(|()| DriverEvent::Changed)),
+        };
+        Ok(Some(changes))
     }
 }

@@ -265,8 +265,9 @@ async fn keys_and_flags_are_pythons() {
     a.stop().await.unwrap();
 }
 
-/// A group watch hears a join through the mutation log: the observer's core polls
-/// only once an hour here, so the event can come from nowhere else.
+/// A group watch hears a join through the mutation log: the observer's core and
+/// its driver's group poller read only once an hour here, so the event can come
+/// from nowhere else.
 #[tokio::test]
 async fn a_join_is_seen_through_the_mutation_log_without_polling() {
     let Some(base) = base("a_join_is_seen_through_the_mutation_log_without_polling") else {
@@ -277,7 +278,7 @@ async fn a_join_is_seen_through_the_mutation_log_without_polling() {
     let watcher = Registry::new()
         .with(tooz_memcached::DRIVER)
         .connect_with(
-            &format!("{base}?timeout=5"),
+            &format!("{base}?timeout=5&watch_interval=3600"),
             unique("watcher"),
             &tooz_core::ConnectOptions::default().config(config),
         )
@@ -332,4 +333,62 @@ async fn a_release_wakes_the_lock_wakeup_stream() {
         .await
         .expect("the release wakes the stream")
         .expect("the stream is open");
+}
+
+/// Many watched groups share one poller: with the mutation log off and the core
+/// polling hourly, a join in one of 30 watched groups, and a member of it whose
+/// liveness key vanished, still reach that group's stream (from the driver's one
+/// pipelined poll of every watched group).
+#[tokio::test]
+async fn one_poller_serves_every_watched_group() {
+    let Some(base) = base("one_poller_serves_every_watched_group") else {
+        return;
+    };
+    let mut config = tooz_core::CoordinatorConfig::default();
+    config.poll_interval = Duration::from_secs(3600);
+    let watcher = Registry::new()
+        .with(tooz_memcached::DRIVER)
+        .connect_with(
+            &format!("{base}?timeout=5&mutation_log=false"),
+            unique("watcher"),
+            &tooz_core::ConnectOptions::default().config(config),
+        )
+        .unwrap();
+    watcher.start(false).await.unwrap();
+    let joiner = coordinator(&base, &unique("joiner")).await;
+    let groups: Vec<String> = (0..30).map(|i| unique(&format!("wg{i}"))).collect();
+    let mut streams = Vec::new();
+    for g in &groups {
+        watcher.create_group(g.as_str()).await.unwrap();
+        streams.push(watcher.events(g.as_str()).await.unwrap());
+    }
+    let g = groups[17].as_str();
+    joiner.join_group(g, &()).await.unwrap();
+    let ev = tokio::time::timeout(Duration::from_secs(10), streams[17].next_event())
+        .await
+        .expect("the join arrives within 10 s although the core polls hourly");
+    assert_eq!(
+        ev.unwrap(),
+        tooz_core::GroupEvent::MemberJoined {
+            group: g.into(),
+            member: joiner.member_id().clone(),
+        }
+    );
+    evict(&base, &key("_TOOZ_MEMBER_", joiner.member_id().as_bytes())).await;
+    let ev = tokio::time::timeout(Duration::from_secs(10), streams[17].next_event())
+        .await
+        .expect("the vanished member's leave arrives within 10 s");
+    assert_eq!(
+        ev.unwrap(),
+        tooz_core::GroupEvent::MemberLeft {
+            group: g.into(),
+            member: joiner.member_id().clone(),
+        }
+    );
+    drop(streams);
+    for g in &groups {
+        let _ = joiner.leave_group(g.as_str()).await;
+        watcher.delete_group(g.as_str()).await.unwrap();
+    }
+    watcher.stop().await.unwrap();
 }

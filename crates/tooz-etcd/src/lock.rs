@@ -1,13 +1,31 @@
 //! Lock handles: one transaction to acquire (create-if-absent, the create
-//! revision is the fencing token), one to release guarded on that revision;
-//! waiters wake on an etcd watch of the lock's keys (the core drives the
-//! attempts).
+//! revision is the fencing token), one to release guarded on that revision.
+//!
+//! A blocked acquire waits in a queue, so that a release wakes one waiter, not
+//! all of them (etcd's own lock recipe, in our own key space): the acquire's
+//! first transaction takes the lock if it is free and nobody waits ahead, and
+//! otherwise puts an entry `tooz/lock-queue/<hex name>/<x|s><unique>` on the
+//! coordinator's lease (gone with a crashed waiter) in the same transaction. An
+//! entry waits behind the newest entry created before it (for a shared waiter:
+//! the newest *exclusive* one, so readers behind readers proceed together): it
+//! watches only that entry's deletion. With nobody ahead it is the head: it tries,
+//! and while the lock is held watches the lock key (and, exclusive, the reader
+//! keys). A grant deletes the entry in the same transaction, which wakes the
+//! waiter behind; so does a waiter that gives up (deadline, its future dropped,
+//! stop): the wait ends with its entry removed, by itself or by a task. Every
+//! watch starts at the revision after the state it waits on was read, so no
+//! release is missed. Python clients never queue: they take the lock by their own
+//! path, and the head, watching the lock key, sees their release. An acquire that
+//! does not wait (`Wait::No`) does not queue either: it takes a free lock even
+//! with waiters queued.
 //!
 //! Every attempt writes something only it can recognise (a random value in the
 //! lock key, or a reader key of its own), so an attempt whose reply is lost is
 //! undone, owner-checked, in a task that retries until it goes through: otherwise
 //! the hold would sit on the coordinator's lease, kept alive for as long as the
-//! process runs. A failed release is retried the same way.
+//! process runs. A failed release is retried the same way. (A request whose
+//! future was dropped may in principle reach the server after its undo; that
+//! window is the same as for any cancelled etcd request.)
 //!
 //! While Rust readers hold a lock in shared mode the lock key holds
 //! [`keys::SHARED_MARKER`] (which makes a Python exclusive acquirer wait). The
@@ -434,7 +452,8 @@ fn spawn_release(inner: &Arc<Inner>, key: &[u8], readers: &[u8], hold: Hold) {
     });
 }
 
-/// A waiter's watch of the deletes in the lock key (and the reader keys).
+/// A waiter's watch of the deletes of one key: the lock key (and the reader keys)
+/// or the queue entry ahead.
 struct Wakes {
     inner: Arc<Inner>,
     key: Vec<u8>,

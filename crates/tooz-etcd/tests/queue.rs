@@ -410,3 +410,67 @@ async fn queued_waiters_get_a_lock_python_held() {
     a.stop().await.unwrap();
     b.stop().await.unwrap();
 }
+
+/// Shared waiters behind shared waiters proceed together; an exclusive waiter
+/// behind them waits for them, and a shared waiter behind it waits for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readers_behind_readers_proceed_together() {
+    let Some(base) = url() else { return };
+    let config = EtcdConfig::from_url_str(&base).unwrap();
+    let raw = Raw::connect([config.endpoint()], None).await.unwrap();
+    let name = unique("rw");
+    let holder = coordinator(&base, "holder").await;
+    let held = holder.get_lock(name.as_str()).unwrap();
+    assert!(held.acquire(Wait::No).await.unwrap());
+
+    let mut coords = Vec::new();
+    let mut locks = Vec::new();
+    let mut tasks = Vec::new();
+    for (i, shared) in [true, true, false, true].into_iter().enumerate() {
+        let c = coordinator(&base, "rw").await;
+        let l = c.get_lock(name.as_str()).unwrap();
+        let l2 = l.clone();
+        tasks.push(tokio::spawn(async move {
+            if shared {
+                l2.acquire_shared(Wait::Forever).await.unwrap()
+            } else {
+                l2.acquire(Wait::Forever).await.unwrap()
+            }
+        }));
+        wait_for("the entry", || async {
+            queue(&raw, &name).await.len() == i + 1
+        })
+        .await;
+        coords.push(c);
+        locks.push(l);
+    }
+    let mut tasks = tasks.into_iter();
+    let (r1, r2, w, r3) = (
+        tasks.next().unwrap(),
+        tasks.next().unwrap(),
+        tasks.next().unwrap(),
+        tasks.next().unwrap(),
+    );
+
+    assert!(held.release().await.unwrap());
+    assert!(r1.await.unwrap());
+    assert!(r2.await.unwrap());
+    assert!(
+        !w.is_finished(),
+        "the writer got the lock while readers held it"
+    );
+    assert!(locks[0].release().await.unwrap());
+    assert!(locks[1].release().await.unwrap());
+    assert!(w.await.unwrap());
+    assert!(
+        !r3.is_finished(),
+        "a reader got the lock while the writer held it"
+    );
+    assert!(locks[2].release().await.unwrap());
+    assert!(r3.await.unwrap());
+    assert!(locks[3].release().await.unwrap());
+    assert!(queue(&raw, &name).await.is_empty());
+    for c in coords.iter().chain([&holder]) {
+        c.stop().await.unwrap();
+    }
+}

@@ -7,7 +7,10 @@
 //! * (Rust only) member times `tooz/member-times/<group>/<member>`, on the lease;
 //! * (Rust only) shared-lock readers `tooz/lock-readers/<hex name>/<reader>`, on the
 //!   lease, plus the lock key itself holding [`SHARED_MARKER`] while readers hold it
-//!   (so that a Python exclusive acquirer waits).
+//!   (so that a Python exclusive acquirer waits);
+//! * (Rust only) lock waiters `tooz/lock-queue/<hex name>/<x|s><entry>`, on the
+//!   lease: one key per blocked acquire, ordered by create revision (see
+//!   `lock.rs`); Python clients never queue.
 
 /// Prefix of every group and member key.
 pub const GROUPS_PREFIX: &[u8] = b"tooz/groups/";
@@ -20,6 +23,8 @@ pub const LEADERS_PREFIX: &[u8] = b"tooz/leaders/";
 pub const TIMES_PREFIX: &[u8] = b"tooz/member-times/";
 /// Prefix of shared-lock reader keys (Rust extension).
 pub const READERS_PREFIX: &[u8] = b"tooz/lock-readers/";
+/// Prefix of lock waiter queues (Rust extension).
+pub const QUEUE_PREFIX: &[u8] = b"tooz/lock-queue/";
 /// The value of a lock key while shared holders hold the lock.
 pub const SHARED_MARKER: &[u8] = b"tooz-rs:shared";
 
@@ -60,6 +65,22 @@ pub fn lock_readers(name: &[u8]) -> Vec<u8> {
     k
 }
 
+/// `tooz/lock-queue/<hex name>/`: the prefix of a lock's waiters.
+pub fn lock_queue(name: &[u8]) -> Vec<u8> {
+    let mut k = QUEUE_PREFIX.to_vec();
+    k.extend_from_slice(hex::encode(name).as_bytes());
+    k.push(b'/');
+    k
+}
+
+/// `tooz/lock-queue/<hex name>/x`: the prefix of a lock's exclusive waiters (shared
+/// waiters are under `…/s`).
+pub fn lock_queue_exclusive(name: &[u8]) -> Vec<u8> {
+    let mut k = lock_queue(name);
+    k.push(b'x');
+    k
+}
+
 /// The end of the key range holding every key that starts with `prefix`.
 pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
     let mut end = prefix.to_vec();
@@ -95,6 +116,8 @@ mod tests {
         assert_eq!(group(b"g"), b"tooz/groups/g/");
         assert_eq!(member(b"g", b"m"), b"tooz/groups/g/m");
         assert_eq!(lock(b"l"), b"/tooz/locksl");
+        assert_eq!(lock_queue(b"l"), b"tooz/lock-queue/6c/");
+        assert_eq!(lock_queue_exclusive(b"l"), b"tooz/lock-queue/6c/x");
         assert_eq!(group_of_key(b"tooz/groups/g/"), Some(&b"g"[..]));
         assert_eq!(group_of_key(b"tooz/groups/g/m"), None);
         assert_eq!(

@@ -1,13 +1,31 @@
 //! Lock handles: one transaction to acquire (create-if-absent, the create
-//! revision is the fencing token), one to release guarded on that revision;
-//! waiters wake on an etcd watch of the lock's keys (the core drives the
-//! attempts).
+//! revision is the fencing token), one to release guarded on that revision.
+//!
+//! A blocked acquire waits in a queue, so that a release wakes one waiter, not
+//! all of them (etcd's own lock recipe, in our own key space): the acquire's
+//! first transaction takes the lock if it is free and nobody waits ahead, and
+//! otherwise puts an entry `tooz/lock-queue/<hex name>/<x|s><unique>` on the
+//! coordinator's lease (gone with a crashed waiter) in the same transaction. An
+//! entry waits behind the newest entry created before it (for a shared waiter:
+//! the newest *exclusive* one, so readers behind readers proceed together): it
+//! watches only that entry's deletion. With nobody ahead it is the head: it tries,
+//! and while the lock is held watches the lock key (and, exclusive, the reader
+//! keys). A grant deletes the entry in the same transaction, which wakes the
+//! waiter behind; so does a waiter that gives up (deadline, its future dropped,
+//! stop): the wait ends with its entry removed, by itself or by a task. Every
+//! watch starts at the revision after the state it waits on was read, so no
+//! release is missed. Python clients never queue: they take the lock by their own
+//! path, and the head, watching the lock key, sees their release. An acquire that
+//! does not wait (`Wait::No`) does not queue either: it takes a free lock even
+//! with waiters queued.
 //!
 //! Every attempt writes something only it can recognise (a random value in the
 //! lock key, or a reader key of its own), so an attempt whose reply is lost is
 //! undone, owner-checked, in a task that retries until it goes through: otherwise
 //! the hold would sit on the coordinator's lease, kept alive for as long as the
-//! process runs. A failed release is retried the same way.
+//! process runs. A failed release is retried the same way. (A request whose
+//! future was dropped may in principle reach the server after its undo; that
+//! window is the same as for any cancelled etcd request.)
 //!
 //! While Rust readers hold a lock in shared mode the lock key holds
 //! [`keys::SHARED_MARKER`] (which makes a Python exclusive acquirer wait). The
@@ -20,12 +38,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use etcd_client::{
-    Compare, CompareOp, DeleteOptions, EventType, GetOptions, KeyValue, PutOptions, Txn, TxnOp,
-    TxnOpResponse, TxnResponse, WatchFilterType, WatchOptions, WatchStream,
+    Compare, CompareOp, DeleteOptions, EventType, GetOptions, KeyValue, PutOptions, SortOrder,
+    SortTarget, Txn, TxnOp, TxnOpResponse, TxnResponse, WatchFilterType, WatchOptions, WatchStream,
 };
 use tokio::task::AbortHandle;
-use tooz_core::util::Backoff;
-use tooz_core::{Attempt, DriverLock, FencingToken, LockName, Mode, Result, ToozError, WakeStream};
+use tokio::time::Instant;
+use tooz_core::util::{Backoff, deadline_of};
+use tooz_core::{DriverLock, FencingToken, LockName, Mode, Result, ToozError, Wait};
 
 use crate::driver::{Inner, Lease, gets, got, guard, map_err, revision};
 use crate::keys;
@@ -54,10 +73,11 @@ pub(crate) struct EtcdLock {
     key: Vec<u8>,
     readers: Vec<u8>,
     inner: Arc<Inner>,
+    /// `keys::lock_queue` of the name: the waiters.
+    queue: Vec<u8>,
+    /// `keys::lock_queue_exclusive` of the name: the exclusive waiters.
+    queue_exclusive: Vec<u8>,
     hold: Mutex<Option<Hold>>,
-    /// The revision at which the last attempt found the lock held, and its mode:
-    /// wake-ups watch from the next revision, so nothing after it is missed.
-    held_at: Mutex<(i64, Mode)>,
 }
 
 fn random_value() -> Vec<u8> {
@@ -432,7 +452,8 @@ fn spawn_release(inner: &Arc<Inner>, key: &[u8], readers: &[u8], hold: Hold) {
     });
 }
 
-/// A waiter's watch of the deletes in the lock key (and the reader keys).
+/// A waiter's watch of the deletes of one key: the lock key (and the reader keys)
+/// or the queue entry ahead.
 struct Wakes {
     inner: Arc<Inner>,
     key: Vec<u8>,
@@ -502,21 +523,370 @@ impl Wakes {
     }
 }
 
+/// Where a waiting acquire stands after one of its transactions.
+enum Step {
+    /// Granted, at this revision (the fencing token).
+    Granted(i64),
+    /// Queued at this revision (the entry's create revision), behind this entry
+    /// (`None`: nobody it waits behind).
+    Queued(i64, Option<Vec<u8>>),
+}
+
+/// The outcome of an attempt by the head of the queue.
+enum Head {
+    /// Granted at this revision; the entry was removed with it.
+    Granted(i64),
+    /// Still held by someone else, as of this revision.
+    Held(i64),
+    /// The queue entry is gone (its lease ended).
+    Gone,
+}
+
+/// The get of the last entries of a waiter range, newest first.
+fn newest_entries(limit: i64) -> GetOptions {
+    GetOptions::new()
+        .with_prefix()
+        .with_keys_only()
+        .with_sort(SortTarget::Create, SortOrder::Descend)
+        .with_limit(limit)
+}
+
+/// A waiting acquire's first transaction: the lock, if it is free and nobody
+/// waits that this acquire would have to let go first (anybody for an exclusive
+/// acquire, an exclusive waiter for a shared one; the waiters to let go first are
+/// the keys under `ahead`); else its entry `q` in the queue, and the newest of
+/// those waiters, the one it waits behind.
+async fn grant_or_enqueue(
+    inner: &Inner,
+    key: &[u8],
+    readers: &[u8],
+    ahead: &[u8],
+    w: &Write,
+    q: &[u8],
+) -> Result<Step> {
+    let put = || Some(PutOptions::new().with_lease(w.lease.id));
+    let nobody_ahead = || {
+        Compare::version(ahead.to_vec(), CompareOp::Equal, 0).with_range(keys::prefix_end(ahead))
+    };
+    let enqueue = vec![
+        TxnOp::put(q.to_vec(), Vec::new(), put()),
+        TxnOp::get(ahead.to_vec(), Some(newest_entries(2))),
+    ];
+    let txn = match w.mode {
+        Mode::Exclusive => Txn::new()
+            .when(vec![
+                Compare::create_revision(key.to_vec(), CompareOp::Equal, 0),
+                Compare::version(readers.to_vec(), CompareOp::Equal, 0)
+                    .with_range(keys::prefix_end(readers)),
+                nobody_ahead(),
+            ])
+            .and_then(vec![TxnOp::put(key.to_vec(), w.value.clone(), put())])
+            .or_else(enqueue),
+        Mode::Shared => Txn::new()
+            .when(vec![
+                Compare::create_revision(key.to_vec(), CompareOp::Equal, 0),
+                nobody_ahead(),
+            ])
+            .and_then(vec![
+                TxnOp::put(key.to_vec(), keys::SHARED_MARKER.to_vec(), put()),
+                TxnOp::put(w.reader.clone(), Vec::new(), put()),
+            ])
+            .or_else(vec![TxnOp::txn(
+                Txn::new()
+                    .when(vec![
+                        Compare::value(
+                            key.to_vec(),
+                            CompareOp::Equal,
+                            keys::SHARED_MARKER.to_vec(),
+                        ),
+                        nobody_ahead(),
+                    ])
+                    .and_then(vec![TxnOp::put(w.reader.clone(), Vec::new(), put())])
+                    .or_else(enqueue),
+            )]),
+    };
+    let r = inner.txn("acquire", txn).await?;
+    let rev = revision(&r);
+    if r.succeeded() {
+        return Ok(Step::Granted(rev));
+    }
+    let outer = match w.mode {
+        Mode::Exclusive => r,
+        Mode::Shared => match nested(&r) {
+            Some(n) if n.succeeded() => return Ok(Step::Granted(rev)),
+            Some(n) => n,
+            None => return Err(ToozError::backend_msg("etcd3", "acquire: malformed reply")),
+        },
+    };
+    let before = gets(&outer).get(1).and_then(|g| g.as_ref()).and_then(|g| {
+        g.kvs()
+            .iter()
+            .find(|kv| kv.key() != q)
+            .map(|kv| kv.key().to_vec())
+    });
+    Ok(Step::Queued(rev, before))
+}
+
+/// The newest waiter under `ahead` queued before revision `at` (the one an entry
+/// created at `at` waits behind), and the revision this was read at. Waiters
+/// queued earlier only ever leave, so once there is none there never is.
+async fn waiting_behind(inner: &Inner, ahead: &[u8], at: i64) -> Result<(i64, Option<Vec<u8>>)> {
+    if at <= 1 {
+        return Ok((at, None));
+    }
+    let r = inner
+        .get(
+            "reading the lock queue",
+            ahead.to_vec(),
+            Some(newest_entries(1).with_max_create_revision(at - 1)),
+        )
+        .await?;
+    let rev = r.header().map_or(0, |h| h.revision());
+    Ok((rev, r.kvs().first().map(|kv| kv.key().to_vec())))
+}
+
+/// An attempt by the head of the queue (entry `q`, created at `at`): the lock and
+/// the entry's removal in one transaction. `last` (the wait ran out) removes the
+/// entry anyway.
+async fn head_attempt(
+    inner: &Inner,
+    key: &[u8],
+    readers: &[u8],
+    w: &Write,
+    (q, at): (&[u8], i64),
+    last: bool,
+) -> Result<Head> {
+    let put = || Some(PutOptions::new().with_lease(w.lease.id));
+    let mine = || Compare::create_revision(q.to_vec(), CompareOp::Equal, at);
+    let mut otherwise = vec![TxnOp::get(
+        q.to_vec(),
+        Some(GetOptions::new().with_keys_only()),
+    )];
+    if last {
+        otherwise.push(TxnOp::delete(q.to_vec(), None));
+    }
+    let leave = || TxnOp::delete(q.to_vec(), None);
+    let txn = match w.mode {
+        Mode::Exclusive => Txn::new()
+            .when(vec![
+                mine(),
+                Compare::create_revision(key.to_vec(), CompareOp::Equal, 0),
+                Compare::version(readers.to_vec(), CompareOp::Equal, 0)
+                    .with_range(keys::prefix_end(readers)),
+            ])
+            .and_then(vec![
+                TxnOp::put(key.to_vec(), w.value.clone(), put()),
+                leave(),
+            ])
+            .or_else(otherwise),
+        Mode::Shared => Txn::new()
+            .when(vec![
+                mine(),
+                Compare::create_revision(key.to_vec(), CompareOp::Equal, 0),
+            ])
+            .and_then(vec![
+                TxnOp::put(key.to_vec(), keys::SHARED_MARKER.to_vec(), put()),
+                TxnOp::put(w.reader.clone(), Vec::new(), put()),
+                leave(),
+            ])
+            .or_else(vec![TxnOp::txn(
+                Txn::new()
+                    .when(vec![
+                        mine(),
+                        Compare::value(
+                            key.to_vec(),
+                            CompareOp::Equal,
+                            keys::SHARED_MARKER.to_vec(),
+                        ),
+                    ])
+                    .and_then(vec![
+                        TxnOp::put(w.reader.clone(), Vec::new(), put()),
+                        leave(),
+                    ])
+                    .or_else(otherwise),
+            )]),
+    };
+    let r = inner.txn("acquire", txn).await?;
+    let rev = revision(&r);
+    if r.succeeded() {
+        return Ok(Head::Granted(rev));
+    }
+    let outer = match w.mode {
+        Mode::Exclusive => r,
+        Mode::Shared => match nested(&r) {
+            Some(n) if n.succeeded() => return Ok(Head::Granted(rev)),
+            Some(n) => n,
+            None => return Err(ToozError::backend_msg("etcd3", "acquire: malformed reply")),
+        },
+    };
+    Ok(match got(&gets(&outer), 0) {
+        Some(kv) if kv.create_revision() == at => Head::Held(rev),
+        _ => Head::Gone,
+    })
+}
+
+/// What an acquire in progress may have left in etcd: its queue entry, and the
+/// write of a transaction whose reply it has not seen. Dropped with either set
+/// (the acquire was cancelled, stopped, or failed), it removes them in a task,
+/// owner-checked: the entry first (it wakes the waiter behind it; an attempt
+/// still in flight then finds it gone and fails), then the write.
+struct Place {
+    inner: Arc<Inner>,
+    key: Vec<u8>,
+    readers: Vec<u8>,
+    write: Write,
+    entry: Option<Vec<u8>>,
+    unconfirmed: bool,
+}
+
+impl Place {
+    /// Nothing is left to remove (granted, or given up cleanly).
+    fn settled(&mut self) {
+        self.entry = None;
+        self.unconfirmed = false;
+    }
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        if self.entry.is_none() && !self.unconfirmed {
+            return;
+        }
+        let (key, readers, w) = (self.key.clone(), self.readers.clone(), self.write.clone());
+        let (entry, undo) = (self.entry.take(), self.unconfirmed);
+        self.inner
+            .spawn_cleanup(w.lease.id, "abandoned lock wait", move |i| {
+                let (key, readers, w, entry) =
+                    (key.clone(), readers.clone(), w.clone(), entry.clone());
+                async move {
+                    if let Some(q) = entry {
+                        i.txn(
+                            "leaving the lock queue",
+                            Txn::new().and_then(vec![TxnOp::delete(q, None)]),
+                        )
+                        .await?;
+                    }
+                    if undo {
+                        undo_attempt(&i, &key, &readers, &w).await?;
+                    }
+                    Ok(())
+                }
+            });
+    }
+}
+
+/// Waits for the next delete `wakes` reports, until `deadline`; `false` when the
+/// deadline came first. A watch that cannot be re-opened turns into polling.
+async fn next_delete(wakes: &mut Wakes, deadline: Option<Instant>, backoff: &mut Backoff) -> bool {
+    let woke = async {
+        if wakes.next().await {
+            backoff.reset();
+        } else {
+            // No watch: look again after a pause (and try watching again).
+            tokio::time::sleep(backoff.next_delay()).await;
+            match wakes.open().await {
+                Ok(w) => wakes.watch = Some(w),
+                Err(e) => tracing::debug!(error = %e, "etcd: lock watch still failing; polling"),
+            }
+        }
+    };
+    tokio::select! {
+        () = woke => true,
+        () = sleep_until_opt(deadline) => false,
+    }
+}
+
+/// The wait ran out before the acquire reached the head: it leaves the queue.
+async fn give_up(inner: &Inner, place: &mut Place, q: &[u8]) -> Result<Option<FencingToken>> {
+    inner
+        .txn(
+            "leaving the lock queue",
+            Txn::new().and_then(vec![TxnOp::delete(q.to_vec(), None)]),
+        )
+        .await?;
+    place.settled();
+    Ok(None)
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}
+
 impl EtcdLock {
     pub(crate) fn new(inner: Arc<Inner>, name: LockName, id: u64) -> Self {
         EtcdLock {
             id,
             key: keys::lock(name.as_bytes()),
             readers: keys::lock_readers(name.as_bytes()),
+            queue: keys::lock_queue(name.as_bytes()),
+            queue_exclusive: keys::lock_queue_exclusive(name.as_bytes()),
             name,
             inner,
             hold: Mutex::new(None),
-            held_at: Mutex::new((0, Mode::Exclusive)),
         }
     }
 
     fn current(&self) -> Option<Hold> {
         guard(&self.hold).clone()
+    }
+
+    /// A name no other acquire uses: `<lease>-<handle>-<random>`.
+    fn unique(&self, lease: &Lease) -> String {
+        format!(
+            "{:x}-{:x}-{}",
+            lease.id,
+            self.id,
+            hex::encode(random_value())
+        )
+    }
+
+    /// Records a hold granted at `rev` to the acquire that wrote `w`.
+    fn granted(&self, rev: i64, w: Write) -> FencingToken {
+        let mut hold = Hold {
+            token: rev,
+            reader: None,
+            lease: w.lease,
+            keeper: None,
+        };
+        if w.mode == Mode::Shared {
+            let task = tokio::spawn(keep_marker(
+                Arc::clone(&self.inner),
+                self.key.clone(),
+                w.reader.clone(),
+                rev,
+                w.lease.id,
+                rev + 1,
+            ));
+            hold.reader = Some(w.reader);
+            hold.keeper = Some(task.abort_handle());
+        }
+        if let Some(old) = guard(&self.hold).replace(hold)
+            && let Some(k) = old.keeper
+        {
+            k.abort();
+        }
+        FencingToken(rev.max(0) as u64)
+    }
+
+    /// A watch of deletes of `key` (and of the reader keys, when given) from
+    /// revision `from` on, opened.
+    async fn watch_deletes(&self, key: Vec<u8>, readers: Option<Vec<u8>>, from: i64) -> Wakes {
+        let mut wakes = Wakes {
+            inner: Arc::clone(&self.inner),
+            key,
+            readers,
+            from,
+            watch: None,
+        };
+        match wakes.open().await {
+            Ok(w) => wakes.watch = Some(w),
+            // `next_delete` polls until it can watch.
+            Err(e) => tracing::debug!(error = %e, "etcd: opening a lock watch failed"),
+        }
+        wakes
     }
 }
 
@@ -534,87 +904,103 @@ impl DriverLock for EtcdLock {
         &self.name
     }
 
+    fn queues(&self) -> bool {
+        true
+    }
+
+    /// A blocked acquire waits in the lock's queue (module docs): it watches only
+    /// the entry ahead of it, and the head watches the lock, so a release wakes
+    /// one exclusive waiter (or the shared waiters at the head).
     #[tracing::instrument(level = "debug", skip_all, fields(lock = %self.name, ?mode))]
-    async fn try_acquire(&self, mode: Mode) -> Result<Attempt> {
+    async fn acquire(&self, mode: Mode, wait: Wait) -> Result<Option<FencingToken>> {
         let lease = self.inner.lease()?;
+        let id = self.unique(&lease);
         let mut reader = self.readers.clone();
-        reader.extend_from_slice(format!("{:x}-{:x}", lease.id, self.id).as_bytes());
-        reader.extend_from_slice(hex::encode(random_value()).as_bytes());
+        reader.extend_from_slice(id.as_bytes());
         let w = Write {
             mode,
             value: random_value(),
             reader,
             lease,
         };
-        let rev = match attempt(&self.inner, &self.key, &self.readers, &w).await {
-            Ok(Ok(rev)) => rev,
-            Ok(Err(rev)) => {
-                *guard(&self.held_at) = (rev, mode);
-                // Every release is a delete the watch reports: the holder's
-                // (Python's too) and its lease's expiry.
-                return Ok(Attempt::held());
-            }
-            Err(e) => {
-                // Applied with the reply lost (or not at all): free what only this
-                // attempt could have written, if it is there.
-                let (key, readers) = (self.key.clone(), self.readers.clone());
-                self.inner
-                    .spawn_cleanup(w.lease.id, "unconfirmed acquire", move |i| {
-                        let (key, readers, w) = (key.clone(), readers.clone(), w.clone());
-                        async move { undo_attempt(&i, &key, &readers, &w).await }
-                    });
-                return Err(e);
-            }
-        };
-        let mut hold = Hold {
-            token: rev,
-            reader: None,
-            lease: w.lease,
-            keeper: None,
-        };
-        if mode == Mode::Shared {
-            let task = tokio::spawn(keep_marker(
-                Arc::clone(&self.inner),
-                self.key.clone(),
-                w.reader.clone(),
-                rev,
-                w.lease.id,
-                rev + 1,
-            ));
-            hold.reader = Some(w.reader);
-            hold.keeper = Some(task.abort_handle());
-        }
-        if let Some(old) = guard(&self.hold).replace(hold)
-            && let Some(k) = old.keeper
-        {
-            k.abort();
-        }
-        Ok(Attempt::Granted(FencingToken(rev.max(0) as u64)))
-    }
-
-    /// The watch starts at the revision after the failed attempt: every release
-    /// since is replayed.
-    fn wakeups_cover_last_attempt(&self) -> bool {
-        true
-    }
-
-    async fn wakeups(&self) -> Result<Option<WakeStream>> {
-        let (rev, mode) = *guard(&self.held_at);
-        let mut st = Wakes {
+        let mut place = Place {
             inner: Arc::clone(&self.inner),
             key: self.key.clone(),
-            // An exclusive waiter also waits for readers to leave.
-            readers: (mode == Mode::Exclusive).then(|| self.readers.clone()),
-            from: rev + 1,
-            watch: None,
+            readers: self.readers.clone(),
+            write: w.clone(),
+            entry: None,
+            unconfirmed: true,
         };
-        st.watch = Some(st.open().await?);
-        Ok(Some(Box::pin(futures_util::stream::unfold(
-            st,
-            |mut st| async move { st.next().await.then_some(((), st)) },
-        ))))
+        if wait == Wait::No {
+            let out = attempt(&self.inner, &self.key, &self.readers, &w).await?;
+            place.settled();
+            return Ok(out.ok().map(|rev| self.granted(rev, w)));
+        }
+        let deadline = deadline_of(wait);
+        let (ahead, q) = match mode {
+            Mode::Exclusive => (&self.queue, [&self.queue[..], b"x", id.as_bytes()].concat()),
+            Mode::Shared => (
+                &self.queue_exclusive,
+                [&self.queue[..], b"s", id.as_bytes()].concat(),
+            ),
+        };
+        // Set before the request: a reply lost after the put leaves the entry.
+        place.entry = Some(q.clone());
+        let step = grant_or_enqueue(&self.inner, &self.key, &self.readers, ahead, &w, &q).await?;
+        place.unconfirmed = false;
+        let (at, mut before) = match step {
+            Step::Granted(rev) => {
+                place.settled();
+                return Ok(Some(self.granted(rev, w)));
+            }
+            Step::Queued(at, before) => (at, before),
+        };
+        let mut backoff = Backoff::new(Duration::from_millis(20), Duration::from_secs(1));
+        let mut seen = at;
+        // Behind other waiters: wait for the one just ahead to leave, then look
+        // again (the one ahead of it may still be there).
+        while let Some(b) = before.take() {
+            let mut wakes = self.watch_deletes(b, None, seen + 1).await;
+            if !next_delete(&mut wakes, deadline, &mut backoff).await {
+                return give_up(&self.inner, &mut place, &q).await;
+            }
+            (seen, before) = waiting_behind(&self.inner, ahead, at).await?;
+        }
+        // At the head: try, and while the lock is held, wait for a release.
+        let readers = (mode == Mode::Exclusive).then(|| self.readers.clone());
+        let mut last = false;
+        loop {
+            place.unconfirmed = true;
+            let out =
+                head_attempt(&self.inner, &self.key, &self.readers, &w, (&q, at), last).await?;
+            place.unconfirmed = false;
+            let rev = match out {
+                Head::Granted(rev) => {
+                    place.settled();
+                    return Ok(Some(self.granted(rev, w)));
+                }
+                Head::Gone => {
+                    place.settled();
+                    return Err(ToozError::backend_msg(
+                        "etcd3",
+                        "the lock wait's queue entry vanished (its lease ended)",
+                    ));
+                }
+                Head::Held(_) if last => {
+                    place.settled();
+                    return Ok(None);
+                }
+                Head::Held(rev) => rev,
+            };
+            let mut wakes = self
+                .watch_deletes(self.key.clone(), readers.clone(), rev + 1)
+                .await;
+            if !next_delete(&mut wakes, deadline, &mut backoff).await {
+                // One last attempt at the deadline, leaving the queue either way.
+                last = true;
+            }
+        }
     }
-
     #[tracing::instrument(level = "debug", skip_all, fields(lock = %self.name))]
     async fn release(&self) -> Result<bool> {
         let Some(hold) = guard(&self.hold).take() else {

@@ -119,6 +119,14 @@ impl ScaleSizes {
             ),
             "postgresql" | "mysql" => {
                 cap(
+                    "members",
+                    &mut self.members,
+                    2_000,
+                    "each member joins through a coordinator of its own (a connection pool \
+                     and a session), ten at a time so the server keeps connection slots: \
+                     10,000 took about 3 minutes of set-up here",
+                );
+                cap(
                     "held locks",
                     &mut self.locks,
                     2_000,

@@ -631,7 +631,7 @@ impl Driver for ConsulDriver {
         } else {
             all.as_str()
         };
-        let members_rx = i.hubs.subscribe(&i.client, prefix);
+        let members_rx = i.hubs.subscribe_keys(&i.client, prefix);
         let leaders_rx = i.hubs.subscribe(&i.client, &i.layout.leaders());
         Ok(Some(group_events(
             members_rx,

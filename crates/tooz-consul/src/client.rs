@@ -414,7 +414,25 @@ impl Client {
         index: u64,
         wait: Duration,
     ) -> Result<(Vec<Kv>, u64)> {
-        let mut path = format!("kv/{}?recurse", path_escape(prefix));
+        self.list_blocking_as(what, prefix, index, wait, false)
+            .await
+    }
+
+    /// [`list_blocking`](Self::list_blocking), or with `keys_only` the key names
+    /// alone (`?keys`: no values, sessions nor indexes; a much smaller reply).
+    pub(crate) async fn list_blocking_as(
+        &self,
+        what: &str,
+        prefix: &str,
+        index: u64,
+        wait: Duration,
+        keys_only: bool,
+    ) -> Result<(Vec<Kv>, u64)> {
+        let mut path = if keys_only {
+            format!("kv/{}?keys", path_escape(prefix))
+        } else {
+            format!("kv/{}?recurse", path_escape(prefix))
+        };
         let mut timeout = self.timeout;
         if index > 0 {
             path.push_str(&format!("&index={index}&wait={}ms", wait.as_millis()));
@@ -437,6 +455,20 @@ impl Client {
         }
         if !status.is_success() {
             return Err(Self::http_error(what, status, &b.0));
+        }
+        if keys_only {
+            let keys: Vec<String> = Self::json(what, &b.0)?;
+            let kvs = keys
+                .into_iter()
+                .map(|key| Kv {
+                    key,
+                    value: None,
+                    flags: 0,
+                    session: None,
+                    modify_index: 0,
+                })
+                .collect();
+            return Ok((kvs, at));
         }
         Ok((Self::json(what, &b.0)?, at))
     }

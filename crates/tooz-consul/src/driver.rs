@@ -616,11 +616,10 @@ impl Driver for ConsulDriver {
         )))
     }
 
-    /// Blocking queries on the group's prefix (for the first
-    /// [`OWN_GROUP_POLLS`](crate::watch::OWN_GROUP_POLLS) watched groups) or on
-    /// the prefix of every group (`<ns>/groups/`, recursive, shared by the rest),
-    /// and on the leader keys: at most that many + 2 long-polls (connections)
-    /// however many groups are watched.
+    /// Blocking queries on the group's prefix (for the first 4 watched groups) or
+    /// on the prefix of every group (`<ns>/groups/`, key names only, shared by the
+    /// rest), and on the leader keys: at most 6 long-polls (connections) however
+    /// many groups are watched.
     #[tracing::instrument(level = "debug", skip_all, fields(group = %group))]
     async fn watch_group(&self, group: &GroupId) -> Result<Option<DriverEventStream>> {
         let i = &self.inner;
@@ -631,7 +630,7 @@ impl Driver for ConsulDriver {
         } else {
             all.as_str()
         };
-        let members_rx = i.hubs.subscribe(&i.client, prefix);
+        let members_rx = i.hubs.subscribe_keys(&i.client, prefix);
         let leaders_rx = i.hubs.subscribe(&i.client, &i.layout.leaders());
         Ok(Some(group_events(
             members_rx,

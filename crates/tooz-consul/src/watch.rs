@@ -71,6 +71,21 @@ impl Hubs {
 
     /// A receiver of `prefix`'s snapshots, starting its long-poll if none runs.
     pub(crate) fn subscribe(&self, client: &Client, prefix: &str) -> watch::Receiver<Snap> {
+        self.subscribe_as(client, prefix, false)
+    }
+
+    /// [`subscribe`](Self::subscribe) to key names only (a group watch needs no
+    /// more: members are keys); one prefix is always watched in one way.
+    pub(crate) fn subscribe_keys(&self, client: &Client, prefix: &str) -> watch::Receiver<Snap> {
+        self.subscribe_as(client, prefix, true)
+    }
+
+    fn subscribe_as(
+        &self,
+        client: &Client,
+        prefix: &str,
+        keys_only: bool,
+    ) -> watch::Receiver<Snap> {
         let mut m = guard(&self.map);
         if let Some(tx) = m.get(prefix) {
             return tx.subscribe();
@@ -84,6 +99,7 @@ impl Hubs {
             tx,
             client.clone(),
             self.stop.subscribe(),
+            keys_only,
         ));
         rx
     }
@@ -95,6 +111,7 @@ async fn poll(
     tx: Arc<watch::Sender<Snap>>,
     client: Client,
     mut stop: watch::Receiver<bool>,
+    keys_only: bool,
 ) {
     let mut index = 0u64;
     let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
@@ -102,7 +119,7 @@ async fn poll(
         if *stop.borrow() {
             return;
         }
-        let q = client.list_blocking("watching a prefix", &prefix, index, WAIT);
+        let q = client.list_blocking_as("watching a prefix", &prefix, index, WAIT, keys_only);
         let res = tokio::select! {
             r = q => Some(r),
             _ = tx.closed() => None,

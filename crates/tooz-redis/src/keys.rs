@@ -434,7 +434,7 @@ mod tests {
                 Script::new(src).get_hash().to_string()
             })
             .collect();
-        assert_eq!(hashes.len(), 14);
+        assert_eq!(hashes.len(), 15);
         assert!(hashes.contains(s.lock_acquire.get_hash()));
     }
 }

@@ -908,15 +908,8 @@ async fn lost_replies_leave_no_hold_behind() {
 /// Coordinators whose requests go through `proxy` (no heartbeat: nothing but
 /// their lock calls is counted), with a lock TTL long enough that no waiter's
 /// timer fires during a test.
-async fn counted_waiters(
-    proxy: &CountingProxy,
-    ns: &str,
-    n: usize,
-) -> Vec<tooz_core::Coordinator> {
-    let url = format!(
-        "redis://127.0.0.1:{}?namespace={ns}&timeout=30",
-        proxy.port
-    );
+async fn counted_waiters(proxy: &CountingProxy, ns: &str, n: usize) -> Vec<tooz_core::Coordinator> {
+    let url = format!("redis://127.0.0.1:{}?namespace={ns}&timeout=30", proxy.port);
     let mut out = Vec::new();
     for i in 0..n {
         let c = coordinator(&url, &format!("w{i}"));
@@ -942,7 +935,10 @@ async fn one_release_wakes_one_waiter() {
     const N: usize = 6;
     let ns = unique_ns("herd");
     let proxy = CountingProxy::start(host_port(&base)).await;
-    let holder = coordinator(&with_query(&base, &format!("namespace={ns}&timeout=30")), "h");
+    let holder = coordinator(
+        &with_query(&base, &format!("namespace={ns}&timeout=30")),
+        "h",
+    );
     holder.start(false).await.unwrap();
     let held = holder.get_lock("hot").unwrap();
     assert!(held.acquire(Wait::No).await.unwrap());
@@ -962,10 +958,14 @@ async fn one_release_wakes_one_waiter() {
         }));
     }
     // Every waiter tried, subscribed and tried again (two script calls each)...
-    eventually("every waiter's second attempt", Duration::from_secs(10), || {
-        let n = proxy.scripts() - start;
-        async move { n >= 2 * N as u64 }
-    })
+    eventually(
+        "every waiter's second attempt",
+        Duration::from_secs(10),
+        || {
+            let n = proxy.scripts() - start;
+            async move { n >= 2 * N as u64 }
+        },
+    )
     .await;
     assert_eq!(proxy.scripts() - start, 2 * N as u64);
     // ... and the server ran those attempts (each waiter's requests share one
@@ -1018,7 +1018,10 @@ async fn release_wakes_the_queued_readers_together() {
     const READERS: usize = 3;
     let ns = unique_ns("readers");
     let proxy = CountingProxy::start(host_port(&base)).await;
-    let holder = coordinator(&with_query(&base, &format!("namespace={ns}&timeout=30")), "h");
+    let holder = coordinator(
+        &with_query(&base, &format!("namespace={ns}&timeout=30")),
+        "h",
+    );
     holder.start(false).await.unwrap();
     let held = holder.get_lock("rw").unwrap();
     assert!(held.acquire(Wait::No).await.unwrap());
@@ -1064,7 +1067,11 @@ async fn release_wakes_the_queued_readers_together() {
                 .unwrap(),
         );
     }
-    assert_eq!(proxy.scripts() - before, READERS as u64, "one attempt per reader");
+    assert_eq!(
+        proxy.scripts() - before,
+        READERS as u64,
+        "one attempt per reader"
+    );
     assert!(!w.is_finished());
     assert_eq!(zcard(&mut r, &queue).await, 1, "the writer still queues");
     for l in &locks {
@@ -1093,7 +1100,10 @@ async fn waiters_that_give_up_leave_the_queue() {
     };
     let ns = unique_ns("giveup");
     let proxy = CountingProxy::start(host_port(&base)).await;
-    let holder = coordinator(&with_query(&base, &format!("namespace={ns}&timeout=30")), "h");
+    let holder = coordinator(
+        &with_query(&base, &format!("namespace={ns}&timeout=30")),
+        "h",
+    );
     holder.start(false).await.unwrap();
     let held = holder.get_lock("q").unwrap();
     assert!(held.acquire(Wait::No).await.unwrap());
@@ -1114,25 +1124,45 @@ async fn waiters_that_give_up_leave_the_queue() {
         let l = cs[0].get_lock("q").unwrap();
         tokio::spawn(async move { l.acquire(Wait::Forever).await })
     };
-    eventually("the first waiter queued", Duration::from_secs(10), queued(1)).await;
+    eventually(
+        "the first waiter queued",
+        Duration::from_secs(10),
+        queued(1),
+    )
+    .await;
     // Second: a short deadline.
     let short = cs[1].get_lock("q").unwrap();
     let timed = {
         let l = short.clone();
         tokio::spawn(async move { l.acquire(Wait::For(Duration::from_millis(300))).await })
     };
-    eventually("the second waiter queued", Duration::from_secs(10), queued(2)).await;
+    eventually(
+        "the second waiter queued",
+        Duration::from_secs(10),
+        queued(2),
+    )
+    .await;
     // Third: waits for good.
     let last = cs[2].get_lock("q").unwrap();
     let patient = {
         let l = last.clone();
         tokio::spawn(async move { l.acquire(Wait::Forever).await })
     };
-    eventually("the third waiter queued", Duration::from_secs(10), queued(3)).await;
+    eventually(
+        "the third waiter queued",
+        Duration::from_secs(10),
+        queued(3),
+    )
+    .await;
 
     dropped.abort();
     assert!(!timed.await.unwrap().unwrap(), "the deadline passed");
-    eventually("the two leaving the queue", Duration::from_secs(10), queued(1)).await;
+    eventually(
+        "the two leaving the queue",
+        Duration::from_secs(10),
+        queued(1),
+    )
+    .await;
     assert!(held.release().await.unwrap());
     assert!(
         tokio::time::timeout(Duration::from_secs(10), patient)

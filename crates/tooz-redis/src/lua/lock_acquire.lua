@@ -17,9 +17,12 @@ local function held(wait_ms, rs)
   if waiter ~= '' then
     local life = tonumber(ARGV[6])
     if wait_ms > 0 and 2 * wait_ms + 1000 > life then life = 2 * wait_ms + 1000 end
-    redis.call('ZADD', q, 'NX', now, waiter)
-    redis.call('HSET', w, waiter, mode .. string.format('%.0f', now_ms + life))
-    if redis.call('PTTL', q) < life then
+    -- pcall: with another client's junk in these keys the waiter is simply not
+    -- queued (it still wakes on `released` and at the hold's expiry).
+    local added = redis.pcall('ZADD', q, 'NX', now, waiter)
+    local set = redis.pcall('HSET', w, waiter, mode .. string.format('%.0f', now_ms + life))
+    -- (A failed call returns a table carrying `err`; these succeed with integers.)
+    if type(added) ~= 'table' and type(set) ~= 'table' and redis.call('PTTL', q) < life then
       redis.call('PEXPIRE', q, life)
       redis.call('PEXPIRE', w, life)
     end
@@ -29,8 +32,8 @@ end
 -- Granted: the waiter leaves the queue.
 local function granted(fence)
   if waiter ~= '' then
-    redis.call('ZREM', q, waiter)
-    redis.call('HDEL', w, waiter)
+    redis.pcall('ZREM', q, waiter)
+    redis.pcall('HDEL', w, waiter)
   end
   return {1, fence}
 end

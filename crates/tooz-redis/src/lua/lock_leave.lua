@@ -5,8 +5,8 @@
 -- ARGV: [1] waiter id.
 -- Returns the number of waiters woken.
 local k, q, w = KEYS[1], KEYS[2], KEYS[3]
-redis.call('ZREM', q, ARGV[1])
-redis.call('HDEL', w, ARGV[1])
+redis.pcall('ZREM', q, ARGV[1])
+redis.pcall('HDEL', w, ARGV[1])
 local cur = redis.call('GET', k)
 if not cur then return wake_next(k, q, w, false) end
 if cur == MARKER then return wake_next(k, q, w, true) end

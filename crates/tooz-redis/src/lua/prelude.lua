@@ -102,10 +102,20 @@ end
 -- is woken (`released`). Returns the number of waiters named.
 local WAKE_BATCH = 64
 local function wake_next(k, q, w, readers_only)
-  local ids = redis.call('ZRANGE', q, 0, WAKE_BATCH - 1)
+  -- pcall: another client's junk in these keys must not fail a release (whoever
+  -- waits is then woken by `released`).
+  local ids = redis.pcall('ZRANGE', q, 0, WAKE_BATCH - 1)
+  if ids['err'] then
+    redis.call('PUBLISH', k, 'released')
+    return 0
+  end
   if #ids == 0 then return 0 end
   local now_ms = math.floor(now_us() / 1000)
-  local regs = redis.call('HMGET', w, unpack(ids))
+  local regs = redis.pcall('HMGET', w, unpack(ids))
+  if regs['err'] then
+    redis.call('PUBLISH', k, 'released')
+    return 0
+  end
   local woke, dead = {}, {}
   for i, id in ipairs(ids) do
     local v = regs[i]
@@ -121,7 +131,7 @@ local function wake_next(k, q, w, readers_only)
   end
   if #dead > 0 then
     redis.call('ZREM', q, unpack(dead))
-    redis.call('HDEL', w, unpack(dead))
+    redis.pcall('HDEL', w, unpack(dead))
   end
   if #woke > 0 then
     redis.call('PUBLISH', k, 'w ' .. table.concat(woke, ' '))

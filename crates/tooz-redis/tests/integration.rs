@@ -1179,3 +1179,57 @@ async fn waiters_that_give_up_leave_the_queue() {
     }
     purge(&base, &ns).await;
 }
+
+/// A waiter that crashed stalls nobody once its registration expired: the
+/// release skips (and removes) it and wakes the live waiter behind it.
+#[tokio::test]
+async fn expired_registrations_are_skipped() {
+    let Some(base) = server_url("expired_registrations_are_skipped") else {
+        return;
+    };
+    let ns = unique_ns("expired");
+    let url = with_query(&base, &format!("namespace={ns}&timeout=30"));
+    let holder = coordinator(&url, "h");
+    let waiter = coordinator(&url, "w");
+    holder.start(false).await.unwrap();
+    waiter.start(false).await.unwrap();
+    let held = holder.get_lock("crash").unwrap();
+    assert!(held.acquire(Wait::No).await.unwrap());
+    let mut r = raw(&base).await;
+    let queue = format!("{ns}_crash_lock:queue");
+    // A waiter from long ago, first in line, whose registration expired.
+    let _: () = r.zadd(&queue, "0123456789abcdef01234567", 1).await.unwrap();
+    let _: () = r
+        .hset(
+            format!("{ns}_crash_lock:waiters"),
+            "0123456789abcdef01234567",
+            "x1",
+        )
+        .await
+        .unwrap();
+    let lock = waiter.get_lock("crash").unwrap();
+    let blocked = {
+        let lock = lock.clone();
+        tokio::spawn(async move { lock.acquire(Wait::For(Duration::from_secs(20))).await })
+    };
+    eventually("the live waiter queued", Duration::from_secs(10), || {
+        let q = queue.clone();
+        let mut r = r.clone();
+        async move { zcard(&mut r, &q).await == 2 }
+    })
+    .await;
+    assert!(held.release().await.unwrap());
+    // Its own timer would fire only when the 30 s hold would have expired.
+    assert!(
+        tokio::time::timeout(Duration::from_secs(10), blocked)
+            .await
+            .expect("the live waiter was not woken")
+            .unwrap()
+            .unwrap()
+    );
+    assert_eq!(zcard(&mut r, &queue).await, 0);
+    assert!(lock.release().await.unwrap());
+    holder.stop().await.unwrap();
+    waiter.stop().await.unwrap();
+    purge(&base, &ns).await;
+}

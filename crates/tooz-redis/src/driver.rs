@@ -39,6 +39,9 @@ pub(crate) struct LockKeys {
     pub(crate) lock: Vec<u8>,
     pub(crate) readers: Vec<u8>,
     pub(crate) fence: Vec<u8>,
+    /// The waiter queue (ZSET) and the waiters' registrations (HASH).
+    pub(crate) queue: Vec<u8>,
+    pub(crate) waiters: Vec<u8>,
 }
 
 /// A leadership this coordinator holds.
@@ -206,6 +209,8 @@ impl Inner {
             lock: self.keys.lock(name),
             readers: self.keys.lock_readers(name),
             fence: self.keys.lock_fence(name),
+            queue: self.keys.lock_queue(name),
+            waiters: self.keys.lock_waiters(name),
         }
     }
 
@@ -301,27 +306,58 @@ impl Inner {
 
     // ----- locks ---------------------------------------------------------------
 
+    /// One attempt; when `waiter` is given and the lock is held, the waiter is
+    /// registered in (or stays in) the lock's queue, and a grant removes it.
     pub(crate) async fn acquire_once(
         &self,
         k: &LockKeys,
         mode: Mode,
         token: &str,
+        waiter: Option<&str>,
     ) -> Result<Attempt> {
-        let [ttl, m, fttl] = acquire_args(ms(self.config.lock_timeout), mode);
+        let ttl_ms = ms(self.config.lock_timeout);
+        let [ttl, m, fttl] = acquire_args(ttl_ms, mode);
+        let life = ttl_ms.saturating_mul(2).saturating_add(1000).to_string();
         let v = self
             .eval(
                 "acquire",
                 &self.scripts.lock_acquire,
-                &[&k.lock, &k.readers, &k.fence],
+                &[&k.lock, &k.readers, &k.fence, &k.queue, &k.waiters],
                 &[
                     token.as_bytes(),
                     ttl.as_bytes(),
                     m.as_bytes(),
                     fttl.as_bytes(),
+                    waiter.unwrap_or("").as_bytes(),
+                    life.as_bytes(),
                 ],
             )
             .await?;
         parse_acquire(&v)
+    }
+
+    /// Removes `waiter` from the lock's queue; wakes the next waiter when the
+    /// lock is free. `true` when one was woken.
+    pub(crate) async fn leave_queue(&self, k: &LockKeys, waiter: &str) -> Result<bool> {
+        let n = self
+            .eval_int(
+                "leave lock queue",
+                &self.scripts.lock_leave,
+                &[&k.lock, &k.queue, &k.waiters],
+                &[waiter.as_bytes()],
+            )
+            .await?;
+        Ok(n > 0)
+    }
+
+    /// Spawns [`Inner::leave_queue`], retried like a release (see
+    /// [`Inner::spawn_cleanup`]).
+    pub(crate) fn spawn_leave(self: &Arc<Self>, keys: &LockKeys, waiter: &str) {
+        let (keys, waiter) = (keys.clone(), waiter.to_string());
+        self.spawn_cleanup("lock queue leave", move |i| {
+            let (keys, waiter) = (keys.clone(), waiter.clone());
+            async move { i.leave_queue(&keys, &waiter).await }
+        });
     }
 
     pub(crate) async fn release_token(
@@ -334,7 +370,7 @@ impl Inner {
             .eval_int(
                 "release",
                 &self.scripts.lock_release,
-                &[&k.lock, &k.readers],
+                &[&k.lock, &k.readers, &k.queue, &k.waiters],
                 &[token.as_bytes(), mode_arg(mode).as_bytes()],
             )
             .await?;

@@ -22,6 +22,8 @@
 //! |---|---|---|
 //! | `<ns>_<name>_lock:readers` | ZSET | shared holders: token → expiry (server ms) |
 //! | `<ns>_<name>_lock:fence` | STRING | fencing counter of the lock (`PX` one day) |
+//! | `<ns>_<name>_lock:queue` | ZSET | blocked Rust waiters in arrival order: waiter id → arrival (server µs) |
+//! | `<ns>_<name>_lock:waiters` | HASH | waiter id → mode (`x`/`s`) followed by the registration's expiry (server ms) |
 //! | `<ns>_leader_of_<group>_lock:owner` | STRING | `<token> <member id>` of a Rust leader, same `PX` as the leader key |
 //! | `<ns>_leader_of_<group>_lock:fence` | STRING | fencing counter of the group's leadership |
 //! | `<ns>_leader_of_<group>_lock:joined` | HASH | member id → `<created µs> <updated µs>` (for `get_member_info`) |
@@ -29,7 +31,9 @@
 //! # Pub/sub channels (only Rust publishes)
 //!
 //! A channel is named after the key of what changed: `<ns>_<name>_lock` gets
-//! `released` when a lock becomes free; `<ns>_group:<group>` gets `J<member>`
+//! `w <waiter id>...` when a lock becomes free while Rust waiters are queued (only
+//! the waiters named wake; see "Waiter queue" below), `released` (everyone wakes)
+//! from older versions of this crate and `broken` after `break_lock`; `<ns>_group:<group>` gets `J<member>`
 //! (joined), `L<member>` (left or expired), `U<member>` (capabilities updated),
 //! `E` (leadership changed) and `D` (group deleted).
 //!
@@ -49,6 +53,25 @@
 //!   Rust readers hold).
 //! * Reader heartbeats push the reader's score and the marker's expiry; the last
 //!   reader's release (or expiry) deletes the marker.
+//!
+//! # Waiter queue (one release wakes one waiter)
+//!
+//! A blocked Rust acquirer registers in `…_lock:queue`/`…_lock:waiters` with the
+//! attempt it makes right after subscribing to the lock's channel (so it is
+//! subscribed before any release can find it queued), and refreshes its
+//! registration with every later attempt. A registration lives for twice the
+//! longer of the waiter's lock timeout and the holder's remaining TTL, plus a
+//! second: waiters try again at the latest when the hold would expire, so a live
+//! waiter never lapses, and a crashed one is skipped once it expired. A grant
+//! removes the waiter in the same script; a waiter that gives up (deadline,
+//! dropped future, stop) removes itself and, if the lock is free, wakes the next.
+//! A release that frees the lock publishes the id of the queue's oldest live
+//! waiter (if it waits to share the lock, the ids of the sharing waiters queued
+//! right after it as well), and publishes nothing when nobody is queued. Python
+//! clients never queue and take the lock whenever it is free (barging is allowed:
+//! a woken waiter that finds the lock taken again stays at the head); our waiters
+//! still notice a Python holder's release by polling, and an expiry by their
+//! timer at the hold's TTL.
 //!
 //! # Fencing tokens
 //!
@@ -142,6 +165,16 @@ impl Keys {
         cat(&[&self.lock(l), b":fence"])
     }
 
+    /// `<ns>_<name>_lock:queue`: the lock's waiters in arrival order.
+    pub fn lock_queue(&self, l: &LockName) -> Vec<u8> {
+        cat(&[&self.lock(l), b":queue"])
+    }
+
+    /// `<ns>_<name>_lock:waiters`: mode and registration expiry of each waiter.
+    pub fn lock_waiters(&self, l: &LockName) -> Vec<u8> {
+        cat(&[&self.lock(l), b":waiters"])
+    }
+
     /// `<ns>_leader_of_<group>_lock`: the lock Python's election takes.
     pub fn leader(&self, g: &GroupId) -> Vec<u8> {
         cat(&[&self.ns, b"_leader_of_", g.as_bytes(), b"_lock"])
@@ -203,6 +236,13 @@ pub fn check_member_id(m: &MemberId) -> Result<()> {
     Ok(())
 }
 
+/// A new waiter id (random, 24 hex digits: no spaces, so ids can be listed in
+/// one wake-up message).
+pub fn new_waiter_id() -> String {
+    let bytes: [u8; 12] = rand::random();
+    hex::encode(bytes)
+}
+
 /// A fresh holder token: `tooz-rs:` and 32 random hex digits.
 pub fn new_token() -> String {
     let bytes: [u8; 16] = rand::random();
@@ -241,8 +281,10 @@ macro_rules! scripts {
 scripts! {
     /// Exclusive or shared acquire with a fencing token.
     lock_acquire,
-    /// Release of one hold; publishes `released` when the lock became free.
+    /// Release of one hold; wakes the next queued waiter when the lock became free.
     lock_release,
+    /// A waiter leaving the queue; wakes the next one when the lock is free.
+    lock_leave,
     /// Renewal (or check) of one hold.
     lock_renew,
     /// Break of a lock; publishes `broken`.
@@ -319,6 +361,8 @@ mod tests {
         for key in [
             k.lock_readers(&l),
             k.lock_fence(&l),
+            k.lock_queue(&l),
+            k.lock_waiters(&l),
             k.leader_owner(&g),
             k.leader_fence(&g),
             k.joined_times(&g),
@@ -390,7 +434,7 @@ mod tests {
                 Script::new(src).get_hash().to_string()
             })
             .collect();
-        assert_eq!(hashes.len(), 14);
+        assert_eq!(hashes.len(), 15);
         assert!(hashes.contains(s.lock_acquire.get_hash()));
     }
 }

@@ -1,6 +1,15 @@
 //! Lock handles: one script call per attempt, one to release; waiters wake on
 //! the lock's pub/sub channel (the core drives the attempts).
+//!
+//! A blocked acquire queues (see the crate's key layout docs, "Waiter queue"): the
+//! wake-up stream the core asks for after a failed attempt owns a fresh waiter id;
+//! the attempts made while it lives carry that id (the first one, right after
+//! subscribing, registers it), so a release wakes only the waiter it names. When
+//! the stream is dropped (the wait ended: granted, deadline, stop, the caller gone)
+//! a waiter still registered leaves the queue, passing a wake-up on if the lock is
+//! free.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -8,13 +17,24 @@ use redis::Value;
 use tooz_core::{Attempt, DriverLock, FencingToken, LockName, Mode, Result, ToozError, WakeStream};
 
 use crate::driver::{Inner, LockKeys};
-use crate::keys::{FENCE_TTL_MS, new_token};
+use crate::keys::{FENCE_TTL_MS, new_token, new_waiter_id};
 use crate::watch::{Signal, Subscription};
 
 #[derive(Debug, Clone)]
 struct Hold {
     token: String,
     mode: Mode,
+}
+
+/// One blocked wait's registration in the lock's queue.
+#[derive(Debug)]
+struct Waiter {
+    id: String,
+    /// The wait is still on (its wake-up stream lives).
+    active: AtomicBool,
+    /// The server may hold a registration of this id (an attempt carrying it did
+    /// not end in a grant).
+    queued: AtomicBool,
 }
 
 /// One lock handle.
@@ -24,6 +44,8 @@ pub(crate) struct RedisLock {
     keys: LockKeys,
     inner: Arc<Inner>,
     hold: Mutex<Option<Hold>>,
+    /// The waiter of the current blocked wait, if any.
+    waiter: Mutex<Option<Arc<Waiter>>>,
 }
 
 pub(crate) fn mode_arg(mode: Mode) -> &'static str {
@@ -81,11 +103,30 @@ impl RedisLock {
             keys,
             inner,
             hold: Mutex::new(None),
+            waiter: Mutex::new(None),
         }
     }
 
     fn hold(&self) -> MutexGuard<'_, Option<Hold>> {
         self.hold.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The waiter of the wait in progress (forgetting one whose wait ended).
+    fn current_waiter(&self) -> Option<Arc<Waiter>> {
+        let mut w = self.waiter.lock().unwrap_or_else(|p| p.into_inner());
+        if w.as_ref().is_some_and(|w| !w.active.load(Ordering::SeqCst)) {
+            *w = None;
+        }
+        w.clone()
+    }
+
+    /// After an attempt that may have left `waiter` registered: remember it, and
+    /// leave the queue at once if the wait ended meanwhile.
+    fn maybe_queued(&self, waiter: &Waiter) {
+        waiter.queued.store(true, Ordering::SeqCst);
+        if !waiter.active.load(Ordering::SeqCst) && waiter.queued.swap(false, Ordering::SeqCst) {
+            self.inner.spawn_leave(&self.keys, &waiter.id);
+        }
     }
 }
 
@@ -98,16 +139,30 @@ impl DriverLock for RedisLock {
     #[tracing::instrument(level = "debug", skip_all, fields(lock = %self.name, ?mode))]
     async fn try_acquire(&self, mode: Mode) -> Result<Attempt> {
         let token = new_token();
-        match self.inner.acquire_once(&self.keys, mode, &token).await {
+        let waiter = self.current_waiter();
+        let id = waiter.as_deref().map(|w| w.id.as_str());
+        match self.inner.acquire_once(&self.keys, mode, &token, id).await {
             Ok(Attempt::Granted(fence)) => {
+                // The script removed the waiter from the queue.
+                if let Some(w) = &waiter {
+                    w.queued.store(false, Ordering::SeqCst);
+                }
                 *self.hold() = Some(Hold {
                     token: token.clone(),
                     mode,
                 });
                 Ok(Attempt::Granted(fence))
             }
-            Ok(held) => Ok(held),
+            Ok(held) => {
+                if let Some(w) = &waiter {
+                    self.maybe_queued(w);
+                }
+                Ok(held)
+            }
             Err(e) => {
+                if let Some(w) = &waiter {
+                    self.maybe_queued(w);
+                }
                 // The outcome is unknown: the script may have run with its reply
                 // lost. The token is this attempt's own, so an owner-checked
                 // release (retried until it goes through) frees exactly what it
@@ -120,7 +175,20 @@ impl DriverLock for RedisLock {
 
     async fn wakeups(&self) -> Result<Option<WakeStream>> {
         let sub = self.inner.hub().subscribe(&self.keys.lock).await?;
-        Ok(Some(wake_stream(sub)))
+        // Registered by the next attempt, which the core makes right away (we are
+        // subscribed by then, so no release that finds us queued goes unheard).
+        let waiter = Arc::new(Waiter {
+            id: new_waiter_id(),
+            active: AtomicBool::new(true),
+            queued: AtomicBool::new(false),
+        });
+        *self.waiter.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::clone(&waiter));
+        let guard = QueueGuard {
+            inner: Arc::clone(&self.inner),
+            keys: self.keys.clone(),
+            waiter,
+        };
+        Ok(Some(wake_stream(sub, guard)))
     }
 
     #[tracing::instrument(level = "debug", skip_all, fields(lock = %self.name))]
@@ -176,18 +244,56 @@ pub(crate) fn acquire_args(ttl_ms: u64, mode: Mode) -> [String; 3] {
     ]
 }
 
-/// An item per message on the lock's channel (a release) and per reset of the
-/// subscription (a message may have been missed); ends when resubscribing fails.
-fn wake_stream(sub: Subscription) -> WakeStream {
-    Box::pin(futures_util::stream::unfold(sub, |mut sub| async move {
-        if sub.recv().await == Signal::Reset
-            && let Err(e) = sub.resubscribe().await
-        {
-            tracing::debug!(error = %e, "re-subscribing to lock releases failed");
-            return None;
+/// Ends a wait's registration when its wake-up stream is dropped.
+#[derive(Debug)]
+struct QueueGuard {
+    inner: Arc<Inner>,
+    keys: LockKeys,
+    waiter: Arc<Waiter>,
+}
+
+impl Drop for QueueGuard {
+    fn drop(&mut self) {
+        self.waiter.active.store(false, Ordering::SeqCst);
+        if self.waiter.queued.swap(false, Ordering::SeqCst) {
+            self.inner.spawn_leave(&self.keys, &self.waiter.id);
         }
-        Some(((), sub))
-    }))
+    }
+}
+
+/// Whether a message on the lock's channel wakes waiter `id`: `w <id>...` names
+/// the waiters it wakes; anything else (`released` from older versions, `broken`)
+/// wakes everyone.
+fn wakes(payload: &[u8], id: &str) -> bool {
+    match payload.strip_prefix(b"w ") {
+        Some(ids) => ids.split(|b| *b == b' ').any(|x| x == id.as_bytes()),
+        None => true,
+    }
+}
+
+/// An item per message on the lock's channel that wakes this waiter (see
+/// [`wakes`]) and per reset of the subscription (a message may have been
+/// missed); ends when resubscribing fails (the waiter then leaves the queue and
+/// the core polls).
+fn wake_stream(sub: Subscription, guard: QueueGuard) -> WakeStream {
+    Box::pin(futures_util::stream::unfold(
+        (sub, guard),
+        |(mut sub, guard)| async move {
+            loop {
+                match sub.recv().await {
+                    Signal::Message(p) if !wakes(&p, &guard.waiter.id) => continue,
+                    Signal::Message(_) => {}
+                    Signal::Reset => {
+                        if let Err(e) = sub.resubscribe().await {
+                            tracing::debug!(error = %e, "re-subscribing to lock releases failed");
+                            return None;
+                        }
+                    }
+                }
+                return Some(((), (sub, guard)));
+            }
+        },
+    ))
 }
 
 #[cfg(test)]
@@ -218,5 +324,16 @@ mod tests {
             }
         );
         assert!(parse_acquire(&Value::Nil).is_err());
+    }
+
+    #[test]
+    fn addressed_wakeups() {
+        assert!(wakes(b"w abc", "abc"));
+        assert!(wakes(b"w x abc y", "abc"));
+        assert!(!wakes(b"w abcd", "abc"));
+        assert!(!wakes(b"w x y", "abc"));
+        assert!(wakes(b"released", "abc"));
+        assert!(wakes(b"broken", "abc"));
+        assert!(wakes(b"", "abc"));
     }
 }

@@ -1067,5 +1067,331 @@ async fn large_heartbeat_is_split_into_bounded_script_calls() {
         assert!(l.release().await.unwrap());
     }
     a.stop().await.unwrap();
+/// Coordinators whose requests go through `proxy` (no heartbeat: nothing but
+/// their lock calls is counted), with a lock TTL long enough that no waiter's
+/// timer fires during a test.
+async fn counted_waiters(proxy: &CountingProxy, ns: &str, n: usize) -> Vec<tooz_core::Coordinator> {
+    let url = format!("redis://127.0.0.1:{}?namespace={ns}&timeout=30", proxy.port);
+    let mut out = Vec::new();
+    for i in 0..n {
+        let c = coordinator(&url, &format!("w{i}"));
+        c.start(false).await.unwrap();
+        out.push(c);
+    }
+    out
+}
+
+async fn zcard(r: &mut redis::aio::MultiplexedConnection, key: &str) -> usize {
+    r.zcard::<_, usize>(key).await.unwrap()
+}
+
+/// One release wakes one waiter: with several coordinators blocked on a lock,
+/// each handoff costs exactly one attempt (plus the releasing holder's own
+/// release), not one per waiter. Counted as script calls through a proxy only
+/// the waiters use.
+#[tokio::test]
+async fn one_release_wakes_one_waiter() {
+    let Some(base) = server_url("one_release_wakes_one_waiter") else {
+        return;
+    };
+    const N: usize = 6;
+    let ns = unique_ns("herd");
+    let proxy = CountingProxy::start(host_port(&base)).await;
+    let holder = coordinator(
+        &with_query(&base, &format!("namespace={ns}&timeout=30")),
+        "h",
+    );
+    holder.start(false).await.unwrap();
+    let held = holder.get_lock("hot").unwrap();
+    assert!(held.acquire(Wait::No).await.unwrap());
+    let waiters = counted_waiters(&proxy, &ns, N).await;
+    let start = proxy.scripts();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut tasks = Vec::new();
+    for (i, c) in waiters.iter().enumerate() {
+        let lock = c.get_lock("hot").unwrap();
+        let tx = tx.clone();
+        tasks.push(tokio::spawn(async move {
+            let got = lock.acquire(Wait::Forever).await.unwrap();
+            let (go, wait) = tokio::sync::oneshot::channel::<()>();
+            tx.send((i, got, go)).unwrap();
+            wait.await.unwrap();
+            assert!(lock.release().await.unwrap());
+        }));
+    }
+    // Every waiter tried, subscribed and tried again (two script calls each)...
+    eventually(
+        "every waiter's second attempt",
+        Duration::from_secs(10),
+        || {
+            let n = proxy.scripts() - start;
+            async move { n >= 2 * N as u64 }
+        },
+    )
+    .await;
+    assert_eq!(proxy.scripts() - start, 2 * N as u64);
+    // ... and the server ran those attempts (each waiter's requests share one
+    // connection, in order).
+    for c in &waiters {
+        c.get_groups().await.unwrap();
+    }
+    let mut r = raw(&base).await;
+    assert_eq!(zcard(&mut r, &format!("{ns}_hot_lock:queue")).await, N);
+
+    let before = proxy.scripts();
+    assert!(held.release().await.unwrap());
+    let mut order = Vec::new();
+    for _ in 0..N {
+        let (i, got, go) = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .expect("no waiter got the lock after a release")
+            .unwrap();
+        assert!(got, "waiter {i} gave up");
+        order.push(i);
+        go.send(()).unwrap();
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let used = proxy.scripts() - before;
+    // One attempt per handoff and one release per waiter; a herd costs
+    // N + (N - 1) + ... + 1 attempts instead.
+    assert_eq!(
+        used,
+        2 * N as u64,
+        "{used} script calls for {N} handoffs (order {order:?})"
+    );
+    assert_eq!(zcard(&mut r, &format!("{ns}_hot_lock:queue")).await, 0);
+    holder.stop().await.unwrap();
+    for c in waiters {
+        c.stop().await.unwrap();
+    }
+    purge(&base, &ns).await;
+}
+
+/// Readers queued behind a writer are all woken by the writer's release (the
+/// release names every sharing waiter at the head of the queue), each with one
+/// attempt; a writer queued behind them is not woken.
+#[tokio::test]
+async fn release_wakes_the_queued_readers_together() {
+    let Some(base) = server_url("release_wakes_the_queued_readers_together") else {
+        return;
+    };
+    const READERS: usize = 3;
+    let ns = unique_ns("readers");
+    let proxy = CountingProxy::start(host_port(&base)).await;
+    let holder = coordinator(
+        &with_query(&base, &format!("namespace={ns}&timeout=30")),
+        "h",
+    );
+    holder.start(false).await.unwrap();
+    let held = holder.get_lock("rw").unwrap();
+    assert!(held.acquire(Wait::No).await.unwrap());
+    let cs = counted_waiters(&proxy, &ns, READERS + 1).await;
+    let mut r = raw(&base).await;
+    let queue = format!("{ns}_rw_lock:queue");
+    let start = proxy.scripts();
+    let mut readers = Vec::new();
+    for (i, c) in cs[..READERS].iter().enumerate() {
+        let lock = c.get_lock("rw").unwrap();
+        readers.push(tokio::spawn(async move {
+            assert!(lock.acquire_shared(Wait::Forever).await.unwrap());
+            lock
+        }));
+        eventually("a queued reader", Duration::from_secs(10), || {
+            let q = queue.clone();
+            let mut r = r.clone();
+            async move { zcard(&mut r, &q).await == i + 1 }
+        })
+        .await;
+    }
+    let writer = cs[READERS].get_lock("rw").unwrap();
+    let w = {
+        let writer = writer.clone();
+        tokio::spawn(async move { writer.acquire(Wait::Forever).await.unwrap() })
+    };
+    eventually("the queued writer", Duration::from_secs(10), || {
+        let q = queue.clone();
+        let mut r = r.clone();
+        async move { zcard(&mut r, &q).await == READERS + 1 }
+    })
+    .await;
+    assert_eq!(proxy.scripts() - start, 2 * (READERS as u64 + 1));
+
+    let before = proxy.scripts();
+    assert!(held.release().await.unwrap());
+    let mut locks = Vec::new();
+    for t in readers {
+        locks.push(
+            tokio::time::timeout(Duration::from_secs(10), t)
+                .await
+                .expect("a queued reader was not woken")
+                .unwrap(),
+        );
+    }
+    assert_eq!(
+        proxy.scripts() - before,
+        READERS as u64,
+        "one attempt per reader"
+    );
+    assert!(!w.is_finished());
+    assert_eq!(zcard(&mut r, &queue).await, 1, "the writer still queues");
+    for l in &locks {
+        assert!(l.release().await.unwrap());
+    }
+    assert!(
+        tokio::time::timeout(Duration::from_secs(10), w)
+            .await
+            .expect("the writer was not woken by the last reader's release")
+            .unwrap()
+    );
+    assert!(writer.release().await.unwrap());
+    holder.stop().await.unwrap();
+    for c in cs {
+        c.stop().await.unwrap();
+    }
+    purge(&base, &ns).await;
+}
+
+/// A waiter that gives up (its acquire dropped, or its deadline passed) leaves
+/// the queue, so the next release wakes the one behind it.
+#[tokio::test]
+async fn waiters_that_give_up_leave_the_queue() {
+    let Some(base) = server_url("waiters_that_give_up_leave_the_queue") else {
+        return;
+    };
+    let ns = unique_ns("giveup");
+    let proxy = CountingProxy::start(host_port(&base)).await;
+    let holder = coordinator(
+        &with_query(&base, &format!("namespace={ns}&timeout=30")),
+        "h",
+    );
+    holder.start(false).await.unwrap();
+    let held = holder.get_lock("q").unwrap();
+    assert!(held.acquire(Wait::No).await.unwrap());
+    let cs = counted_waiters(&proxy, &ns, 3).await;
+    let mut r = raw(&base).await;
+    let queue = format!("{ns}_q_lock:queue");
+    let queued = |n: usize| {
+        let q = queue.clone();
+        let r = r.clone();
+        move || {
+            let q = q.clone();
+            let mut r = r.clone();
+            async move { zcard(&mut r, &q).await == n }
+        }
+    };
+    // First in the queue: a caller that goes away.
+    let dropped = {
+        let l = cs[0].get_lock("q").unwrap();
+        tokio::spawn(async move { l.acquire(Wait::Forever).await })
+    };
+    eventually(
+        "the first waiter queued",
+        Duration::from_secs(10),
+        queued(1),
+    )
+    .await;
+    // Second: a short deadline.
+    let short = cs[1].get_lock("q").unwrap();
+    let timed = {
+        let l = short.clone();
+        tokio::spawn(async move { l.acquire(Wait::For(Duration::from_millis(300))).await })
+    };
+    eventually(
+        "the second waiter queued",
+        Duration::from_secs(10),
+        queued(2),
+    )
+    .await;
+    // Third: waits for good.
+    let last = cs[2].get_lock("q").unwrap();
+    let patient = {
+        let l = last.clone();
+        tokio::spawn(async move { l.acquire(Wait::Forever).await })
+    };
+    eventually(
+        "the third waiter queued",
+        Duration::from_secs(10),
+        queued(3),
+    )
+    .await;
+
+    dropped.abort();
+    assert!(!timed.await.unwrap().unwrap(), "the deadline passed");
+    eventually(
+        "the two leaving the queue",
+        Duration::from_secs(10),
+        queued(1),
+    )
+    .await;
+    assert!(held.release().await.unwrap());
+    assert!(
+        tokio::time::timeout(Duration::from_secs(10), patient)
+            .await
+            .expect("the remaining waiter was not woken")
+            .unwrap()
+            .unwrap()
+    );
+    assert_eq!(zcard(&mut r, &queue).await, 0);
+    assert!(last.release().await.unwrap());
+    holder.stop().await.unwrap();
+    for c in cs {
+        c.stop().await.unwrap();
+    }
+    purge(&base, &ns).await;
+}
+
+/// A waiter that crashed stalls nobody once its registration expired: the
+/// release skips (and removes) it and wakes the live waiter behind it.
+#[tokio::test]
+async fn expired_registrations_are_skipped() {
+    let Some(base) = server_url("expired_registrations_are_skipped") else {
+        return;
+    };
+    let ns = unique_ns("expired");
+    let url = with_query(&base, &format!("namespace={ns}&timeout=30"));
+    let holder = coordinator(&url, "h");
+    let waiter = coordinator(&url, "w");
+    holder.start(false).await.unwrap();
+    waiter.start(false).await.unwrap();
+    let held = holder.get_lock("crash").unwrap();
+    assert!(held.acquire(Wait::No).await.unwrap());
+    let mut r = raw(&base).await;
+    let queue = format!("{ns}_crash_lock:queue");
+    // A waiter from long ago, first in line, whose registration expired.
+    let _: () = r.zadd(&queue, "0123456789abcdef01234567", 1).await.unwrap();
+    let _: () = r
+        .hset(
+            format!("{ns}_crash_lock:waiters"),
+            "0123456789abcdef01234567",
+            "x1",
+        )
+        .await
+        .unwrap();
+    let lock = waiter.get_lock("crash").unwrap();
+    let blocked = {
+        let lock = lock.clone();
+        tokio::spawn(async move { lock.acquire(Wait::For(Duration::from_secs(20))).await })
+    };
+    eventually("the live waiter queued", Duration::from_secs(10), || {
+        let q = queue.clone();
+        let mut r = r.clone();
+        async move { zcard(&mut r, &q).await == 2 }
+    })
+    .await;
+    assert!(held.release().await.unwrap());
+    // Its own timer would fire only when the 30 s hold would have expired.
+    assert!(
+        tokio::time::timeout(Duration::from_secs(10), blocked)
+            .await
+            .expect("the live waiter was not woken")
+            .unwrap()
+            .unwrap()
+    );
+    assert_eq!(zcard(&mut r, &queue).await, 0);
+    assert!(lock.release().await.unwrap());
+    holder.stop().await.unwrap();
+    waiter.stop().await.unwrap();
     purge(&base, &ns).await;
 }

@@ -181,6 +181,49 @@ async fn keys_of_the_wrong_type() {
     assert!(timed("acquire", l3.acquire(Wait::No)).await.unwrap());
     assert!(l3.release().await.unwrap());
 
+    // Junk in the waiter queue and registrations: a blocked acquire still
+    // waits, gets the lock once it is free, and releases it (the waiter is just
+    // not queued).
+    let _: () = r.set(format!("{ns}_l4_lock:queue"), "junk").await.unwrap();
+    let _: () = r
+        .rpush(format!("{ns}_l4_lock:waiters"), "junk")
+        .await
+        .unwrap();
+    let _: () = r
+        .set(format!("{ns}_l4_lock"), "0123456789abcdef0123456789abcdef")
+        .await
+        .unwrap();
+    let l4 = a.get_lock("l4").unwrap();
+    let waiting = {
+        let l4 = l4.clone();
+        tokio::spawn(async move { l4.acquire(Wait::For(Duration::from_secs(10))).await })
+    };
+    // The waiter is blocked (it tried, subscribed and tried again) before the
+    // Python-style holder lets go.
+    let chan = format!("{ns}_l4_lock");
+    timed("the waiter subscribing", async {
+        loop {
+            let subs: Vec<(String, u64)> = redis::cmd("PUBSUB")
+                .arg("NUMSUB")
+                .arg(&chan)
+                .query_async(&mut r)
+                .await
+                .unwrap();
+            if subs.first().is_some_and(|(_, n)| *n > 0) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    let _: () = r.del(format!("{ns}_l4_lock")).await.unwrap();
+    assert!(
+        timed("blocked acquire", async { waiting.await.unwrap() })
+            .await
+            .unwrap()
+    );
+    assert!(timed("release", l4.release()).await.unwrap());
+
     // A leader key holding a set.
     let _: () = r
         .sadd(format!("{ns}_leader_of_ok_lock"), "x")

@@ -7,6 +7,7 @@
 --   refresh_marker    points the shared marker at the latest reader expiry
 --   renew_lock(...)   renews or checks one exclusive or shared hold
 --   prune_one(...)    removes a dead member from a group and publishes `L<member>`
+--   wake_next(...)    wakes the oldest live waiter(s) of a lock's queue
 local GROUP_EXISTS = '__created__'
 local MARKER = 'tooz-rs:shared'
 local PREFIX = 'tooz-rs:'
@@ -91,4 +92,51 @@ local function prune_one(g, times, m)
   redis.call('HDEL', g, m)
   redis.call('HDEL', times, m)
   redis.call('PUBLISH', g, 'L' .. m)
+end
+-- Wakes the oldest live waiter of a lock's queue `q` (registrations in hash `w`:
+-- id -> mode letter followed by the expiry in server ms) by publishing
+-- `w <id>` on the lock's channel; when it waits to share the lock, the sharing
+-- waiters queued right after it are named too. With `readers_only`, only a run of
+-- sharing waiters at the head is woken (the lock is held shared). Expired
+-- registrations met on the way are removed; when a whole batch was expired, everyone
+-- is woken (`released`). Returns the number of waiters named.
+local WAKE_BATCH = 64
+local function wake_next(k, q, w, readers_only)
+  -- pcall: another client's junk in these keys must not fail a release (whoever
+  -- waits is then woken by `released`).
+  local ids = redis.pcall('ZRANGE', q, 0, WAKE_BATCH - 1)
+  if ids['err'] then
+    redis.call('PUBLISH', k, 'released')
+    return 0
+  end
+  if #ids == 0 then return 0 end
+  local now_ms = math.floor(now_us() / 1000)
+  local regs = redis.pcall('HMGET', w, unpack(ids))
+  if regs['err'] then
+    redis.call('PUBLISH', k, 'released')
+    return 0
+  end
+  local woke, dead = {}, {}
+  for i, id in ipairs(ids) do
+    local v = regs[i]
+    local exp = v and tonumber(string.sub(v, 2))
+    if (not exp) or exp < now_ms then
+      dead[#dead + 1] = id
+    elseif string.sub(v, 1, 1) == 's' then
+      woke[#woke + 1] = id
+    else
+      if #woke == 0 and not readers_only then woke[1] = id end
+      break
+    end
+  end
+  if #dead > 0 then
+    redis.call('ZREM', q, unpack(dead))
+    redis.pcall('HDEL', w, unpack(dead))
+  end
+  if #woke > 0 then
+    redis.call('PUBLISH', k, 'w ' .. table.concat(woke, ' '))
+  elseif #dead == WAKE_BATCH then
+    redis.call('PUBLISH', k, 'released')
+  end
+  return #woke
 end

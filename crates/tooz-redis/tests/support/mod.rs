@@ -235,16 +235,36 @@ struct RespCounter {
 }
 
 impl RespCounter {
-    /// Feeds bytes; returns how many complete commands they finished.
-    fn feed(&mut self, data: &[u8]) -> u64 {
+    /// Feeds bytes; returns how many complete commands they finished and how
+    /// many of those were script calls (`EVALSHA`/`EVAL`).
+    fn feed(&mut self, data: &[u8]) -> (u64, u64) {
         self.buf.extend_from_slice(data);
-        let mut n = 0;
+        let (mut n, mut scripts) = (0, 0);
         while let Some(used) = parse_command(&self.buf) {
+            if is_script_call(&self.buf[..used]) {
+                scripts += 1;
+            }
             self.buf.drain(..used);
             n += 1;
         }
-        n
+        (n, scripts)
     }
+}
+
+/// Whether a complete command (as `parse_command` delimits it) is `EVALSHA` or `EVAL`.
+fn is_script_call(cmd: &[u8]) -> bool {
+    if cmd.first() != Some(&b'*') {
+        return false;
+    }
+    let Some((_, at)) = line(cmd, 0) else {
+        return false;
+    };
+    let Some((_, at)) = line(cmd, at) else {
+        return false;
+    };
+    line(cmd, at).is_some_and(|(name, _)| {
+        name.eq_ignore_ascii_case(b"evalsha") || name.eq_ignore_ascii_case(b"eval")
+    })
 }
 
 fn line(b: &[u8], at: usize) -> Option<(&[u8], usize)> {
@@ -279,6 +299,7 @@ fn parse_command(b: &[u8]) -> Option<usize> {
 pub struct CountingProxy {
     pub port: u16,
     count: Arc<AtomicU64>,
+    scripts: Arc<AtomicU64>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -287,7 +308,9 @@ impl CountingProxy {
         let listener = TokioListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let count = Arc::new(AtomicU64::new(0));
+        let scripts = Arc::new(AtomicU64::new(0));
         let c = Arc::clone(&count);
+        let sc = Arc::clone(&scripts);
         let task = tokio::spawn(async move {
             loop {
                 let Ok((client, _)) = listener.accept().await else {
@@ -295,6 +318,7 @@ impl CountingProxy {
                 };
                 let target = target.clone();
                 let c = Arc::clone(&c);
+                let sc = Arc::clone(&sc);
                 tokio::spawn(async move {
                     let Ok(server) = TcpStream::connect((target.0.as_str(), target.1)).await else {
                         return;
@@ -309,7 +333,9 @@ impl CountingProxy {
                                 Ok(0) | Err(_) => break,
                                 Ok(n) => n,
                             };
-                            c.fetch_add(counter.feed(&buf[..n]), Ordering::SeqCst);
+                            let (cmds, scripts) = counter.feed(&buf[..n]);
+                            c.fetch_add(cmds, Ordering::SeqCst);
+                            sc.fetch_add(scripts, Ordering::SeqCst);
                             if sw.write_all(&buf[..n]).await.is_err() {
                                 break;
                             }
@@ -324,11 +350,21 @@ impl CountingProxy {
                 });
             }
         });
-        CountingProxy { port, count, task }
+        CountingProxy {
+            port,
+            count,
+            scripts,
+            task,
+        }
     }
 
     pub fn count(&self) -> u64 {
         self.count.load(Ordering::SeqCst)
+    }
+
+    /// Script calls (`EVALSHA`/`EVAL`) counted so far: lock attempts, releases, …
+    pub fn scripts(&self) -> u64 {
+        self.scripts.load(Ordering::SeqCst)
     }
 }
 
@@ -375,8 +411,13 @@ mod tests {
     #[test]
     fn resp_counter() {
         let mut c = RespCounter::default();
-        assert_eq!(c.feed(b"*1\r\n$4\r\nPING\r\n*2\r\n$3\r\nGET"), 1);
-        assert_eq!(c.feed(b"\r\n$1\r\nk\r\n"), 1);
-        assert_eq!(c.feed(b"PING\r\n"), 1);
+        assert_eq!(c.feed(b"*1\r\n$4\r\nPING\r\n*2\r\n$3\r\nGET"), (1, 0));
+        assert_eq!(c.feed(b"\r\n$1\r\nk\r\n"), (1, 0));
+        assert_eq!(c.feed(b"PING\r\n"), (1, 0));
+        assert_eq!(
+            c.feed(b"*3\r\n$7\r\nevalsha\r\n$2\r\nab\r\n$1\r\n0\r\n"),
+            (1, 1)
+        );
+        assert_eq!(c.feed(b"*2\r\n$4\r\nEVAL\r\n$1\r\nx\r\n"), (1, 1));
     }
 }

@@ -1067,6 +1067,8 @@ async fn large_heartbeat_is_split_into_bounded_script_calls() {
         assert!(l.release().await.unwrap());
     }
     a.stop().await.unwrap();
+}
+
 /// Coordinators whose requests go through `proxy` (no heartbeat: nothing but
 /// their lock calls is counted), with a lock TTL long enough that no waiter's
 /// timer fires during a test.

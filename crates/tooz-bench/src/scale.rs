@@ -145,13 +145,6 @@ impl ScaleSizes {
             }
             "consul" => {
                 cap(
-                    "concurrent acquires",
-                    &mut self.concurrent,
-                    100,
-                    "HTTP/1.1: every request in flight needs a connection of its own and \
-                     the agent takes 200 per client address",
-                );
-                cap(
                     "waiters",
                     &mut self.waiters,
                     40,
@@ -954,9 +947,8 @@ mod tests {
     #[test]
     fn caps_are_noted() {
         let (s, notes) = ScaleSizes::full().for_driver("postgresql");
-        assert_eq!(s.locks, 2_000);
-        assert_eq!(s.waiters, 40);
-        assert_eq!(notes.len(), 2, "{notes:?}");
+        assert_eq!((s.members, s.locks, s.waiters), (2_000, 2_000, 40));
+        assert_eq!(notes.len(), 3, "{notes:?}");
         assert!(notes[0].contains("capped at 2000"), "{notes:?}");
         let (s, notes) = ScaleSizes::full().for_driver("redis");
         assert_eq!((s.locks, s.members), (10_000, 10_000));

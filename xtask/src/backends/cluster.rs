@@ -3,7 +3,7 @@
 //! Besides the standard single servers, `--cluster` runs
 //! * a 3-member etcd 3.5 (`etcd-1..3`: clients 23791-23793, peers 23801-23803),
 //! * a 3-server ZooKeeper ensemble (`zookeeper-1..3`: clients 21811-21813, quorum
-//!   28881-28883, election 38881-38883; `-Xmx128m` each),
+//!   28881-28883, election 29881-29883; `-Xmx128m` each),
 //! * a Redis primary and a replica (`redis-1` on 16379 starts as the primary, `redis-2` on
 //!   16380 as its replica; no persistence) watched by three Sentinels (`sentinel-1..3` on
 //!   26379-26381, master name `tooz`, `down-after-milliseconds` 1000, `failover-timeout`
@@ -120,7 +120,7 @@ impl Node {
     fn extra_tcp(self) -> Vec<u16> {
         match self.group {
             Group::Etcd => vec![self.peer_port()],
-            Group::Zookeeper => vec![28880 + self.slot, 38880 + self.slot],
+            Group::Zookeeper => vec![28880 + self.slot, 29880 + self.slot],
             Group::Redis | Group::Sentinel => Vec::new(),
         }
     }
@@ -588,7 +588,7 @@ fn prepare_node(nd: Node, ctx: &Ctx, mode: Mode) -> Result<Launch> {
                     "server.{}={HOST}:{}:{}",
                     m.slot,
                     28880 + m.slot,
-                    38880 + m.slot
+                    29880 + m.slot
                 );
             }
             fs::write(conf.join("zoo.cfg"), cfg)?;

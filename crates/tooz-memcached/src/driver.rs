@@ -105,6 +105,18 @@ pub(crate) struct Inner {
     seen: Mutex<HashMap<GroupId, Vec<Vec<u8>>>>,
     /// The watched groups and their one poller.
     pub(crate) watcher: Watcher,
+    /// Group list edits waiting for the next compare-and-swap of the list.
+    list_edits: Mutex<Vec<ListEdit>>,
+    /// Held while one batch of `list_edits` is written.
+    list_writer: tokio::sync::Mutex<()>,
+}
+
+/// One queued edit of the group list and who waits for its outcome.
+#[derive(Debug)]
+struct ListEdit {
+    group: GroupId,
+    add: bool,
+    done: tokio::sync::oneshot::Sender<Result<()>>,
 }
 
 static TOKENS: AtomicU64 = AtomicU64::new(0);
@@ -699,7 +711,47 @@ impl Inner {
         Ok(map)
     }
 
+    /// Adds `g` to the group list or removes it. Concurrent edits of one
+    /// coordinator are applied together, in one compare-and-swap of the list:
+    /// a thousand groups created at once would otherwise fight over the one key
+    /// until some ran out of attempts.
     async fn edit_group_list(&self, g: &GroupId, add: bool) -> Result<()> {
+        // A batch whose writer was dropped mid-flight answers nobody: queue the
+        // edit again (bounded: each round is a whole compare-and-swap loop).
+        for _ in 0..3 {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            guard(&self.list_edits).push(ListEdit {
+                group: g.clone(),
+                add,
+                done: tx,
+            });
+            {
+                let _writer = self.list_writer.lock().await;
+                let batch = std::mem::take(&mut *guard(&self.list_edits));
+                if !batch.is_empty() {
+                    let outcome = self.write_group_list(&batch).await;
+                    for edit in batch {
+                        let _ = edit.done.send(match &outcome {
+                            Ok(()) => Ok(()),
+                            Err(e) => Err(ToozError::Backend {
+                                driver: NAME,
+                                message: e.to_string(),
+                                source: None,
+                                retryable: e.is_retryable(),
+                            }),
+                        });
+                    }
+                }
+            }
+            if let Ok(outcome) = rx.await {
+                return outcome;
+            }
+        }
+        Err(contention("group list"))
+    }
+
+    /// Applies `batch` (in order) to the group list in one compare-and-swap loop.
+    async fn write_group_list(&self, batch: &[ListEdit]) -> Result<()> {
         let key = keys::GROUP_LIST;
         for _ in 0..CAS_TRIES {
             let current = self.pool.get("group list", key, &["v", "c", "f"]).await?;
@@ -714,14 +766,22 @@ impl Inner {
                 ),
                 None => (Vec::new(), None),
             };
-            let present = list.iter().any(|x| keys::id_bytes(x) == Some(g.as_bytes()));
-            if present == add {
-                return Ok(());
+            let mut changed = false;
+            for edit in batch {
+                let g = edit.group.as_bytes();
+                let present = list.iter().any(|x| keys::id_bytes(x) == Some(g));
+                if present == edit.add {
+                    continue;
+                }
+                if edit.add {
+                    list.push(rmpv::Value::Binary(g.to_vec()));
+                } else {
+                    list.retain(|x| keys::id_bytes(x) != Some(g));
+                }
+                changed = true;
             }
-            if add {
-                list.push(rmpv::Value::Binary(g.as_bytes().to_vec()));
-            } else {
-                list.retain(|x| keys::id_bytes(x) != Some(g.as_bytes()));
+            if !changed {
+                return Ok(());
             }
             let mut flags = vec![format!("F{FLAG_MSGPACK}")];
             flags.push(cas.map_or_else(|| "ME".to_string(), |c| format!("C{c}")));
@@ -766,6 +826,8 @@ impl MemcachedDriver {
                 seen: Mutex::new(HashMap::new()),
                 watcher: Watcher::default(),
                 notifier,
+                list_edits: Mutex::new(Vec::new()),
+                list_writer: tokio::sync::Mutex::new(()),
             }),
         }
     }

@@ -10,8 +10,12 @@
 //! | [`drop_next_reply`](FaultProxy::drop_next_reply) | its next request reaches the server, the reply is lost and the connection is reset: the outcome is unknown |
 //! | [`delay`](FaultProxy::delay) | latency on every chunk, both ways |
 //! | [`cut_all`](FaultProxy::cut_all) | every open connection reset at once |
+//! | [`swallow_replies`](FaultProxy::swallow_replies) | requests reach the server, no reply ever comes back; connections stay open |
+//! | [`refuse`](FaultProxy::refuse) | every new connection reset as soon as it is accepted (with `cut_all`: the server is gone) |
 //!
 //! and read [`FaultProxy::stats`] to check the faults happened.
+//! [`FaultProxy::start_tapped`] also shows every chunk a client sends to a tap
+//! of the test's, e.g. to count a protocol's requests.
 //!
 //! ```
 //! use std::time::Duration;
@@ -113,8 +117,10 @@ pub struct ProxyStats {
     /// Replies swallowed by [`FaultProxy::drop_next_reply`] (faults that fired).
     pub replies_dropped: u64,
     /// Connections reset by the proxy: by [`FaultProxy::cut_all`], by a dropped
-    /// reply, or because the other side failed.
+    /// reply, by [`FaultProxy::refuse`], or because the other side failed.
     pub reset: u64,
+    /// Bytes from the server discarded by [`FaultProxy::swallow_replies`].
+    pub bytes_swallowed: u64,
 }
 
 /// The fault settings every connection follows.
@@ -124,6 +130,23 @@ struct Ctl {
     delay: Duration,
     /// Bumped by `cut_all`: connections accepted under an older value are reset.
     cut_gen: u64,
+    /// `swallow_replies`: server bytes are discarded.
+    swallow: bool,
+    /// `refuse`: new connections are reset at once.
+    refuse: bool,
+}
+
+/// One tap per client connection, seeing each chunk the client sends.
+type Tap = Box<dyn FnMut(&[u8]) + Send>;
+
+/// Makes the tap of each new connection ([`FaultProxy::start_tapped`]).
+#[derive(Clone)]
+struct TapFactory(Arc<dyn Fn() -> Tap + Send + Sync>);
+
+impl std::fmt::Debug for TapFactory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TapFactory")
+    }
 }
 
 #[derive(Debug, Default)]
@@ -144,6 +167,8 @@ struct Shared {
     to_server: AtomicU64,
     to_client: AtomicU64,
     reset: AtomicU64,
+    swallowed: AtomicU64,
+    tap: Option<TapFactory>,
 }
 
 impl Shared {
@@ -180,6 +205,27 @@ impl FaultProxy {
     /// # Errors
     /// When the listening socket cannot be bound.
     pub async fn start(target: SocketAddr) -> io::Result<FaultProxy> {
+        Self::launch(target, None).await
+    }
+
+    /// Like [`FaultProxy::start`], with a tap on what clients send: `make_tap` is
+    /// called once per accepted connection, and the tap it returns sees every chunk
+    /// of that client's bytes, in order, as the proxy reads it (before it is
+    /// forwarded, faults permitting). A test counts a protocol's requests this way,
+    /// the tap parsing the stream and adding to a counter the test holds.
+    ///
+    /// # Errors
+    /// When the listening socket cannot be bound.
+    pub async fn start_tapped<F, T>(target: SocketAddr, make_tap: F) -> io::Result<FaultProxy>
+    where
+        F: Fn() -> T + Send + Sync + 'static,
+        T: FnMut(&[u8]) + Send + 'static,
+    {
+        let factory = TapFactory(Arc::new(move || -> Tap { Box::new(make_tap()) }));
+        Self::launch(target, Some(factory)).await
+    }
+
+    async fn launch(target: SocketAddr, tap: Option<TapFactory>) -> io::Result<FaultProxy> {
         let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared {
@@ -192,6 +238,8 @@ impl FaultProxy {
             to_server: AtomicU64::new(0),
             to_client: AtomicU64::new(0),
             reset: AtomicU64::new(0),
+            swallowed: AtomicU64::new(0),
+            tap,
         });
         let accept = tokio::spawn(accept_loop(listener, Arc::clone(&shared))).abort_handle();
         Ok(FaultProxy {
@@ -297,11 +345,34 @@ impl FaultProxy {
         self.update(|c| c.cut_gen += 1);
     }
 
-    /// Clears every fault: heals, removes the delay and disarms a dropped reply.
+    /// Lost replies, until [`clear`](Self::clear): requests are still forwarded
+    /// to the server, and take effect there, but every byte the server sends, on
+    /// every connection (open now or accepted later), is discarded. Connections
+    /// stay open: the client waits for replies that never come. Unlike
+    /// [`drop_next_reply`](Self::drop_next_reply), nothing is reset: follow with
+    /// [`cut_all`](Self::cut_all) (and [`refuse`](Self::refuse)) once the request
+    /// took effect to fail the client's call.
+    pub fn swallow_replies(&self) {
+        self.update(|c| c.swallow = true);
+    }
+
+    /// Refused connections, until [`clear`](Self::clear): every client connection
+    /// accepted from now on is reset at once, before the proxy connects to the
+    /// server. Open connections are left alone; with [`cut_all`](Self::cut_all)
+    /// the server is gone for the client, which fails fast instead of hanging as
+    /// behind a [`freeze`](Self::freeze).
+    pub fn refuse(&self) {
+        self.update(|c| c.refuse = true);
+    }
+
+    /// Clears every fault: heals, removes the delay, disarms a dropped reply, stops
+    /// swallowing replies and refusing connections.
     pub fn clear(&self) {
         self.update(|c| {
             c.frozen = false;
             c.delay = Duration::ZERO;
+            c.swallow = false;
+            c.refuse = false;
         });
         self.disarm();
     }
@@ -316,6 +387,7 @@ impl FaultProxy {
             bytes_to_client: s.to_client.load(Ordering::Relaxed),
             replies_dropped: *s.dropped.borrow(),
             reset: s.reset.load(Ordering::Relaxed),
+            bytes_swallowed: s.swallowed.load(Ordering::Relaxed),
         }
     }
 }
@@ -370,7 +442,7 @@ fn invalid(msg: String) -> io::Error {
 }
 
 /// Byte range of the first `host[:port]` in `url`.
-fn first_host_span(url: &str) -> io::Result<(usize, usize)> {
+pub(crate) fn first_host_span(url: &str) -> io::Result<(usize, usize)> {
     let after_scheme = url
         .find("://")
         .map(|i| i + 3)
@@ -467,6 +539,11 @@ async fn serve(shared: Arc<Shared>, mut client: TcpStream, gen0: u64) {
     shared.open.fetch_add(1, Ordering::Relaxed);
     let _open = OpenGuard(&shared.open);
     let ctl = shared.ctl.subscribe();
+    if ctl.borrow().refuse {
+        shared.reset.fetch_add(1, Ordering::Relaxed);
+        reset(&client);
+        return;
+    }
     let connect = async {
         wait_thawed(&mut ctl.clone()).await;
         TcpStream::connect(shared.target).await
@@ -497,8 +574,9 @@ async fn serve(shared: Arc<Shared>, mut client: TcpStream, gen0: u64) {
     let end = {
         let (cr, cw) = client.split();
         let (sr, sw) = server.split();
-        let up = pump(&shared, &conn, Dir::ToServer, cr, sw, ctl.clone());
-        let down = pump(&shared, &conn, Dir::ToClient, sr, cw, ctl.clone());
+        let tap = shared.tap.as_ref().map(|make| (make.0)());
+        let up = pump(&shared, &conn, Dir::ToServer, cr, sw, ctl.clone(), tap);
+        let down = pump(&shared, &conn, Dir::ToClient, sr, cw, ctl.clone(), None);
         tokio::select! {
             biased;
             () = wait_cut(ctl.clone(), gen0) => End::Cut,
@@ -533,7 +611,7 @@ async fn serve(shared: Arc<Shared>, mut client: TcpStream, gen0: u64) {
 /// Forwards one direction of a connection: a reader queueing chunks with the time
 /// they were read, and a writer sending each once its delay passed and the proxy
 /// is not frozen. `Err` when either side failed; `Ok` after a clean end of stream,
-/// passed on as a half-close.
+/// passed on as a half-close. `tap` sees each chunk read, before anything else.
 async fn pump(
     shared: &Shared,
     conn: &Conn,
@@ -541,6 +619,7 @@ async fn pump(
     mut from: tokio::net::tcp::ReadHalf<'_>,
     mut to: tokio::net::tcp::WriteHalf<'_>,
     ctl: watch::Receiver<Ctl>,
+    mut tap: Option<Tap>,
 ) -> Result<(), ()> {
     let (tx, mut rx) = mpsc::channel::<(Instant, Vec<u8>, bool)>(QUEUE);
     let mut read_ctl = ctl.clone();
@@ -564,6 +643,9 @@ async fn pump(
                 }
             };
             let at = Instant::now();
+            if let Some(tap) = tap.as_mut() {
+                tap(&buf[..n]);
+            }
             let doomed = match dir {
                 Dir::ToServer => {
                     let take = conn.doom.load(Ordering::SeqCst) == NORMAL && shared.take_arm();
@@ -577,6 +659,10 @@ async fn pump(
                         // The reply to the doomed request: swallow it and cut.
                         conn.fire.notify_one();
                         std::future::pending::<()>().await;
+                    }
+                    if read_ctl.borrow().swallow {
+                        shared.swallowed.fetch_add(n as u64, Ordering::Relaxed);
+                        continue;
                     }
                     false
                 }
@@ -915,6 +1001,65 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn swallowed_replies_and_refused_connections() {
+        let mut srv = server().await;
+        let p = FaultProxy::start(srv.addr).await.unwrap();
+        let mut a = connect(&p).await;
+        round_trip(&mut a, b"1", LONG).await.unwrap();
+        assert_eq!(srv.received.recv().await.unwrap(), b"1");
+        p.swallow_replies();
+        // The request takes effect; its reply never comes, and nothing is reset.
+        let lost = round_trip(&mut a, b"2", SILENCE).await.unwrap_err();
+        assert_eq!(lost.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(srv.received.recv().await.unwrap(), b"2");
+        tokio::time::timeout(LONG, async {
+            while p.stats().bytes_swallowed < 4 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("the reply re:2 was swallowed");
+        assert_eq!((p.stats().reset, p.stats().open), (0, 1));
+        // Refused: a new connection is reset before reaching the server; the open
+        // one stays until cut.
+        p.refuse();
+        let mut b = connect(&p).await;
+        assert_closed(&mut b).await;
+        assert_eq!(p.stats().reset, 1);
+        p.cut_all();
+        assert_closed(&mut a).await;
+        assert!(srv.ended.recv().await.unwrap().is_err());
+        p.clear();
+        let mut c = connect(&p).await;
+        assert_eq!(round_trip(&mut c, b"3", LONG).await.unwrap(), b"re:3");
+        assert_eq!(srv.accepted.load(Ordering::SeqCst), 2, "b never reached it");
+    }
+
+    #[tokio::test]
+    async fn a_tap_sees_each_clients_bytes() {
+        let srv = server().await;
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let s = Arc::clone(&seen);
+        let p = FaultProxy::start_tapped(srv.addr, move || {
+            let s = Arc::clone(&s);
+            let conn = s.lock().unwrap().len();
+            s.lock().unwrap().push(Vec::new());
+            move |chunk: &[u8]| s.lock().unwrap()[conn].extend_from_slice(chunk)
+        })
+        .await
+        .unwrap();
+        let mut a = connect(&p).await;
+        round_trip(&mut a, b"ab", LONG).await.unwrap();
+        round_trip(&mut a, b"cd", LONG).await.unwrap();
+        let mut b = connect(&p).await;
+        round_trip(&mut b, b"xyz", LONG).await.unwrap();
+        assert_eq!(
+            *seen.lock().unwrap(),
+            vec![b"abcd".to_vec(), b"xyz".to_vec()]
+        );
+    }
+
+    #[tokio::test]
     async fn unreachable_target_resets_the_client() {
         // A port nobody listens on (bound, then closed).
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -959,16 +1104,10 @@ mod tests {
     /// took effect on the server, though its client saw only a reset.
     #[tokio::test]
     async fn lost_reply_from_a_real_redis() {
-        let url = match std::env::var("TOOZ_TEST_REDIS_URL") {
-            Ok(u) if !u.trim().is_empty() => u.trim().to_string(),
-            _ => {
-                assert!(
-                    !std::env::var(crate::REQUIRE_BACKENDS_ENV).is_ok_and(|v| v == "1"),
-                    "TOOZ_TEST_REDIS_URL is not set and TOOZ_REQUIRE_BACKENDS=1"
-                );
-                eprintln!("SKIPPED lost_reply_from_a_real_redis: TOOZ_TEST_REDIS_URL is not set");
-                return;
-            }
+        let Some(url) =
+            crate::testkit::backend_url("TOOZ_TEST_REDIS_URL", "lost_reply_from_a_real_redis")
+        else {
+            return;
         };
         let target = url_target(&url).unwrap();
         let p = FaultProxy::start(target).await.unwrap();

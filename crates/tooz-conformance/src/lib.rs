@@ -9,6 +9,7 @@ pub mod fault;
 mod harness;
 pub mod python;
 mod runner;
+pub mod testkit;
 mod worker;
 
 use std::time::Duration;

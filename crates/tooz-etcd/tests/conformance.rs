@@ -11,33 +11,16 @@
 
 use std::time::Duration;
 
-use tooz_conformance::{REQUIRE_BACKENDS_ENV, Setup, WORKER_ENV};
+use tooz_conformance::Setup;
+use tooz_conformance::testkit::suite_url;
 use tooz_core::Registry;
 
 const URL_ENV: &str = "TOOZ_TEST_ETCD_URL";
 
 fn main() {
-    let listing = std::env::args().any(|a| a == "--list");
-    let worker = std::env::var_os(WORKER_ENV).is_some();
-    let url = match std::env::var(URL_ENV) {
-        Ok(u) if !u.trim().is_empty() => u.trim().to_string(),
-        _ if listing || worker => "etcd3+http://127.0.0.1:2379".to_string(),
-        _ => {
-            if std::env::var(REQUIRE_BACKENDS_ENV).is_ok_and(|v| v == "1") {
-                println!(
-                    "FAILED: {URL_ENV} is not set and {REQUIRE_BACKENDS_ENV}=1: no etcd server to run the conformance suite against"
-                );
-                std::process::exit(1);
-            }
-            println!(
-                "SKIPPED: {URL_ENV} is not set; no conformance case ran. Set it (e.g. etcd3+http://127.0.0.1:2379) or start the backends with cargo xtask backends up."
-            );
-            std::process::exit(0);
-        }
-    };
     tooz_conformance::main(Setup {
         driver: "etcd3".into(),
-        url,
+        url: suite_url(URL_ENV, "etcd3+http://127.0.0.1:2379", "etcd"),
         registry: Registry::new().with(tooz_etcd::DRIVER),
         options: vec![("timeout".into(), "2".into())],
         lease: Duration::from_secs(2),

@@ -8,43 +8,18 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod support;
+
 use std::collections::BTreeMap;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
-use tooz_core::{Coordinator, MemberId, Registry};
+use tooz_conformance::testkit::{Backend, unique};
+use tooz_core::MemberId;
 
 /// Backend-touching properties run few cases.
 const CASES: u32 = 32;
-
-fn url() -> Option<String> {
-    match std::env::var("TOOZ_TEST_ETCD_URL") {
-        Ok(u) if !u.trim().is_empty() => Some(u.trim().to_string()),
-        _ => {
-            assert!(
-                std::env::var("TOOZ_REQUIRE_BACKENDS").as_deref() != Ok("1"),
-                "TOOZ_TEST_ETCD_URL is not set and TOOZ_REQUIRE_BACKENDS=1"
-            );
-            eprintln!("SKIPPED: TOOZ_TEST_ETCD_URL is not set");
-            None
-        }
-    }
-}
-
-fn unique(label: &str) -> String {
-    let n = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos());
-    format!("junk-{label}-{}-{n:x}", std::process::id())
-}
-
-/// Each call has a deadline: a hang is a failure, not a stuck CI job.
-async fn timed<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
-    tokio::time::timeout(Duration::from_secs(10), f)
-        .await
-        .unwrap_or_else(|_| panic!("{what} hung"))
-}
 
 /// Arbitrary bytes, plus msgpack headers claiming up to 4 GiB and deep nesting.
 fn junk_bytes() -> impl Strategy<Value = Vec<u8>> {
@@ -77,27 +52,26 @@ fn junk_times() -> impl Strategy<Value = Vec<u8>> {
 
 #[test]
 fn junk_members_leave_the_group_readable() {
-    let Some(base) = url() else { return };
+    let Some(etcd) = Backend::from_env(
+        support::URL_ENV,
+        tooz_etcd::DRIVER,
+        "junk_members_leave_the_group_readable",
+    ) else {
+        return;
+    };
+    // Each call has a deadline: a hang is a failure, not a stuck CI job.
+    let etcd = etcd.limit(Duration::from_secs(10)).with_query("timeout=5");
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
-    let group = unique("g");
-    let url = format!("{base}?timeout=5");
+    let group = unique("junk-g");
     let (a, raw) = rt.block_on(async {
-        let a: Coordinator = Registry::new()
-            .with(tooz_etcd::DRIVER)
-            .connect(&url, "good")
-            .unwrap();
-        timed("start", a.start(false)).await.unwrap();
+        let a = etcd.started("good").await;
         a.join_group_create(group.as_str(), &BTreeMap::from([("weight", 3)]))
             .await
             .unwrap();
-        let endpoint = base.split("://").nth(1).unwrap().trim_end_matches('/');
-        let raw = etcd_client::Client::connect([format!("http://{endpoint}")], None)
-            .await
-            .unwrap();
-        (a, raw)
+        (a, support::raw(etcd.url()).await)
     });
     let p = rt
         .block_on(tooz_core::Partitioner::new(&a, group.as_str(), 8))
@@ -130,12 +104,14 @@ fn junk_members_leave_the_group_readable() {
                     .await
                     .unwrap();
 
-                let members = timed("get_members", a.get_members(group.as_str()))
+                let members = etcd
+                    .timed("get_members", a.get_members(group.as_str()))
                     .await
                     .unwrap();
                 assert!(members.contains(&MemberId::from("good")), "{members:?}");
                 assert!(members.contains(&MemberId::from("junk")), "{members:?}");
-                let all = timed("with caps", a.get_members_with_capabilities(group.as_str()))
+                let all = etcd
+                    .timed("with caps", a.get_members_with_capabilities(group.as_str()))
                     .await
                     .unwrap();
                 assert_eq!(all[&MemberId::from("good")].weight(), 3);
@@ -147,17 +123,19 @@ fn junk_members_leave_the_group_readable() {
                         &caps[..]
                     }
                 );
-                let info = timed("info", a.get_member_info(group.as_str(), "good"))
+                let info = etcd
+                    .timed("info", a.get_member_info(group.as_str(), "good"))
                     .await
                     .unwrap();
                 assert_eq!(info.capabilities.weight(), 3);
-                timed("refresh", p.refresh()).await.unwrap();
+                etcd.timed("refresh", p.refresh()).await.unwrap();
                 let weights: BTreeMap<_, _> = p.members().into_iter().collect();
                 assert_eq!(weights[&MemberId::from("good")], 3);
                 assert_eq!(weights[&MemberId::from("junk")], 1);
-                let groups = timed("get_groups", a.get_groups()).await.unwrap();
+                let groups = etcd.timed("get_groups", a.get_groups()).await.unwrap();
                 assert!(groups.iter().any(|g| g.as_bytes() == group.as_bytes()));
-                let leader_seen = timed("get_leader", a.get_leader(group.as_str()))
+                let leader_seen = etcd
+                    .timed("get_leader", a.get_leader(group.as_str()))
                     .await
                     .unwrap();
                 assert_eq!(leader_seen.map(|m| m.as_bytes().to_vec()), Some(leader));

@@ -12,76 +12,28 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod support;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use support::{Raw, coordinator_on, hex, lock_key, python_acquire, raw};
 use tokio::sync::{mpsc, oneshot};
-use tooz_core::{Coordinator, MemberId, Wait};
-use tooz_etcd::{EtcdConfig, EtcdDriver};
+use tooz_conformance::fault::{FaultProxy, proxied_url, url_target};
+use tooz_conformance::testkit::{unique, wait_for};
+use tooz_core::{Coordinator, Wait};
 
-type Raw = etcd_client::Client;
-
-fn url() -> Option<String> {
-    match std::env::var("TOOZ_TEST_ETCD_URL") {
-        Ok(u) if !u.trim().is_empty() => Some(u.trim().to_string()),
-        _ => {
-            assert!(
-                std::env::var("TOOZ_REQUIRE_BACKENDS").as_deref() != Ok("1"),
-                "TOOZ_TEST_ETCD_URL is not set and TOOZ_REQUIRE_BACKENDS=1"
-            );
-            eprintln!("SKIPPED: TOOZ_TEST_ETCD_URL is not set");
-            None
-        }
-    }
-}
-
-fn unique(label: &str) -> String {
-    let n = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos());
-    format!("q-{label}-{}-{n:x}", std::process::id())
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-/// Polls observable state until `f` holds.
-async fn wait_for<F, Fut>(what: &str, mut f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let end = tokio::time::Instant::now() + Duration::from_secs(20);
-    while !f().await {
-        assert!(
-            tokio::time::Instant::now() < end,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
+/// How long the tests wait for what they poll, and how often they poll.
+const WAIT: Duration = Duration::from_secs(20);
+const POLL: Duration = Duration::from_millis(20);
 
 /// A started coordinator on `url` (no heartbeat task: nothing is sent but what the
 /// test asks for; the lease outlives the test).
 async fn coordinator(url: &str, label: &str) -> Coordinator {
-    let url = format!("{url}?timeout=30");
-    let member = MemberId::from(unique(label));
-    let driver = EtcdDriver::new(EtcdConfig::from_url_str(&url).unwrap(), member.clone());
-    let c = Coordinator::new(Arc::new(driver), member, url);
+    let (_, c) = coordinator_on(&format!("{url}?timeout=30"), label);
     c.start(false).await.unwrap();
     c
-}
-
-/// A TCP proxy in front of etcd counting the gRPC messages its client sends: the
-/// HTTP/2 DATA frames with a payload (one per request message: a unary call, a
-/// watch create or cancel), after the connection preface.
-struct CountingProxy {
-    port: u16,
-    sent: Arc<AtomicU64>,
-    task: tokio::task::JoinHandle<()>,
 }
 
 /// Counts the non-empty DATA frames of a client's HTTP/2 byte stream.
@@ -119,60 +71,37 @@ impl Frames {
     }
 }
 
+/// A [`FaultProxy`] in front of etcd counting the gRPC messages its clients send:
+/// the HTTP/2 DATA frames with a payload (one per request message: a unary call,
+/// a watch create or cancel), after the connection preface.
+struct CountingProxy {
+    proxy: FaultProxy,
+    sent: Arc<AtomicU64>,
+}
+
 impl CountingProxy {
-    async fn start(target: String) -> CountingProxy {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
+    async fn start(base: &str) -> CountingProxy {
         let sent = Arc::new(AtomicU64::new(0));
         let counter = Arc::clone(&sent);
-        let task = tokio::spawn(async move {
-            while let Ok((client, _)) = listener.accept().await {
-                let (target, counter) = (target.clone(), Arc::clone(&counter));
-                tokio::spawn(async move {
-                    let Ok(server) = tokio::net::TcpStream::connect(target.as_str()).await else {
-                        return;
-                    };
-                    let (mut cr, mut cw) = client.into_split();
-                    let (mut sr, mut sw) = server.into_split();
-                    let up = async {
-                        let mut frames = Frames::default();
-                        let mut buf = vec![0u8; 64 * 1024];
-                        loop {
-                            let n = match cr.read(&mut buf).await {
-                                Ok(0) | Err(_) => return,
-                                Ok(n) => n,
-                            };
-                            counter.fetch_add(frames.feed(&buf[..n]), Ordering::SeqCst);
-                            if sw.write_all(&buf[..n]).await.is_err() {
-                                return;
-                            }
-                        }
-                    };
-                    let down = tokio::io::copy(&mut sr, &mut cw);
-                    tokio::select! { () = up => {}, _ = down => {} }
-                });
+        let proxy = FaultProxy::start_tapped(url_target(base).unwrap(), move || {
+            let (counter, mut frames) = (Arc::clone(&counter), Frames::default());
+            move |bytes: &[u8]| {
+                counter.fetch_add(frames.feed(bytes), Ordering::SeqCst);
             }
-        });
-        CountingProxy { port, sent, task }
+        })
+        .await
+        .unwrap();
+        CountingProxy { proxy, sent }
+    }
+
+    /// The server's URL through the proxy.
+    fn url(&self, base: &str) -> String {
+        proxied_url(base, &self.proxy).unwrap()
     }
 
     fn sent(&self) -> u64 {
         self.sent.load(Ordering::SeqCst)
     }
-}
-
-impl Drop for CountingProxy {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-fn endpoint(base: &str) -> String {
-    EtcdConfig::from_url_str(base)
-        .unwrap()
-        .endpoint()
-        .trim_start_matches("http://")
-        .to_string()
 }
 
 #[test]
@@ -199,8 +128,9 @@ const PER_WAITER: u64 = 10;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_release_wakes_one_waiter() {
-    let Some(base) = url() else { return };
-    let target = endpoint(&base);
+    let Some(base) = support::url("one_release_wakes_one_waiter") else {
+        return;
+    };
     let name = unique("herd");
     let holder = coordinator(&base, "holder").await;
     let held = holder.get_lock(name.as_str()).unwrap();
@@ -209,8 +139,8 @@ async fn one_release_wakes_one_waiter() {
     let (tx, mut rx) = mpsc::unbounded_channel();
     let mut waiters = Vec::new();
     for i in 0..WAITERS {
-        let proxy = CountingProxy::start(target.clone()).await;
-        let c = coordinator(&format!("etcd3+http://127.0.0.1:{}", proxy.port), "w").await;
+        let proxy = CountingProxy::start(&base).await;
+        let c = coordinator(&proxy.url(&base), "w").await;
         let lock = c.get_lock(name.as_str()).unwrap();
         let base = proxy.sent();
         let tx = tx.clone();
@@ -222,7 +152,10 @@ async fn one_release_wakes_one_waiter() {
             assert!(lock.release().await.unwrap());
         });
         // Blocked: it has tried (or queued) and watches something.
-        wait_for("the waiter to block", || async { proxy.sent() >= base + 2 }).await;
+        wait_for("the waiter to block", WAIT, POLL, || async {
+            proxy.sent() >= base + 2
+        })
+        .await;
         waiters.push((proxy, c, task, base));
     }
     assert!(
@@ -278,9 +211,10 @@ async fn queue(raw: &Raw, name: &str) -> Vec<Vec<u8>> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn waiters_that_give_up_leave_the_queue() {
-    let Some(base) = url() else { return };
-    let config = EtcdConfig::from_url_str(&base).unwrap();
-    let raw = Raw::connect([config.endpoint()], None).await.unwrap();
+    let Some(base) = support::url("waiters_that_give_up_leave_the_queue") else {
+        return;
+    };
+    let raw = raw(&base).await;
     let name = unique("leave");
     let holder = coordinator(&base, "holder").await;
     let held = holder.get_lock(name.as_str()).unwrap();
@@ -302,7 +236,7 @@ async fn waiters_that_give_up_leave_the_queue() {
         };
         gave_up_tx.send(r.unwrap()).unwrap();
     });
-    wait_for("the first entry", || async {
+    wait_for("the first entry", WAIT, POLL, || async {
         queue(&raw, &name).await.len() == 1
     })
     .await;
@@ -310,14 +244,14 @@ async fn waiters_that_give_up_leave_the_queue() {
     let pl = patient.get_lock(name.as_str()).unwrap();
     let pl2 = pl.clone();
     let waiting = tokio::spawn(async move { pl2.acquire(Wait::Forever).await.unwrap() });
-    wait_for("the second entry", || async {
+    wait_for("the second entry", WAIT, POLL, || async {
         queue(&raw, &name).await.len() == 2
     })
     .await;
     let dropped = coordinator(&base, "dropped").await;
     let dl = dropped.get_lock(name.as_str()).unwrap();
     let gone = tokio::spawn(async move { dl.acquire(Wait::Forever).await });
-    wait_for("the third entry", || async {
+    wait_for("the third entry", WAIT, POLL, || async {
         queue(&raw, &name).await.len() == 3
     })
     .await;
@@ -336,7 +270,7 @@ async fn waiters_that_give_up_leave_the_queue() {
     assert!(!gave_up.await.unwrap());
     gone.abort();
     assert!(gone.await.unwrap_err().is_cancelled());
-    wait_for("the abandoned entries to go", || async {
+    wait_for("the abandoned entries to go", WAIT, POLL, || async {
         queue(&raw, &name).await.len() == 1
     })
     .await;
@@ -358,26 +292,13 @@ async fn waiters_that_give_up_leave_the_queue() {
 /// releases by deleting it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queued_waiters_get_a_lock_python_held() {
-    use etcd_client::{Compare, CompareOp, Txn, TxnOp};
-    let Some(base) = url() else { return };
-    let config = EtcdConfig::from_url_str(&base).unwrap();
-    let raw = Raw::connect([config.endpoint()], None).await.unwrap();
+    let Some(base) = support::url("queued_waiters_get_a_lock_python_held") else {
+        return;
+    };
+    let raw = raw(&base).await;
     let name = unique("py");
-    let key = [b"/tooz/locks".as_slice(), name.as_bytes()].concat();
-    let took = raw
-        .clone()
-        .txn(
-            Txn::new()
-                .when(vec![Compare::create_revision(
-                    key.clone(),
-                    CompareOp::Equal,
-                    0,
-                )])
-                .and_then(vec![TxnOp::put(key.clone(), b"python".to_vec(), None)]),
-        )
-        .await
-        .unwrap();
-    assert!(took.succeeded());
+    let key = lock_key(&name);
+    assert!(python_acquire(&raw, &key).await);
     let a = coordinator(&base, "a").await;
     let b = coordinator(&base, "b").await;
     let (la, lb) = (
@@ -386,13 +307,13 @@ async fn queued_waiters_get_a_lock_python_held() {
     );
     let la2 = la.clone();
     let first = tokio::spawn(async move { la2.acquire(Wait::Forever).await.unwrap() });
-    wait_for("a's entry", || async {
+    wait_for("a's entry", WAIT, POLL, || async {
         queue(&raw, &name).await.len() == 1
     })
     .await;
     let lb2 = lb.clone();
     let second = tokio::spawn(async move { lb2.acquire_shared(Wait::Forever).await.unwrap() });
-    wait_for("b's entry", || async {
+    wait_for("b's entry", WAIT, POLL, || async {
         queue(&raw, &name).await.len() == 2
     })
     .await;
@@ -415,9 +336,10 @@ async fn queued_waiters_get_a_lock_python_held() {
 /// behind them waits for them, and a shared waiter behind it waits for it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readers_behind_readers_proceed_together() {
-    let Some(base) = url() else { return };
-    let config = EtcdConfig::from_url_str(&base).unwrap();
-    let raw = Raw::connect([config.endpoint()], None).await.unwrap();
+    let Some(base) = support::url("readers_behind_readers_proceed_together") else {
+        return;
+    };
+    let raw = raw(&base).await;
     let name = unique("rw");
     let holder = coordinator(&base, "holder").await;
     let held = holder.get_lock(name.as_str()).unwrap();
@@ -437,7 +359,7 @@ async fn readers_behind_readers_proceed_together() {
                 l2.acquire(Wait::Forever).await.unwrap()
             }
         }));
-        wait_for("the entry", || async {
+        wait_for("the entry", WAIT, POLL, || async {
             queue(&raw, &name).await.len() == i + 1
         })
         .await;

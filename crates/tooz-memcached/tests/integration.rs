@@ -6,25 +6,18 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use async_memcached::{Client, MetaProtocol};
-use tooz_core::{Coordinator, MemberId, Registry, Wait};
+use tooz_conformance::testkit::{self, Backend, unique};
+use tooz_core::{Capabilities, ConnectOptions, Coordinator, CoordinatorConfig, MemberId, Wait};
 
 const URL_ENV: &str = "TOOZ_TEST_MEMCACHED_URL";
 
+/// The server's URL, or `None` when the test is skipped (a failure instead with
+/// `TOOZ_REQUIRE_BACKENDS=1`).
 fn base(test: &str) -> Option<String> {
-    match std::env::var(URL_ENV) {
-        Ok(u) if !u.trim().is_empty() => Some(u.trim().to_string()),
-        _ => {
-            assert!(
-                std::env::var("TOOZ_REQUIRE_BACKENDS").as_deref() != Ok("1"),
-                "{URL_ENV} is not set and TOOZ_REQUIRE_BACKENDS=1"
-            );
-            eprintln!("SKIPPED {test}: {URL_ENV} is not set");
-            None
-        }
-    }
+    testkit::backend_url(URL_ENV, test)
 }
 
 /// A key of Python tooz's layout (the crate README's table): prefix + id.
@@ -32,28 +25,53 @@ fn key(prefix: &str, id: &[u8]) -> Vec<u8> {
     [prefix.as_bytes(), id].concat()
 }
 
-fn unique(s: &str) -> String {
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos());
-    format!("{s}-{}-{nanos:x}", std::process::id())
+/// The set-up of every test: a coordinator started without heartbeats on the
+/// server, with the URL options `query` and the connect `options`.
+async fn started(
+    base: &str,
+    query: &str,
+    member: impl Into<MemberId>,
+    options: &ConnectOptions,
+) -> Coordinator {
+    Backend::new(tooz_memcached::DRIVER, base)
+        .with_query(query)
+        .started_with(member, options)
+        .await
 }
 
 async fn coordinator(base: &str, member: &str) -> Coordinator {
-    let c = Registry::new()
-        .with(tooz_memcached::DRIVER)
-        .connect(&format!("{base}?timeout=5"), member)
-        .unwrap();
-    c.start(false).await.unwrap();
-    c
+    started(base, "timeout=5", member, &ConnectOptions::default()).await
+}
+
+/// A started coordinator for a fresh member `<label>-…`, in a fresh group it
+/// created and joined with `caps`: the member id, the coordinator and the group.
+async fn member_of_new_group(
+    base: &str,
+    label: &str,
+    caps: Capabilities,
+) -> (String, Coordinator, String) {
+    let member = unique(label);
+    let c = coordinator(base, &member).await;
+    let group = unique("g");
+    c.create_group(group.as_str()).await.unwrap();
+    c.join_group_raw(group.as_str(), caps).await.unwrap();
+    (member, c, group)
+}
+
+/// A watcher whose core polls only once an hour: events reach it from the driver
+/// alone.
+async fn hourly_watcher(base: &str, query: &str) -> Coordinator {
+    let mut config = CoordinatorConfig::default();
+    config.poll_interval = Duration::from_secs(3600);
+    let options = ConnectOptions::default().config(config);
+    started(base, query, unique("watcher"), &options).await
 }
 
 /// A raw client on the same server, standing in for eviction.
 async fn raw(base: &str) -> Client {
-    let hostport = base
-        .trim_start_matches("memcached://")
-        .trim_end_matches('/');
-    Client::new(format!("tcp://{hostport}")).await.unwrap()
+    Client::new(format!("tcp://{}", testkit::host_port(base)))
+        .await
+        .unwrap()
 }
 
 async fn evict(base: &str, key: &[u8]) {
@@ -120,12 +138,8 @@ async fn a_vanished_member_key_means_booted_out() {
     let Some(base) = base("a_vanished_member_key_means_booted_out") else {
         return;
     };
-    let (am, bm) = (unique("a"), unique("b"));
-    let a = coordinator(&base, &am).await;
-    let b = coordinator(&base, &bm).await;
-    let g = unique("g");
-    a.create_group(g.as_str()).await.unwrap();
-    a.join_group(g.as_str(), &()).await.unwrap();
+    let (am, a, g) = member_of_new_group(&base, "a", Capabilities::none()).await;
+    let b = coordinator(&base, &unique("b")).await;
     b.join_group(g.as_str(), &()).await.unwrap();
     assert_eq!(b.get_members(g.as_str()).await.unwrap().len(), 2);
     evict(&base, &key("_TOOZ_MEMBER_", am.as_bytes())).await;
@@ -150,13 +164,8 @@ async fn a_lost_group_key_is_rejoined_by_the_next_heartbeat() {
     let Some(base) = base("a_lost_group_key_is_rejoined_by_the_next_heartbeat") else {
         return;
     };
-    let am = unique("a");
-    let a = coordinator(&base, &am).await;
-    let g = unique("g");
-    a.create_group(g.as_str()).await.unwrap();
-    a.join_group(g.as_str(), &std::collections::BTreeMap::from([("w", 3)]))
-        .await
-        .unwrap();
+    let caps = Capabilities::encode(&std::collections::BTreeMap::from([("w", 3)])).unwrap();
+    let (am, a, g) = member_of_new_group(&base, "a", caps).await;
     evict(&base, &key("_TOOZ_GROUP_", g.as_bytes())).await;
     assert!(
         a.get_members(g.as_str()).await.is_err(),
@@ -212,11 +221,7 @@ async fn keys_and_flags_are_pythons() {
     let Some(base) = base("keys_and_flags_are_pythons") else {
         return;
     };
-    let m = unique("m");
-    let a = coordinator(&base, &m).await;
-    let g = unique("g");
-    a.create_group(g.as_str()).await.unwrap();
-    a.join_group(g.as_str(), &()).await.unwrap();
+    let (m, a, g) = member_of_new_group(&base, "m", Capabilities::none()).await;
     let lock = a.get_lock(g.as_str()).unwrap();
     assert!(lock.acquire(Wait::No).await.unwrap());
     let mut c = raw(&base).await;
@@ -273,17 +278,7 @@ async fn a_join_is_seen_through_the_mutation_log_without_polling() {
     let Some(base) = base("a_join_is_seen_through_the_mutation_log_without_polling") else {
         return;
     };
-    let mut config = tooz_core::CoordinatorConfig::default();
-    config.poll_interval = Duration::from_secs(3600);
-    let watcher = Registry::new()
-        .with(tooz_memcached::DRIVER)
-        .connect_with(
-            &format!("{base}?timeout=5&watch_interval=3600"),
-            unique("watcher"),
-            &tooz_core::ConnectOptions::default().config(config),
-        )
-        .unwrap();
-    watcher.start(false).await.unwrap();
+    let watcher = hourly_watcher(&base, "timeout=5&watch_interval=3600").await;
     let joiner = coordinator(&base, &unique("joiner")).await;
     let g = unique("group");
     watcher.create_group(g.as_str()).await.unwrap();
@@ -344,17 +339,7 @@ async fn one_poller_serves_every_watched_group() {
     let Some(base) = base("one_poller_serves_every_watched_group") else {
         return;
     };
-    let mut config = tooz_core::CoordinatorConfig::default();
-    config.poll_interval = Duration::from_secs(3600);
-    let watcher = Registry::new()
-        .with(tooz_memcached::DRIVER)
-        .connect_with(
-            &format!("{base}?timeout=5&mutation_log=false"),
-            unique("watcher"),
-            &tooz_core::ConnectOptions::default().config(config),
-        )
-        .unwrap();
-    watcher.start(false).await.unwrap();
+    let watcher = hourly_watcher(&base, "timeout=5&mutation_log=false").await;
     let joiner = coordinator(&base, &unique("joiner")).await;
     let groups: Vec<String> = (0..30).map(|i| unique(&format!("wg{i}"))).collect();
     let mut streams = Vec::new();

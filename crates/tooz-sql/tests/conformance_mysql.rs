@@ -11,33 +11,16 @@
 
 use std::time::Duration;
 
-use tooz_conformance::{REQUIRE_BACKENDS_ENV, Setup, WORKER_ENV};
+use tooz_conformance::Setup;
+use tooz_conformance::testkit::suite_url;
 use tooz_core::Registry;
 
 const URL_ENV: &str = "TOOZ_TEST_MYSQL_URL";
 
 fn main() {
-    let listing = std::env::args().any(|a| a == "--list");
-    let worker = std::env::var_os(WORKER_ENV).is_some();
-    let url = match std::env::var(URL_ENV) {
-        Ok(u) if !u.trim().is_empty() => u.trim().to_string(),
-        _ if listing || worker => "mysql://tooz:tooz@127.0.0.1:3306/tooz".to_string(),
-        _ => {
-            if std::env::var(REQUIRE_BACKENDS_ENV).is_ok_and(|v| v == "1") {
-                println!(
-                    "FAILED: {URL_ENV} is not set and {REQUIRE_BACKENDS_ENV}=1: no MySQL server to run the conformance suite against"
-                );
-                std::process::exit(1);
-            }
-            println!(
-                "SKIPPED: {URL_ENV} is not set; no conformance case ran. Set it (e.g. mysql://tooz:tooz@127.0.0.1:3306/tooz) or start the backends with cargo xtask backends up."
-            );
-            std::process::exit(0);
-        }
-    };
     tooz_conformance::main(Setup {
         driver: "mysql".into(),
-        url,
+        url: suite_url(URL_ENV, "mysql://tooz:tooz@127.0.0.1:3306/tooz", "MySQL"),
         registry: Registry::new().with(tooz_sql::MYSQL),
         options: vec![("timeout".into(), "2".into())],
         lease: Duration::from_secs(2),

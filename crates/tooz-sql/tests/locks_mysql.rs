@@ -9,58 +9,28 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use futures_util::future::try_join_all;
-use tooz_core::{Coordinator, Registry, Wait};
+use tooz_conformance::testkit::{Backend, unique};
+use tooz_core::Wait;
 
 const URL_ENV: &str = "TOOZ_TEST_MYSQL_URL";
 
-fn server_url(test: &str) -> Option<String> {
-    match std::env::var(URL_ENV) {
-        Ok(u) if !u.trim().is_empty() => Some(u.trim().to_string()),
-        _ => {
-            assert!(
-                std::env::var("TOOZ_REQUIRE_BACKENDS").as_deref() != Ok("1"),
-                "{test}: {URL_ENV} is not set and TOOZ_REQUIRE_BACKENDS=1"
-            );
-            eprintln!("SKIPPED {test}: {URL_ENV} is not set");
-            None
-        }
-    }
-}
-
-fn prefix(s: &str) -> String {
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos());
-    format!("{s}-{}-{nanos:x}", std::process::id())
-}
-
-async fn timed<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
-    tokio::time::timeout(Duration::from_secs(30), f)
-        .await
-        .unwrap_or_else(|_| panic!("{what} hung"))
-}
-
-async fn coordinator(url: &str, member: &str) -> Coordinator {
-    let c: Coordinator = Registry::new()
-        .with(tooz_sql::MYSQL)
-        .connect(url, member)
-        .unwrap();
-    timed("start", c.start(false)).await.unwrap();
-    c
+/// The server, or `None` when the test is skipped; every call bounded by 30 s.
+fn server(test: &str) -> Option<Backend> {
+    Backend::from_env(URL_ENV, tooz_sql::MYSQL, test).map(|b| b.limit(Duration::from_secs(30)))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_acquires_from_one_coordinator() {
-    let Some(url) = server_url("concurrent_acquires_from_one_coordinator") else {
+    let Some(db) = server("concurrent_acquires_from_one_coordinator") else {
         return;
     };
-    let p = prefix("my-cc");
+    let p = unique("my-cc");
     let names: Vec<String> = (0..300).map(|i| format!("{p}-{i}")).collect();
-    let a = coordinator(&url, "a").await;
-    let b = coordinator(&url, "b").await;
+    let a = db.started("a").await;
+    let b = db.started("b").await;
     // Each name twice: two handles of one name in one coordinator exclude each other.
     let locks: Vec<_> = names
         .iter()
@@ -70,12 +40,13 @@ async fn concurrent_acquires_from_one_coordinator() {
     let n = names.len();
     let mut last = vec![0u64; n];
     for round in 0..3 {
-        let guards = timed(
-            "acquires",
-            try_join_all(locks.iter().map(|l| l.guard(Wait::No))),
-        )
-        .await
-        .unwrap();
+        let guards = db
+            .timed(
+                "acquires",
+                try_join_all(locks.iter().map(|l| l.guard(Wait::No))),
+            )
+            .await
+            .unwrap();
         for i in 0..n {
             let (g1, g2) = (&guards[i], &guards[n + i]);
             assert!(
@@ -97,7 +68,7 @@ async fn concurrent_acquires_from_one_coordinator() {
         // Another client gets none of them while they are held.
         for name in names.iter().step_by(37) {
             let l = b.get_lock(name.as_str()).unwrap();
-            assert!(!timed("b", l.acquire(Wait::No)).await.unwrap(), "{name}");
+            assert!(!db.timed("b", l.acquire(Wait::No)).await.unwrap(), "{name}");
         }
         for g in guards.into_iter().flatten() {
             assert!(g.release().await.unwrap());
@@ -106,7 +77,7 @@ async fn concurrent_acquires_from_one_coordinator() {
     // All given back.
     for name in names.iter().step_by(37) {
         let l = b.get_lock(name.as_str()).unwrap();
-        assert!(timed("b", l.acquire(Wait::No)).await.unwrap(), "{name}");
+        assert!(db.timed("b", l.acquire(Wait::No)).await.unwrap(), "{name}");
         assert!(l.release().await.unwrap());
     }
     a.stop().await.unwrap();

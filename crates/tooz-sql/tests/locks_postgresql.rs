@@ -11,34 +11,14 @@
 #![allow(clippy::unwrap_used)]
 
 use std::collections::HashMap;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use futures_util::future::try_join_all;
 use md5::{Digest, Md5};
-use tooz_core::{Coordinator, Registry, Wait};
+use tooz_conformance::testkit::{Backend, unique};
+use tooz_core::Wait;
 
 const URL_ENV: &str = "TOOZ_TEST_POSTGRESQL_URL";
-
-fn server_url(test: &str) -> Option<String> {
-    match std::env::var(URL_ENV) {
-        Ok(u) if !u.trim().is_empty() => Some(u.trim().to_string()),
-        _ => {
-            assert!(
-                std::env::var("TOOZ_REQUIRE_BACKENDS").as_deref() != Ok("1"),
-                "{test}: {URL_ENV} is not set and TOOZ_REQUIRE_BACKENDS=1"
-            );
-            eprintln!("SKIPPED {test}: {URL_ENV} is not set");
-            None
-        }
-    }
-}
-
-fn prefix(s: &str) -> String {
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos());
-    format!("{s}-{}-{nanos:x}", std::process::id())
-}
 
 /// Python tooz's advisory key of a name.
 fn key(name: &str) -> (u8, u8) {
@@ -70,31 +50,21 @@ fn names_with_collision(prefix: &str, n: usize) -> (Vec<String>, usize, usize) {
     unreachable!("the loop returns")
 }
 
-async fn timed<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
-    tokio::time::timeout(Duration::from_secs(20), f)
-        .await
-        .unwrap_or_else(|_| panic!("{what} hung"))
-}
-
-async fn coordinator(url: &str, member: &str) -> Coordinator {
-    let c: Coordinator = Registry::new()
-        .with(tooz_sql::POSTGRESQL)
-        .connect(url, member)
-        .unwrap();
-    timed("start", c.start(false)).await.unwrap();
-    c
+/// The server, or `None` when the test is skipped; every call bounded by 20 s.
+fn server(test: &str) -> Option<Backend> {
+    Backend::from_env(URL_ENV, tooz_sql::POSTGRESQL, test).map(|b| b.limit(Duration::from_secs(20)))
 }
 
 #[tokio::test]
 async fn names_sharing_a_key_on_one_coordinator() {
-    let Some(url) = server_url("names_sharing_a_key_on_one_coordinator") else {
+    let Some(db) = server("names_sharing_a_key_on_one_coordinator") else {
         return;
     };
-    let (names, i, j) = names_with_collision(&prefix("pg-key"), 0);
+    let (names, i, j) = names_with_collision(&unique("pg-key"), 0);
     let (n1, n2) = (&names[i], &names[j]);
     assert_eq!(key(n1), key(n2));
-    let a = coordinator(&url, "a").await;
-    let b = coordinator(&url, "b").await;
+    let a = db.started("a").await;
+    let b = db.started("b").await;
     let a1 = a.get_lock(n1.as_str()).unwrap();
     let a2 = a.get_lock(n2.as_str()).unwrap();
     let a1_again = a.get_lock(n1.as_str()).unwrap();
@@ -103,26 +73,31 @@ async fn names_sharing_a_key_on_one_coordinator() {
         b.get_lock(n2.as_str()).unwrap(),
     );
 
-    let g1 = timed("a1", a1.guard_or_fail(Wait::No)).await.unwrap();
-    let g2 = timed("a2", a2.guard_or_fail(Wait::No)).await.unwrap();
+    let g1 = db.timed("a1", a1.guard_or_fail(Wait::No)).await.unwrap();
+    let g2 = db.timed("a2", a2.guard_or_fail(Wait::No)).await.unwrap();
     // One name is still exclusive within the coordinator.
-    assert!(!timed("a1 again", a1_again.acquire(Wait::No)).await.unwrap());
+    assert!(
+        !db.timed("a1 again", a1_again.acquire(Wait::No))
+            .await
+            .unwrap()
+    );
     // Another client cannot take either name (they share the key a holds).
-    assert!(!timed("b1", b1.acquire(Wait::No)).await.unwrap());
-    assert!(!timed("b2", b2.acquire(Wait::No)).await.unwrap());
+    assert!(!db.timed("b1", b1.acquire(Wait::No)).await.unwrap());
+    assert!(!db.timed("b2", b2.acquire(Wait::No)).await.unwrap());
     // Giving back one name keeps the key held for the other.
     assert!(g1.release().await.unwrap());
-    assert!(!timed("b1", b1.acquire(Wait::No)).await.unwrap());
+    assert!(!db.timed("b1", b1.acquire(Wait::No)).await.unwrap());
     // The first name is free again within the coordinator.
-    let g1 = timed("a1 again", a1_again.guard_or_fail(Wait::No))
+    let g1 = db
+        .timed("a1 again", a1_again.guard_or_fail(Wait::No))
         .await
         .unwrap();
     assert!(g1.release().await.unwrap());
     assert!(g2.release().await.unwrap());
     // Both names given back: the key is free.
-    assert!(timed("b1", b1.acquire(Wait::No)).await.unwrap());
+    assert!(db.timed("b1", b1.acquire(Wait::No)).await.unwrap());
     assert!(b1.release().await.unwrap());
-    assert!(timed("b2", b2.acquire(Wait::No)).await.unwrap());
+    assert!(db.timed("b2", b2.acquire(Wait::No)).await.unwrap());
     assert!(b2.release().await.unwrap());
     a.stop().await.unwrap();
     b.stop().await.unwrap();
@@ -132,22 +107,23 @@ async fn names_sharing_a_key_on_one_coordinator() {
 /// names (two of them sharing a key) from one coordinator are all granted.
 #[tokio::test]
 async fn concurrent_distinct_names_all_granted() {
-    let Some(url) = server_url("concurrent_distinct_names_all_granted") else {
+    let Some(db) = server("concurrent_distinct_names_all_granted") else {
         return;
     };
-    let (names, _, _) = names_with_collision(&prefix("pg-cc"), 200);
-    let c = coordinator(&url, "cc").await;
+    let (names, _, _) = names_with_collision(&unique("pg-cc"), 200);
+    let c = db.started("cc").await;
     let locks: Vec<_> = names
         .iter()
         .map(|n| c.get_lock(n.as_str()).unwrap())
         .collect();
     for _ in 0..2 {
-        let got = timed(
-            "acquires",
-            try_join_all(locks.iter().map(|l| l.acquire(Wait::No))),
-        )
-        .await
-        .unwrap();
+        let got = db
+            .timed(
+                "acquires",
+                try_join_all(locks.iter().map(|l| l.acquire(Wait::No))),
+            )
+            .await
+            .unwrap();
         let refused: Vec<&String> = names
             .iter()
             .zip(&got)
@@ -155,7 +131,8 @@ async fn concurrent_distinct_names_all_granted() {
             .map(|(n, _)| n)
             .collect();
         assert!(refused.is_empty(), "free locks refused: {refused:?}");
-        let released = timed("releases", try_join_all(locks.iter().map(|l| l.release())))
+        let released = db
+            .timed("releases", try_join_all(locks.iter().map(|l| l.release())))
             .await
             .unwrap();
         assert!(released.iter().all(|r| *r));

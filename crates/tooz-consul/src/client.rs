@@ -27,6 +27,8 @@ pub(crate) struct Kv {
     #[serde(default)]
     pub(crate) session: Option<String>,
     #[serde(default)]
+    pub(crate) create_index: u64,
+    #[serde(default)]
     pub(crate) modify_index: u64,
 }
 
@@ -368,6 +370,38 @@ impl Client {
         Ok(Self::json::<Vec<Kv>>(what, &b.0)?.into_iter().next())
     }
 
+    /// A blocking query on one key: the key once its modify index passes `index`
+    /// (it is written or deleted; one already changed answers at once), or as it
+    /// is after `wait`. Takes no in-flight permit (it is a wait, not load).
+    pub(crate) async fn get_blocking(
+        &self,
+        what: &str,
+        key: &str,
+        index: u64,
+        wait: Duration,
+    ) -> Result<Option<Kv>> {
+        let wait = wait.max(Duration::from_millis(1));
+        let r = self.request(
+            reqwest::Method::GET,
+            &format!(
+                "kv/{}?index={}&wait={}ms",
+                path_escape(key),
+                index.max(1),
+                wait.as_millis()
+            ),
+            // Consul adds up to wait/16 of jitter.
+            self.timeout + wait + wait / 16,
+        );
+        let (status, _, b) = self.send_unbounded(what, r).await?;
+        if status == reqwest::StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        if !status.is_success() {
+            return Err(Self::http_error(what, status, &b.0));
+        }
+        Ok(Self::json::<Vec<Kv>>(what, &b.0)?.into_iter().next())
+    }
+
     /// Deletes `key` if its modify index is `index` (the plain KV endpoint, a
     /// little cheaper than a transaction): whether it did.
     pub(crate) async fn delete_cas(&self, what: &str, key: &str, index: u64) -> Result<bool> {
@@ -465,6 +499,7 @@ impl Client {
                     value: None,
                     flags: 0,
                     session: None,
+                    create_index: 0,
                     modify_index: 0,
                 })
                 .collect();

@@ -431,12 +431,10 @@ impl ConsulLock {
                 }
                 None => WAIT,
             };
-            let q = self.inner.client.get_blocking(
-                "waiting for the lock",
-                key,
-                index.max(1),
-                wait,
-            );
+            let q = self
+                .inner
+                .client
+                .get_blocking("waiting for the lock", key, index.max(1), wait);
             let kv = tokio::select! {
                 r = q => r,
                 () = sleep_until_opt(deadline) => return Ok(None),
@@ -539,7 +537,10 @@ impl ConsulLock {
                     Some(k) => k,
                     None => self.inner.client.get("acquire", &self.key).await?,
                 };
-                match self.attempt(place, Some(known), Some(&entry), false).await? {
+                match self
+                    .attempt(place, Some(known), Some(&entry), false)
+                    .await?
+                {
                     Try::Granted(t) => {
                         place.settled();
                         return Ok(Some(t));
@@ -559,7 +560,10 @@ impl ConsulLock {
                     }
                     _ if last => return self.give_up(place).await,
                     Try::Held(kv) => {
-                        match self.wait_change(&self.key, kv.modify_index, deadline).await? {
+                        match self
+                            .wait_change(&self.key, kv.modify_index, deadline)
+                            .await?
+                        {
                             Some(now) => state = Some(now),
                             // One last attempt at the deadline.
                             None => last = true,
@@ -642,10 +646,7 @@ impl ConsulLock {
     /// lock delay (at least 250 ms, so that a gone session is not retried in a
     /// tight loop).
     fn delay(&self) -> Duration {
-        self.inner
-            .config
-            .lock_delay
-            .max(Duration::from_millis(250))
+        self.inner.config.lock_delay.max(Duration::from_millis(250))
     }
 
     async fn release_hold(&self, h: &Hold) -> Result<bool> {

@@ -328,20 +328,32 @@ async fn waiters_that_give_up_leave_the_queue() {
         };
         gave_up_tx.send(r.unwrap()).unwrap();
     });
-    wait_for("the first entry", async || space.queue(&name).await.len() == 1).await;
+    wait_for("the first entry", async || {
+        space.queue(&name).await.len() == 1
+    })
+    .await;
     let patient = space.coordinator("patient").await;
     let pl = patient.get_lock(name.as_str()).unwrap();
     let pl2 = pl.clone();
     let waiting = tokio::spawn(async move { pl2.acquire(Wait::Forever).await.unwrap() });
-    wait_for("the second entry", async || space.queue(&name).await.len() == 2).await;
+    wait_for("the second entry", async || {
+        space.queue(&name).await.len() == 2
+    })
+    .await;
     let dropped = space.coordinator("dropped").await;
     let dl = dropped.get_lock(name.as_str()).unwrap();
     let gone = tokio::spawn(async move { dl.acquire(Wait::Forever).await });
-    wait_for("the third entry", async || space.queue(&name).await.len() == 3).await;
+    wait_for("the third entry", async || {
+        space.queue(&name).await.len() == 3
+    })
+    .await;
     let stopping = space.coordinator("stopping").await;
     let sl = stopping.get_lock(name.as_str()).unwrap();
     let stopped = tokio::spawn(async move { sl.acquire(Wait::Forever).await });
-    wait_for("the fourth entry", async || space.queue(&name).await.len() == 4).await;
+    wait_for("the fourth entry", async || {
+        space.queue(&name).await.len() == 4
+    })
+    .await;
 
     // A wait that runs out.
     let timed = space.coordinator("timed").await;
@@ -373,7 +385,10 @@ async fn waiters_that_give_up_leave_the_queue() {
         .await
         .expect("the waiter behind those who left got the lock");
     assert!(got.unwrap());
-    assert!(space.queue(&name).await.is_empty(), "the grant took its entry");
+    assert!(
+        space.queue(&name).await.is_empty(),
+        "the grant took its entry"
+    );
     assert!(pl.release().await.unwrap());
     for c in [&holder, &quitter, &patient, &dropped, &timed] {
         c.stop().await.unwrap();
@@ -408,7 +423,10 @@ async fn readers_queued_together_are_woken_together() {
                 l2.acquire(Wait::Forever).await.unwrap()
             }
         }));
-        wait_for("the entry", async || space.queue(&name).await.len() == i + 1).await;
+        wait_for("the entry", async || {
+            space.queue(&name).await.len() == i + 1
+        })
+        .await;
         coords.push(c);
         locks.push(l);
     }
@@ -538,7 +556,11 @@ async fn junk_in_the_queue_is_ignored() {
     };
     let space = Space::new(&base, "qjunk");
     let name = unique("qjunk");
-    let prefix = format!("kv/{}/lock-queue/{}/", space.ns, hex::encode(name.as_bytes()));
+    let prefix = format!(
+        "kv/{}/lock-queue/{}/",
+        space.ns,
+        hex::encode(name.as_bytes())
+    );
     let id = "0".repeat(32);
     for (k, v) in [
         (format!("x{id}"), "stale"),
@@ -565,7 +587,10 @@ async fn junk_in_the_queue_is_ignored() {
     assert!(la.acquire(Wait::No).await.unwrap());
     let lb2 = lb.clone();
     let waiting = tokio::spawn(async move { lb2.acquire(Wait::Forever).await.unwrap() });
-    wait_for("b's entry", async || space.queue(&name).await.len() == junk + 1).await;
+    wait_for("b's entry", async || {
+        space.queue(&name).await.len() == junk + 1
+    })
+    .await;
     assert!(la.release().await.unwrap());
     let got = tokio::time::timeout(Duration::from_secs(10), waiting)
         .await
@@ -580,7 +605,11 @@ async fn junk_in_the_queue_is_ignored() {
     assert!(lb.release().await.unwrap());
     assert!(la.acquire_shared(Wait::No).await.unwrap());
     assert!(la.release().await.unwrap());
-    assert_eq!(space.queue(&name).await.len(), junk, "others' keys are left");
+    assert_eq!(
+        space.queue(&name).await.len(),
+        junk,
+        "others' keys are left"
+    );
     a.stop().await.unwrap();
     b.stop().await.unwrap();
     space.clean().await;

@@ -518,17 +518,38 @@ impl ConsulLock {
                 if self.wait_change(&key, index, deadline).await?.is_none() {
                     return self.give_up(place).await;
                 }
-                (entries, _) = self
+                // The queue, and the lock as it is now (it was handed on
+                // meanwhile), in one read; a `get` of an absent key fails the
+                // transaction (the lock is free), and then the queue is read
+                // alone.
+                let r = self
                     .inner
                     .client
-                    .list("reading the lock queue", &self.queue)
+                    .txn(
+                        "reading the lock queue",
+                        vec![op::get_tree(&self.queue), op::get(&self.key)],
+                    )
                     .await?;
+                (entries, state) = match r {
+                    Txn::Applied(kvs) => {
+                        let lock = kvs.iter().find(|k| k.key == self.key).cloned();
+                        (kvs, Some(lock))
+                    }
+                    r => {
+                        // Failed at the `get`: the lock key is absent (free).
+                        let absent = r.failed_at(1).then_some(None);
+                        let (entries, _) = self
+                            .inner
+                            .client
+                            .list("reading the lock queue", &self.queue)
+                            .await?;
+                        (entries, absent)
+                    }
+                };
                 if !entries.iter().any(|k| k.key == entry) {
                     place.entry = None;
                     return Err(entry_gone());
                 }
-                // The lock was handed on meanwhile: what we knew of it is stale.
-                state = None;
             }
             // At the head: try, and while the lock is held, wait for it to change.
             let mut last = false;

@@ -412,15 +412,21 @@ impl ConsulLock {
     /// (deleted, or written since): its state then, or `None` at `deadline`.
     /// One blocking query on that key (a key changed already answers at once);
     /// a query that fails is sent again after a pause (a connection lost while
-    /// waiting does not end the wait).
+    /// waiting does not end the wait). Ends with an error once the wait's
+    /// `session` was replaced (its queue entry went with it), noticed at the
+    /// latest when a blocking query's wait runs out.
     async fn wait_change(
         &self,
+        session: &str,
         key: &str,
         index: u64,
         deadline: Option<Instant>,
     ) -> Result<Option<Option<Kv>>> {
         let mut backoff = Backoff::new(Duration::from_millis(20), Duration::from_secs(1));
         loop {
+            if !self.inner.on_session(session) {
+                return Err(entry_gone());
+            }
             let wait = match deadline {
                 Some(d) => {
                     let left = d.saturating_duration_since(Instant::now());
@@ -515,7 +521,10 @@ impl ConsulLock {
             // again (the one ahead of it may still be there).
             while let Some(a) = ahead(&entries, &self.queue, &entry, place.mode, at) {
                 let (key, index) = (a.key.clone(), a.modify_index);
-                if self.wait_change(&key, index, deadline).await?.is_none() {
+                let changed = self
+                    .wait_change(&place.session, &key, index, deadline)
+                    .await?;
+                if changed.is_none() {
                     return self.give_up(place).await;
                 }
                 // The queue, and the lock as it is now (it was handed on
@@ -582,7 +591,7 @@ impl ConsulLock {
                     _ if last => return self.give_up(place).await,
                     Try::Held(kv) => {
                         match self
-                            .wait_change(&self.key, kv.modify_index, deadline)
+                            .wait_change(&place.session, &self.key, kv.modify_index, deadline)
                             .await?
                         {
                             Some(now) => state = Some(now),

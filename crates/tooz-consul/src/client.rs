@@ -154,11 +154,18 @@ pub(crate) struct Client {
     /// coordinator must not open hundreds at once. Blocking queries and session
     /// renewals do not take one (a renewal must never queue behind a burst).
     inflight: Arc<tokio::sync::Semaphore>,
+    /// Permits for lock waits' blocking queries (one connection each, held while
+    /// the lock is waited for), so that many blocked acquires do not take all the
+    /// agent's connections for this address; a wait without one polls.
+    waits: Arc<tokio::sync::Semaphore>,
 }
 
 /// Requests in flight at once per coordinator, besides blocking queries and
 /// session renewals.
 const MAX_IN_FLIGHT: usize = 64;
+
+/// Lock waits per coordinator that wait by a blocking query; further ones poll.
+pub(crate) const MAX_WAITS: usize = 96;
 
 fn build_http(config: &ConsulConfig) -> Result<reqwest::Client> {
     // reqwest without a default TLS provider needs rustls' ring provider
@@ -192,6 +199,7 @@ impl Client {
             token: config.acl_token.clone(),
             timeout: config.timeout,
             inflight: Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT)),
+            waits: Arc::new(tokio::sync::Semaphore::new(MAX_WAITS)),
         })
     }
 
@@ -368,6 +376,11 @@ impl Client {
             return Err(Self::http_error(what, status, &b.0));
         }
         Ok(Self::json::<Vec<Kv>>(what, &b.0)?.into_iter().next())
+    }
+
+    /// A permit to wait for a lock by a blocking query, if any is left.
+    pub(crate) fn wait_permit(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        Arc::clone(&self.waits).try_acquire_owned().ok()
     }
 
     /// A blocking query on one key: the key once its modify index passes `index`

@@ -412,7 +412,9 @@ impl ConsulLock {
     /// (deleted, or written since): its state then, or `None` at `deadline`.
     /// One blocking query on that key (a key changed already answers at once);
     /// a query that fails is sent again after a pause (a connection lost while
-    /// waiting does not end the wait). Ends with an error once the wait's
+    /// waiting does not end the wait). Beyond
+    /// [`MAX_WAITS`](crate::client::MAX_WAITS) waits of the coordinator at once,
+    /// the key is polled instead (50 ms doubling to 1 s). Ends with an error once the wait's
     /// `session` was replaced (its queue entry went with it), noticed at the
     /// latest when a blocking query's wait runs out.
     async fn wait_change(
@@ -423,6 +425,7 @@ impl ConsulLock {
         deadline: Option<Instant>,
     ) -> Result<Option<Option<Kv>>> {
         let mut backoff = Backoff::new(Duration::from_millis(20), Duration::from_secs(1));
+        let mut poll = Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
         loop {
             if !self.inner.on_session(session) {
                 return Err(entry_gone());
@@ -437,13 +440,27 @@ impl ConsulLock {
                 }
                 None => WAIT,
             };
-            let q = self
-                .inner
-                .client
-                .get_blocking("waiting for the lock", key, index.max(1), wait);
-            let kv = tokio::select! {
-                r = q => r,
-                () = sleep_until_opt(deadline) => return Ok(None),
+            let kv = match self.inner.client.wait_permit() {
+                Some(_permit) => {
+                    let q = self.inner.client.get_blocking(
+                        "waiting for the lock",
+                        key,
+                        index.max(1),
+                        wait,
+                    );
+                    tokio::select! {
+                        r = q => r,
+                        () = sleep_until_opt(deadline) => return Ok(None),
+                    }
+                }
+                // More waits than blocking queries allowed: look again after a
+                // pause (until a permit is free).
+                None => {
+                    if !sleep_within(poll.next_delay(), deadline).await {
+                        return Ok(None);
+                    }
+                    self.inner.client.get("waiting for the lock", key).await
+                }
             };
             let kv = match kv {
                 Ok(kv) => {

@@ -614,3 +614,53 @@ async fn junk_in_the_queue_is_ignored() {
     b.stop().await.unwrap();
     space.clean().await;
 }
+
+/// More acquires blocked at once in one coordinator than it lets wait by blocking
+/// queries (96; one HTTP connection each): the rest poll, and every one gets the
+/// lock in turn.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_waiters_than_blocking_queries_all_get_the_lock() {
+    let Some(base) = base("more_waiters_than_blocking_queries_all_get_the_lock") else {
+        return;
+    };
+    const MANY: usize = 104;
+    let space = Space::new(&base, "many");
+    let name = unique("many");
+    let holder = space.coordinator("holder").await;
+    let held = holder.get_lock(name.as_str()).unwrap();
+    assert!(held.acquire(Wait::No).await.unwrap());
+    let c = space.coordinator("many").await;
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    for i in 0..MANY {
+        let lock = c.get_lock(name.as_str()).unwrap();
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let won = lock.acquire(Wait::Forever).await.unwrap();
+            tx.send((i, won)).unwrap();
+            assert!(lock.release().await.unwrap());
+        });
+    }
+    wait_for("every waiter's entry", async || {
+        space.queue(&name).await.len() == MANY
+    })
+    .await;
+    assert!(held.release().await.unwrap());
+    let mut got = Vec::new();
+    for _ in 0..MANY {
+        let (i, won) = tokio::time::timeout(Duration::from_secs(30), rx.recv())
+            .await
+            .expect("a waiter got the lock after a release")
+            .unwrap();
+        assert!(won);
+        got.push(i);
+    }
+    got.sort_unstable();
+    assert_eq!(got, (0..MANY).collect::<Vec<_>>());
+    wait_for("an empty queue", async || {
+        space.queue(&name).await.is_empty()
+    })
+    .await;
+    c.stop().await.unwrap();
+    holder.stop().await.unwrap();
+    space.clean().await;
+}

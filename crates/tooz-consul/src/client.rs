@@ -27,6 +27,8 @@ pub(crate) struct Kv {
     #[serde(default)]
     pub(crate) session: Option<String>,
     #[serde(default)]
+    pub(crate) create_index: u64,
+    #[serde(default)]
     pub(crate) modify_index: u64,
 }
 
@@ -152,11 +154,18 @@ pub(crate) struct Client {
     /// coordinator must not open hundreds at once. Blocking queries and session
     /// renewals do not take one (a renewal must never queue behind a burst).
     inflight: Arc<tokio::sync::Semaphore>,
+    /// Permits for lock waits' blocking queries (one connection each, held while
+    /// the lock is waited for), so that many blocked acquires do not take all the
+    /// agent's connections for this address; a wait without one polls.
+    waits: Arc<tokio::sync::Semaphore>,
 }
 
 /// Requests in flight at once per coordinator, besides blocking queries and
 /// session renewals.
 const MAX_IN_FLIGHT: usize = 64;
+
+/// Lock waits per coordinator that wait by a blocking query; further ones poll.
+pub(crate) const MAX_WAITS: usize = 96;
 
 fn build_http(config: &ConsulConfig) -> Result<reqwest::Client> {
     // reqwest without a default TLS provider needs rustls' ring provider
@@ -190,6 +199,7 @@ impl Client {
             token: config.acl_token.clone(),
             timeout: config.timeout,
             inflight: Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT)),
+            waits: Arc::new(tokio::sync::Semaphore::new(MAX_WAITS)),
         })
     }
 
@@ -368,6 +378,43 @@ impl Client {
         Ok(Self::json::<Vec<Kv>>(what, &b.0)?.into_iter().next())
     }
 
+    /// A permit to wait for a lock by a blocking query, if any is left.
+    pub(crate) fn wait_permit(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        Arc::clone(&self.waits).try_acquire_owned().ok()
+    }
+
+    /// A blocking query on one key: the key once its modify index passes `index`
+    /// (it is written or deleted; one already changed answers at once), or as it
+    /// is after `wait`. Takes no in-flight permit (it is a wait, not load).
+    pub(crate) async fn get_blocking(
+        &self,
+        what: &str,
+        key: &str,
+        index: u64,
+        wait: Duration,
+    ) -> Result<Option<Kv>> {
+        let wait = wait.max(Duration::from_millis(1));
+        let r = self.request(
+            reqwest::Method::GET,
+            &format!(
+                "kv/{}?index={}&wait={}ms",
+                path_escape(key),
+                index.max(1),
+                wait.as_millis()
+            ),
+            // Consul adds up to wait/16 of jitter.
+            self.timeout + wait + wait / 16,
+        );
+        let (status, _, b) = self.send_unbounded(what, r).await?;
+        if status == reqwest::StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        if !status.is_success() {
+            return Err(Self::http_error(what, status, &b.0));
+        }
+        Ok(Self::json::<Vec<Kv>>(what, &b.0)?.into_iter().next())
+    }
+
     /// Deletes `key` if its modify index is `index` (the plain KV endpoint, a
     /// little cheaper than a transaction): whether it did.
     pub(crate) async fn delete_cas(&self, what: &str, key: &str, index: u64) -> Result<bool> {
@@ -465,6 +512,7 @@ impl Client {
                     value: None,
                     flags: 0,
                     session: None,
+                    create_index: 0,
                     modify_index: 0,
                 })
                 .collect();

@@ -7,6 +7,7 @@
 //! | `<ns>/group_locks/<group>` | any | the deleter's | Python's group lock, taken by our `delete_group` |
 //! | `<ns>/locks/<name>` | attempt id (Rust) / `I got it!` (Python) / [`SHARED_MARKER`] | the holder's | lock |
 //! | `<ns>/lock-readers/<hex name>/<reader>` | empty | the reader's | Rust shared holds |
+//! | `<ns>/lock-queue/<hex name>/<x\|s><unique>` | empty | the waiter's | Rust blocked acquires (exclusive, shared), ordered by `CreateIndex` |
 //! | `<ns>/leaders/<group>` | member id | the leader's | Rust leader election |
 //!
 //! Ids are used as they are when they are UTF-8 (Python tooz decodes them so);
@@ -74,15 +75,22 @@ impl Layout {
         format!("{}/locks/{}", self.ns, id(name))
     }
 
-    /// `<ns>/lock`: the prefix of every lock and reader key (one blocking query
-    /// wakes every waiter of this coordinator).
+    /// `<ns>/locks/`: the prefix of every lock key (one blocking query feeds
+    /// every shared-marker keeper of this coordinator; queue entries and reader
+    /// keys are not under it).
     pub fn locks_watch(&self) -> String {
-        format!("{}/lock", self.ns)
+        format!("{}/locks/", self.ns)
     }
 
     /// `<ns>/lock-readers/<hex name>/`.
     pub fn readers(&self, name: &[u8]) -> String {
         format!("{}/lock-readers/{}/", self.ns, hex::encode(name))
+    }
+
+    /// `<ns>/lock-queue/<hex name>/`: the entries of the lock's blocked
+    /// acquires.
+    pub fn lock_queue(&self, name: &[u8]) -> String {
+        format!("{}/lock-queue/{}/", self.ns, hex::encode(name))
     }
 
     /// `<ns>/leaders/`.
@@ -133,6 +141,7 @@ mod tests {
         assert_eq!(l.lock(b"x/y"), "tooz/locks/x/y");
         assert_eq!(l.group_lock(b"g"), "tooz/group_locks/g");
         assert_eq!(l.leader(b"g"), "tooz/leaders/g");
+        assert_eq!(l.lock_queue(b"x/y"), "tooz/lock-queue/782f79/");
         assert_eq!(l.group_of("tooz/groups/g/"), Some(b"g".to_vec()));
         assert_eq!(l.group_of("tooz/groups/g/m"), None);
         assert_eq!(

@@ -11,7 +11,7 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use tokio::sync::watch;
 use tooz_core::util::Backoff;
-use tooz_core::{DriverEvent, DriverEventStream, MemberId, WakeStream};
+use tooz_core::{DriverEvent, DriverEventStream, MemberId};
 
 use crate::client::{Client, Kv};
 use crate::driver::guard;
@@ -165,25 +165,6 @@ fn digest(s: &Snap, relevant: &dyn Fn(&Kv) -> bool) -> Option<Vec<(String, u64, 
             .map(|k| (k.key.clone(), k.modify_index, k.session.clone()))
             .collect()
     })
-}
-
-/// Wake-ups for a lock: an item whenever its key or its readers change.
-pub(crate) fn lock_wakeups(rx: watch::Receiver<Snap>, key: String, readers: String) -> WakeStream {
-    let relevant = move |k: &Kv| k.key == key || k.key.starts_with(&readers);
-    let last = digest(&rx.borrow(), &relevant);
-    Box::pin(futures_util::stream::unfold(
-        (rx, last, relevant),
-        |(mut rx, mut last, relevant)| async move {
-            loop {
-                rx.changed().await.ok()?;
-                let now = digest(&rx.borrow_and_update(), &relevant);
-                if now.is_some() && now != last {
-                    last = now;
-                    return Some(((), (rx, last, relevant)));
-                }
-            }
-        },
-    ))
 }
 
 struct GroupState {

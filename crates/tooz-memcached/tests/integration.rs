@@ -377,3 +377,43 @@ async fn one_poller_serves_every_watched_group() {
     }
     watcher.stop().await.unwrap();
 }
+
+/// Every group lives in the one group-list key: groups created at once by one
+/// coordinator must not fight over it (each used to retry its own
+/// compare-and-swap, and with hundreds at once some ran out of attempts).
+#[tokio::test]
+async fn many_groups_created_at_once_are_all_listed() {
+    const GROUPS: usize = 300;
+    let Some(base) = base("many_groups_created_at_once_are_all_listed") else {
+        return;
+    };
+    let c = coordinator(&base, &unique("lister")).await;
+    let prefix = unique("many");
+    let names: Vec<String> = (0..GROUPS).map(|i| format!("{prefix}-{i}")).collect();
+    let created =
+        futures_util::future::join_all(names.iter().map(|g| c.create_group(g.as_str()))).await;
+    let failed: Vec<_> = created.iter().filter(|r| r.is_err()).collect();
+    assert!(
+        failed.is_empty(),
+        "{} creates failed: {:?}",
+        failed.len(),
+        failed.first()
+    );
+    let listed = c.get_groups().await.unwrap();
+    let missing = names
+        .iter()
+        .filter(|g| !listed.iter().any(|l| l.as_bytes() == g.as_bytes()))
+        .count();
+    assert_eq!(missing, 0, "groups created but not listed");
+    let deleted =
+        futures_util::future::join_all(names.iter().map(|g| c.delete_group(g.as_str()))).await;
+    assert!(deleted.iter().all(Result::is_ok), "a delete failed");
+    let listed = c.get_groups().await.unwrap();
+    assert!(
+        !listed
+            .iter()
+            .any(|l| l.as_bytes().starts_with(prefix.as_bytes())),
+        "deleted groups still listed"
+    );
+    c.stop().await.unwrap();
+}

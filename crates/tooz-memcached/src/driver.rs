@@ -127,7 +127,7 @@ impl Inner {
 
     /// The server's time in µs, as well as it is known (its `stats` clock at
     /// start plus the local monotonic time since; the local clock without it).
-    fn server_micros(&self) -> u64 {
+    pub(crate) fn server_micros(&self) -> u64 {
         match *guard(&self.clock) {
             Some((secs, at)) => secs
                 .saturating_mul(1_000_000)
@@ -359,7 +359,7 @@ impl Inner {
 
     /// Runs an owner-checked cleanup in the background until it goes through or
     /// what it would free has expired anyway (see `tooz_core::util::spawn_cleanup`).
-    fn spawn_cleanup<F, Fut>(self: &Arc<Self>, what: &'static str, op: F)
+    pub(crate) fn spawn_cleanup<F, Fut>(self: &Arc<Self>, what: &'static str, op: F)
     where
         F: Fn(Arc<Inner>) -> Fut + Send + 'static,
         Fut: std::future::Future<Output = Result<bool>> + Send + 'static,

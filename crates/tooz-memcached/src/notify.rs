@@ -79,6 +79,16 @@ impl Notifier {
         self: &Arc<Self>,
         keys: &[Vec<u8>],
     ) -> Option<impl Stream<Item = ()> + Send + 'static + use<>> {
+        use futures_util::StreamExt;
+        Some(self.subscribe_keyed(keys).await?.map(|_| ()))
+    }
+
+    /// As [`Notifier::subscribe`], each item the index in `keys` of the key
+    /// stored (skipped log lines yield every index).
+    pub(crate) async fn subscribe_keyed(
+        self: &Arc<Self>,
+        keys: &[Vec<u8>],
+    ) -> Option<impl Stream<Item = usize> + Send + Unpin + 'static + use<>> {
         if self.state().refused {
             return None;
         }
@@ -113,20 +123,24 @@ impl Notifier {
         if !st.running {
             return None;
         }
-        let rxs: Vec<broadcast::Receiver<()>> = keys
+        let rxs: Vec<(usize, broadcast::Receiver<()>)> = keys
             .iter()
-            .map(|k| {
-                st.subs
-                    .entry(k.clone())
-                    .or_insert_with(|| broadcast::channel(1).0)
-                    .subscribe()
+            .enumerate()
+            .map(|(i, k)| {
+                (
+                    i,
+                    st.subs
+                        .entry(k.clone())
+                        .or_insert_with(|| broadcast::channel(1).0)
+                        .subscribe(),
+                )
             })
             .collect();
         Some(futures_util::stream::select_all(rxs.into_iter().map(
-            |rx| {
-                Box::pin(futures_util::stream::unfold(rx, |mut rx| async move {
+            |(i, rx)| {
+                Box::pin(futures_util::stream::unfold(rx, move |mut rx| async move {
                     match rx.recv().await {
-                        Ok(()) | Err(broadcast::error::RecvError::Lagged(_)) => Some(((), rx)),
+                        Ok(()) | Err(broadcast::error::RecvError::Lagged(_)) => Some((i, rx)),
                         Err(broadcast::error::RecvError::Closed) => None,
                     }
                 }))

@@ -203,20 +203,22 @@ impl Inner {
     /// One attempt at an exclusive hold of `key`, in one round trip: the `add`, the
     /// fencing counter's advance and a read that checks the hold survived the
     /// advance (or, when the `add` failed, tells who holds the key and how long
-    /// for) are pipelined.
+    /// for) are pipelined, followed by `extra` (whose replies are not read).
     pub(crate) async fn acquire_exclusive(
         self: &Arc<Self>,
         key: &[u8],
         ttl: Duration,
+        extra: &[Cmd],
     ) -> Result<Grant> {
         for _ in 0..3 {
             let mut flags = self.ttl_flags(ttl, FLAG_RAW);
             flags.push("ME".into());
-            let cmds = [
+            let mut cmds = vec![
                 Cmd::set(key, self.member.as_bytes(), flags),
                 Cmd::arith(&keys::fence(key), self.fence_flags()),
                 Cmd::get(key, &["v", "c", "f", "t"]),
             ];
+            cmds.extend_from_slice(extra);
             let replies = match self.pool.pipeline("acquire", &cmds).await {
                 Ok(r) => r,
                 Err(e) => {
@@ -1176,7 +1178,7 @@ impl Driver for MemcachedDriver {
             return Ok(Some(FencingToken(l.fence)));
         }
         match i
-            .acquire_exclusive(&keys::leader(group), i.config.leader_timeout)
+            .acquire_exclusive(&keys::leader(group), i.config.leader_timeout, &[])
             .await?
         {
             Grant::Granted { cas, fence } => {

@@ -89,7 +89,13 @@ impl DriverLock for MemcachedLock {
     #[tracing::instrument(level = "debug", skip_all, fields(lock = %self.name, ?mode))]
     async fn try_acquire(&self, mode: Mode) -> Result<Attempt> {
         *guard(&self.mode) = mode;
-        let queued = guard(&self.queued).as_ref().is_some_and(|e| !e.has_left());
+        let entry = guard(&self.queued).clone().filter(|e| !e.has_left());
+        let queued = entry.is_some();
+        // The head woken by a release leaves the queue in the attempt's round trip.
+        let leaving = match (&entry, mode) {
+            (Some(e), Mode::Exclusive) => e.leave_with_attempt(),
+            _ => None,
+        };
         let mut hold = self.hold.lock().await;
         let (grant, new) = match mode {
             Mode::Shared => {
@@ -100,7 +106,11 @@ impl DriverLock for MemcachedLock {
             _ => {
                 let g = self
                     .inner
-                    .acquire_exclusive(&self.key, self.inner.config.lock_timeout)
+                    .acquire_exclusive(
+                        &self.key,
+                        self.inner.config.lock_timeout,
+                        leaving.as_ref().map_or(&[], |c| &c[..]),
+                    )
                     .await?;
                 let cas = match g {
                     Grant::Granted { cas, .. } => cas,
@@ -114,15 +124,25 @@ impl DriverLock for MemcachedLock {
                 *hold = Some(new);
                 // Out of the queue: the waiter behind moves up.
                 if let Some(e) = guard(&self.queued).take() {
-                    e.leave();
+                    if leaving.is_some() {
+                        e.left_with();
+                    } else {
+                        e.leave();
+                    }
                 }
                 Ok(Attempt::Granted(FencingToken(fence)))
             }
             // Queued: the waiter's task says when to try again.
-            Grant::Held(_) if queued => Ok(Attempt::Held {
-                expires_in: None,
-                notifies: true,
-            }),
+            Grant::Held(_) if queued => {
+                drop(hold);
+                if let (Some(e), Some(_)) = (&entry, &leaving) {
+                    e.rejoin().await;
+                }
+                Ok(Attempt::Held {
+                    expires_in: None,
+                    notifies: true,
+                })
+            }
             Grant::Held(expires_in) => Ok(Attempt::Held {
                 expires_in,
                 notifies: false,

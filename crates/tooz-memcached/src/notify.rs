@@ -193,6 +193,15 @@ impl Notifier {
             }
             return;
         }
+        // A store that changed nothing (a failed `add`, a CAS conflict) wakes
+        // nobody.
+        if text
+            .split_ascii_whitespace()
+            .find_map(|t| t.strip_prefix("status="))
+            .is_some_and(|s| s != "stored")
+        {
+            return;
+        }
         let Some(key) = text
             .split_ascii_whitespace()
             .find_map(|t| t.strip_prefix("key="))
@@ -200,8 +209,14 @@ impl Notifier {
             return;
         };
         let key = percent_decode(key);
-        let key = key.strip_prefix(FREE_PREFIX).unwrap_or(&key);
-        if let Some(tx) = st.subs.get(key) {
+        // A release marker wakes those waiting on its lock key, and those waiting
+        // on the marker itself (releases only).
+        if let Some(lock) = key.strip_prefix(FREE_PREFIX)
+            && let Some(tx) = st.subs.get(lock)
+        {
+            let _ = tx.send(());
+        }
+        if let Some(tx) = st.subs.get(&key) {
             let _ = tx.send(());
         }
     }
@@ -260,6 +275,9 @@ mod tests {
             b"ts=1.2 gid=4 type=item_store key=__TOOZ_FREE___TOOZ_LOCK_x status=stored cmd=set\n",
         );
         assert!(rx.try_recv().is_ok());
+        // A failed add changes nothing.
+        n.dispatch(b"ts=1.2 gid=5 type=item_store key=__TOOZ_LOCK_x status=not_stored cmd=add\n");
+        assert!(rx.try_recv().is_err());
         n.dispatch(b"skipped=3\n");
         assert!(rx.try_recv().is_ok());
     }

@@ -41,6 +41,7 @@ use crate::config::NAME;
 use crate::conn::{Cmd, Item, Status};
 use crate::driver::Inner;
 use crate::keys::{self, LockValue};
+use crate::notify;
 
 /// Lifetime of a waiter's queue entry (refreshed while it waits).
 pub(crate) const ENTRY_TTL: Duration = Duration::from_secs(6);
@@ -107,12 +108,46 @@ pub(crate) struct Entry {
     key: Vec<u8>,
     task: AbortHandle,
     left: AtomicBool,
+    /// The head's last wake-up was a release marker (or the lock read free).
+    hint: Arc<AtomicBool>,
 }
 
 impl Entry {
     /// Whether the waiter left already.
     pub(crate) fn has_left(&self) -> bool {
         self.left.load(Ordering::SeqCst)
+    }
+
+    /// For an attempt that likely succeeds (the head woken by a release): the
+    /// commands that leave the queue, to send with it, so that the waiter behind
+    /// moves up while the grant is on its way. After such an attempt, call
+    /// [`Entry::left_with`] or [`Entry::rejoin`].
+    pub(crate) fn leave_with_attempt(&self) -> Option<[Cmd; 2]> {
+        (!self.has_left() && self.hint.swap(false, Ordering::SeqCst)).then(|| leave_cmds(&self.key))
+    }
+
+    /// The attempt that carried [`Entry::leave_with_attempt`]'s commands was granted.
+    pub(crate) fn left_with(&self) {
+        if !self.left.swap(true, Ordering::SeqCst) {
+            self.task.abort();
+        }
+    }
+
+    /// The attempt that carried [`Entry::leave_with_attempt`]'s commands failed: its
+    /// entry is written again (the waiter behind, woken, reads it and waits again).
+    pub(crate) async fn rejoin(&self) {
+        if self.has_left() {
+            return;
+        }
+        if let Err(e) = self
+            .inner
+            .pool
+            .pipeline("joining the lock queue", &[register_cmd(&self.key)])
+            .await
+        {
+            // Its task writes it again when it finds it gone.
+            tracing::debug!(error = %e, "memcached: writing the lock queue entry again failed");
+        }
     }
 
     /// Leaves the queue (granted, or the wait ended): the waiter behind is woken.
@@ -194,7 +229,9 @@ pub(crate) async fn enqueue(
     })?;
     let me = keys::queue_entry(name, ticket);
     let (tx, rx) = mpsc::channel(1);
+    let hint = Arc::new(AtomicBool::new(false));
     let waiter = Waiter {
+        hint: Arc::clone(&hint),
         inner: Arc::clone(inner),
         name: name.to_vec(),
         lock_key: lock_key.to_vec(),
@@ -209,6 +246,7 @@ pub(crate) async fn enqueue(
         key: me,
         task: task.abort_handle(),
         left: AtomicBool::new(false),
+        hint,
     });
     Ok((Arc::clone(&entry), QueueWakes { rx, entry }))
 }
@@ -232,18 +270,26 @@ struct Waiter {
     ticket: u64,
     me: Vec<u8>,
     tx: mpsc::Sender<()>,
+    hint: Arc<AtomicBool>,
 }
 
 impl Waiter {
     /// The keys it may wake on: the entries of the [`WINDOW`] tickets below its
-    /// own (index `d - 1` is ticket − `d`), then the lock key.
+    /// own (index `d - 1` is ticket − `d`), then the lock's release marker.
     fn watched(&self) -> Vec<Vec<u8>> {
         let mut keys: Vec<Vec<u8>> = (1..=WINDOW)
             .map_while(|d| self.ticket.checked_sub(d))
             .map(|t| keys::queue_entry(&self.name, t))
             .collect();
-        keys.push(self.lock_key.clone());
+        keys.push(notify::marker(&self.lock_key));
         keys
+    }
+
+    /// Asks the core for an attempt that likely succeeds; `false` when the
+    /// acquisition is over.
+    fn fire_hinted(&self) -> bool {
+        self.hint.store(true, Ordering::SeqCst);
+        self.fire()
     }
 
     /// Asks the core for an attempt; `false` when the acquisition is over.
@@ -369,7 +415,7 @@ impl Waiter {
                 }
                 Place::Behind(_) => {}
                 Place::Head { free } => {
-                    if free && !self.fire() {
+                    if free && !self.fire_hinted() {
                         return;
                     }
                     match self
@@ -482,10 +528,10 @@ impl Waiter {
             tokio::select! {
                 w = next(wakes) => match w {
                     Some(i) if i == lock_at => {
-                        // A release marker or a store of the lock key.
+                        // A Rust holder's release marker.
                         poll.reset();
                         poll_at = Instant::now() + jitter(poll.next_delay());
-                        if !self.fire() {
+                        if !self.fire_hinted() {
                             return None;
                         }
                     }

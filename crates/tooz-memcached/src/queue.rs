@@ -44,10 +44,10 @@ use crate::keys::{self, LockValue};
 use crate::notify;
 
 /// Lifetime of a waiter's queue entry (refreshed while it waits).
-pub(crate) const ENTRY_TTL: Duration = Duration::from_secs(6);
+pub(crate) const ENTRY_TTL: Duration = Duration::from_secs(20);
 /// How often a waiter refreshes its entry, and how often a waiter that is not
 /// the head looks at the entry ahead when the mutation log is read.
-pub(crate) const REFRESH: Duration = Duration::from_secs(2);
+pub(crate) const REFRESH: Duration = Duration::from_secs(6);
 /// How many tickets below its own a waiter reads to find the one ahead.
 pub(crate) const WINDOW: u64 = 48;
 /// Lifetime of the ticket counter (re-created above every ticket it gave).
@@ -56,6 +56,9 @@ const COUNTER_TTL_SECS: u64 = 86_400;
 const HEAD_POLL: (Duration, Duration) = (Duration::from_millis(10), Duration::from_millis(250));
 /// The polling of the entry ahead without the mutation log.
 const BEHIND_POLL: (Duration, Duration) = (Duration::from_millis(10), Duration::from_millis(500));
+/// The slowest polling of the entry ahead without the mutation log grows with
+/// the square of the number of waiters ahead (times this).
+const BEHIND_STEP: Duration = Duration::from_millis(25);
 /// How long after the mutation log failed a waiter tries to read it again.
 const RESUBSCRIBE: Duration = Duration::from_secs(5);
 
@@ -253,8 +256,9 @@ pub(crate) async fn enqueue(
 
 /// Where a waiter stands after a read of its window.
 enum Place {
-    /// Behind the entry at this index of the watched keys.
-    Behind(usize),
+    /// Behind the entry at this index of the watched keys, with this many live
+    /// entries ahead in the window.
+    Behind(usize, u32),
     /// At the head; whether the lock looked free (worth an attempt at once).
     Head { free: bool },
 }
@@ -332,13 +336,17 @@ impl Waiter {
             own.is_some_and(|r| r.status != Status::Miss)
         };
         let mut ahead = None;
+        let mut waiting = 0u32;
         for (i, r) in replies.by_ref().take(lock_at).enumerate() {
-            if ahead.is_none() && live(r) {
-                ahead = Some(i);
+            if live(r) {
+                waiting += 1;
+                if ahead.is_none() {
+                    ahead = Some(i);
+                }
             }
         }
         let place = match ahead {
-            Some(i) => Place::Behind(i),
+            Some(i) => Place::Behind(i, waiting),
             None => {
                 let free = match replies.next().and_then(Item::hit) {
                     None => true,
@@ -408,12 +416,12 @@ impl Waiter {
                 errors.reset();
             }
             match place {
-                Place::Behind(ahead) if !register => {
+                Place::Behind(ahead, waiting) if !register => {
                     register = self
-                        .behind(&watched, ahead, &mut wakes, &mut subscribed_at)
+                        .behind(&watched, (ahead, waiting), &mut wakes, &mut subscribed_at)
                         .await;
                 }
-                Place::Behind(_) => {}
+                Place::Behind(..) => {}
                 Place::Head { free } => {
                     if free && !self.fire_hinted() {
                         return;
@@ -442,7 +450,7 @@ impl Waiter {
     async fn behind(
         &self,
         watched: &[Vec<u8>],
-        ahead: usize,
+        (ahead, waiting): (usize, u32),
         wakes: &mut Option<Keyed>,
         subscribed_at: &mut Instant,
     ) -> bool {
@@ -452,7 +460,14 @@ impl Waiter {
                 + if wakes.is_some() {
                     REFRESH
                 } else {
-                    jitter(poll.next_delay()).min(REFRESH)
+                    // Without the log (memcached serves 20 log readers), the
+                    // farther from the head, the slower: n waiters ahead, at
+                    // least n² × 25 ms.
+                    jitter(
+                        poll.next_delay()
+                            .max(BEHIND_STEP * waiting.saturating_mul(waiting)),
+                    )
+                    .min(REFRESH)
                 }
         };
         let mut poll_at = pause(wakes, &mut poll);

@@ -25,7 +25,7 @@
 //! | `__TOOZ_FENCE` + lock key | 0 | decimal fencing counter, created at the server's time in µs | none |
 //! | a lock key held **shared** | 2 | msgpack map reader token (`bin`) → member id (`bin`) | `lock_timeout` |
 //! | `__TOOZ_Q_<name>` | 0 | decimal ticket counter of a lock's waiter queue, created at the server's time in µs | a day |
-//! | `__TOOZ_Q<ticket>` + name (ticket: 16 lowercase hex digits) | 0 | `tooz-waiter`: a blocked acquire waiting in the queue | a few seconds, refreshed while it waits |
+//! | `__TOOZ_Q<ticket>` + name (ticket: 16 lowercase hex digits) | 0 | `tooz-waiter`: a blocked acquire waiting in the queue | 20 s, refreshed every 6 s while it waits |
 //!
 //! A Python process sees a shared hold as a lock taken by someone else (its `add`
 //! fails), which is the exclusion wanted.

@@ -45,8 +45,9 @@ use crate::notify;
 
 /// Lifetime of a waiter's queue entry (refreshed while it waits).
 pub(crate) const ENTRY_TTL: Duration = Duration::from_secs(20);
-/// How often a waiter refreshes its entry, and how often a waiter that is not
-/// the head looks at the entry ahead when the mutation log is read.
+/// How often a waiter refreshes its entry, and how often a waiter two or more
+/// places behind the head looks at the entry ahead when the mutation log is
+/// read (the one right behind the head looks as often as the head polls).
 pub(crate) const REFRESH: Duration = Duration::from_secs(6);
 /// How many tickets below its own a waiter reads to find the one ahead.
 pub(crate) const WINDOW: u64 = 48;
@@ -457,8 +458,13 @@ impl Waiter {
         let mut poll = Backoff::new(BEHIND_POLL.0, BEHIND_POLL.1);
         let pause = |wakes: &Option<Keyed>, poll: &mut Backoff| {
             Instant::now()
-                + if wakes.is_some() {
+                + if wakes.is_some() && waiting > 1 {
                     REFRESH
+                } else if wakes.is_some() {
+                    // Right behind the head: the head's leave line may be one
+                    // the log dropped, and the lock may then be free; look as
+                    // often as the head looks at the lock.
+                    jitter(poll.next_delay().min(HEAD_POLL.1))
                 } else {
                     // Without the log (memcached serves 20 log readers), the
                     // farther from the head, the slower: n waiters ahead, at

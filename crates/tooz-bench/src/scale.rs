@@ -143,6 +143,14 @@ impl ScaleSizes {
                      (MariaDB)",
                 );
             }
+            "memcached" => cap(
+                "members",
+                &mut self.members,
+                2_000,
+                "a group is one key holding every member (Python tooz's layout), \
+                 rewritten under compare-and-swap by each join: 10,000 joins took 648 s \
+                 here, longer than the first members' liveness keys lived",
+            ),
             "consul" => {
                 cap(
                     "waiters",

@@ -152,9 +152,31 @@ struct Place {
     reader: String,
     entry: Option<String>,
     unconfirmed: bool,
+    /// Ends when the write in flight (see [`Place::write`]) has its reply.
+    inflight: Option<tokio::sync::watch::Receiver<()>>,
 }
 
 impl Place {
+    /// Sends a write of the acquire (an attempt, a queue entry) in a task of its
+    /// own, so dropping the acquire cannot cut it off mid-flight: the clean-up
+    /// waits for its reply before it removes anything. (An undo that ran while
+    /// the write was still on its way read the lock free, and the write then
+    /// landed and stayed: a hold left behind by a dropped acquire.)
+    async fn write(&mut self, what: &'static str, ops: Vec<serde_json::Value>) -> Result<Txn> {
+        let (done, rx) = tokio::sync::watch::channel(());
+        self.inflight = Some(rx);
+        let inner = Arc::clone(&self.inner);
+        let r = tokio::spawn(async move {
+            let r = inner.client.txn(what, ops).await;
+            drop(done);
+            r
+        })
+        .await
+        .map_err(|e| ToozError::backend_msg(NAME, format!("{what}: {e}")))?;
+        self.inflight = None;
+        r
+    }
+
     /// Nothing is left to remove (granted, or given up cleanly).
     fn settled(&mut self) {
         self.entry = None;
@@ -168,6 +190,7 @@ impl Drop for Place {
             return;
         }
         let entry = self.entry.take();
+        let inflight = self.inflight.take();
         let undo = self.unconfirmed.then(|| {
             (
                 self.mode,
@@ -181,8 +204,12 @@ impl Drop for Place {
             self.session.clone(),
             "abandoned lock wait",
             move |i, s| {
-                let (entry, undo) = (entry.clone(), undo.clone());
+                let (entry, undo, inflight) = (entry.clone(), undo.clone(), inflight.clone());
                 async move {
+                    if let Some(mut rx) = inflight {
+                        // The write's reply: whatever it did is done.
+                        while rx.changed().await.is_ok() {}
+                    }
                     if let Some(e) = entry {
                         i.client
                             .txn("leaving the lock queue", vec![op::delete(&e)])
@@ -324,7 +351,7 @@ impl ConsulLock {
             // Until the reply is read, the write may have been applied: a drop or
             // an error leaves it to `Place` to undo.
             place.unconfirmed = true;
-            let r = self.inner.client.txn("acquire", ops).await?;
+            let r = place.write("acquire", ops).await?;
             place.unconfirmed = false;
             match r {
                 Txn::Applied(kvs) => return self.granted(place, &kvs).await,
@@ -511,17 +538,11 @@ impl ConsulLock {
             let entry = format!("{}{tag}{}", self.queue, uuid::Uuid::new_v4().simple());
             // Set before the request: a reply lost after the write leaves the entry.
             place.entry = Some(entry.clone());
-            let r = self
-                .inner
-                .client
-                .txn(
-                    "queueing for the lock",
-                    vec![
-                        op::lock(&entry, b"", &place.session, 0),
-                        op::get_tree(&self.queue),
-                    ],
-                )
-                .await?;
+            let ops = vec![
+                op::lock(&entry, b"", &place.session, 0),
+                op::get_tree(&self.queue),
+            ];
+            let r = place.write("queueing for the lock", ops).await?;
             let mut entries = match r {
                 Txn::Applied(kvs) => kvs,
                 Txn::Failed(_) => {
@@ -796,6 +817,7 @@ impl DriverLock for ConsulLock {
             reader: format!("{}{id}", self.readers),
             entry: None,
             unconfirmed: false,
+            inflight: None,
         };
         let deadline = deadline_of(wait);
         let waits = wait != Wait::No;

@@ -139,7 +139,7 @@ impl Inner {
 
     /// The server's time in µs, as well as it is known (its `stats` clock at
     /// start plus the local monotonic time since; the local clock without it).
-    pub(crate) fn server_micros(&self) -> u64 {
+    fn server_micros(&self) -> u64 {
         match *guard(&self.clock) {
             Some((secs, at)) => secs
                 .saturating_mul(1_000_000)
@@ -215,22 +215,20 @@ impl Inner {
     /// One attempt at an exclusive hold of `key`, in one round trip: the `add`, the
     /// fencing counter's advance and a read that checks the hold survived the
     /// advance (or, when the `add` failed, tells who holds the key and how long
-    /// for) are pipelined, followed by `extra` (whose replies are not read).
+    /// for) are pipelined.
     pub(crate) async fn acquire_exclusive(
         self: &Arc<Self>,
         key: &[u8],
         ttl: Duration,
-        extra: &[Cmd],
     ) -> Result<Grant> {
         for _ in 0..3 {
             let mut flags = self.ttl_flags(ttl, FLAG_RAW);
             flags.push("ME".into());
-            let mut cmds = vec![
+            let cmds = [
                 Cmd::set(key, self.member.as_bytes(), flags),
                 Cmd::arith(&keys::fence(key), self.fence_flags()),
                 Cmd::get(key, &["v", "c", "f", "t"]),
             ];
-            cmds.extend_from_slice(extra);
             let replies = match self.pool.pipeline("acquire", &cmds).await {
                 Ok(r) => r,
                 Err(e) => {
@@ -373,7 +371,7 @@ impl Inner {
 
     /// Runs an owner-checked cleanup in the background until it goes through or
     /// what it would free has expired anyway (see `tooz_core::util::spawn_cleanup`).
-    pub(crate) fn spawn_cleanup<F, Fut>(self: &Arc<Self>, what: &'static str, op: F)
+    fn spawn_cleanup<F, Fut>(self: &Arc<Self>, what: &'static str, op: F)
     where
         F: Fn(Arc<Inner>) -> Fut + Send + 'static,
         Fut: std::future::Future<Output = Result<bool>> + Send + 'static,
@@ -1240,7 +1238,7 @@ impl Driver for MemcachedDriver {
             return Ok(Some(FencingToken(l.fence)));
         }
         match i
-            .acquire_exclusive(&keys::leader(group), i.config.leader_timeout, &[])
+            .acquire_exclusive(&keys::leader(group), i.config.leader_timeout)
             .await?
         {
             Grant::Granted { cas, fence } => {

@@ -24,8 +24,6 @@
 //! |---|---|---|---|
 //! | `__TOOZ_FENCE` + lock key | 0 | decimal fencing counter, created at the server's time in µs | none |
 //! | a lock key held **shared** | 2 | msgpack map reader token (`bin`) → member id (`bin`) | `lock_timeout` |
-//! | `__TOOZ_Q_<name>` | 0 | decimal ticket counter of a lock's waiter queue, created at the server's time in µs | a day |
-//! | `__TOOZ_Q<ticket>` + name (ticket: 16 lowercase hex digits) | 0 | `tooz-waiter`: a blocked acquire waiting in the queue | 20 s, refreshed every 6 s while it waits |
 //!
 //! A Python process sees a shared hold as a lock taken by someone else (its `add`
 //! fails), which is the exclusion wanted.
@@ -47,13 +45,6 @@ pub const LOCK_PREFIX: &[u8] = b"__TOOZ_LOCK_";
 pub const LEADER_PREFIX: &[u8] = b"_TOOZ_GROUP_LEADER_";
 /// Prefix of fencing counters (followed by the lock or leader key).
 pub const FENCE_PREFIX: &[u8] = b"__TOOZ_FENCE";
-/// Prefix of a lock's waiter queue keys: the ticket counter (`__TOOZ_Q_` + name)
-/// and the waiters' entries (`__TOOZ_Q` + 16 hex digits + name). With at most
-/// 24 bytes before the name, as a fencing counter has, every valid lock name's
-/// queue keys fit memcached's 250 bytes.
-pub const QUEUE_PREFIX: &[u8] = b"__TOOZ_Q";
-/// The value of a waiter's queue entry.
-pub const WAITER: &[u8] = b"tooz-waiter";
 /// The value of a member liveness key.
 pub const STILL_ALIVE: &[u8] = b"It's alive!";
 /// Flag of raw byte values.
@@ -89,16 +80,6 @@ pub fn leader(g: &GroupId) -> Vec<u8> {
 /// The fencing counter of a lock or leader key.
 pub fn fence(lock_key: &[u8]) -> Vec<u8> {
     cat(FENCE_PREFIX, lock_key)
-}
-
-/// The ticket counter of the waiter queue of lock `name`: `__TOOZ_Q_<name>`
-/// (`_` is no hex digit, so it never aliases an entry).
-pub fn queue_counter(name: &[u8]) -> Vec<u8> {
-    [QUEUE_PREFIX, b"_", name].concat()
-}
-/// The queue entry of the waiter holding `ticket` of lock `name`.
-pub fn queue_entry(name: &[u8], ticket: u64) -> Vec<u8> {
-    [QUEUE_PREFIX, format!("{ticket:016x}").as_bytes(), name].concat()
 }
 
 fn invalid(kind: &'static str, id: String, reason: impl Into<String>) -> ToozError {
@@ -398,8 +379,6 @@ mod tests {
         assert_eq!(lock(b"l"), b"__TOOZ_LOCK_l");
         assert_eq!(leader(&"g".into()), b"__TOOZ_LOCK__TOOZ_GROUP_LEADER_g");
         assert_eq!(fence(b"__TOOZ_LOCK_l"), b"__TOOZ_FENCE__TOOZ_LOCK_l");
-        assert_eq!(queue_counter(b"l"), b"__TOOZ_Q_l");
-        assert_eq!(queue_entry(b"l", 0x1f), b"__TOOZ_Q000000000000001fl");
     }
 
     #[test]
@@ -412,9 +391,6 @@ mod tests {
         assert!(check_id(IdRef::Lock(&l)).is_err());
         let l: LockName = "x".repeat(226).as_str().into();
         assert!(check_id(IdRef::Lock(&l)).is_ok());
-        // The longest name's queue keys fit too.
-        assert!(queue_entry(l.as_bytes(), u64::MAX).len() <= MAX_KEY);
-        assert!(queue_counter(l.as_bytes()).len() <= MAX_KEY);
         let l: LockName = "x".repeat(227).as_str().into();
         assert!(check_id(IdRef::Lock(&l)).is_err());
         let m: MemberId = "héllo".into();

@@ -7,7 +7,6 @@ mod driver;
 mod keys;
 mod lock;
 mod notify;
-mod queue;
 mod watch;
 
 pub use config::{DEFAULT_PORT, DEFAULT_TIMEOUT, KNOWN_OPTIONS, MemcachedConfig};

@@ -1,19 +1,12 @@
-//! Lock handles: one attempt at a time, driven by the core. A blocked acquire
-//! waits in the lock's queue (see the `queue` module): its wake-ups come from its
-//! waiter task, which asks for an attempt only when it is the head of the queue.
+//! Lock handles: one attempt at a time, driven by the core (memcached cannot
+//! push a release, so waiters poll with the core's jittered backoff).
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 
 use tooz_core::{Attempt, DriverLock, FencingToken, LockName, Mode, Result, WakeStream};
 
 use crate::driver::{Grant, Inner, new_token};
 use crate::keys;
-use crate::queue::{self, Entry};
-
-fn guard<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
 
 /// What a handle holds: an exclusive hold is known by the CAS value of its key,
 /// a shared one by its reader token.
@@ -30,13 +23,6 @@ pub(crate) struct MemcachedLock {
     pub(crate) key: Vec<u8>,
     inner: Arc<Inner>,
     pub(crate) hold: tokio::sync::Mutex<Option<Hold>>,
-    /// The queue entry of the acquisition in progress, once it blocked.
-    queued: Mutex<Option<Arc<Entry>>>,
-    /// The mode of the last attempt (the queue's head joins readers).
-    mode: Mutex<Mode>,
-    /// The last wake-ups handed out come from the queue (they cover a release
-    /// right after the failed attempt).
-    covers: AtomicBool,
 }
 
 impl MemcachedLock {
@@ -46,9 +32,6 @@ impl MemcachedLock {
             name,
             inner,
             hold: tokio::sync::Mutex::new(None),
-            queued: Mutex::new(None),
-            mode: Mutex::new(Mode::Exclusive),
-            covers: AtomicBool::new(false),
         }
     }
 
@@ -88,14 +71,6 @@ impl DriverLock for MemcachedLock {
 
     #[tracing::instrument(level = "debug", skip_all, fields(lock = %self.name, ?mode))]
     async fn try_acquire(&self, mode: Mode) -> Result<Attempt> {
-        *guard(&self.mode) = mode;
-        let entry = guard(&self.queued).clone().filter(|e| !e.has_left());
-        let queued = entry.is_some();
-        // The head woken by a release leaves the queue in the attempt's round trip.
-        let leaving = match (&entry, mode) {
-            (Some(e), Mode::Exclusive) => e.leave_with_attempt(),
-            _ => None,
-        };
         let mut hold = self.hold.lock().await;
         let (grant, new) = match mode {
             Mode::Shared => {
@@ -106,11 +81,7 @@ impl DriverLock for MemcachedLock {
             _ => {
                 let g = self
                     .inner
-                    .acquire_exclusive(
-                        &self.key,
-                        self.inner.config.lock_timeout,
-                        leaving.as_ref().map_or(&[], |c| &c[..]),
-                    )
+                    .acquire_exclusive(&self.key, self.inner.config.lock_timeout)
                     .await?;
                 let cas = match g {
                     Grant::Granted { cas, .. } => cas,
@@ -122,26 +93,7 @@ impl DriverLock for MemcachedLock {
         match grant {
             Grant::Granted { fence, .. } => {
                 *hold = Some(new);
-                // Out of the queue: the waiter behind moves up.
-                if let Some(e) = guard(&self.queued).take() {
-                    if leaving.is_some() {
-                        e.left_with();
-                    } else {
-                        e.leave();
-                    }
-                }
                 Ok(Attempt::Granted(FencingToken(fence)))
-            }
-            // Queued: the waiter's task says when to try again.
-            Grant::Held(_) if queued => {
-                drop(hold);
-                if let (Some(e), Some(_)) = (&entry, &leaving) {
-                    e.rejoin().await;
-                }
-                Ok(Attempt::Held {
-                    expires_in: None,
-                    notifies: true,
-                })
             }
             Grant::Held(expires_in) => Ok(Attempt::Held {
                 expires_in,
@@ -164,39 +116,16 @@ impl DriverLock for MemcachedLock {
         }
     }
 
-    /// Queues the blocked acquire (see the `queue` module): the stream yields
-    /// when it is the head and the lock may be free, and leaves the queue when
-    /// dropped. If it cannot queue (the ticket counter holds junk, a backend
-    /// error), hints from the mutation log as before: a Rust holder's release
-    /// marker or a store of the lock key, with the core polling as well.
+    /// Hints from the mutation log: a Rust holder's release marker or a store
+    /// of the lock key. The core keeps polling as well (`notifies: false`), for
+    /// Python holders, expiries and skipped log lines.
     async fn wakeups(&self) -> Result<Option<WakeStream>> {
-        if let Some(old) = guard(&self.queued).take() {
-            old.leave();
-        }
-        let mode = *guard(&self.mode);
-        match queue::enqueue(&self.inner, self.name.as_bytes(), &self.key, mode).await {
-            Ok((entry, wakes)) => {
-                *guard(&self.queued) = Some(entry);
-                self.covers.store(true, Ordering::SeqCst);
-                return Ok(Some(Box::pin(wakes)));
-            }
-            Err(e) => {
-                tracing::debug!(lock = %self.name, error = %e, "memcached: cannot queue; polling the lock");
-            }
-        }
-        self.covers.store(false, Ordering::SeqCst);
         Ok(self
             .inner
             .notifier
             .subscribe(std::slice::from_ref(&self.key))
             .await
             .map(|s| -> WakeStream { Box::pin(s) }))
-    }
-
-    /// A queued waiter's task reads the lock after it subscribed to its release
-    /// markers, so no release since the last attempt is missed.
-    fn wakeups_cover_last_attempt(&self) -> bool {
-        self.covers.load(Ordering::SeqCst)
     }
 
     async fn heartbeat(&self) -> Result<bool> {

@@ -79,16 +79,6 @@ impl Notifier {
         self: &Arc<Self>,
         keys: &[Vec<u8>],
     ) -> Option<impl Stream<Item = ()> + Send + 'static + use<>> {
-        use futures_util::StreamExt;
-        Some(self.subscribe_keyed(keys).await?.map(|_| ()))
-    }
-
-    /// As [`Notifier::subscribe`], each item the index in `keys` of the key
-    /// stored (skipped log lines yield every index).
-    pub(crate) async fn subscribe_keyed(
-        self: &Arc<Self>,
-        keys: &[Vec<u8>],
-    ) -> Option<impl Stream<Item = usize> + Send + Unpin + 'static + use<>> {
         if self.state().refused {
             return None;
         }
@@ -123,24 +113,20 @@ impl Notifier {
         if !st.running {
             return None;
         }
-        let rxs: Vec<(usize, broadcast::Receiver<()>)> = keys
+        let rxs: Vec<broadcast::Receiver<()>> = keys
             .iter()
-            .enumerate()
-            .map(|(i, k)| {
-                (
-                    i,
-                    st.subs
-                        .entry(k.clone())
-                        .or_insert_with(|| broadcast::channel(1).0)
-                        .subscribe(),
-                )
+            .map(|k| {
+                st.subs
+                    .entry(k.clone())
+                    .or_insert_with(|| broadcast::channel(1).0)
+                    .subscribe()
             })
             .collect();
         Some(futures_util::stream::select_all(rxs.into_iter().map(
-            |(i, rx)| {
-                Box::pin(futures_util::stream::unfold(rx, move |mut rx| async move {
+            |rx| {
+                Box::pin(futures_util::stream::unfold(rx, |mut rx| async move {
                     match rx.recv().await {
-                        Ok(()) | Err(broadcast::error::RecvError::Lagged(_)) => Some((i, rx)),
+                        Ok(()) | Err(broadcast::error::RecvError::Lagged(_)) => Some(((), rx)),
                         Err(broadcast::error::RecvError::Closed) => None,
                     }
                 }))
@@ -193,15 +179,6 @@ impl Notifier {
             }
             return;
         }
-        // A store that changed nothing (a failed `add`, a CAS conflict) wakes
-        // nobody.
-        if text
-            .split_ascii_whitespace()
-            .find_map(|t| t.strip_prefix("status="))
-            .is_some_and(|s| s != "stored")
-        {
-            return;
-        }
         let Some(key) = text
             .split_ascii_whitespace()
             .find_map(|t| t.strip_prefix("key="))
@@ -209,14 +186,8 @@ impl Notifier {
             return;
         };
         let key = percent_decode(key);
-        // A release marker wakes those waiting on its lock key, and those waiting
-        // on the marker itself (releases only).
-        if let Some(lock) = key.strip_prefix(FREE_PREFIX)
-            && let Some(tx) = st.subs.get(lock)
-        {
-            let _ = tx.send(());
-        }
-        if let Some(tx) = st.subs.get(&key) {
+        let key = key.strip_prefix(FREE_PREFIX).unwrap_or(&key);
+        if let Some(tx) = st.subs.get(key) {
             let _ = tx.send(());
         }
     }
@@ -275,9 +246,6 @@ mod tests {
             b"ts=1.2 gid=4 type=item_store key=__TOOZ_FREE___TOOZ_LOCK_x status=stored cmd=set\n",
         );
         assert!(rx.try_recv().is_ok());
-        // A failed add changes nothing.
-        n.dispatch(b"ts=1.2 gid=5 type=item_store key=__TOOZ_LOCK_x status=not_stored cmd=add\n");
-        assert!(rx.try_recv().is_err());
         n.dispatch(b"skipped=3\n");
         assert!(rx.try_recv().is_ok());
     }

@@ -56,8 +56,12 @@ const PROFILES: &[Profile] = &[
         // The shortest session a default server grants: twice its 2 s tick.
         options: &[("timeout", "4")],
         lease: secs(4),
-        // Sessions expire on the server's tick: up to one tick late.
-        free_bound: secs(6),
+        // Sessions expire on the server's tick: up to one tick late. Measured here,
+        // a killed holder's lock was free 7.2-7.3 s after the kill (the probe's own
+        // session start and the server's logged close of the dead session on top of
+        // the 6 s), and one CI run saw a lock not free within 6 + 2 s of slack:
+        // one more tick of headroom.
+        free_bound: secs(8),
         proxy: true,
         node: Some("zookeeper"),
         wipe: false,

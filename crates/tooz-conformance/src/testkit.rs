@@ -29,7 +29,8 @@
 //! use tooz_conformance::testkit::{Backend, unique};
 //! use tooz_core::Wait;
 //!
-//! # fn driver() -> tooz_core::DriverDescriptor { unimplemented!() }
+//! # // Stands for the driver crate's own `DRIVER`.
+//! # fn driver() -> tooz_core::DriverDescriptor { tooz_core::memory::DRIVER }
 //! // A test of the driver crate, run under `#[tokio::test]`.
 //! async fn a_lock_is_exclusive() {
 //!     let Some(backend) = Backend::from_env("TOOZ_TEST_MYDRIVER_URL", driver(), "a_lock_is_exclusive")

@@ -16,35 +16,21 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
+use tooz_conformance::testkit::{self, unique};
 use tooz_consul::{ConsulConfig, ConsulDriver};
 use tooz_core::{Coordinator, MemberId, Wait};
 
 const URL_ENV: &str = "TOOZ_TEST_CONSUL_URL";
 
+/// The server's URL, or `None` when the test is skipped (a failure instead with
+/// `TOOZ_REQUIRE_BACKENDS=1`).
 fn base(test: &str) -> Option<String> {
-    match std::env::var(URL_ENV) {
-        Ok(u) if !u.trim().is_empty() => Some(u.trim().to_string()),
-        _ => {
-            assert!(
-                std::env::var("TOOZ_REQUIRE_BACKENDS").as_deref() != Ok("1"),
-                "{URL_ENV} is not set and TOOZ_REQUIRE_BACKENDS=1"
-            );
-            eprintln!("SKIPPED {test}: {URL_ENV} is not set");
-            None
-        }
-    }
-}
-
-fn unique(s: &str) -> String {
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos());
-    format!("{s}-{}-{nanos:x}", std::process::id())
+    testkit::backend_url(URL_ENV, test)
 }
 
 /// Polls observable state until `f` holds.

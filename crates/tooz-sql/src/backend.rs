@@ -33,9 +33,6 @@ pub(crate) trait Backend: Send + Sync + fmt::Debug + Sized + 'static {
     /// long are gone.
     fn ttl(&self) -> Duration;
 
-    /// How often polled event streams look (MySQL); `None` where the server pushes.
-    fn poll_interval(&self) -> Option<Duration>;
-
     /// Creates the tables if absent (or checks their version), and learns what the
     /// server supports.
     async fn prepare(&self) -> Result<()>;
@@ -166,7 +163,8 @@ pub(crate) trait Backend: Send + Sync + fmt::Debug + Sized + 'static {
     async fn resign(&self, lease: i64, group: &GroupId) -> Result<bool>;
     /// The live leader.
     async fn get_leader(&self, group: &GroupId) -> Result<Option<MemberId>>;
-    /// A push source of the group's changes, where the database pushes.
+    /// The source of the group's changes (`GroupNotCreated` for an unknown group):
+    /// notifications on PostgreSQL, one poller for every watched group on MySQL.
     async fn watch(&self, group: &GroupId) -> Result<Option<DriverEventStream>>;
     /// Closes the idle connections (at `stop`; new ones open on demand).
     fn disconnect(&self);

@@ -10,7 +10,7 @@ use tooz_core::{Options, Result, ToozError, Url};
 /// memberships, leaderships and lock sessions.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// How often a MySQL event stream polls (`poll_interval`, default 0.5 s).
+/// How often MySQL's watch poller looks (`poll_interval`, default 0.5 s).
 pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(500);
 
 /// Options of `postgresql://` URLs: Python tooz's (`host`, `port`, `dbname`), ours
@@ -52,7 +52,8 @@ pub struct Common {
     pub timeout: Duration,
     /// How long connecting may take (`connect_timeout`, default 10 s).
     pub connect_timeout: Duration,
-    /// MySQL event streams poll this often (`poll_interval`, default 0.5 s).
+    /// MySQL's watch poller reads every watched group this often (`poll_interval`,
+    /// default 0.5 s).
     pub poll_interval: Duration,
 }
 

@@ -5,13 +5,12 @@ use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
 
 use tokio::time::Instant;
 use tooz_core::lease::LeaseState;
 use tooz_core::{
-    Capabilities, Characteristic, Driver, DriverEvent, DriverEventStream, DriverInfo, DriverLock,
-    FencingToken, GroupId, Held, LockName, MemberId, MemberInfo, Mode, Renewal, Result,
+    Capabilities, Characteristic, Driver, DriverEventStream, DriverInfo, DriverLock, FencingToken,
+    GroupId, Held, LockName, MemberId, MemberInfo, Mode, Renewal, Result,
 };
 
 use crate::backend::{Backend, is_broken, member_set, to_tooz};
@@ -426,21 +425,6 @@ impl<B: Backend> Driver for SqlDriver<B> {
     }
 
     async fn watch_group(&self, group: &GroupId) -> Result<Option<DriverEventStream>> {
-        match self.inner.db.poll_interval() {
-            None => self.inner.db.watch(group).await,
-            Some(every) => {
-                self.get_members(group).await?;
-                Ok(Some(polled(every)))
-            }
-        }
+        self.inner.db.watch(group).await
     }
-}
-
-/// A stream that asks the core to re-read the group every `every` (for a database
-/// that cannot push).
-fn polled(every: Duration) -> DriverEventStream {
-    Box::pin(futures_util::stream::unfold((), move |()| async move {
-        tokio::time::sleep(every).await;
-        Some((DriverEvent::Changed, ()))
-    }))
 }

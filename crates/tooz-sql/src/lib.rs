@@ -44,7 +44,8 @@ pub const POSTGRESQL: DriverDescriptor = DriverDescriptor {
 };
 
 /// The MySQL/MariaDB driver's registry entry: name `"mysql"`, scheme `mysql`.
-/// Membership and leader changes are polled (`poll_interval`); a lock waiter still
+/// Membership and leader changes are polled (`poll_interval`), one statement per
+/// interval for every group the coordinator watches; a lock waiter still
 /// waits server-side (`GET_LOCK`), so it is woken by the release.
 ///
 /// ```

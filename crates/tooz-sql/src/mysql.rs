@@ -10,16 +10,20 @@
 //! on each reader lock in turn. A Python holder takes only the name, so it does not
 //! see our shared holders (Python has no shared locks on MySQL).
 
+use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use sqlx::mysql::{MySqlConnection, MySqlPool, MySqlPoolOptions};
+use sqlx::mysql::{MySqlConnectOptions, MySqlConnection, MySqlPool, MySqlPoolOptions};
 use sqlx::{Connection, Executor, Row};
+use tokio::sync::mpsc;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 use tooz_core::{
-    Capabilities, DriverEventStream, GroupId, LockName, MemberId, MemberInfo, Mode, Result,
-    ToozError,
+    Capabilities, DriverEvent, DriverEventStream, GroupId, LockName, MemberId, MemberInfo, Mode,
+    Result, ToozError,
 };
 
 use crate::backend::{Backend, Idle, Lent, Token, micros, system_time, to_tooz};
@@ -147,6 +151,8 @@ pub(crate) struct MySql {
     /// The longest `GET_LOCK` name the server takes (MySQL 64 characters, MariaDB
     /// 192 bytes); longer names are mapped.
     name_limit: AtomicUsize,
+    /// The one poller of every watched group.
+    watches: Arc<Watches>,
 }
 
 impl MySql {
@@ -165,11 +171,19 @@ impl MySql {
                 })
             })
             .connect_lazy_with(cfg.connect.clone());
+        let watches = Arc::new(Watches {
+            state: Mutex::new(WatchState::default()),
+            connect: cfg.connect.clone(),
+            connect_timeout: cfg.common.connect_timeout,
+            every: cfg.common.poll_interval,
+            stop: CancellationToken::new(),
+        });
         MySql {
             cfg,
             pool,
             idle: Idle::new(),
             name_limit: AtomicUsize::new(crate::layout::MYSQL_MAX_LOCK_NAME),
+            watches,
         }
     }
 
@@ -300,10 +314,6 @@ impl Backend for MySql {
 
     fn ttl(&self) -> Duration {
         self.cfg.common.timeout
-    }
-
-    fn poll_interval(&self) -> Option<Duration> {
-        Some(self.cfg.common.poll_interval)
     }
 
     async fn prepare(&self) -> Result<()> {
@@ -1130,7 +1140,199 @@ impl Backend for MySql {
         drop(self.idle.clear());
     }
 
-    async fn watch(&self, _group: &GroupId) -> Result<Option<DriverEventStream>> {
-        Ok(None)
+    async fn watch(&self, group: &GroupId) -> Result<Option<DriverEventStream>> {
+        let g = group.as_bytes().to_vec();
+        let mut prints = on_conn!(self, |c| fingerprints(c, std::slice::from_ref(&g)).await)
+            .map_err(Self::err("reading a group"))?;
+        let Some(print) = prints.remove(&g) else {
+            return Err(ToozError::GroupNotCreated(group.clone()));
+        };
+        let rx = self.watches.subscribe(g, Some(print));
+        Ok(Some(Box::pin(futures_util::stream::unfold(
+            rx,
+            |mut rx| async move {
+                rx.recv().await?;
+                Some((DriverEvent::Changed, rx))
+            },
+        ))))
+    }
+}
+
+impl Drop for MySql {
+    fn drop(&mut self) {
+        // Ends the watch poller.
+        self.watches.stop.cancel();
+    }
+}
+
+/// What decides a group's events: the number of live members, an XOR of 64 bits of
+/// each live member id's MD5, and the live leader. `None`: the group is gone.
+type Print = Option<(i64, u64, Option<Vec<u8>>)>;
+
+/// Groups read by one [`fingerprints`] statement.
+const PRINTS_PER_STATEMENT: usize = 1_000;
+
+/// The fingerprint of each of `groups` that exists, in one statement.
+async fn fingerprints(
+    conn: &mut MySqlConnection,
+    groups: &[Vec<u8>],
+) -> std::result::Result<HashMap<Vec<u8>, (i64, u64, Option<Vec<u8>>)>, sqlx::Error> {
+    let mut sql = String::from(concat!(
+        "SELECT g.group_id, COUNT(m.member_id), \
+         BIT_XOR(CAST(CONV(LEFT(MD5(m.member_id), 16), 16, 10) AS UNSIGNED)), \
+         (SELECT ld.member_id FROM tooz_leaders ld JOIN tooz_leases dl \
+         ON dl.lease_id = ld.lease_id AND dl.expires_us > ",
+        now_us!(),
+        " WHERE ld.group_id = g.group_id) \
+         FROM tooz_groups g LEFT JOIN (tooz_members m JOIN tooz_leases l \
+         ON l.lease_id = m.lease_id AND l.expires_us > ",
+        now_us!(),
+        ") ON m.group_id = g.group_id WHERE g.group_id IN ("
+    ));
+    for i in 0..groups.len() {
+        sql.push_str(if i == 0 { "?" } else { ", ?" });
+    }
+    sql.push_str(") GROUP BY g.group_id");
+    let mut q = sqlx::query(&sql);
+    for g in groups {
+        q = q.bind(g.as_slice());
+    }
+    let rows = q.fetch_all(conn).await?;
+    let mut out = HashMap::with_capacity(rows.len());
+    for r in rows {
+        out.insert(r.try_get(0)?, (r.try_get(1)?, r.try_get(2)?, r.try_get(3)?));
+    }
+    Ok(out)
+}
+
+/// The one poller of every group a coordinator watches (MySQL cannot push): every
+/// `poll_interval` one statement reads the [`Print`] of every watched group, and only
+/// the streams of groups whose print moved are woken; the core then re-reads those
+/// groups. An idle watch of 1,000 groups costs one statement per interval, on a
+/// connection of its own, instead of two statements per group.
+#[derive(Debug)]
+struct Watches {
+    state: Mutex<WatchState>,
+    connect: MySqlConnectOptions,
+    connect_timeout: Duration,
+    every: Duration,
+    stop: CancellationToken,
+}
+
+#[derive(Debug, Default)]
+struct WatchState {
+    groups: HashMap<Vec<u8>, Watched>,
+    /// Whether the poller task runs (it ends when nothing is watched).
+    running: bool,
+}
+
+#[derive(Debug)]
+struct Watched {
+    /// The print the subscribers last saw the group at.
+    last: Print,
+    subs: Vec<mpsc::Sender<()>>,
+}
+
+impl Watches {
+    /// A wake-up channel for `group`, whose print was `seen` before the subscriber
+    /// read the group. A group already watched keeps the older print, so a change
+    /// between the two reads still wakes everyone (the newer subscriber at worst
+    /// once for nothing).
+    fn subscribe(self: &Arc<Self>, group: Vec<u8>, seen: Print) -> mpsc::Receiver<()> {
+        let (tx, rx) = mpsc::channel(1);
+        let mut st = crate::driver::guard(&self.state);
+        st.groups
+            .entry(group)
+            .or_insert_with(|| Watched {
+                last: seen,
+                subs: Vec::new(),
+            })
+            .subs
+            .push(tx);
+        if !st.running {
+            st.running = true;
+            tokio::spawn(Arc::clone(self).poll());
+        }
+        rx
+    }
+
+    async fn poll(self: Arc<Self>) {
+        let mut conn: Option<MySqlConnection> = None;
+        loop {
+            tokio::select! {
+                () = self.stop.cancelled() => return,
+                () = tokio::time::sleep(self.every) => {}
+            }
+            let groups: Vec<Vec<u8>> = {
+                let mut st = crate::driver::guard(&self.state);
+                st.groups.retain(|_, w| {
+                    w.subs.retain(|t| !t.is_closed());
+                    !w.subs.is_empty()
+                });
+                if st.groups.is_empty() {
+                    st.running = false;
+                    return;
+                }
+                st.groups.keys().cloned().collect()
+            };
+            let c = match conn.as_mut() {
+                Some(c) => c,
+                None => match self.connect().await {
+                    Ok(c) => conn.insert(c),
+                    Err(e) => {
+                        tracing::debug!(error = %e, "the watch poller could not connect");
+                        continue;
+                    }
+                },
+            };
+            let mut prints = HashMap::with_capacity(groups.len());
+            let mut failed = false;
+            for chunk in groups.chunks(PRINTS_PER_STATEMENT) {
+                match tokio::time::timeout(self.connect_timeout, fingerprints(c, chunk)).await {
+                    Ok(Ok(p)) => prints.extend(p),
+                    Ok(Err(e)) => {
+                        tracing::debug!(error = %e, "the watch poller's read failed");
+                        failed = true;
+                        break;
+                    }
+                    Err(_) => {
+                        tracing::debug!("the watch poller's read timed out");
+                        failed = true;
+                        break;
+                    }
+                }
+            }
+            if failed {
+                // A fresh connection next time (a timed-out read leaves the old one
+                // mid-reply).
+                conn = None;
+                continue;
+            }
+            let mut st = crate::driver::guard(&self.state);
+            for g in groups {
+                let Some(w) = st.groups.get_mut(&g) else {
+                    continue;
+                };
+                let now = prints.remove(&g);
+                if w.last != now {
+                    w.last = now;
+                    for t in &w.subs {
+                        // Full: a wake-up is pending already.
+                        let _ = t.try_send(());
+                    }
+                }
+            }
+        }
+    }
+
+    async fn connect(&self) -> std::result::Result<MySqlConnection, sqlx::Error> {
+        let mut c = tokio::time::timeout(
+            self.connect_timeout,
+            MySqlConnection::connect_with(&self.connect),
+        )
+        .await
+        .map_err(|_| sqlx::Error::PoolTimedOut)??;
+        c.execute(ISOLATION).await?;
+        Ok(c)
     }
 }

@@ -331,10 +331,6 @@ impl Backend for Pg {
         self.cfg.common.timeout
     }
 
-    fn poll_interval(&self) -> Option<Duration> {
-        None
-    }
-
     async fn prepare(&self) -> Result<()> {
         let read = || async {
             on_conn!(self, |c| sqlx::query(

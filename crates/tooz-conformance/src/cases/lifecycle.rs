@@ -1,7 +1,8 @@
 //! Start/stop and cancellation (tooz `test_get_started_status`, `test_stop_first`),
 //! plus DESIGN §5a: `stop()` releases locks, leaves groups, wakes waiters with
 //! `Stopped` and fires loss signals; dropping an acquire future leaks nothing,
-//! even when it is dropped the instant the backend grants it; dropping a guard
+//! even when it is dropped the instant the backend grants it or while its request
+//! is still in flight (a queue entry, a write not yet answered); dropping a guard
 //! releases.
 
 use std::future::Future;
@@ -406,6 +407,125 @@ pub(crate) async fn dropped_acquire_does_not_leak(h: &Harness) -> CaseResult {
         dropped * 2 >= DROPS.len(),
         "only {dropped} of {} acquire futures were dropped before they finished: the race was not exercised",
         DROPS.len()
+    );
+    Ok(())
+}
+
+/// Runs `fut` and drops it once `delay` has passed; `Some` if it finished first. The
+/// deadline is watched by yielding to the scheduler until then (busy, but precise to
+/// microseconds: an acquire on a fast backend takes tens of them, far below tokio's
+/// millisecond timer).
+async fn drop_after<T>(delay: Duration, fut: impl Future<Output = T>) -> Option<T> {
+    let deadline = Instant::now() + delay;
+    let expired = async {
+        while Instant::now() < deadline {
+            tokio::task::yield_now().await;
+        }
+    };
+    tokio::select! {
+        biased;
+        r = fut => Some(r),
+        () = expired => None,
+    }
+}
+
+/// Acquires of [`acquire_dropped_in_flight_leaves_no_hold`], half of them contended.
+const IN_FLIGHT_DROPS: usize = 24;
+
+pub(crate) async fn acquire_dropped_in_flight_leaves_no_hold(h: &Harness) -> CaseResult {
+    let a = h.started(h.member("a")).await?;
+    let b = h.started(h.member("b")).await?;
+    // As in `dropped_acquire_does_not_leak`: a leaked hold would outlast this.
+    let leftover = h.lease() / 2;
+    // How long an uncontended acquire takes here: the drops are spread over it.
+    let mut took = Vec::new();
+    for i in 0..5 {
+        let l = a.get_lock(h.lock_name(&format!("warm{i}"))).ctx("get_lock")?;
+        let start = Instant::now();
+        ensure!(
+            l.acquire(Wait::No).await.ctx("warm-up acquire")?,
+            "a warm-up acquire of a free lock returned false"
+        );
+        took.push(start.elapsed());
+        ensure!(l.release().await.ctx("release")?, "release returned false");
+    }
+    took.sort();
+    let typical = took[took.len() / 2];
+    let mut names = Vec::with_capacity(IN_FLIGHT_DROPS);
+    let mut dropped = 0;
+    for i in 0..IN_FLIGHT_DROPS {
+        // Even attempts are free locks: the drop lands while the request is on its
+        // way, being served, or its grant on the way back (0 to 1.2 typical
+        // acquires). Odd ones wait behind b's hold: the drop lands while the waiter
+        // registers or waits (0 to 2.4), and b releases after it.
+        let contended = i % 2 == 1;
+        let steps = (IN_FLIGHT_DROPS / 2) as u32;
+        let span = if contended {
+            typical * 12 / 5
+        } else {
+            typical * 6 / 5
+        };
+        let delay = span * (i / 2) as u32 / steps;
+        let name = h.lock_name(&format!("inflight{i}"));
+        let la = a.get_lock(&name).ctx("get_lock")?;
+        let lb = b.get_lock(&name).ctx("get_lock")?;
+        if contended {
+            ensure!(
+                lb.acquire(Wait::No).await.ctx("b acquire")?,
+                "attempt {i}: b could not take a free lock"
+            );
+        }
+        match drop_after(delay, la.acquire(Wait::Forever)).await {
+            Some(Ok(true)) => {
+                ensure!(
+                    !contended,
+                    "attempt {i}: a's acquire returned true while b held the lock"
+                );
+                ensure!(
+                    la.release().await.ctx("a release")?,
+                    "attempt {i}: a release returned false"
+                );
+            }
+            Some(Ok(false)) => fail!("attempt {i}: a's blocking acquire returned false"),
+            Some(Err(e)) => return Err(e).ctx("a acquire"),
+            None => dropped += 1,
+        }
+        if contended {
+            ensure!(
+                lb.release().await.ctx("b release")?,
+                "attempt {i}: b release returned false"
+            );
+        }
+        names.push(name);
+    }
+    // Another client takes every lock, all at once: whatever a's dropped acquires
+    // were granted or queued must have been given back.
+    let checks = names.iter().map(|name| {
+        let l = b.get_lock(name);
+        async move {
+            let l = l.ctx("get_lock")?;
+            let got = l.acquire(Wait::For(leftover)).await.ctx("b acquire")?;
+            if got {
+                ensure!(l.release().await.ctx("b release")?, "b release returned false");
+            }
+            Ok::<bool, CaseError>(got)
+        }
+    });
+    let got = futures_util::future::join_all(checks).await;
+    let mut left = Vec::new();
+    for (i, r) in got.into_iter().enumerate() {
+        if !r? {
+            left.push(i);
+        }
+    }
+    ensure!(
+        left.is_empty(),
+        "attempts {left:?} (of {IN_FLIGHT_DROPS}; {dropped} acquires dropped before they returned, \
+         typical acquire {typical:?}) left their lock held for {leftover:?} after the drop: leaked holds"
+    );
+    ensure!(
+        dropped * 2 >= IN_FLIGHT_DROPS,
+        "only {dropped} of {IN_FLIGHT_DROPS} acquire futures were dropped before they finished"
     );
     Ok(())
 }

@@ -205,6 +205,7 @@ pub static CASES: &[Case] = case_table![
     lifecycle::stop_leaves_groups,
     lifecycle::stop_wakes_waiter_with_stopped,
     lifecycle::dropped_acquire_does_not_leak,
+    lifecycle::acquire_dropped_in_flight_leaves_no_hold,
     lifecycle::guard_drop_releases,
     lifecycle::guard_release_reports,
     lifecycle::lost_fires_on_stop,

@@ -430,7 +430,7 @@ async fn drop_after<T>(delay: Duration, fut: impl Future<Output = T>) -> Option<
 }
 
 /// Acquires of [`acquire_dropped_in_flight_leaves_no_hold`], half of them contended.
-const IN_FLIGHT_DROPS: usize = 24;
+const IN_FLIGHT_DROPS: usize = 96;
 
 pub(crate) async fn acquire_dropped_in_flight_leaves_no_hold(h: &Harness) -> CaseResult {
     let a = h.started(h.member("a")).await?;

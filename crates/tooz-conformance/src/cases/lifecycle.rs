@@ -440,7 +440,9 @@ pub(crate) async fn acquire_dropped_in_flight_leaves_no_hold(h: &Harness) -> Cas
     // How long an uncontended acquire takes here: the drops are spread over it.
     let mut took = Vec::new();
     for i in 0..5 {
-        let l = a.get_lock(h.lock_name(&format!("warm{i}"))).ctx("get_lock")?;
+        let l = a
+            .get_lock(h.lock_name(&format!("warm{i}")))
+            .ctx("get_lock")?;
         let start = Instant::now();
         ensure!(
             l.acquire(Wait::No).await.ctx("warm-up acquire")?,
@@ -506,7 +508,10 @@ pub(crate) async fn acquire_dropped_in_flight_leaves_no_hold(h: &Harness) -> Cas
             let l = l.ctx("get_lock")?;
             let got = l.acquire(Wait::For(leftover)).await.ctx("b acquire")?;
             if got {
-                ensure!(l.release().await.ctx("b release")?, "b release returned false");
+                ensure!(
+                    l.release().await.ctx("b release")?,
+                    "b release returned false"
+                );
             }
             Ok::<bool, CaseError>(got)
         }

@@ -1144,3 +1144,39 @@ fn partition_consul() {
 fn partition_memcached() {
     partition_table("partition_memcached", "TOOZ_TEST_MEMCACHED_URL", 2);
 }
+
+/// PostgreSQL: the session connection holds the advisory lock; the server ends a
+/// session idle for `timeout` (`idle_session_timeout`, PostgreSQL ≥ 14), which frees it.
+#[cfg(feature = "postgresql")]
+#[test]
+fn partition_postgresql() {
+    partition_table("partition_postgresql", "TOOZ_TEST_POSTGRESQL_URL", 3);
+}
+
+#[cfg(not(feature = "postgresql"))]
+#[test]
+fn partition_postgresql() {
+    assert!(
+        !backends_required(),
+        "partition_postgresql: TOOZ_REQUIRE_BACKENDS=1 but tooz-cli was built without the postgresql feature"
+    );
+    eprintln!("SKIPPED partition_postgresql: built without the postgresql feature");
+}
+
+/// MySQL/MariaDB: the session connection holds the `GET_LOCK` name; the server ends
+/// a session idle for `timeout` (`wait_timeout`), which frees it.
+#[cfg(feature = "mysql")]
+#[test]
+fn partition_mysql() {
+    partition_table("partition_mysql", "TOOZ_TEST_MYSQL_URL", 3);
+}
+
+#[cfg(not(feature = "mysql"))]
+#[test]
+fn partition_mysql() {
+    assert!(
+        !backends_required(),
+        "partition_mysql: TOOZ_REQUIRE_BACKENDS=1 but tooz-cli was built without the mysql feature"
+    );
+    eprintln!("SKIPPED partition_mysql: built without the mysql feature");
+}

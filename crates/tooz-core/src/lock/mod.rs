@@ -388,7 +388,16 @@ impl Lock {
                     }
                 }
             };
-            let res = tracing::Instrument::instrument(attempt, span.clone()).await;
+            let res = match tracing::Instrument::instrument(attempt, span.clone()).await {
+                // `stop` cancels the waits before it ends the driver's session: a
+                // wait that failed because the session ended (both were ready when
+                // this task ran) was ended by the stop.
+                Err(e) if task_stop.is_cancelled() && !matches!(e, ToozError::Stopped) => {
+                    tracing::debug!(lock = %inner.name, error = %e, "a wait failed while stopping");
+                    Err(ToozError::Stopped)
+                }
+                r => r,
+            };
             crate::observe::lock_done(driver_name, "acquire", &span, started, &res);
             if let Ok(Some(t)) = &res {
                 span.record("token", t.0);

@@ -45,6 +45,11 @@ struct Mem {
     /// their wait is dropped.
     queue: std::sync::atomic::AtomicBool,
     wait_dropped: Arc<std::sync::atomic::AtomicBool>,
+    /// A queued wait fails once the driver is stopped (its session gone, as a
+    /// Consul queue entry vanishes with the session), instead of waiting for ever.
+    wait_fails_on_stop: std::sync::atomic::AtomicBool,
+    /// Cancelled by the driver's `stop`.
+    session_end: tokio_util::sync::CancellationToken,
 }
 
 /// A push source that never reports anything.
@@ -88,6 +93,13 @@ impl DriverLock for MemLock {
             }
         }
         let _flag = Flag(Arc::clone(&self.mem.wait_dropped));
+        if self.mem.wait_fails_on_stop.load(Ordering::SeqCst) {
+            self.mem.session_end.cancelled().await;
+            return Err(ToozError::backend_msg(
+                "mem",
+                "the wait's queue entry vanished with the session",
+            ));
+        }
         std::future::pending().await
     }
     async fn try_acquire(&self, _mode: Mode) -> Result<crate::driver::Attempt> {
@@ -156,6 +168,7 @@ impl Driver for MemDriver {
         Ok(())
     }
     async fn stop(&self) -> Result<()> {
+        self.0.session_end.cancel();
         Ok(())
     }
     async fn heartbeat(&self, held: &crate::driver::Held<'_>) -> Result<crate::driver::Renewal> {
@@ -769,4 +782,41 @@ async fn dropped_acquire_ends_a_queued_wait() {
         "the driver's wait outlived its caller"
     );
     c.stop().await.unwrap();
+}
+
+/// `stop` ends the driver's session after it cancelled the coordinator's waits; a
+/// queued wait that fails because of that (both ready before the waiting task next
+/// runs, as on a busy machine) still reports `Stopped`, not the driver's error.
+#[tokio::test]
+async fn queued_wait_failing_because_of_stop_is_stopped() {
+    let mem = Arc::new(Mem::default());
+    mem.queue.store(true, Ordering::SeqCst);
+    mem.wait_fails_on_stop.store(true, Ordering::SeqCst);
+    let c = Coordinator::new(
+        Arc::new(MemDriver(Arc::clone(&mem), false)),
+        "m".into(),
+        "mem://",
+    );
+    c.start(false).await.unwrap();
+    // Several waits: on this single-threaded runtime none runs between the
+    // cancellation and the session's end inside `stop`, so each task finds both
+    // its wait's error and the stop ready, and each chooses between them.
+    let waiters: Vec<_> = (0..16)
+        .map(|i| {
+            let lock = c.get_lock(format!("l{i}")).unwrap();
+            tokio::spawn(async move { lock.acquire(Wait::Forever).await })
+        })
+        .collect();
+    // Every waiter reaches the driver's wait.
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+    c.stop().await.unwrap();
+    for w in waiters {
+        let r = w.await.unwrap();
+        assert!(
+            matches!(r, Err(ToozError::Stopped)),
+            "a wait ended by stop returned {r:?}"
+        );
+    }
 }

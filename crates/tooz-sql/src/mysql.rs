@@ -193,13 +193,7 @@ impl MySql {
         if let Some(c) = self.idle.pop() {
             return Ok((self.idle.lend(c, turn), true));
         }
-        let mut c = tokio::time::timeout(
-            self.cfg.common.connect_timeout,
-            MySqlConnection::connect_with(&self.cfg.connect),
-        )
-        .await
-        .map_err(|_| sqlx::Error::PoolTimedOut)??;
-        c.execute(ISOLATION).await?;
+        let c = connect(&self.cfg.connect, self.cfg.common.connect_timeout).await?;
         Ok((self.idle.lend(c, turn), false))
     }
 
@@ -407,12 +401,7 @@ impl Backend for MySql {
     }
 
     async fn connect_holder(&self) -> std::result::Result<(MySqlConnection, i64), sqlx::Error> {
-        let mut c = tokio::time::timeout(
-            self.cfg.common.connect_timeout,
-            MySqlConnection::connect_with(&self.cfg.connect),
-        )
-        .await
-        .map_err(|_| sqlx::Error::PoolTimedOut)??;
+        let mut c = connect(&self.cfg.connect, self.cfg.common.connect_timeout).await?;
         // A client that stopped talking loses its session (and its locks) one lease
         // after its last statement.
         let ttl = self.ttl();
@@ -420,7 +409,6 @@ impl Backend for MySql {
         sqlx::query(&format!("SET SESSION wait_timeout = {secs}"))
             .execute(&mut c)
             .await?;
-        sqlx::query(ISOLATION).execute(&mut c).await?;
         let row = sqlx::query("SELECT CAST(CONNECTION_ID() AS SIGNED)")
             .fetch_one(&mut c)
             .await?;
@@ -1147,7 +1135,7 @@ impl Backend for MySql {
         let Some(print) = prints.remove(&g) else {
             return Err(ToozError::GroupNotCreated(group.clone()));
         };
-        let rx = self.watches.subscribe(g, Some(print));
+        let rx = self.watches.subscribe(g, print);
         Ok(Some(Box::pin(futures_util::stream::unfold(
             rx,
             |mut rx| async move {
@@ -1166,8 +1154,11 @@ impl Drop for MySql {
 }
 
 /// What decides a group's events: the number of live members, an XOR of 64 bits of
-/// each live member id's MD5, and the live leader. `None`: the group is gone.
-type Print = Option<(i64, u64, Option<Vec<u8>>)>;
+/// each live member id's MD5, and the live leader.
+type Fingerprint = (i64, u64, Option<Vec<u8>>);
+
+/// A group's [`Fingerprint`]; `None`: the group is gone.
+type Print = Option<Fingerprint>;
 
 /// Groups read by one [`fingerprints`] statement.
 const PRINTS_PER_STATEMENT: usize = 1_000;
@@ -1176,7 +1167,7 @@ const PRINTS_PER_STATEMENT: usize = 1_000;
 async fn fingerprints(
     conn: &mut MySqlConnection,
     groups: &[Vec<u8>],
-) -> std::result::Result<HashMap<Vec<u8>, (i64, u64, Option<Vec<u8>>)>, sqlx::Error> {
+) -> std::result::Result<HashMap<Vec<u8>, Fingerprint>, sqlx::Error> {
     let mut sql = String::from(concat!(
         "SELECT g.group_id, COUNT(m.member_id), \
          BIT_XOR(CAST(CONV(LEFT(MD5(m.member_id), 16), 16, 10) AS UNSIGNED)), \
@@ -1238,13 +1229,13 @@ impl Watches {
     /// read the group. A group already watched keeps the older print, so a change
     /// between the two reads still wakes everyone (the newer subscriber at worst
     /// once for nothing).
-    fn subscribe(self: &Arc<Self>, group: Vec<u8>, seen: Print) -> mpsc::Receiver<()> {
+    fn subscribe(self: &Arc<Self>, group: Vec<u8>, seen: Fingerprint) -> mpsc::Receiver<()> {
         let (tx, rx) = mpsc::channel(1);
         let mut st = crate::driver::guard(&self.state);
         st.groups
             .entry(group)
             .or_insert_with(|| Watched {
-                last: seen,
+                last: Some(seen),
                 subs: Vec::new(),
             })
             .subs
@@ -1277,7 +1268,7 @@ impl Watches {
             };
             let c = match conn.as_mut() {
                 Some(c) => c,
-                None => match self.connect().await {
+                None => match connect(&self.connect, self.connect_timeout).await {
                     Ok(c) => conn.insert(c),
                     Err(e) => {
                         tracing::debug!(error = %e, "the watch poller could not connect");
@@ -1324,15 +1315,16 @@ impl Watches {
             }
         }
     }
+}
 
-    async fn connect(&self) -> std::result::Result<MySqlConnection, sqlx::Error> {
-        let mut c = tokio::time::timeout(
-            self.connect_timeout,
-            MySqlConnection::connect_with(&self.connect),
-        )
+/// A new connection with the session settings every connection has.
+async fn connect(
+    opts: &MySqlConnectOptions,
+    limit: Duration,
+) -> std::result::Result<MySqlConnection, sqlx::Error> {
+    let mut c = tokio::time::timeout(limit, MySqlConnection::connect_with(opts))
         .await
         .map_err(|_| sqlx::Error::PoolTimedOut)??;
-        c.execute(ISOLATION).await?;
-        Ok(c)
-    }
+    c.execute(ISOLATION).await?;
+    Ok(c)
 }

@@ -259,6 +259,18 @@ impl Driver for MemDriver {
     }
 }
 
+/// A started coordinator whose locks wait by themselves (`queues`).
+async fn queueing(mem: &Arc<Mem>) -> Coordinator {
+    mem.queue.store(true, Ordering::SeqCst);
+    let c = Coordinator::new(
+        Arc::new(MemDriver(Arc::clone(mem), false)),
+        "m".into(),
+        "mem://",
+    );
+    c.start(false).await.unwrap();
+    c
+}
+
 async fn coordinator() -> (Coordinator, Arc<Mem>) {
     let mem = Arc::new(Mem::default());
     let c = Coordinator::new(
@@ -757,13 +769,7 @@ async fn zero_event_buffer_does_not_panic() {
 #[tokio::test]
 async fn dropped_acquire_ends_a_queued_wait() {
     let mem = Arc::new(Mem::default());
-    mem.queue.store(true, Ordering::SeqCst);
-    let c = Coordinator::new(
-        Arc::new(MemDriver(Arc::clone(&mem), false)),
-        "m".into(),
-        "mem://",
-    );
-    c.start(false).await.unwrap();
+    let c = queueing(&mem).await;
     let lock = c.get_lock("l").unwrap();
     let waited = tokio::time::timeout(
         std::time::Duration::from_millis(50),
@@ -790,14 +796,8 @@ async fn dropped_acquire_ends_a_queued_wait() {
 #[tokio::test]
 async fn queued_wait_failing_because_of_stop_is_stopped() {
     let mem = Arc::new(Mem::default());
-    mem.queue.store(true, Ordering::SeqCst);
     mem.wait_fails_on_stop.store(true, Ordering::SeqCst);
-    let c = Coordinator::new(
-        Arc::new(MemDriver(Arc::clone(&mem), false)),
-        "m".into(),
-        "mem://",
-    );
-    c.start(false).await.unwrap();
+    let c = queueing(&mem).await;
     // Several waits: on this single-threaded runtime none runs between the
     // cancellation and the session's end inside `stop`, so each task finds both
     // its wait's error and the stop ready, and each chooses between them.

@@ -71,7 +71,9 @@ const PROFILES: &[Profile] = &[
         name: "memcached",
         options: &[("timeout", "2")],
         lease: secs(2),
-        free_bound: secs(2),
+        // Keys are written with `T4` for a 2 s lease (memcached's coarse clock), and
+        // expire when the server's whole-seconds reading has advanced by 4.
+        free_bound: secs(4),
         proxy: true,
         node: Some("memcached"),
         wipe: true,

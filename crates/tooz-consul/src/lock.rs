@@ -31,7 +31,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::time::Instant;
-use tooz_core::util::{Backoff, deadline_of, sleep_within};
+use tooz_core::util::{Backoff, InFlight, deadline_of, sleep_within};
 use tooz_core::{DriverLock, FencingToken, LockName, Mode, Result, ToozError, Wait};
 
 use crate::client::{Kv, Txn, op};
@@ -152,29 +152,21 @@ struct Place {
     reader: String,
     entry: Option<String>,
     unconfirmed: bool,
-    /// Ends when the write in flight (see [`Place::write`]) has its reply.
-    inflight: Option<tokio::sync::watch::Receiver<()>>,
+    /// The write in flight (see [`Place::write`]).
+    writes: InFlight,
 }
 
 impl Place {
-    /// Sends a write of the acquire (an attempt, a queue entry) in a task of its
-    /// own, so dropping the acquire cannot cut it off mid-flight: the clean-up
+    /// Sends a write of the acquire (an attempt, a queue entry) so that dropping
+    /// the acquire cannot cut it off mid-flight ([`InFlight`]): the clean-up
     /// waits for its reply before it removes anything. (An undo that ran while
     /// the write was still on its way read the lock free, and the write then
     /// landed and stayed: a hold left behind by a dropped acquire.)
     async fn write(&mut self, what: &'static str, ops: Vec<serde_json::Value>) -> Result<Txn> {
-        let (done, rx) = tokio::sync::watch::channel(());
-        self.inflight = Some(rx);
         let inner = Arc::clone(&self.inner);
-        let r = tokio::spawn(async move {
-            let r = inner.client.txn(what, ops).await;
-            drop(done);
-            r
-        })
-        .await
-        .map_err(|e| ToozError::backend_msg(NAME, format!("{what}: {e}")))?;
-        self.inflight = None;
-        r
+        self.writes
+            .send(NAME, async move { inner.client.txn(what, ops).await })
+            .await
     }
 
     /// Nothing is left to remove (granted, or given up cleanly).
@@ -190,7 +182,7 @@ impl Drop for Place {
             return;
         }
         let entry = self.entry.take();
-        let inflight = self.inflight.take();
+        let landed = self.writes.landed();
         let undo = self.unconfirmed.then(|| {
             (
                 self.mode,
@@ -204,12 +196,10 @@ impl Drop for Place {
             self.session.clone(),
             "abandoned lock wait",
             move |i, s| {
-                let (entry, undo, inflight) = (entry.clone(), undo.clone(), inflight.clone());
+                let (entry, undo, landed) = (entry.clone(), undo.clone(), landed.clone());
                 async move {
-                    if let Some(mut rx) = inflight {
-                        // The write's reply: whatever it did is done.
-                        while rx.changed().await.is_ok() {}
-                    }
+                    // The write's reply: whatever it did is done.
+                    landed.wait().await;
                     if let Some(e) = entry {
                         i.client
                             .txn("leaving the lock queue", vec![op::delete(&e)])
@@ -817,7 +807,7 @@ impl DriverLock for ConsulLock {
             reader: format!("{}{id}", self.readers),
             entry: None,
             unconfirmed: false,
-            inflight: None,
+            writes: InFlight::default(),
         };
         let deadline = deadline_of(wait);
         let waits = wait != Wait::No;

@@ -120,6 +120,73 @@ pub fn spawn_cleanup<F, Fut>(
     });
 }
 
+/// A write of an acquire (an attempt, a queue entry) that a dropped acquire must
+/// not cut off mid-flight. A request whose future is dropped may still reach the
+/// server, and on a backend that serves concurrent requests in any order (etcd,
+/// Consul) it may land *after* the clean-up that was meant to undo it: the
+/// clean-up reads nothing to remove, then the write lands and stays on a live
+/// lease, a hold or queue entry nobody owns. [`InFlight::send`] runs the write in
+/// a task of its own, so it completes even when the acquire is dropped, and
+/// [`InFlight::landed`] gives the clean-up something to await first.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> tooz_core::Result<()> {
+/// use tooz_core::util::InFlight;
+///
+/// let mut writes = InFlight::default();
+/// let n = writes.send("doc", async { Ok::<_, tooz_core::ToozError>(7) }).await?;
+/// assert_eq!(n, 7);
+/// // In a `Drop` of the acquire's state: hand this to the clean-up task.
+/// let landed = writes.landed();
+/// landed.wait().await; // nothing in flight: returns at once
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Debug, Default)]
+pub struct InFlight(Option<tokio::sync::watch::Receiver<()>>);
+
+impl InFlight {
+    /// Runs `write` in a task of its own and returns its result. Until it has
+    /// one, [`InFlight::landed`] of this value waits for it.
+    pub async fn send<T, F>(&mut self, driver: &'static str, write: F) -> crate::Result<T>
+    where
+        T: Send + 'static,
+        F: std::future::Future<Output = crate::Result<T>> + Send + 'static,
+    {
+        let (done, rx) = tokio::sync::watch::channel(());
+        self.0 = Some(rx);
+        let r = tokio::spawn(async move {
+            let r = write.await;
+            drop(done);
+            r
+        })
+        .await;
+        self.0 = None;
+        r.map_err(|e| crate::ToozError::backend_msg(driver, format!("a write's task ended: {e}")))?
+    }
+
+    /// What the clean-up of a dropped acquire awaits before it removes anything:
+    /// the end of the write in flight, if there is one. Takes it out of `self`.
+    pub fn landed(&mut self) -> Landed {
+        Landed(self.0.take())
+    }
+}
+
+/// The end of a write sent by [`InFlight::send`] (see [`InFlight::landed`]).
+#[derive(Debug, Clone, Default)]
+pub struct Landed(Option<tokio::sync::watch::Receiver<()>>);
+
+impl Landed {
+    /// Returns once the write has its reply (or failed); at once if there was none.
+    pub async fn wait(self) {
+        if let Some(mut rx) = self.0 {
+            // Nothing is ever sent: the channel closes when the write is done.
+            while rx.changed().await.is_ok() {}
+        }
+    }
+}
+
 /// The deadline of a wait (`None` for `Wait::Forever`, and for a wait too long
 /// to be represented as an instant; now for `Wait::No`).
 pub fn deadline_of(wait: Wait) -> Option<Instant> {
@@ -139,6 +206,38 @@ mod tests {
         assert_eq!(deadline_of(Wait::For(Duration::MAX)), None);
         assert_eq!(Wait::For(Duration::MAX).deadline(), None);
         assert!(deadline_of(Wait::For(Duration::from_secs(1))).is_some());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_dropped_send_completes_and_landed_waits_for_it() {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, Ordering};
+
+        let done = Arc::new(AtomicBool::new(false));
+        let mut writes = InFlight::default();
+        let d = Arc::clone(&done);
+        let send = writes.send("test", async move {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            d.store(true, Ordering::SeqCst);
+            Ok(())
+        });
+        // The acquire is dropped while its write is on its way.
+        assert!(
+            tokio::time::timeout(Duration::from_millis(10), send)
+                .await
+                .is_err()
+        );
+        let landed = writes.landed();
+        assert!(!done.load(Ordering::SeqCst));
+        let t0 = Instant::now();
+        landed.wait().await;
+        assert!(
+            done.load(Ordering::SeqCst),
+            "landed returned before the write ended"
+        );
+        assert!(t0.elapsed() >= Duration::from_millis(990));
+        // Nothing in flight any more.
+        writes.landed().wait().await;
     }
 
     #[test]

@@ -23,9 +23,11 @@
 //! lock key, or a reader key of its own), so an attempt whose reply is lost is
 //! undone, owner-checked, in a task that retries until it goes through: otherwise
 //! the hold would sit on the coordinator's lease, kept alive for as long as the
-//! process runs. A failed release is retried the same way. (A request whose
-//! future was dropped may in principle reach the server after its undo; that
-//! window is the same as for any cancelled etcd request.)
+//! process runs. A failed release is retried the same way. An acquire's writes
+//! run in tasks of their own ([`InFlight`]) and the undo of a dropped acquire
+//! waits for the reply of the write in flight: etcd serves concurrent requests in
+//! any order, so an undo sent after a write could land before it and find nothing
+//! to undo.
 //!
 //! While Rust readers hold a lock in shared mode the lock key holds
 //! [`keys::SHARED_MARKER`] (which makes a Python exclusive acquirer wait). The
@@ -43,9 +45,10 @@ use etcd_client::{
 };
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
-use tooz_core::util::{Backoff, deadline_of};
+use tooz_core::util::{Backoff, InFlight, deadline_of};
 use tooz_core::{DriverLock, FencingToken, LockName, Mode, Result, ToozError, Wait};
 
+use crate::config::NAME;
 use crate::driver::{Inner, Lease, gets, got, guard, map_err, revision};
 use crate::keys;
 
@@ -728,8 +731,8 @@ async fn head_attempt(
 /// What an acquire in progress may have left in etcd: its queue entry, and the
 /// write of a transaction whose reply it has not seen. Dropped with either set
 /// (the acquire was cancelled, stopped, or failed), it removes them in a task,
-/// owner-checked: the entry first (it wakes the waiter behind it; an attempt
-/// still in flight then finds it gone and fails), then the write.
+/// owner-checked, once the transaction in flight has its reply: the entry first
+/// (it wakes the waiter behind it), then the write.
 struct Place {
     inner: Arc<Inner>,
     key: Vec<u8>,
@@ -737,6 +740,8 @@ struct Place {
     write: Write,
     entry: Option<Vec<u8>>,
     unconfirmed: bool,
+    /// The acquire's transaction in flight.
+    writes: InFlight,
 }
 
 impl Place {
@@ -754,11 +759,15 @@ impl Drop for Place {
         }
         let (key, readers, w) = (self.key.clone(), self.readers.clone(), self.write.clone());
         let (entry, undo) = (self.entry.take(), self.unconfirmed);
+        let landed = self.writes.landed();
         self.inner
             .spawn_cleanup(w.lease.id, "abandoned lock wait", move |i| {
                 let (key, readers, w, entry) =
                     (key.clone(), readers.clone(), w.clone(), entry.clone());
+                let landed = landed.clone();
                 async move {
+                    // Whatever the write in flight does is done before the undo.
+                    landed.wait().await;
                     if let Some(q) = entry {
                         i.txn(
                             "leaving the lock queue",
@@ -871,6 +880,16 @@ impl EtcdLock {
         FencingToken(rev.max(0) as u64)
     }
 
+    /// What an acquire's transaction needs, owned (it runs in a task of its own).
+    fn owned(&self, w: &Write) -> (Arc<Inner>, Vec<u8>, Vec<u8>, Write) {
+        (
+            Arc::clone(&self.inner),
+            self.key.clone(),
+            self.readers.clone(),
+            w.clone(),
+        )
+    }
+
     /// A watch of deletes of `key` (and of the reader keys, when given) from
     /// revision `from` on, opened.
     async fn watch_deletes(&self, key: Vec<u8>, readers: Option<Vec<u8>>, from: i64) -> Wakes {
@@ -930,9 +949,19 @@ impl DriverLock for EtcdLock {
             write: w.clone(),
             entry: None,
             unconfirmed: true,
+            writes: InFlight::default(),
         };
         if wait == Wait::No {
-            let out = attempt(&self.inner, &self.key, &self.readers, &w).await?;
+            let out = {
+                let (inner, key, readers, w) = self.owned(&w);
+                place
+                    .writes
+                    .send(
+                        NAME,
+                        async move { attempt(&inner, &key, &readers, &w).await },
+                    )
+                    .await?
+            };
             place.settled();
             return Ok(out.ok().map(|rev| self.granted(rev, w)));
         }
@@ -946,7 +975,16 @@ impl DriverLock for EtcdLock {
         };
         // Set before the request: a reply lost after the put leaves the entry.
         place.entry = Some(q.clone());
-        let step = grant_or_enqueue(&self.inner, &self.key, &self.readers, ahead, &w, &q).await?;
+        let step = {
+            let (inner, key, readers, w) = self.owned(&w);
+            let (ahead, q) = (ahead.clone(), q.clone());
+            place
+                .writes
+                .send(NAME, async move {
+                    grant_or_enqueue(&inner, &key, &readers, &ahead, &w, &q).await
+                })
+                .await?
+        };
         place.unconfirmed = false;
         let (at, mut before) = match step {
             Step::Granted(rev) => {
@@ -971,8 +1009,16 @@ impl DriverLock for EtcdLock {
         let mut last = false;
         loop {
             place.unconfirmed = true;
-            let out =
-                head_attempt(&self.inner, &self.key, &self.readers, &w, (&q, at), last).await?;
+            let out = {
+                let (inner, key, readers, w) = self.owned(&w);
+                let q = q.clone();
+                place
+                    .writes
+                    .send(NAME, async move {
+                        head_attempt(&inner, &key, &readers, &w, (&q, at), last).await
+                    })
+                    .await?
+            };
             place.unconfirmed = false;
             let rev = match out {
                 Head::Granted(rev) => {

@@ -40,6 +40,10 @@ fn main() {
         url,
         registry: Registry::new().with(tooz_memcached::DRIVER),
         options: vec![("timeout".into(), "2".into())],
-        lease: Duration::from_secs(2),
+        // How long a member or holder that stopped renewing may still be seen: its
+        // keys are written with `T4` for `timeout=2` (two seconds for memcached's
+        // coarse clock) and go when the server's clock reading reaches the one at
+        // the write plus 4, up to a second after 4 s.
+        lease: Duration::from_secs(4),
     })
 }

@@ -137,7 +137,6 @@ const STEPS: &[Step] = &[
             forget_extracted_packages();
             process::run(
                 process::cargo()
-                    .env("CARGO_TARGET_DIR", package_target_dir())
                     .args(["package", "--workspace", "--allow-dirty"])
                     .args(["--exclude", "tooz-bench", "--exclude", "xtask"])
                     .args(["--exclude", "tooz-chaos"]),
@@ -149,10 +148,8 @@ const STEPS: &[Step] = &[
 /// Removes the copies of this workspace's packages that earlier `cargo package` runs
 /// extracted under `$CARGO_HOME/registry/src`: cargo does not extract a package again
 /// when its `name-version` directory exists, so verification would build a later
-/// package against an earlier run's sources of the same version. It also removes
-/// what earlier verifications compiled of them ([`forget_package_builds`]).
+/// package against an earlier run's sources of the same version.
 fn forget_extracted_packages() {
-    forget_package_builds();
     let home = std::env::var_os("CARGO_HOME")
         .map(std::path::PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| std::path::Path::new(&h).join(".cargo")));
@@ -174,43 +171,6 @@ fn forget_extracted_packages() {
                     "package: removed the stale extracted {}",
                     e.path().display()
                 );
-            }
-        }
-    }
-}
-
-/// Where the package step builds: a target directory of its own, so that the
-/// verification's builds of this workspace's packages (registry packages to cargo)
-/// can be told apart from, and are never mixed up with, the workspace's own.
-fn package_target_dir() -> std::path::PathBuf {
-    process::target_dir().join("package-verify")
-}
-
-/// Removes what earlier verifications compiled of this workspace's packages: cargo
-/// takes a registry package's build as fresh by its name and version, not by its
-/// contents, so a later package of the same version would be built against an
-/// earlier one's compiled code. Their dependencies stay compiled.
-fn forget_package_builds() {
-    let debug = package_target_dir().join("debug");
-    for dir in [".fingerprint", "deps", "build"] {
-        let Ok(entries) = std::fs::read_dir(debug.join(dir)) else {
-            continue;
-        };
-        for e in entries.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            if !["tooz-", "tooz_", "libtooz"]
-                .iter()
-                .any(|p| name.starts_with(p))
-            {
-                continue;
-            }
-            let gone = if e.path().is_dir() {
-                std::fs::remove_dir_all(e.path())
-            } else {
-                std::fs::remove_file(e.path())
-            };
-            if let Err(err) = gone {
-                progress!("package: could not remove {}: {err}", e.path().display());
             }
         }
     }
